@@ -1,0 +1,47 @@
+"""The one attention seam. Every attention layer in minsdxl calls `attention(q, k, v)` here.
+
+Backends: "sdpa" (torch's scaled_dot_product_attention, the default and what diffusers'
+AttnProcessor2_0 calls), "math" (explicit softmax(q k^T / sqrt(d)) v in fp32, for debugging), and
+"triton" (minsdxl.kernels, imported lazily on first use). Select with `set_backend()` or the
+MINSDXL_ATTENTION environment variable.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "math", "triton")
+_backend = os.environ.get("MINSDXL_ATTENTION", "sdpa")
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=None) -> torch.Tensor:
+    """q: [B, Lq, heads*d], k/v: [B, Lk, heads*d] -> [B, Lq, heads*d]. `mask` is an additive
+    [Lq, Lk] (or broadcastable) float mask, used by the causal CLIP text encoders."""
+    b, lq, c = q.shape
+    d = c // heads
+    # [B, L, H*D] -> [B, H, L, D]: a view, no copy (= diffusers' view(...).transpose(1, 2))
+    q, k, v = (x.view(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
+    if _backend == "triton" and mask is None:
+        from minsdxl.kernels import flash_attention
+
+        o = flash_attention(q, k, v)
+    elif _backend == "math":
+        s = (q.float() @ k.float().transpose(-1, -2)) * d**-0.5
+        if mask is not None:
+            s = s + mask
+        o = (s.softmax(-1) @ v.float()).to(q.dtype)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return o.transpose(1, 2).reshape(b, lq, c)

@@ -1,0 +1,718 @@
+"""Loading SDXL checkpoints: diffusers folders and single-file sgm .safetensors.
+
+Everything is renamed to diffusers' keys, built on the meta device and loaded with assign=True from
+memory-mapped safetensors, so peak RAM is about one copy of the weights (none when no dtype change
+is needed). The sgm <-> diffusers mapping is ONE table (`sgm_table`), generated from the topology
+read off the keys, plus the few named tensor transforms in `TRANSFORMS`; it is used in both
+directions (`sgm_to_diffusers`, `diffusers_to_sgm`).
+"""
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import text_encoder as te
+from .config import (
+    UNetConfig,
+    VAEConfig,
+    text_config_from_state_dict,
+    unet_config_from_state_dict,
+    vae_config_from_state_dict,
+)
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the problem and the fix."""
+
+
+@dataclass
+class SDXL:
+    """A loaded SDXL model: the components under diffusers' attribute names, plus what kind it is."""
+
+    unet: torch.nn.Module | None = None
+    vae: torch.nn.Module | None = None
+    text_encoder: torch.nn.Module | None = None  # CLIP-L; None for the refiner
+    text_encoder_2: torch.nn.Module | None = None  # OpenCLIP bigG
+    tokenizer: object | None = None
+    tokenizer_2: object | None = None
+    scheduler_config: dict = field(default_factory=dict)
+    kind: str = "base"  # "base" | "refiner" | "inpaint"
+    force_zeros_for_empty_prompt: bool = True  # model_index.json; refiner: False
+    requires_aesthetics_score: bool = False  # model_index.json; refiner: True
+    source: str = ""
+
+    def to(self, device=None, dtype=None):
+        """Move every component; with fp16 the VAE stays fp32 when its config says force_upcast."""
+        for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+            m = getattr(self, name)
+            if m is not None:
+                m.to(device=device, dtype=_component_dtype(name, m, dtype))
+        return self
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def device(self):
+        return self.unet.device
+
+
+def _component_dtype(name, module, dtype):
+    # = diffusers' upcast_vae: an fp16 VAE with force_upcast decodes in fp32; we keep it fp32 throughout
+    if name == "vae" and dtype == torch.float16 and module.config.force_upcast:
+        return torch.float32
+    return dtype
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading files
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors(path) -> dict:
+    """Memory-map a .safetensors file: tensors are views of one private file mapping (pages are read
+    on first touch and shared with the page cache), validated against the file size first."""
+    path = str(path)
+    size = os.path.getsize(path)
+    broken = f"{path} is truncated or not a safetensors file"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{broken} ({size} bytes); re-download or re-save it")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{broken}: its header claims {n} bytes but the file has {size}; re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{broken}: the header is not valid JSON ({e}); re-download it") from None
+    header.pop("__metadata__", None)
+    data_start, data_size = 8 + n, size - 8 - n
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size) if size else None
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{broken}: bad header entry for {name!r}; re-download it") from None
+        nbytes = dtype.itemsize * _numel(shape)
+        if end > data_size or end - begin != nbytes:
+            raise CheckpointError(
+                f"{broken}: tensor {name!r} needs bytes {begin}..{begin + nbytes} but the file has {data_size} "
+                "bytes of data; the download was probably cut short, re-download it"
+            )
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, data_start + begin, (nbytes,))
+        if (data_start + begin) % dtype.itemsize:
+            raw = raw.clone()  # unaligned tensor: copy once so it can be viewed as `dtype`
+        out[name] = raw.view(dtype).view(shape)
+    return out
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def read_pickle(path) -> dict:
+    """.ckpt / .bin / .pt: only plain tensors are accepted (weights_only=True); never run pickled code."""
+    import pickle
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain-tensor PyTorch file ({str(e).splitlines()[0]}). "
+            "minsdxl never executes pickled code; convert it to .safetensors with a tool you trust"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def read_state_dict(path) -> dict:
+    path = Path(path)
+    if path.name.endswith(".safetensors.index.json") or path.name.endswith(".bin.index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        return {k: v for s in shards for k, v in read_state_dict(path.parent / s).items()}
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix in (".ckpt", ".bin", ".pt", ".pth"):
+        return read_pickle(path)
+    raise CheckpointError(f"{path}: unknown weights format; expected .safetensors (or .ckpt/.bin)")
+
+
+# ------------------------------------------------------------------------------------------------
+# THE key table: sgm (original Stability single file) -> diffusers names
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What the table rows depend on, read off either layout's keys."""
+
+    unet_attn: tuple = ()  # per UNet level: has transformer blocks
+    unet_layers: int = 2  # resnets per down level (layers_per_block)
+    vae_levels: int = 0
+    vae_layers: int = 2
+    clip_l: int = -1  # sgm conditioner.embedders index of CLIP-L (-1: absent)
+    bigg: int = -1  # sgm conditioner.embedders index of OpenCLIP bigG (-1: absent)
+    bigg_layers: int = 0
+
+
+_UNET, _VAE = "model.diffusion_model.", "first_stage_model."
+_RESNET = {
+    "in_layers.0.": "norm1.",
+    "in_layers.2.": "conv1.",
+    "emb_layers.1.": "time_emb_proj.",
+    "out_layers.0.": "norm2.",
+    "out_layers.3.": "conv2.",
+    "skip_connection.": "conv_shortcut.",
+}
+_VAE_RESNET = {
+    "nin_shortcut.": "conv_shortcut.",
+    "norm1.": "norm1.",
+    "conv1.": "conv1.",
+    "norm2.": "norm2.",
+    "conv2.": "conv2.",
+}
+_VAE_ATTN = {"norm.": "group_norm.", "q.": "to_q.", "k.": "to_k.", "v.": "to_v.", "proj_out.": "to_out.0."}
+_BIGG_LAYER = {
+    "ln_1.": "layer_norm1.",
+    "ln_2.": "layer_norm2.",
+    "mlp.c_fc.": "mlp.fc1.",
+    "mlp.c_proj.": "mlp.fc2.",
+    "attn.out_proj.": "self_attn.out_proj.",
+    "attn.in_proj_weight": "self_attn.in_proj_weight",
+    "attn.in_proj_bias": "self_attn.in_proj_bias",
+}
+# older diffusers VAE files name the mid-block attention query/key/value/proj_attn
+LEGACY_VAE_ATTN = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
+
+
+def sgm_table(t: Topology) -> dict:
+    """Rows `sgm prefix (ending in ".") or full key -> diffusers prefix or full key` (None: drop).
+    A key is renamed by its longest matching row."""
+    rows = {}
+
+    def block(src, dst, inner=None):
+        rows[src] = dst
+        for a, b in (inner or {}).items():
+            rows[src + a] = dst + b
+
+    u, L = _UNET, t.unet_layers
+    for a, b in {
+        "time_embed.0.": "time_embedding.linear_1.",
+        "time_embed.2.": "time_embedding.linear_2.",
+        "label_emb.0.0.": "add_embedding.linear_1.",
+        "label_emb.0.2.": "add_embedding.linear_2.",
+        "input_blocks.0.0.": "conv_in.",
+        "out.0.": "conv_norm_out.",
+        "out.2.": "conv_out.",
+        "middle_block.1.": "mid_block.attentions.0.",
+    }.items():
+        block(u + a, "unet." + b)
+    if t.unet_attn:
+        block(u + "middle_block.0.", "unet.mid_block.resnets.0.", _RESNET)
+        block(u + "middle_block.2.", "unet.mid_block.resnets.1.", _RESNET)
+    levels = len(t.unet_attn)
+    for i, attn in enumerate(t.unet_attn):
+        for j in range(L + 1):  # sgm input_blocks.n holds level i = (n-1)//(L+1), slot j = (n-1)%(L+1)
+            n = 1 + i * (L + 1) + j
+            if j < L:
+                block(f"{u}input_blocks.{n}.0.", f"unet.down_blocks.{i}.resnets.{j}.", _RESNET)
+                if attn:
+                    block(f"{u}input_blocks.{n}.1.", f"unet.down_blocks.{i}.attentions.{j}.")
+            elif i < levels - 1:
+                block(f"{u}input_blocks.{n}.0.op.", f"unet.down_blocks.{i}.downsamplers.0.conv.")
+        up_attn = t.unet_attn[levels - 1 - i]  # output_blocks run the levels in reverse
+        for j in range(L + 1):
+            m = i * (L + 1) + j
+            block(f"{u}output_blocks.{m}.0.", f"unet.up_blocks.{i}.resnets.{j}.", _RESNET)
+            if up_attn:
+                block(f"{u}output_blocks.{m}.1.", f"unet.up_blocks.{i}.attentions.{j}.")
+            if j == L and i < levels - 1:
+                block(f"{u}output_blocks.{m}.{2 if up_attn else 1}.conv.", f"unet.up_blocks.{i}.upsamplers.0.conv.")
+
+    v = _VAE
+    if t.vae_levels:
+        for a in (
+            "quant_conv.",
+            "post_quant_conv.",
+            "encoder.conv_in.",
+            "encoder.conv_out.",
+            "decoder.conv_in.",
+            "decoder.conv_out.",
+        ):
+            block(v + a, "vae." + a)
+        for side in ("encoder", "decoder"):
+            block(f"{v}{side}.norm_out.", f"vae.{side}.conv_norm_out.")
+            block(f"{v}{side}.mid.block_1.", f"vae.{side}.mid_block.resnets.0.", _VAE_RESNET)
+            block(f"{v}{side}.mid.block_2.", f"vae.{side}.mid_block.resnets.1.", _VAE_RESNET)
+            block(f"{v}{side}.mid.attn_1.", f"vae.{side}.mid_block.attentions.0.", _VAE_ATTN)
+        last = t.vae_levels - 1
+        for i in range(t.vae_levels):
+            for j in range(t.vae_layers):
+                block(f"{v}encoder.down.{i}.block.{j}.", f"vae.encoder.down_blocks.{i}.resnets.{j}.", _VAE_RESNET)
+            for j in range(t.vae_layers + 1):  # the decoder's levels are numbered in reverse
+                block(f"{v}decoder.up.{i}.block.{j}.", f"vae.decoder.up_blocks.{last - i}.resnets.{j}.", _VAE_RESNET)
+            if i < last:
+                block(f"{v}encoder.down.{i}.downsample.conv.", f"vae.encoder.down_blocks.{i}.downsamplers.0.conv.")
+            if i > 0:
+                block(f"{v}decoder.up.{i}.upsample.conv.", f"vae.decoder.up_blocks.{last - i}.upsamplers.0.conv.")
+
+    if t.clip_l >= 0:  # HF CLIPTextModel names already; we keep transformers 5's unprefixed spelling
+        p = f"conditioner.embedders.{t.clip_l}.transformer."
+        rows[p + "text_model."] = "text_encoder."
+        rows[p + "text_model.embeddings.position_ids"] = None  # a buffer, recomputed
+    if t.bigg >= 0:
+        p, q = f"conditioner.embedders.{t.bigg}.model.", "text_encoder_2.text_model."
+        rows[p + "token_embedding."] = q + "embeddings.token_embedding."
+        rows[p + "positional_embedding"] = q + "embeddings.position_embedding.weight"
+        rows[p + "ln_final."] = q + "final_layer_norm."
+        rows[p + "text_projection"] = "text_encoder_2.text_projection.weight"
+        rows[p + "logit_scale"] = None
+        rows[p + "attn_mask"] = None
+        for n in range(t.bigg_layers):
+            block(f"{p}transformer.resblocks.{n}.", f"{q}encoder.layers.{n}.", _BIGG_LAYER)
+    return rows
+
+
+def _split_qkv(key, x):
+    base = key.rsplit(".", 1)[0] + "."
+    kind = "weight" if key.endswith("in_proj_weight") else "bias"
+    return {f"{base}{n}_proj.{kind}": t for n, t in zip("qkv", x.chunk(3, dim=0))}
+
+
+def _fuse_qkv(keys_to_tensors):
+    return torch.cat(keys_to_tensors, dim=0)
+
+
+def _is_vae_attn_weight(key):
+    return key.startswith("vae.") and ".mid_block.attentions.0.to_" in key and key.endswith("weight")
+
+
+# Named tensor transforms applied after renaming (sgm -> diffusers); each has its inverse.
+#  - VAE mid attention: sgm 1x1 convs [c, c, 1, 1] <-> diffusers Linear [c, c]
+#  - open_clip text_projection is applied as x @ P; a Linear computes x @ W^T: transpose
+#  - open_clip's fused attn.in_proj_{weight,bias} [3d, ...] <-> q_proj / k_proj / v_proj (order q, k, v)
+TRANSFORMS = ("vae_attn_squeeze", "text_projection_transpose", "in_proj_split")
+
+
+def sgm_topology(keys) -> Topology:
+    keys = list(keys)
+    has = lambda p: any(k.startswith(p) for k in keys)  # noqa: E731
+    L = 0
+    while has(f"{_UNET}input_blocks.{L + 1}.0.in_layers."):
+        L += 1  # stops at the first downsample slot
+    attn, i = [], 0
+    while has(f"{_UNET}input_blocks.{1 + i * (L + 1)}.0."):
+        attn.append(has(f"{_UNET}input_blocks.{1 + i * (L + 1)}.1."))
+        i += 1
+    vae_levels = 0
+    while has(f"{_VAE}encoder.down.{vae_levels}."):
+        vae_levels += 1
+    vae_layers = 0
+    while has(f"{_VAE}encoder.down.0.block.{vae_layers}."):
+        vae_layers += 1
+    clip_l = next((e for e in range(3) if has(f"conditioner.embedders.{e}.transformer.")), -1)
+    bigg = next((e for e in range(3) if has(f"conditioner.embedders.{e}.model.")), -1)
+    bigg_layers = 0
+    while bigg >= 0 and has(f"conditioner.embedders.{bigg}.model.transformer.resblocks.{bigg_layers}."):
+        bigg_layers += 1
+    return Topology(tuple(attn), L, vae_levels, vae_layers, clip_l, bigg, bigg_layers)
+
+
+def diffusers_topology(components: dict) -> Topology:
+    """The same Topology from diffusers-named component state dicts {"unet": sd, "vae": sd, ...}."""
+    unet, vae = components.get("unet", {}), components.get("vae", {})
+    attn, i = [], 0
+    while any(k.startswith(f"down_blocks.{i}.") for k in unet):
+        attn.append(any(k.startswith(f"down_blocks.{i}.attentions.") for k in unet))
+        i += 1
+    count = lambda sd, p: sum(1 for n in range(64) if any(k.startswith(f"{p}{n}.") for k in sd))  # noqa: E731
+    te2 = components.get("text_encoder_2")
+    has_l = components.get("text_encoder") is not None
+    return Topology(
+        tuple(attn),
+        count(unet, "down_blocks.0.resnets."),
+        count(vae, "encoder.down_blocks."),
+        count(vae, "encoder.down_blocks.0.resnets."),
+        0 if has_l else -1,
+        (1 if has_l else 0) if te2 is not None else -1,
+        count(te2 or {}, "text_model.encoder.layers."),
+    )
+
+
+def _rename(key: str, rows: dict):
+    """Longest matching row; returns (new key, matched) where new key None means 'drop'."""
+    if key in rows:
+        return rows[key], True
+    i = len(key)
+    while (i := key.rfind(".", 0, i)) > 0:
+        p = key[: i + 1]
+        if p in rows:
+            return (None if rows[p] is None else rows[p] + key[i + 1 :]), True
+    return None, False
+
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_SGM_PREFIXES = (_UNET, _VAE, "conditioner.embedders.")
+
+
+def sgm_to_diffusers(sd: dict) -> tuple[dict, list]:
+    """sgm single-file state dict -> ({component: diffusers-named state dict}, unmapped sgm keys).
+    Keys outside the model's prefixes (model_ema.*, denoiser.*, ...) are ignored."""
+    rows = sgm_table(sgm_topology(sd))
+    out, unmapped = {}, []
+    for key, t in sd.items():
+        new, matched = _rename(key, rows)
+        if not matched:
+            if key.startswith(_SGM_PREFIXES):
+                unmapped.append(key)
+            continue
+        if new is None:
+            continue
+        if _is_vae_attn_weight(new) and t.ndim == 4:
+            t = t[:, :, 0, 0]  # vae_attn_squeeze
+        if new == "text_encoder_2.text_projection.weight":
+            t = t.T  # text_projection_transpose
+        parts = _split_qkv(new, t) if new.endswith(("in_proj_weight", "in_proj_bias")) else {new: t}
+        for k, v in parts.items():
+            comp, rest = k.split(".", 1)
+            out.setdefault(comp, {})[rest] = v
+    return out, unmapped
+
+
+def diffusers_to_sgm(components: dict) -> dict:
+    """The inverse: {component: diffusers-named state dict} -> one sgm single-file state dict."""
+    rows = {v: k for k, v in sgm_table(diffusers_topology(components)).items() if v is not None}
+    out = {}
+    for comp, sd in components.items():
+        if sd is None:
+            continue
+        for key, t in sd.items():
+            full = f"{comp}.{key}"
+            if (
+                full.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias"))
+                and comp == "text_encoder_2"
+            ):
+                continue  # fused with q below
+            if comp == "text_encoder_2" and full.endswith(("q_proj.weight", "q_proj.bias")):
+                kind = full.rsplit(".", 1)[1]
+                stem = full[: -len(f"q_proj.{kind}")]
+                t = _fuse_qkv([sd[(stem + f"{n}_proj.{kind}").split(".", 1)[1]] for n in "qkv"])
+                full = stem + f"in_proj_{kind}"
+            if comp == "text_encoder" and key == "embeddings.position_ids":
+                continue
+            new, matched = _rename(full, rows)
+            if not matched or new is None:
+                raise KeyError(f"no sgm name for {full}")
+            if _is_vae_attn_weight(full) and t.ndim == 2:
+                t = t[:, :, None, None]
+            if full == "text_encoder_2.text_projection.weight":
+                t = t.T
+            out[new] = t.contiguous()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Building models
+
+
+def _build(cls, cfg, sd: dict, name: str, dtype, device):
+    """Build `cls(cfg)` on the meta device and load `sd` into it with assign=True, after checking
+    names and shapes (errors name every missing/unexpected key and both shapes of a mismatch)."""
+    with torch.device("meta"):
+        model = cls(cfg)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{name} weights do not match an SDXL {name}: "
+            + (f"missing {len(missing)} keys ({_few(missing)})" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"unexpected {len(unexpected)} keys ({_few(unexpected)})" if unexpected else "")
+            + ". Is this the right file for this component?"
+        )
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{name} weight {k} has shape {tuple(sd[k].shape)} in the checkpoint but the model built from "
+                f"its config expects {tuple(v.shape)}; the checkpoint is not an SDXL {name} or is damaged"
+            )
+    sd = {k: (t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)) for k, t in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _few(keys, n=6):
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+def build_unet(sd, dtype=torch.float32, device="cpu", config_json=None) -> UNet2DConditionModel:
+    cfg = unet_config_from_state_dict(sd, _unet_base(config_json))
+    return _build(UNet2DConditionModel, cfg, sd, "UNet", dtype, device)
+
+
+def build_vae(sd, dtype=torch.float32, device="cpu", config_json=None) -> AutoencoderKL:
+    sd = {_legacy_vae(k): v for k, v in sd.items()}
+    cfg = vae_config_from_state_dict(sd, _vae_base(config_json))
+    vae_dtype = _component_dtype("vae", type("C", (), {"config": cfg}), dtype)
+    return _build(AutoencoderKL, cfg, sd, "VAE", vae_dtype, device)
+
+
+def build_text_encoder(sd, with_projection: bool, dtype=torch.float32, device="cpu", config_json=None):
+    sd = te.normalize_text_keys(sd, with_projection)
+    cfg = text_config_from_state_dict(sd)
+    if config_json:
+        keep = ("num_attention_heads", "hidden_act", "layer_norm_eps", "eos_token_id", "pad_token_id")
+        cfg = type(cfg)(**{**cfg.__dict__, **{k: config_json[k] for k in keep if k in config_json}})
+    return _build(te.build_text_encoder, cfg, sd, "text encoder", dtype, device)
+
+
+def _legacy_vae(key):
+    for a, b in LEGACY_VAE_ATTN.items():
+        key = key.replace(f"attentions.0.{a}", f"attentions.0.{b}")
+    return key
+
+
+def _unet_base(cj):
+    """The parts of a diffusers unet/config.json that shapes cannot tell (head size, norm groups)."""
+    if not cj:
+        return None
+    ch = cj["block_out_channels"]
+    heads = cj.get("num_attention_heads") or cj.get("attention_head_dim", [c // 64 for c in ch])
+    heads = heads if isinstance(heads, list) else [heads] * len(ch)
+    dims = {c // h for c, h in zip(ch, heads)}
+    if len(dims) != 1:
+        raise CheckpointError(f"unet/config.json gives head sizes {sorted(dims)}; minsdxl needs one head size")
+    return UNetConfig(
+        attention_head_dim=dims.pop(),
+        norm_num_groups=cj.get("norm_num_groups", 32),
+        sample_size=cj.get("sample_size", 128),
+        addition_time_embed_dim=cj.get("addition_time_embed_dim", 256),
+    )
+
+
+def _vae_base(cj):
+    if not cj:
+        return None
+    return VAEConfig(
+        norm_num_groups=cj.get("norm_num_groups", 32),
+        scaling_factor=cj.get("scaling_factor", 0.13025),
+        shift_factor=cj.get("shift_factor"),
+        force_upcast=cj.get("force_upcast", True),
+        sample_size=cj.get("sample_size", 1024),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding files and loading whole models
+
+_STEMS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
+
+
+def _weights_file(folder: Path, stem: str, variant: str | None, dtype) -> Path:
+    """diffusers' file naming: stem[.variant].safetensors, sharded *.index.json, or legacy .bin."""
+    variants = [variant] if variant else ([None, "fp16"] if dtype != torch.float16 else ["fp16", None])
+    for var in variants:
+        name = stem if var is None else f"{stem}.{var}"
+        for suffix in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"):
+            if (folder / (name + suffix)).is_file():
+                return folder / (name + suffix)
+    raise CheckpointError(
+        f"no weights in {folder}: expected {stem}{'.' + variant if variant else ''}.safetensors"
+        + ("" if variant else f" (or {stem}.fp16.safetensors)")
+    )
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def _missing_path_error(path: str) -> CheckpointError:
+    msg = (
+        f"no such file or folder: {path}. Pass a diffusers SDXL folder (with model_index.json) or one .safetensors file"
+    )
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        msg += (
+            f". '{path}' looks like a Hugging Face repo id: minsdxl never downloads; fetch it first, e.g. "
+            f"`huggingface-cli download {path} --local-dir ./{path.split('/')[1]}`, then pass that folder"
+        )
+    return CheckpointError(msg)
+
+
+def _folder_configs(folder: Path) -> dict:
+    """model_index.json and every component's config.json of a diffusers folder."""
+    configs = {"model_index": _json(folder / "model_index.json")}
+    configs |= {c: _json(folder / c / "config.json") for c in COMPONENTS if (folder / c / "config.json").is_file()}
+    configs["scheduler"] = _json(folder / "scheduler" / "scheduler_config.json")
+    return configs
+
+
+def read_checkpoint(path, config=None) -> tuple[dict, dict]:
+    """Any supported path -> ({component: diffusers-named state dict (memory-mapped, or read lazily
+    for folders)}, {"model_index" / component / "scheduler": config json}) without building modules.
+    `config`: a diffusers folder whose configs describe a single file (= diffusers' config=)."""
+    p = Path(path)
+    if not p.exists():
+        raise _missing_path_error(str(path))
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            if (p / "config.json").is_file():
+                raise CheckpointError(
+                    f"{p} holds a single component (config.json), not a whole SDXL model; pass the folder above "
+                    "it, or load it with minsdxl.load_component / as vae=..."
+                )
+            raise CheckpointError(f"{p} is not a diffusers model folder: it has no model_index.json")
+        configs = _folder_configs(p)
+        index = configs["model_index"]
+        comps = {
+            c: _Lazy(p / c, _STEMS[c])
+            for c in COMPONENTS
+            if (p / c).is_dir() and not (isinstance(index.get(c), list) and index[c][0] is None)
+        }
+        return comps, configs
+    configs = _folder_configs(Path(config)) if config else {}
+    sd = read_state_dict(p)
+    keys = list(sd)
+    if any(k.startswith("cond_stage_model.") for k in keys) or (
+        any(k.startswith(_UNET) for k in keys) and f"{_UNET}label_emb.0.0.weight" not in sd
+    ):
+        raise CheckpointError(
+            f"{p} is a Stable Diffusion 1.x/2.x checkpoint (no SDXL micro-conditioning embedding); "
+            "minsdxl loads SDXL base, refiner and inpaint models only"
+        )
+    if any(k.startswith(_SGM_PREFIXES) for k in keys):
+        comps, unmapped = sgm_to_diffusers(sd)
+        if unmapped:
+            raise CheckpointError(
+                f"{p}: {len(unmapped)} keys of the SDXL model have no known diffusers name ({_few(unmapped)}); "
+                "the file is not an SDXL checkpoint minsdxl understands"
+            )
+        return comps, configs
+    raise CheckpointError(
+        f"{p} is not an SDXL single-file checkpoint (no model.diffusion_model.* keys); if it holds one "
+        "component (a VAE, a UNet), load it with minsdxl.load_component or pass it as vae=..."
+    )
+
+
+class _Lazy:
+    """A diffusers component folder whose weights are read only if the component is needed."""
+
+    def __init__(self, folder: Path, stem: str):
+        self.folder, self.stem = folder, stem
+
+    def read(self, variant, dtype) -> dict:
+        return read_state_dict(_weights_file(self.folder, self.stem, variant, dtype))
+
+
+def _state(comp, variant, dtype):
+    return comp.read(variant, dtype) if isinstance(comp, _Lazy) else comp
+
+
+def load_component(path, dtype=torch.float32, device="cpu", variant=None, config=None):
+    """One component from a file or a component folder (e.g. a standalone VAE): detected from keys.
+    config: a component folder whose config.json fills in what shapes cannot tell (for a file)."""
+    p = Path(path)
+    if not p.exists():
+        raise _missing_path_error(str(path))
+    config_dir = p if p.is_dir() else Path(config) if config else None
+    cj = _json(config_dir / "config.json") if config_dir else {}
+    if p.is_dir():  # transformers names its weights model.*, diffusers diffusion_pytorch_model.*
+        stem = "model" if any(f.name.startswith("model.") for f in p.iterdir()) else "diffusion_pytorch_model"
+        sd = _Lazy(p, stem).read(variant, dtype)
+    else:
+        sd = read_state_dict(p)
+    if any(k.startswith(("encoder.down.", "first_stage_model.")) for k in sd):  # an sgm-layout VAE file
+        sd = {k if k.startswith(_VAE) else _VAE + k: v for k, v in sd.items()}
+        sd = sgm_to_diffusers(sd)[0].get("vae", {})
+    if "encoder.conv_in.weight" in sd:
+        return build_vae(sd, dtype, device, cj)
+    if "conv_in.weight" in sd:
+        return build_unet(sd, dtype, device, cj)
+    if any(k.endswith("embeddings.token_embedding.weight") for k in sd):
+        return build_text_encoder(sd, "text_projection.weight" in sd, dtype, device, cj)
+    raise CheckpointError(f"{p}: cannot tell which SDXL component these weights are (no VAE, UNet or CLIP keys)")
+
+
+def load(path, dtype=torch.float32, device="cpu", share=None, vae=None, variant=None, config=None) -> SDXL:
+    """Load an SDXL base, refiner or inpaint model from a diffusers folder or a single file.
+
+    share: another loaded SDXL (the base) whose text_encoder_2, tokenizer_2 and VAE are reused (a
+    refiner then costs only its UNet). vae: a path to a VAE (file or folder) overriding the model's.
+    variant: "fp16" to pick diffusers' *.fp16.safetensors (default: the file matching `dtype`).
+    config: for a single file, a diffusers folder whose config files fill in what shapes cannot tell
+    (head size, norm groups, VAE scaling factor, scheduler); SDXL's values are the default.
+    """
+    comps, configs = read_checkpoint(path, config)
+    layout = "diffusers" if Path(path).is_dir() else "sgm"
+    index = configs.get("model_index", {})
+    if "unet" not in comps:
+        raise CheckpointError(f"{path} has no UNet; is it an SDXL checkpoint?")
+    unet = build_unet(_state(comps["unet"], variant, dtype), dtype, device, configs.get("unet"))
+    refiner = "text_encoder" not in comps
+    kind = "inpaint" if unet.config.in_channels == 9 else "refiner" if refiner else "base"
+    model = SDXL(unet=unet, kind=kind, source=str(path))
+    model.force_zeros_for_empty_prompt = index.get("force_zeros_for_empty_prompt", not refiner)
+    model.requires_aesthetics_score = index.get("requires_aesthetics_score", refiner)
+    model.scheduler_config = configs.get("scheduler", {})
+
+    def component(name, build, *args):
+        if name not in comps:
+            raise CheckpointError(f"{path} has no {name}; an SDXL checkpoint needs one (or pass share=base)")
+        return build(_state(comps[name], variant, dtype), *args, dtype, device, configs.get(name))
+
+    if share is not None:
+        model.text_encoder_2, model.tokenizer_2, model.vae = share.text_encoder_2, share.tokenizer_2, share.vae
+    else:
+        model.text_encoder_2 = component("text_encoder_2", build_text_encoder, True)
+        model.tokenizer_2 = _tokenizer(path if layout == "diffusers" else config, "tokenizer_2", pad="!")
+        model.vae = load_component(vae, dtype, device) if vae else component("vae", build_vae)
+    if not refiner:
+        model.text_encoder = component("text_encoder", build_text_encoder, False)
+        model.tokenizer = _tokenizer(path if layout == "diffusers" else config, "tokenizer", pad="<|endoftext|>")
+    return model
+
+
+def _tokenizer(folder, name, pad):
+    # single files carry no tokenizer: the CLIP BPE vocabulary ships with minsdxl. SDXL's tokenizer_2
+    # pads with "!" (id 0; diffusers' single-file loader forces pad_token="!"), tokenizer with EOS.
+    from .tokenizer import CLIPTokenizer
+
+    if folder and (Path(folder) / name).is_dir():
+        return CLIPTokenizer.from_folder(Path(folder) / name)
+    return CLIPTokenizer.bundled(pad_token=pad)

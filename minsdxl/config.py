@@ -1,0 +1,168 @@
+"""Model configs as small dataclasses, the SDXL presets, and inference of a config from the shapes
+of a state dict in diffusers' key names (never from a path or a YAML file)."""
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280)
+    layers_per_block: int = 2
+    transformer_layers: tuple = (0, 2, 10)  # per level; 0 = a level without attention
+    mid_transformer_layers: int = 10
+    attention_head_dim: int = 64  # the real head size (diffusers' "attention_head_dim" is the head count)
+    cross_attention_dim: int = 2048
+    addition_time_embed_dim: int = 256
+    projection_class_embeddings_input_dim: int = 2816  # pooled text (1280) + 6 or 5 time ids x 256
+    norm_num_groups: int = 32
+    sample_size: int = 128  # default latent size: 128 x 8 = 1024 px
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.13025
+    shift_factor: float | None = None
+    force_upcast: bool = True
+    sample_size: int = 1024
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # bigG: 1280, with a text_projection; CLIP-L: none used by SDXL
+    eos_token_id: int = 49407
+    pad_token_id: int = 49407
+
+
+UNET_PRESETS = {
+    "base": UNetConfig(),
+    "refiner": UNetConfig(
+        block_out_channels=(384, 768, 1536, 1536),
+        transformer_layers=(0, 4, 4, 0),
+        mid_transformer_layers=4,
+        cross_attention_dim=1280,
+        projection_class_embeddings_input_dim=2560,
+    ),
+    "inpaint": UNetConfig(in_channels=9),
+}
+VAE_PRESETS = {"sdxl": VAEConfig()}
+TEXT_PRESETS = {
+    "clip_l": TextConfig(),
+    "bigg": TextConfig(
+        hidden_size=1280,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        intermediate_size=5120,
+        hidden_act="gelu",
+        projection_dim=1280,
+        pad_token_id=0,
+    ),
+}
+
+
+def _count(keys, prefix: str, after: str = "") -> int:
+    """How many consecutive indices N exist for keys `prefix + N + "." + after...`."""
+    n = 0
+    while any(k.startswith(f"{prefix}{n}.{after}") for k in keys):
+        n += 1
+    return n
+
+
+def unet_config_from_state_dict(sd, base: UNetConfig | None = None) -> UNetConfig:
+    """Infer a UNetConfig from a diffusers-named UNet state dict (keys without the `unet.` prefix)."""
+    keys = list(sd)
+    if "conv_in.weight" not in sd or "add_embedding.linear_1.weight" not in sd:
+        raise ValueError("not an SDXL UNet: conv_in.weight or add_embedding.linear_1.weight is missing")
+    levels = _count(keys, "down_blocks.")
+    channels = tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels))
+    layers = tuple(_count(keys, f"down_blocks.{i}.attentions.0.transformer_blocks.") for i in range(levels))
+    mid_layers = _count(keys, "mid_block.attentions.0.transformer_blocks.")
+    attn_key = next((k for k in keys if k.endswith("attn2.to_k.weight")), None)
+    if attn_key is None:
+        raise ValueError("not an SDXL UNet: it has no cross-attention layers")
+    first_attn = next(i for i, n in enumerate(layers) if n)
+    q = sd[f"down_blocks.{first_attn}.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
+    base = base or UNetConfig()
+    head_dim = base.attention_head_dim if q.shape[0] % base.attention_head_dim == 0 else q.shape[0]
+    return replace(
+        base,
+        in_channels=sd["conv_in.weight"].shape[1],
+        out_channels=sd["conv_out.weight"].shape[0],
+        block_out_channels=channels,
+        layers_per_block=_count(keys, "down_blocks.0.resnets."),
+        transformer_layers=layers,
+        mid_transformer_layers=mid_layers,
+        attention_head_dim=head_dim,
+        cross_attention_dim=sd[attn_key].shape[1],
+        projection_class_embeddings_input_dim=sd["add_embedding.linear_1.weight"].shape[1],
+        norm_num_groups=base.norm_num_groups,
+    )
+
+
+def vae_config_from_state_dict(sd, base: VAEConfig | None = None) -> VAEConfig:
+    keys = list(sd)
+    if "encoder.conv_in.weight" not in sd or "decoder.conv_in.weight" not in sd:
+        raise ValueError("not an AutoencoderKL: encoder.conv_in.weight or decoder.conv_in.weight is missing")
+    levels = _count(keys, "encoder.down_blocks.")
+    base = base or VAEConfig()
+    return replace(
+        base,
+        in_channels=sd["encoder.conv_in.weight"].shape[1],
+        out_channels=sd["decoder.conv_out.weight"].shape[0],
+        latent_channels=sd["decoder.conv_in.weight"].shape[1],
+        block_out_channels=tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)),
+        layers_per_block=_count(keys, "encoder.down_blocks.0.resnets."),
+    )
+
+
+def text_config_from_state_dict(sd, base: TextConfig | None = None) -> TextConfig:
+    """Infer a TextConfig from a CLIPTextModel(WithProjection) state dict (with or without the
+    `text_model.` prefix). Head count and activation are not in the shapes: they come from `base`
+    (a preset chosen by width: 768 -> CLIP-L, 1280 -> bigG) or from the folder's config.json."""
+    p = "text_model." if any(k.startswith("text_model.") for k in sd) else ""
+    tok = sd[f"{p}embeddings.token_embedding.weight"]
+    hidden = tok.shape[1]
+    if base is None:
+        base = TEXT_PRESETS["bigg"] if hidden == 1280 else TEXT_PRESETS["clip_l"]
+    proj = sd.get("text_projection.weight")
+    return replace(
+        base,
+        vocab_size=tok.shape[0],
+        hidden_size=hidden,
+        num_hidden_layers=_count(list(sd), f"{p}encoder.layers."),
+        intermediate_size=sd[f"{p}encoder.layers.0.mlp.fc1.weight"].shape[0],
+        max_position_embeddings=sd[f"{p}embeddings.position_embedding.weight"].shape[0],
+        projection_dim=None if proj is None else proj.shape[0],
+    )
+
+
+__all__ = [
+    "UNetConfig",
+    "VAEConfig",
+    "TextConfig",
+    "UNET_PRESETS",
+    "VAE_PRESETS",
+    "TEXT_PRESETS",
+    "unet_config_from_state_dict",
+    "vae_config_from_state_dict",
+    "text_config_from_state_dict",
+]

@@ -1,0 +1,269 @@
+"""SDXL's UNet2DConditionModel (base, refiner and 9-channel inpaint) in plain PyTorch.
+
+Module attribute names are diffusers' (down_blocks.i.resnets.j, attentions.j.transformer_blocks.k
+.attn1.to_q, ...) so a diffusers UNet state_dict loads with strict=True and no renaming. The
+topology is read from a UNetConfig; the reference is diffusers' unets/unet_2d_condition.py with
+SDXL's settings (addition_embed_type="text_time", use_linear_projection=True, flip_sin_to_cos=True,
+freq_shift=0).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .config import UNetConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """= diffusers get_timestep_embedding(flip_sin_to_cos=True, downscale_freq_shift=0): [cos, sin],
+    computed in fp32 whatever the model dtype (bf16 would round 937 to 936)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, cin: int, cout: int, temb: int | None, groups: int = 32, eps: float = 1e-5):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb, cout) if temb else None
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x, emb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' names; cross-attention when `kv_dim` differs from `dim`."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, bias: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(kv_dim or dim, dim, bias=bias)
+        self.to_v = nn.Linear(kv_dim or dim, dim, bias=bias)
+        # to_out[1] is diffusers' Dropout(0.0): kept so the key is `to_out.0.weight`
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        o = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out[0](o)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        # net = [GEGLU, Dropout, Linear] as in diffusers, so the keys are net.0.proj and net.2
+        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, kv_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    def __init__(self, dim: int, heads: int, depth: int, context_dim: int, groups: int = 32):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
+        self.proj_in = nn.Linear(dim, dim)
+        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(dim, heads, context_dim) for _ in range(depth))
+        self.proj_out = nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        t = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, HW, C] tokens
+        t = self.proj_in(t)
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        t = self.proj_out(t)
+        return t.reshape(b, h, w, c).permute(0, 3, 1, 2) + x
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, size):
+        # nearest x2, or to the skip's size when the latent is not divisible by 2^levels
+        # (= diffusers' forward_upsample_size path)
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    """One encoder level: `layers_per_block` x (resnet [+ transformer]), then a stride-2 conv."""
+
+    def __init__(self, cin, cout, cfg: UNetConfig, depth: int, downsample: bool):
+        super().__init__()
+        temb, g = cfg.time_embed_dim, cfg.norm_num_groups
+        n = cfg.layers_per_block
+        self.resnets = nn.ModuleList(ResnetBlock2D(cin if j == 0 else cout, cout, temb, g) for j in range(n))
+        heads = cout // cfg.attention_head_dim
+        self.attentions = (
+            nn.ModuleList(Transformer2DModel(cout, heads, depth, cfg.cross_attention_dim, g) for _ in range(n))
+            if depth
+            else None
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(cout)]) if downsample else None
+
+    def forward(self, x, emb, context, skips: list):
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, emb)
+            if self.attentions is not None:
+                x = self.attentions[j](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    """One decoder level: `layers_per_block + 1` x (concat skip, resnet [+ transformer]), then x2."""
+
+    def __init__(self, cin, cout, prev, cfg: UNetConfig, depth: int, upsample: bool):
+        super().__init__()
+        temb, g = cfg.time_embed_dim, cfg.norm_num_groups
+        n = cfg.layers_per_block + 1
+        # = diffusers CrossAttnUpBlock2D: the last resnet's skip comes from the level above
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D((prev if j == 0 else cout) + (cin if j == n - 1 else cout), cout, temb, g) for j in range(n)
+        )
+        heads = cout // cfg.attention_head_dim
+        self.attentions = (
+            nn.ModuleList(Transformer2DModel(cout, heads, depth, cfg.cross_attention_dim, g) for _ in range(n))
+            if depth
+            else None
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if upsample else None
+
+    def forward(self, x, emb, context, skips: list):
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), emb)
+            if self.attentions is not None:
+                x = self.attentions[j](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, size=skips[-1].shape[-2:])
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch, cfg: UNetConfig):
+        super().__init__()
+        temb, g = cfg.time_embed_dim, cfg.norm_num_groups
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb, g), ResnetBlock2D(ch, ch, temb, g)])
+        heads = ch // cfg.attention_head_dim
+        self.attentions = nn.ModuleList(
+            [Transformer2DModel(ch, heads, cfg.mid_transformer_layers, cfg.cross_attention_dim, g)]
+        )
+
+    def forward(self, x, emb, context):
+        x = self.resnets[0](x, emb)
+        return self.resnets[1](self.attentions[0](x, context), emb)
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        ch = cfg.block_out_channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
+        self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
+        last = len(ch) - 1
+        self.down_blocks = nn.ModuleList(
+            DownBlock(ch[max(i - 1, 0)], ch[i], cfg, cfg.transformer_layers[i], downsample=i < last)
+            for i in range(len(ch))
+        )
+        self.mid_block = MidBlock(ch[-1], cfg)
+        rch, rdepth = ch[::-1], cfg.transformer_layers[::-1]
+        self.up_blocks = nn.ModuleList(
+            UpBlock(rch[min(i + 1, last)], rch[i], rch[max(i - 1, 0)], cfg, rdepth[i], upsample=i < last)
+            for i in range(len(ch))
+        )
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=1e-5)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    @property
+    def dtype(self):
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self):
+        return self.conv_in.weight.device
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids) -> torch.Tensor:
+        """sample [B, C, h, w]; timestep float or tensor (scalar or [B]); encoder_hidden_states
+        [B, 77, context]; text_embeds (pooled) [B, 1280]; time_ids [B, 6] (base) or [B, 5] (refiner)."""
+        b = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.reshape(1).expand(b) if t.ndim == 0 else t.expand(b)
+        emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
+        # micro-conditioning (= diffusers get_aug_embed "text_time"): [pooled, emb(time_ids)]
+        tids = timestep_embedding(time_ids.flatten(), self.config.addition_time_embed_dim).reshape(b, -1)
+        emb = emb + self.add_embedding(torch.cat([text_embeds, tids.to(text_embeds.dtype)], dim=-1).to(emb.dtype))
+
+        x = self.conv_in(sample)
+        skips = [x]  # pushed by every resnet/downsample on the way down, popped in reverse on the way up
+        for block in self.down_blocks:
+            x = block(x, emb, encoder_hidden_states, skips)
+        x = self.mid_block(x, emb, encoder_hidden_states)
+        for block in self.up_blocks:
+            x = block(x, emb, encoder_hidden_states, skips)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

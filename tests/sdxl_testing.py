@@ -1,0 +1,195 @@
+"""Test helpers: the same random weights in minsdxl and diffusers, diffusers configs for our
+dataclass configs, tiny SDXL-topology presets. Imports diffusers: tests only."""
+
+from dataclasses import replace
+
+import diffusers
+import torch
+
+from minsdxl.config import UNetConfig, VAEConfig
+
+TINY_UNET = UNetConfig(
+    block_out_channels=(32, 64, 64),
+    transformer_layers=(0, 1, 2),
+    mid_transformer_layers=2,
+    attention_head_dim=8,
+    cross_attention_dim=48,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,
+    norm_num_groups=8,
+    sample_size=16,
+)
+TINY_REFINER = replace(
+    TINY_UNET,
+    block_out_channels=(32, 64, 64, 64),
+    transformer_layers=(0, 1, 1, 0),
+    mid_transformer_layers=1,
+    cross_attention_dim=32,
+    projection_class_embeddings_input_dim=32 + 5 * 8,
+)
+
+
+def pooled_dim(cfg: UNetConfig) -> int:
+    """Width of the pooled text embedding the UNet expects: bigG's 1280, or 32 in the tiny configs."""
+    return 1280 if cfg.addition_time_embed_dim == 256 else 32
+
+
+TINY_VAE = VAEConfig(block_out_channels=(8, 16, 32, 32), norm_num_groups=4, sample_size=64)
+
+
+def diffusers_unet_config(cfg: UNetConfig) -> dict:
+    """The diffusers UNet2DConditionModel config for one of our configs (= model_index unet/config.json)."""
+    down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_layers]
+    up = ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in cfg.transformer_layers[::-1]]
+    layers = [d or cfg.mid_transformer_layers for d in cfg.transformer_layers]
+    return dict(
+        sample_size=cfg.sample_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=list(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        transformer_layers_per_block=layers,
+        attention_head_dim=[c // cfg.attention_head_dim for c in cfg.block_out_channels],
+        cross_attention_dim=cfg.cross_attention_dim,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=cfg.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=cfg.projection_class_embeddings_input_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        act_fn="silu",
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        center_input_sample=False,
+        upcast_attention=False,
+    )
+
+
+def diffusers_vae_config(cfg: VAEConfig) -> dict:
+    n = len(cfg.block_out_channels)
+    return dict(
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        latent_channels=cfg.latent_channels,
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups,
+        scaling_factor=cfg.scaling_factor,
+        force_upcast=cfg.force_upcast,
+        sample_size=cfg.sample_size,
+        act_fn="silu",
+    )
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every parameter in place with `random_state_dict`'s values."""
+    module.load_state_dict(random_state_dict(module, seed))
+    return module
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the parity measure the issues use."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def random_state_dict(model: torch.nn.Module, seed: int = 0, dtype=torch.float32) -> dict:
+    """Seeded random weights for every parameter of a (possibly meta-device) model, without its slow
+    default init. They keep activations O(1) through deep stacks: fan-in scaled normals for
+    weights, small random biases, norm scales near 1 (random, so a misplaced norm shows)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in model.state_dict().items():
+        if not p.is_floating_point():  # e.g. position_ids buffers
+            out[name] = p
+        elif p.ndim == 1:
+            base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
+            t = base + 0.1 * torch.randn(p.shape, generator=g)
+        else:
+            t = torch.randn(p.shape, generator=g).mul_((1.0 / p[0].numel()) ** 0.5)
+        if p.is_floating_point():
+            out[name] = t.to(dtype)
+    return out
+
+
+def meta_diffusers(cls, config: dict, state_dict: dict):
+    """A diffusers model whose parameters ARE the given tensors (assign=True): no second copy."""
+    with torch.device("meta"):
+        m = cls(**config)
+    m.load_state_dict(state_dict, strict=True, assign=True)
+    return m.eval().requires_grad_(False)
+
+
+# ---- tiny SDXL-topology pipelines (diffusers + transformers), saved as diffusers folders ----
+TINY_CLIP_L = dict(
+    hidden_size=16,
+    intermediate_size=37,
+    num_attention_heads=2,
+    num_hidden_layers=10,
+    hidden_act="quick_gelu",
+    projection_dim=16,
+)
+# >= 10 layers: diffusers' single-file loader recognises bigG by `resblocks.9`
+TINY_BIGG = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=10,
+    hidden_act="gelu",
+    projection_dim=32,
+)
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+    steps_offset=1,
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+)
+TINY_INPAINT = replace(TINY_UNET, in_channels=9)
+TINY_UNETS = {"base": TINY_UNET, "refiner": TINY_REFINER, "inpaint": TINY_INPAINT}
+
+
+def tiny_pipeline(kind: str, tokenizer_root, seed: int = 0):
+    """A diffusers SDXL pipeline of the given kind with tiny random weights (watermarker off)."""
+    import transformers
+    from tokenizer_fixtures import write_sdxl_tokenizers
+
+    tok_dir, tok2_dir = write_sdxl_tokenizers(tokenizer_root)
+    cfg = TINY_UNETS[kind]
+    unet = randomize_(diffusers.UNet2DConditionModel(**diffusers_unet_config(cfg)), seed)
+    vae = randomize_(diffusers.AutoencoderKL(**diffusers_vae_config(TINY_VAE)), seed + 1)
+    te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**TINY_BIGG))
+    randomize_(te2, seed + 2)
+    tok2 = transformers.CLIPTokenizer.from_pretrained(tok2_dir)
+    scheduler = diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER)
+    common = dict(vae=vae.eval(), text_encoder_2=te2.eval(), tokenizer_2=tok2, unet=unet.eval(), scheduler=scheduler)
+    if kind == "refiner":
+        return diffusers.StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None,
+            tokenizer=None,
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+            add_watermarker=False,
+            **common,
+        )
+    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY_CLIP_L))
+    randomize_(te, seed + 3)
+    tok = transformers.CLIPTokenizer.from_pretrained(tok_dir)
+    cls = diffusers.StableDiffusionXLInpaintPipeline if kind == "inpaint" else diffusers.StableDiffusionXLPipeline
+    return cls(text_encoder=te.eval(), tokenizer=tok, add_watermarker=False, **common)
+
+
+def component_state_dicts(pipe) -> dict:
+    """{component: state dict} of a diffusers pipeline (None components left out)."""
+    return {
+        c: getattr(pipe, c).state_dict()
+        for c in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if getattr(pipe, c, None) is not None
+    }

@@ -1,6 +1,21 @@
 """minsdxl: Stable Diffusion XL in plain PyTorch, numerically equal to diffusers."""
 
 from .checkpoint import SDXL, CheckpointError, load, load_component
+from .prompt import encode_prompt, load_textual_inversion
+from .sampler import img2img, inpaint, text2img
+from .schedulers import make_scheduler
 
 __version__ = "0.1.0"
-__all__ = ["SDXL", "CheckpointError", "load", "load_component", "__version__"]
+__all__ = [
+    "SDXL",
+    "CheckpointError",
+    "load",
+    "load_component",
+    "encode_prompt",
+    "load_textual_inversion",
+    "text2img",
+    "img2img",
+    "inpaint",
+    "make_scheduler",
+    "__version__",
+]

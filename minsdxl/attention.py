@@ -3,7 +3,8 @@
 Backends: "sdpa" (torch's scaled_dot_product_attention, the default and what diffusers'
 AttnProcessor2_0 calls), "math" (explicit softmax(q k^T / sqrt(d)) v in fp32, for debugging), and
 "triton" (minsdxl.kernels, imported lazily on first use). Select with `set_backend()` or the
-MINSDXL_ATTENTION environment variable.
+MINSDXL_ATTENTION environment variable. "triton" falls back to SDPA outside the kernel's envelope
+(CPU without TRITON_INTERPRET=1, head size > 128, masks, autograd).
 """
 
 import os
@@ -26,6 +27,18 @@ def get_backend() -> str:
     return _backend
 
 
+def _triton_fits(q, k) -> bool:
+    """The kernel's envelope; anything else (e.g. the VAE's single 512-wide head) takes SDPA."""
+    on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return (
+        on_device
+        and q.shape[-1] <= 128
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))  # the op has no backward
+        and q.shape[0] * q.shape[1] <= 65535  # CUDA grid limit on batch x heads
+    )
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=None) -> torch.Tensor:
     """q: [B, Lq, heads*d], k/v: [B, Lk, heads*d] -> [B, Lq, heads*d]. `mask` is an additive
     [Lq, Lk] (or broadcastable) float mask, used by the causal CLIP text encoders."""
@@ -33,7 +46,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mas
     d = c // heads
     # [B, L, H*D] -> [B, H, L, D]: a view, no copy (= diffusers' view(...).transpose(1, 2))
     q, k, v = (x.view(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
-    if _backend == "triton" and mask is None:
+    if _backend == "triton" and mask is None and _triton_fits(q, k):
         from minsdxl.kernels import flash_attention
 
         o = flash_attention(q, k, v)

@@ -136,6 +136,27 @@ def _numel(shape):
     return n
 
 
+def save_safetensors(sd: dict, path, dtype=None) -> None:
+    """Write a .safetensors file one tensor at a time (cast to `dtype` on the way if given), so
+    saving needs no second copy of the weights in memory. Written to a temporary name, then renamed."""
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t  # noqa: E731
+    header, offset = {}, 0
+    for k, t in sd.items():
+        out_dtype = cast(t[:0]).dtype if t.numel() else cast(t).dtype
+        nbytes = t.numel() * out_dtype.itemsize
+        header[k] = {"dtype": names[out_dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned, as the format recommends
+    tmp = Path(str(path) + ".part")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for t in sd.values():
+            f.write(cast(t).detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(tmp, path)
+
+
 def read_pickle(path) -> dict:
     """.ckpt / .bin / .pt: only plain tensors are accepted (weights_only=True); never run pickled code."""
     import pickle
@@ -657,9 +678,10 @@ def load_component(path, dtype=torch.float32, device="cpu", variant=None, config
         sd = _Lazy(p, stem).read(variant, dtype)
     else:
         sd = read_state_dict(p)
-    if any(k.startswith(("encoder.down.", "first_stage_model.")) for k in sd):  # an sgm-layout VAE file
-        sd = {k if k.startswith(_VAE) else _VAE + k: v for k, v in sd.items()}
-        sd = sgm_to_diffusers(sd)[0].get("vae", {})
+    if any(k.startswith(("encoder.down.", _VAE)) for k in sd):  # an sgm-layout VAE file
+        sd = sgm_to_diffusers({k if k.startswith(_VAE) else _VAE + k: v for k, v in sd.items()})[0].get("vae", {})
+    elif any(k.startswith(_UNET) for k in sd):  # an sgm UNet (or a whole single file: take its UNet)
+        sd = sgm_to_diffusers(sd)[0].get("unet", {})
     if "encoder.conv_in.weight" in sd:
         return build_vae(sd, dtype, device, cj)
     if "conv_in.weight" in sd:

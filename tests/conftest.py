@@ -1,12 +1,15 @@
 """Shared fixtures: tiny SDXL-topology pipelines with random weights, built once per session and
 saved as diffusers folders (diffusers + transformers are test-only dependencies)."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+# before diffusers imports triton: test_kernels runs the Triton kernel on CPU in the interpreter
+os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (sdxl_testing, tokenizer_fixtures)
 
 from sdxl_testing import tiny_pipeline  # noqa: E402

@@ -6,6 +6,7 @@ gives ~1e-7 relative differences; 1e-5 leaves room for that and nothing else.
 """
 
 import gc
+import hashlib
 from dataclasses import replace
 
 import diffusers
@@ -21,6 +22,7 @@ from sdxl_testing import (
     rel_err,
 )
 
+from minsdxl.checkpoint import diffusers_to_sgm, load_component, save_safetensors
 from minsdxl.config import UNET_PRESETS
 from minsdxl.unet import UNet2DConditionModel
 
@@ -106,13 +108,36 @@ def test_timestep_forms_agree():
     assert not torch.equal(a, e)
 
 
+def _digests(sd: dict) -> dict:
+    """sha1 of every tensor's bytes: bit-identity checks without keeping a second copy in memory."""
+    return {
+        k: hashlib.sha1(t.contiguous().reshape(-1).view(torch.uint8).numpy().data).hexdigest() for k, t in sd.items()
+    }
+
+
 @pytest.mark.parametrize("variant", ["base", "refiner", "inpaint"])
-def test_full_size_unet_matches_diffusers(variant):
-    """The real SDXL shapes (2.6 B / 2.3 B parameters), small latents: 16x16 and non-square 32x24."""
+def test_full_size_unet_matches_diffusers_and_single_file(variant, tmp_path):
+    """The real SDXL shapes (2.6 B / 2.3 B parameters) at small latents (16x16 and non-square 32x24);
+    then the same weights as an sgm single file (fp16, as Stability ships them): diffusers'
+    from_single_file reads it bit-identically, and minsdxl infers the config from shapes alone."""
     cfg = UNET_PRESETS[variant]
     sd = random_state_dict(diffusers_unet_config_model(cfg), seed=3)
     ref, ours = _pair(cfg, sd)
     _check(ref, ours, cfg, 2, 16, 16, torch.tensor([999.0, 10.0]), seed=1)
     _check(ref, ours, cfg, 1, 32, 24, 500.0, seed=2)
-    del ref, ours, sd
+    ref.save_config(tmp_path / "config" / "unet")
+    del ref, ours
+    path = tmp_path / "unet.safetensors"
+    save_safetensors(diffusers_to_sgm({"unet": sd}), path, dtype=torch.float16)
+    expected = _digests({k: v.half() for k, v in sd.items()})
+    del sd
     gc.collect()
+    judge = diffusers.UNet2DConditionModel.from_single_file(
+        str(path), config=str(tmp_path / "config"), subfolder="unet", local_files_only=True, torch_dtype=torch.float16
+    )
+    assert _digests(judge.state_dict()) == expected
+    del judge
+    gc.collect()
+    unet = load_component(path, dtype=torch.float16)  # no config: head size, groups etc. from shapes
+    assert unet.config == replace(cfg, sample_size=unet.config.sample_size)
+    assert _digests(unet.state_dict()) == expected

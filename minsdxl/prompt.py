@@ -1,0 +1,294 @@
+"""Prompts to SDXL conditioning: `encode_prompt` (= diffusers StableDiffusionXLPipeline.encode_prompt)
+and SDXL textual-inversion embeddings (`load_textual_inversion`: one tensor per text encoder).
+
+The base conditions on both encoders: CLIP-L's and bigG's penultimate hidden states side by side
+(768 + 1280 = 2048 wide) and bigG's pooled, projected output (1280). The refiner has no CLIP-L: its
+embeddings are bigG's alone (1280 wide). Everything here works on a minsdxl.checkpoint.SDXL `model`.
+"""
+
+import warnings
+
+import torch
+
+# ------------------------------------------------------------------------------------------------
+# checks (all before any tokenizing or encoding)
+
+
+def _prompt_list(name: str, value, batch: int | None = None) -> list[str] | None:
+    """None, a str or a list of str -> None or a list; a list must have `batch` entries when given."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value] if batch is None else [value] * batch
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        kind = type(value).__name__ if not isinstance(value, list) else "a list holding non-strings"
+        raise TypeError(f"`{name}` must be a str or a list of str, got {kind}")
+    if not value:
+        raise ValueError(f"`{name}` is an empty list: pass at least one prompt")
+    if batch is not None and len(value) != batch:
+        raise ValueError(
+            f"`{name}` has {len(value)} prompts but `prompt` has {batch}: pass one per prompt, or a single str for all"
+        )
+    return value
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_embeds(positive: tuple, negative: tuple):
+    prompt, prompt_2, prompt_embeds, pooled = positive
+    negative_prompt, negative_prompt_2, negative_embeds, negative_pooled = negative
+    # = the prompt checks of diffusers' StableDiffusionXLPipeline.check_inputs
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+    if prompt_2 is not None and prompt_embeds is not None:
+        raise ValueError("pass either `prompt_2` or `prompt_embeds`, not both")
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("pass a `prompt` (or precomputed `prompt_embeds` with `pooled_prompt_embeds`)")
+    if prompt_embeds is not None and pooled is None:
+        raise ValueError("`prompt_embeds` were given without `pooled_prompt_embeds`: pass both (from the same encoder)")
+    if negative_embeds is not None:
+        if negative_prompt is not None or negative_prompt_2 is not None:
+            raise ValueError("pass either `negative_prompt(_2)` or `negative_prompt_embeds`, not both")
+        if negative_pooled is None:
+            raise ValueError("`negative_prompt_embeds` were given without `negative_pooled_prompt_embeds`: pass both")
+        if prompt_embeds is not None and negative_embeds.shape != prompt_embeds.shape:
+            raise ValueError(
+                f"`negative_prompt_embeds` {tuple(negative_embeds.shape)} and `prompt_embeds` "
+                f"{tuple(prompt_embeds.shape)} must have the same shape"
+            )
+
+
+def _encoders(model):
+    """[(tokenizer, encoder)] in diffusers' order: [CLIP-L, bigG], or [bigG] for the refiner."""
+    if model.text_encoder_2 is None or model.tokenizer_2 is None:
+        raise ValueError("this model has no bigG text encoder/tokenizer_2: SDXL base and refiner both need one")
+    if model.text_encoder is None:
+        return [(model.tokenizer_2, model.text_encoder_2)]
+    if model.tokenizer is None:
+        raise ValueError("the model has a CLIP-L text_encoder but no tokenizer for it")
+    return [(model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)]
+
+
+# ------------------------------------------------------------------------------------------------
+# encoding
+
+
+def _added_tokens(tokenizer) -> set[str]:
+    return {t for t, i in tokenizer.encoder.items() if i >= tokenizer.vocab_size}
+
+
+def expand_textual_inversion(prompt: str, tokenizer) -> str:
+    """A multi-vector textual-inversion token "<t>" -> "<t> <t>_1 <t>_2 ..." in the prompt text.
+    = diffusers TextualInversionLoaderMixin._maybe_convert_prompt, quirks included: a token is looked
+    up by its *tokenized* (lowercased) spelling, so a token added as "<Cat>" is never expanded, and
+    the replacement is a plain substring replace."""
+    added = _added_tokens(tokenizer)
+    if not added:
+        return prompt
+    for token in set(tokenizer.tokenize(prompt)):
+        if token in added:
+            replacement, i = token, 1
+            while f"{token}_{i}" in added:
+                replacement += f" {token}_{i}"
+                i += 1
+            prompt = prompt.replace(token, replacement)
+    return prompt
+
+
+def _encode(pairs, prompt_lists, clip_skip, max_length=77):
+    """Concatenated hidden states of every encoder [B, 77, sum of widths] and bigG's pooled output."""
+    hidden, pooled = [], None
+    for prompts, (tokenizer, encoder) in zip(prompt_lists, pairs):
+        prompts = [expand_textual_inversion(p, tokenizer) for p in prompts]
+        ids = tokenizer(prompts, max_length=max_length)  # warns, quoting what a >77-token prompt loses
+        h, p = encoder(ids.to(encoder.device), clip_skip=clip_skip)
+        hidden.append(h)
+        if p is not None:  # only bigG has a (projected) pooled output: SDXL's "final text encoder"
+            pooled = p
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def encode_prompt(
+    model,
+    prompt=None,
+    prompt_2=None,
+    negative_prompt=None,
+    negative_prompt_2=None,
+    num_images_per_prompt: int = 1,
+    do_classifier_free_guidance: bool = True,
+    clip_skip: int | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    device=None,
+):
+    """-> (prompt_embeds [B*n, 77, 2048], negative_prompt_embeds, pooled_prompt_embeds [B*n, 1280],
+    negative_pooled_prompt_embeds), n = num_images_per_prompt, each prompt's copies adjacent
+    ([p0, p0, p1, p1]); the refiner's embeddings are 1280 wide. The negatives are None when
+    `do_classifier_free_guidance` is False (unless given). Same values as diffusers'
+    StableDiffusionXLPipeline.encode_prompt; its rules:
+      - `prompt_2` / `negative_prompt_2` (bigG's prompts) default to `prompt` / `negative_prompt`;
+      - `negative_prompt=None` gives all-zero negatives when the model's `force_zeros_for_empty_prompt`
+        (base: True, refiner: False); otherwise the negative text (None -> "") is encoded;
+      - `clip_skip` k reads layer -(k + 2) for the prompt, never for the negative prompt."""
+    # ---- checks, before any heavy work
+    pairs = _encoders(model)
+    refiner = len(pairs) == 1
+    if refiner and (prompt_2 is not None or negative_prompt_2 is not None):
+        raise ValueError(
+            "the refiner has one text encoder (bigG) and reads `prompt` / `negative_prompt` only: drop "
+            "`prompt_2` / `negative_prompt_2` (diffusers would silently ignore them)"
+        )
+    _check_embeds(
+        (prompt, prompt_2, prompt_embeds, pooled_prompt_embeds),
+        (negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds),
+    )
+    prompt = _prompt_list("prompt", prompt)
+    batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
+    # diffusers writes `prompt_2 or prompt`: an empty prompt_2 ("" or []) also falls back to `prompt`
+    prompt_2 = _prompt_list("prompt_2", prompt_2 or prompt, batch) if prompt is not None else None
+    if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+    if clip_skip is not None:
+        layers = min(encoder.config.num_hidden_layers for _, encoder in pairs)
+        if not _is_int(clip_skip) or not 0 <= clip_skip < layers:
+            raise ValueError(f"clip_skip must be None or an int in 0..{layers - 1} (layers skipped), got {clip_skip!r}")
+    zero_negative = negative_prompt is None and model.force_zeros_for_empty_prompt
+    encode_negative = do_classifier_free_guidance and negative_prompt_embeds is None and not zero_negative
+    if encode_negative:
+        negative_prompt = negative_prompt or ""  # diffusers' `or`s again: None, "" and [] all mean ""
+        negative_prompt_2 = negative_prompt_2 or negative_prompt
+        negative_prompt = _prompt_list("negative_prompt", negative_prompt, batch)
+        negative_prompt_2 = _prompt_list("negative_prompt_2", negative_prompt_2, batch)
+        if prompt_embeds is not None and prompt_embeds.shape[1] > 77:
+            raise ValueError(
+                f"`prompt_embeds` are {prompt_embeds.shape[1]} tokens long, but a negative prompt is encoded to"
+                " the same length and CLIP has 77 positions: pass `negative_prompt_embeds` as well"
+            )
+    else:
+        for name, value in (("negative_prompt", negative_prompt), ("negative_prompt_2", negative_prompt_2)):
+            _prompt_list(name, value, batch)  # type and length errors even when unused
+        if do_classifier_free_guidance and zero_negative and negative_prompt_2:
+            warnings.warn(
+                "negative_prompt_2 is ignored: with negative_prompt=None this model's negative embeddings are zeros"
+                " (force_zeros_for_empty_prompt), as in diffusers; pass negative_prompt='' to encode it",
+                stacklevel=2,
+            )
+
+    # ---- encode
+    if prompt_embeds is None:
+        prompt_embeds, pooled = _encode(pairs, [prompt, prompt_2], clip_skip)
+        if pooled_prompt_embeds is None:
+            pooled_prompt_embeds = pooled
+
+    if do_classifier_free_guidance and negative_prompt_embeds is None and zero_negative:
+        negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+        negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
+    elif encode_negative:
+        # diffusers tokenizes the negative to prompt_embeds' length and reads hidden_states[-2] (no clip_skip)
+        negative_prompt_embeds, pooled = _encode(
+            pairs, [negative_prompt, negative_prompt_2], None, max_length=prompt_embeds.shape[1]
+        )
+        if negative_pooled_prompt_embeds is None:
+            negative_pooled_prompt_embeds = pooled
+
+    # ---- dtype, device, copies per prompt
+    device = device if device is not None else model.text_encoder_2.device
+    dtype = model.text_encoder_2.dtype
+    n = num_images_per_prompt
+    # = diffusers' x.repeat(1, n, 1).view(B * n, ...): each prompt's n copies are adjacent
+    prompt_embeds = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(n, dim=0)
+    pooled_prompt_embeds = pooled_prompt_embeds.to(device).repeat_interleave(n, dim=0)
+    if do_classifier_free_guidance:
+        negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(n, dim=0)
+        negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.to(device).repeat_interleave(n, dim=0)
+    return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
+
+
+# ------------------------------------------------------------------------------------------------
+# textual inversion
+
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # CLIP-L [n, 768], bigG [n, 1280], as in SDXL embedding files
+
+
+def _read_embedding(path) -> dict:
+    if isinstance(path, dict):
+        return path
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"cannot read {path} as a safetensors SDXL embedding ({e}); SDXL embeddings are .safetensors files"
+            " holding `clip_l` and `clip_g` tensors"
+        ) from e
+
+
+def load_textual_inversion(model, path, token: str) -> list[str]:
+    """Load an SDXL textual-inversion embedding (`path`: a .safetensors file or its dict, holding
+    `clip_l` [n, 768] and `clip_g` [n, 1280]) as `token` into both tokenizers and both encoders (the
+    refiner: bigG only). n > 1 vectors become tokens token, token_1, ..., token_{n-1}, and a prompt's
+    `token` expands to all of them. Returns the tokens added.
+
+    = diffusers' SDXL recipe, two `load_textual_inversion` calls: (clip_g, text_encoder_2, tokenizer_2)
+    and (clip_l, text_encoder, tokenizer): the new ids are len(tokenizer), len(tokenizer) + 1, ...
+    and the token-embedding matrix grows to match."""
+    if not isinstance(token, str) or not token.strip():
+        raise ValueError(f"token must be a non-blank str such as '<my-style>', got {token!r}")
+    sd = _read_embedding(path)
+    pairs = _encoders(model)
+    keys = SDXL_EMBEDDING_KEYS[-len(pairs) :]  # the refiner: clip_g only
+    missing = [k for k in SDXL_EMBEDDING_KEYS if k not in sd]
+    if missing:
+        raise ValueError(
+            f"{path if not isinstance(path, dict) else 'the embedding'} has tensors {sorted(sd)} but no "
+            f"{' or '.join(missing)}: an SDXL embedding carries `clip_l` [n, 768] and `clip_g` [n, 1280], one per "
+            "text encoder (SD 1.x embeddings cannot be used with SDXL)"
+        )
+    vectors = {}
+    for key, (_, encoder) in zip(keys, pairs):
+        v = sd[key]
+        width = encoder.token_embedding.weight.shape[1]
+        if not isinstance(v, torch.Tensor) or v.ndim not in (1, 2) or v.shape[-1] != width:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"`{key}` has shape {shape}; this model's encoder takes [n, {width}] vectors")
+        vectors[key] = v.reshape(-1, width)
+    counts = {k: v.shape[0] for k, v in vectors.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"`clip_l` and `clip_g` hold different numbers of vectors {counts}; the file is damaged")
+    n = next(iter(counts.values()))
+    tokens = [token] + [f"{token}_{i}" for i in range(1, n)]
+    for tokenizer, _ in pairs:  # every check before the first change, so a failure leaves the model as it was
+        taken = [t for t in (*tokens, f"{token}_1") if t in tokenizer.encoder]
+        # an existing added token matched case-insensitively: the tokenizer would refuse it half-way
+        taken += [t for t in tokens if len(ids := tokenizer.encode(t)[1:-1]) == 1 and ids[0] >= tokenizer.vocab_size]
+        if taken:
+            raise ValueError(
+                f"token {sorted(set(taken))[0]!r} is already in the tokenizer's vocabulary; choose another token "
+                "name (a textual inversion cannot reuse a word or an already loaded embedding)"
+            )
+    for key, (tokenizer, encoder) in zip(keys, pairs):
+        ids = tokenizer.add_tokens(tokens)
+        _set_token_embeddings(encoder.token_embedding, ids, vectors[key])
+    return tokens
+
+
+@torch.no_grad()
+def _set_token_embeddings(embedding: torch.nn.Embedding, ids: list[int], vectors: torch.Tensor) -> None:
+    """Grow the embedding matrix to cover `ids` and write the vectors there (= diffusers'
+    resize_token_embeddings + `input_embeddings.data[token_id] = embedding`). A new matrix: loaded weights,
+    possibly memory-mapped from the checkpoint, are never written to."""
+    w = embedding.weight
+    extra = max(max(ids) + 1 - w.shape[0], 0)
+    w = torch.cat([w, w.new_zeros(extra, w.shape[1])])
+    w[torch.tensor(ids, device=w.device)] = vectors.to(dtype=w.dtype, device=w.device)
+    embedding.weight = torch.nn.Parameter(w, requires_grad=False)
+    embedding.num_embeddings = w.shape[0]
+
+
+__all__ = ["encode_prompt", "load_textual_inversion", "expand_textual_inversion"]

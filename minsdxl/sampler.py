@@ -1,0 +1,547 @@
+"""text2img, img2img and inpaint: diffusers' three SDXL pipelines as plain functions over one loop.
+
+Keyword names, defaults and numerics are those of StableDiffusionXLPipeline,
+StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline.__call__, so one kwargs dict
+drives both and the same generator gives the same image. The three differ only in how the
+timesteps are cut, how the first latents are made, and what the loop adds per step; that is data
+(`_Run`) handed to one loop (`_denoise`).
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .image import postprocess, resize_like_latents, to_tensor
+from .prompt import encode_prompt
+from .rng import randn
+from .schedulers import DDIM, Scheduler, make_scheduler
+
+_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class _Run:
+    """Everything the loop needs, made before it starts."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    scheduler: Scheduler
+    prompt_embeds: torch.Tensor  # CFG order [negative, positive]
+    text_embeds: torch.Tensor
+    time_ids: torch.Tensor
+    guidance_scale: float
+    guidance_rescale: float
+    generator: object
+    mask: torch.Tensor | None = None  # 9-channel UNet extra input (CFG-doubled)
+    masked_image_latents: torch.Tensor | None = None
+    blend: tuple | None = None  # 4-channel inpaint: (image_latents, noise, mask)
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale: float):
+    """= diffusers rescale_noise_cfg (arXiv:2305.08891 sec. 3.4): match the text branch's std."""
+    dims = list(range(1, noise_cfg.ndim))
+    rescaled = noise_cfg * (noise_pred_text.std(dim=dims, keepdim=True) / noise_cfg.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
+
+def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), progress=True) -> torch.Tensor:
+    """The one denoising loop: CFG batch [negative, positive], scale, (+ mask inputs), UNet, guidance,
+    scheduler step (+ 4-channel inpaint blend), callback."""
+    x, s = run.latents, run.scheduler
+    state = {
+        "prompt_embeds": run.prompt_embeds,
+        "add_text_embeds": run.text_embeds,
+        "add_time_ids": run.time_ids,
+        "mask": run.mask,
+        "masked_image_latents": run.masked_image_latents,
+    }
+    n = len(run.timesteps)
+    for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="denoising", leave=False)):
+        x_in = s.scale_model_input(torch.cat([x, x]) if run.cfg else x, t)
+        if state["mask"] is not None:
+            x_in = torch.cat([x_in, state["mask"], state["masked_image_latents"]], dim=1)
+        eps = model.unet(x_in, t, state["prompt_embeds"], state["add_text_embeds"], state["add_time_ids"])
+        if run.cfg:
+            uncond, text = eps.chunk(2)
+            eps = uncond + run.guidance_scale * (text - uncond)
+            if run.guidance_rescale > 0.0:
+                eps = rescale_noise_cfg(eps, text, run.guidance_rescale)
+        x = s.step(eps, t, x, generator=run.generator)
+        if run.blend is not None:  # = inpaint __call__: keep the unmasked part on the image's noisy path
+            image_latents, noise, mask = run.blend
+            known = s.add_noise(image_latents, noise, run.timesteps[i + 1]) if i < n - 1 else image_latents
+            x = (1 - mask) * known + mask * x
+        if callback is not None:
+            out = callback(model, i, t, {k: (x if k == "latents" else state[k]) for k in callback_inputs})
+            out = dict(out or {})
+            x = out.pop("latents", x)
+            state.update({k: v for k, v in out.items() if k in state})
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks (all raised before any heavy work)
+
+
+def _check_size(name, value):
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive whole number of pixels, got {value!r}")
+    if value % 8:
+        lo, hi = value - value % 8, value - value % 8 + 8
+        raise ValueError(
+            f"{name}={value} is not a multiple of 8 (the VAE downsamples by 8); use {lo or 8} or {hi} instead"
+        )
+
+
+def _check_common(model, a, mode):
+    if model.unet is None or model.vae is None:
+        raise ValueError("the model has no UNet or VAE; load it with minsdxl.load(path)")
+    if a["output_type"] not in _OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {a['output_type']!r}")
+    _check_size("height", a.get("height"))
+    _check_size("width", a.get("width"))
+    g = a["guidance_scale"]
+    if not isinstance(g, (int, float)) or isinstance(g, bool):
+        raise TypeError(f"guidance_scale must be a number, got {g!r}")
+    if not 0.0 <= a["guidance_rescale"] <= 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {a['guidance_rescale']!r}")
+    n = a["num_images_per_prompt"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {n!r}")
+    if a["generator"] is not None and a["seed"] is not None:
+        raise ValueError("pass either generator= or seed=, not both")
+    in_ch = model.unet.config.in_channels
+    if mode != "inpaint" and in_ch == 9:
+        raise ValueError(
+            "this is a 9-channel inpainting UNet: call minsdxl.inpaint(model, prompt, image=, mask_image=)"
+        )
+    if mode == "text2img" and model.requires_aesthetics_score:
+        raise ValueError(
+            "this model (a refiner) is conditioned on an aesthetic score and only refines: call "
+            "minsdxl.img2img(refiner, prompt, image=...) (e.g. with a base model's latents and denoising_start)"
+        )
+    if mode != "text2img" and a.get("image") is None:
+        raise ValueError(f"{mode} needs image= (a PIL image, array, tensor, or 4-channel latents)")
+    for key in ("denoising_start", "denoising_end"):
+        v = a.get(key)
+        if v is not None and (not isinstance(v, float) or not 0.0 < v < 1.0):
+            raise ValueError(f"{key} must be a float in (0, 1) (a fraction of the schedule), got {v!r}")
+
+
+def _generator(a):
+    return torch.Generator("cpu").manual_seed(int(a["seed"])) if a["seed"] is not None else a["generator"]
+
+
+def _scheduler(model, a, num_inference_steps) -> Scheduler:
+    name = a["scheduler"]
+    if not isinstance(name, Scheduler):
+        name = make_scheduler(name if name is not None else getattr(model, "scheduler", None), model.scheduler_config)
+    if a["eta"] and isinstance(name, DDIM):
+        raise ValueError("eta > 0 (stochastic DDIM) is not supported; use eta=0.0 or the 'euler_a' scheduler")
+    name.set_timesteps(num_inference_steps)
+    return name
+
+
+def _prompts(model, a, cfg):
+    return encode_prompt(
+        model,
+        a["prompt"],
+        a["prompt_2"],
+        a["negative_prompt"],
+        a["negative_prompt_2"],
+        num_images_per_prompt=a["num_images_per_prompt"],
+        do_classifier_free_guidance=cfg,
+        clip_skip=a["clip_skip"],
+        prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"],
+        pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+        device=model.unet.device,
+    )
+
+
+def _time_ids(model, ids, neg_ids, pooled_dim, dtype):
+    cfg = model.unet.config
+    expected = cfg.projection_class_embeddings_input_dim
+    got = cfg.addition_time_embed_dim * len(ids) + pooled_dim
+    if got != expected:
+        kind = "a refiner-style (aesthetic score)" if len(ids) == 5 else "a base-style (target size)"
+        raise ValueError(
+            f"{kind} micro-conditioning gives {got} add-embedding inputs but the UNet expects {expected}: the "
+            "model's requires_aesthetics_score flag does not fit its UNet (base: False, refiner: True)"
+        )
+    return torch.tensor([list(ids)], dtype=dtype), torch.tensor([list(neg_ids)], dtype=dtype)
+
+
+def _pairs(a, keys):
+    return {k: tuple(a[k]) if a[k] is not None else None for k in keys}
+
+
+def _finish(model, run, a):
+    x = _denoise(model, run, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], a["progress"])
+    if a["output_type"] == "latent":
+        return x
+    return postprocess(decode(model, x), a["output_type"])
+
+
+def decode(model, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> image in [-1, 1], in the VAE's dtype (fp32 when force_upcast; see load).
+    Non-finite output from a half-precision VAE is retried once in fp32 with a warning; never returns
+    NaN (a silently black image)."""
+    vae = model.vae
+    image = vae.decode(latents.to(vae.dtype) / vae.scaling_factor)
+    if not torch.isfinite(image).all():
+        if vae.dtype in (torch.float16, torch.bfloat16):
+            warnings.warn(
+                f"the {vae.dtype} VAE produced NaN/Inf; decoding again in float32. Fix: load with a float32 VAE "
+                "or use the fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix) via vae=...",
+                stacklevel=3,
+            )
+            dtype = vae.dtype
+            image = vae.float().decode(latents.float() / vae.scaling_factor)
+            vae.to(dtype)
+        if not torch.isfinite(image).all():
+            raise FloatingPointError(
+                "the VAE decoded NaN/Inf even in float32: the latents are not finite (check the UNet's dtype "
+                "and the inputs; an fp16 UNet can overflow: try dtype=torch.bfloat16 or float32)"
+            )
+    return image
+
+
+def encode_image(model, image: torch.Tensor, generator, dtype) -> torch.Tensor:
+    """[-1, 1] image -> scaled latents, VAE posterior sample drawn from `generator` (one draw per
+    image when it is a list), in fp32 when force_upcast (= img2img prepare_latents / _encode_vae_image)."""
+    vae = model.vae
+    # diffusers first casts the image to the prompt dtype, then to fp32 for an upcast VAE
+    image = image.to(device=vae.device, dtype=dtype).to(torch.float32 if vae.force_upcast else vae.dtype)
+    if isinstance(generator, (list, tuple)):
+        z = torch.cat([vae.encode(image[i : i + 1]).sample(generator[i]) for i in range(image.shape[0])])
+    else:
+        z = vae.encode(image).sample(generator)
+    z = z.to(dtype)
+    if not torch.isfinite(z).all():
+        raise FloatingPointError("the VAE encoder produced NaN/Inf; load the VAE in float32 (or the fp16-fix VAE)")
+    return vae.scaling_factor * z
+
+
+def _spread(x, batch, what):
+    """= prepare_latents: repeat a batch of images to the number of images asked for."""
+    if batch % x.shape[0]:
+        raise ValueError(f"cannot spread {x.shape[0]} {what} over {batch} images; pass 1 or {batch}")
+    return torch.cat([x] * (batch // x.shape[0])) if x.shape[0] < batch else x
+
+
+# ------------------------------------------------------------------------------------------------
+# The three public functions
+
+
+def text2img(
+    model,
+    prompt=None,
+    prompt_2=None,
+    height=None,
+    width=None,
+    num_inference_steps=50,
+    denoising_end=None,
+    guidance_scale=5.0,
+    negative_prompt=None,
+    negative_prompt_2=None,
+    num_images_per_prompt=1,
+    eta=0.0,
+    generator=None,
+    latents=None,
+    prompt_embeds=None,
+    negative_prompt_embeds=None,
+    pooled_prompt_embeds=None,
+    negative_pooled_prompt_embeds=None,
+    output_type="pil",
+    guidance_rescale=0.0,
+    original_size=None,
+    crops_coords_top_left=(0, 0),
+    target_size=None,
+    negative_original_size=None,
+    negative_crops_coords_top_left=(0, 0),
+    negative_target_size=None,
+    clip_skip=None,
+    callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs=("latents",),
+    seed=None,
+    scheduler=None,
+    progress=True,
+):
+    """= StableDiffusionXLPipeline.__call__(...).images. Extra: seed=int (a CPU generator), scheduler=
+    (a name such as "euler", "DPM++ 2M Karras", or a minsdxl scheduler), progress=False hides the bar."""
+    a = dict(locals())
+    _check_common(model, a, "text2img")
+    sample = model.unet.config.sample_size * 8
+    height, width = height or sample, width or sample
+    cfg = guidance_scale > 1.0
+    sched = _scheduler(model, a, num_inference_steps)
+    timesteps = sched.select_timesteps(denoising_end=denoising_end)
+    generator = _generator(a)
+    pe, npe, ppe, nppe = _prompts(model, a, cfg)
+    batch, device, dtype = pe.shape[0], model.unet.device, pe.dtype
+    shape = (batch, 4, height // 8, width // 8)
+    if latents is None:
+        latents = randn(shape, generator, device, dtype)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape} (batch, 4, H/8, W/8)")
+    latents = latents.to(device) * sched.init_noise_sigma
+
+    original_size, target_size = original_size or (height, width), target_size or (height, width)
+    ids = tuple(original_size) + tuple(crops_coords_top_left) + tuple(target_size)
+    neg = ids
+    if negative_original_size is not None and negative_target_size is not None:  # = __call__: both or nothing
+        neg = tuple(negative_original_size) + tuple(negative_crops_coords_top_left) + tuple(negative_target_size)
+    ids, neg = _time_ids(model, ids, neg, ppe.shape[-1], dtype)
+    # = __call__: cat([neg, pos]) THEN repeat per image, so the rows alternate neg/pos (a diffusers quirk)
+    time_ids = (torch.cat([neg, ids]) if cfg else ids).to(device).repeat(batch, 1)
+    run = _Run(
+        latents,
+        timesteps,
+        sched,
+        torch.cat([npe, pe]) if cfg else pe,
+        torch.cat([nppe, ppe]) if cfg else ppe,
+        time_ids,
+        guidance_scale,
+        guidance_rescale,
+        generator,
+    )
+    return _finish(model, run, a)
+
+
+def _refine_ids(model, a, height, width, pooled_dim, dtype, batch, cfg):
+    """img2img / inpaint _get_add_time_ids: aesthetic score for refiners, target size otherwise."""
+    original = tuple(a["original_size"] or (height, width))
+    target = tuple(a["target_size"] or (height, width))
+    neg_original = tuple(a["negative_original_size"] or original)
+    neg_target = tuple(a["negative_target_size"] or target)
+    crops, neg_crops = tuple(a["crops_coords_top_left"]), tuple(a["negative_crops_coords_top_left"])
+    if model.requires_aesthetics_score:
+        ids = original + crops + (a["aesthetic_score"],)
+        neg = neg_original + neg_crops + (a["negative_aesthetic_score"],)
+    else:
+        # = img2img _get_add_time_ids: the negative uses the POSITIVE crop coordinates here (a diffusers quirk)
+        ids, neg = original + crops + target, neg_original + crops + neg_target
+    ids, neg = _time_ids(model, ids, neg, pooled_dim, dtype)
+    ids = ids.repeat(batch, 1)
+    return (torch.cat([neg.repeat(batch, 1), ids]) if cfg else ids).to(model.unet.device)
+
+
+def img2img(
+    model,
+    prompt=None,
+    prompt_2=None,
+    image=None,
+    strength=0.3,
+    num_inference_steps=50,
+    denoising_start=None,
+    denoising_end=None,
+    guidance_scale=5.0,
+    negative_prompt=None,
+    negative_prompt_2=None,
+    num_images_per_prompt=1,
+    eta=0.0,
+    generator=None,
+    latents=None,
+    prompt_embeds=None,
+    negative_prompt_embeds=None,
+    pooled_prompt_embeds=None,
+    negative_pooled_prompt_embeds=None,
+    output_type="pil",
+    guidance_rescale=0.0,
+    original_size=None,
+    crops_coords_top_left=(0, 0),
+    target_size=None,
+    negative_original_size=None,
+    negative_crops_coords_top_left=(0, 0),
+    negative_target_size=None,
+    aesthetic_score=6.0,
+    negative_aesthetic_score=2.5,
+    clip_skip=None,
+    callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs=("latents",),
+    seed=None,
+    scheduler=None,
+    progress=True,
+):
+    """= StableDiffusionXLImg2ImgPipeline.__call__(...).images. `image` may be 4-channel latents (e.g. a
+    base model's output_type="latent" for the refiner with denoising_start). Extras as text2img."""
+    a = dict(locals())
+    _check_common(model, a, "img2img")
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+    x = to_tensor(image)  # checks the image type before any heavy work
+    cfg = guidance_scale > 1.0
+    sched = _scheduler(model, a, num_inference_steps)
+    timesteps = sched.select_timesteps(strength, denoising_start, denoising_end)
+    generator = _generator(a)
+    pe, npe, ppe, nppe = _prompts(model, a, cfg)
+    batch, device, dtype = pe.shape[0], model.unet.device, pe.dtype
+    if latents is None:  # = prepare_latents (skipped by diffusers when latents are given)
+        init = x.to(device, dtype) if x.shape[1] == 4 else encode_image(model, x, generator, dtype)
+        init = _spread(init, batch, "images")
+        if denoising_start is None:  # a refiner handoff continues the base's noisy latents as they are
+            latents = sched.add_noise(init, randn(init.shape, generator, device, dtype), timesteps[:1])
+        else:
+            latents = init
+    height, width = (s * 8 for s in latents.shape[-2:])
+    time_ids = _refine_ids(model, a, height, width, ppe.shape[-1], dtype, batch, cfg)
+    run = _Run(
+        latents,
+        timesteps,
+        sched,
+        torch.cat([npe, pe]) if cfg else pe,
+        torch.cat([nppe, ppe]) if cfg else ppe,
+        time_ids,
+        guidance_scale,
+        guidance_rescale,
+        generator,
+    )
+    return _finish(model, run, a)
+
+
+def inpaint(
+    model,
+    prompt=None,
+    prompt_2=None,
+    image=None,
+    mask_image=None,
+    masked_image_latents=None,
+    height=None,
+    width=None,
+    strength=0.9999,
+    num_inference_steps=50,
+    denoising_start=None,
+    denoising_end=None,
+    guidance_scale=7.5,
+    negative_prompt=None,
+    negative_prompt_2=None,
+    num_images_per_prompt=1,
+    eta=0.0,
+    generator=None,
+    latents=None,
+    prompt_embeds=None,
+    negative_prompt_embeds=None,
+    pooled_prompt_embeds=None,
+    negative_pooled_prompt_embeds=None,
+    output_type="pil",
+    guidance_rescale=0.0,
+    original_size=None,
+    crops_coords_top_left=(0, 0),
+    target_size=None,
+    negative_original_size=None,
+    negative_crops_coords_top_left=(0, 0),
+    negative_target_size=None,
+    aesthetic_score=6.0,
+    negative_aesthetic_score=2.5,
+    clip_skip=None,
+    callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs=("latents",),
+    seed=None,
+    scheduler=None,
+    progress=True,
+):
+    """= StableDiffusionXLInpaintPipeline.__call__(...).images. White (>= 0.5) mask pixels are repainted.
+    Works with the 9-channel inpainting UNet (mask and masked-image latents as extra UNet inputs) and
+    with 4-channel base/refiner UNets (the known region is re-imposed after every step)."""
+    a = dict(locals())
+    _check_common(model, a, "inpaint")
+    if mask_image is None:
+        raise ValueError("inpaint needs mask_image= (white = repaint, black = keep), the size of the image")
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+    _check_mask_matches(image, mask_image)
+    sample = model.unet.config.sample_size * 8  # = inpaint __call__: the image is resized to height x width
+    height, width = height or sample, width or sample
+    init_image = to_tensor(image, height, width).float()
+    mask_px = to_tensor(mask_image, height, width, mask=True)
+    if not (mask_px > 0.5).any():
+        warnings.warn("mask_image has no white pixels: nothing will be repainted", stacklevel=2)
+    nine = model.unet.config.in_channels == 9
+    if nine and init_image.shape[1] == 4 and masked_image_latents is None:
+        raise ValueError("the 9-channel inpainting UNet needs a pixel image (or masked_image_latents=), not latents")
+    cfg = guidance_scale > 1.0
+    sched = _scheduler(model, a, num_inference_steps)
+    timesteps = sched.select_timesteps(strength, denoising_start, denoising_end)
+    generator = _generator(a)
+    pe, npe, ppe, nppe = _prompts(model, a, cfg)
+    batch, device, dtype = pe.shape[0], model.unet.device, pe.dtype
+    shape = (batch, 4, height // 8, width // 8)
+    strength_max = strength == 1.0
+
+    # = prepare_latents: the image latents (a VAE draw) come before the noise draw
+    image_latents = None
+    if init_image.shape[1] == 4:
+        image_latents = init_image.to(device, dtype)
+    elif not nine or (latents is None and not strength_max):
+        image_latents = encode_image(model, init_image, generator, dtype)
+    if image_latents is not None:
+        image_latents = image_latents.repeat(batch // image_latents.shape[0], 1, 1, 1)
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape}")
+    if latents is None and denoising_start is None:
+        noise = randn(shape, generator, device, dtype)
+        latents = (
+            noise * sched.init_noise_sigma if strength_max else sched.add_noise(image_latents, noise, timesteps[:1])
+        )
+    elif denoising_start is None:
+        noise = latents.to(device)
+        latents = noise * sched.init_noise_sigma
+    else:
+        noise = randn(shape, generator, device, dtype)
+        latents = image_latents.to(device)
+
+    # = prepare_mask_latents: mask to the latent grid; masked image encoded (another VAE draw)
+    mask = resize_like_latents(mask_px, shape[-2:]).to(device, dtype)
+    mask = mask.repeat(batch // mask.shape[0], 1, 1, 1) if mask.shape[0] < batch else mask
+    if masked_image_latents is None and init_image.shape[1] == 3:
+        masked_image_latents = encode_image(model, init_image * (mask_px < 0.5), generator, dtype)
+    if masked_image_latents is not None:
+        masked_image_latents = masked_image_latents.to(device, dtype)
+        masked_image_latents = masked_image_latents.repeat(batch // masked_image_latents.shape[0], 1, 1, 1)
+
+    height, width = (s * 8 for s in latents.shape[-2:])
+    time_ids = _refine_ids(model, a, height, width, ppe.shape[-1], dtype, batch, cfg)
+    run = _Run(
+        latents,
+        timesteps,
+        sched,
+        torch.cat([npe, pe]) if cfg else pe,
+        torch.cat([nppe, ppe]) if cfg else ppe,
+        time_ids,
+        guidance_scale,
+        guidance_rescale,
+        generator,
+    )
+    if nine:
+        run.mask = torch.cat([mask, mask]) if cfg else mask
+        run.masked_image_latents = torch.cat([masked_image_latents] * 2) if cfg else masked_image_latents
+    else:
+        run.blend = (image_latents, noise, mask)
+    return _finish(model, run, a)
+
+
+def _check_mask_matches(image, mask_image):
+    def size(x):
+        x = x[0] if isinstance(x, (list, tuple)) and x else x
+        if hasattr(x, "size") and not callable(x.size):
+            return tuple(x.size[::-1])  # PIL: (W, H) -> (H, W)
+        if hasattr(x, "shape"):
+            if isinstance(x, torch.Tensor):
+                return tuple(x.shape[-2:])
+            return tuple(x.shape[:2]) if x.ndim in (2, 3) else tuple(x.shape[1:3])
+        return None
+
+    a, b = size(image), size(mask_image)
+    is_latents = isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == 4
+    if a and b and a != b and not is_latents:
+        raise ValueError(f"image is {a[1]}x{a[0]} but mask_image is {b[1]}x{b[0]}; they must be the same size")

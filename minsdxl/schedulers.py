@@ -1,0 +1,495 @@
+"""Noise schedules and update rules: Euler, Euler a, DDIM and DPM++ 2M (Karras), as diffusers computes them.
+
+Each scheduler is built from a diffusers `scheduler_config.json` dict (missing keys take the defaults of the
+matching diffusers class, as `from_config` does) and reproduces that class's timesteps, sigmas and `step`.
+The sampler uses only this interface:
+
+    s = make_scheduler("euler", config)      # or None: the config's _class_name
+    s.set_timesteps(30)                      # fills s.timesteps, s.sigmas, s.init_noise_sigma
+    ts = s.select_timesteps(strength=0.3)    # img2img / inpaint / refiner / base cut-offs (optional)
+    x = s.add_noise(x0, noise, ts[:1])       # img2img start
+    for t in ts:
+        eps = unet(s.scale_model_input(x, t), t, ...)
+        x = s.step(eps, t, x, generator)
+
+Like diffusers once a pipeline called `set_begin_index`, a scheduler counts its own steps, so `t` is never
+looked up (a GPU `t` costs no host sync); a CPU `t` is checked against the step the scheduler is at.
+All per-step scalars are precomputed in `set_timesteps` as float32 CPU tables; `step` indexes them, so each
+scalar is a CPU 0-d tensor exactly as in diffusers (this matters in fp16: in `c * x` PyTorch rounds a 0-d
+tensor `c` to fp16 first but not a Python float) and nothing in `step` waits on the GPU.
+
+Euler and Euler a keep the sample as x0 + σ·noise (k-diffusion's σ-space); DDIM and DPM++ keep it as
+√ᾱ·x0 + √(1-ᾱ)·noise, which is why their `init_noise_sigma` is 1 and `scale_model_input` is the identity.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from minsdxl.rng import randn
+
+# diffusers loaders/single_file_utils.py SCHEDULER_DEFAULT_CONFIG, plus what SDXL's own scheduler_config.json
+# adds (stabilityai/stable-diffusion-xl-base-1.0 and the refiner ship the same file).
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "clip_sample": False,
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+# __init__ defaults shared by the four diffusers classes: what a key missing from the config means
+_COMMON_DEFAULTS = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    trained_betas=None,
+    prediction_type="epsilon",
+    timestep_spacing="linspace",
+    steps_offset=0,
+    sigma_min=None,  # Karras range override; diffusers reads it whenever the config has the key
+    sigma_max=None,
+)
+# options diffusers offers that minsdxl implements at one value only: {key: that value}
+_COMMON_FIXED = dict(rescale_betas_zero_snr=False)
+
+
+def _choice(cfg, key, options):
+    if cfg[key] not in options:
+        raise ValueError(f"scheduler config {key}={cfg[key]!r} is not supported; use one of {list(options)}")
+    return cfg[key]
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _sigma_to_t(sigmas, log_sigmas):
+    """Fractional training timestep of each sigma, interpolating in log σ (= diffusers `_sigma_to_t`)."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def cut_timesteps(
+    timesteps,
+    num_inference_steps,
+    order=1,
+    num_train_timesteps=1000,
+    strength=1.0,
+    denoising_start=None,
+    denoising_end=None,
+):
+    """The part of `timesteps` a run executes, and the index of its first step in `timesteps`.
+
+    = diffusers StableDiffusionXLImg2ImgPipeline.get_timesteps (inpaint's is identical) followed by the
+    `denoising_end` filter of the pipelines' __call__. `strength` (img2img/inpaint) keeps the last
+    int(N·strength) steps; `denoising_start` (refiner) keeps the timesteps below (1-start)·T and then
+    ignores `strength`, as diffusers does; `denoising_end` (base) drops the timesteps below (1-end)·T.
+    """
+    T = num_train_timesteps
+    if not _is_number(strength) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    for name, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if v is not None and (not _is_number(v) or not 0 < v < 1):
+            raise ValueError(f"{name} must be a fraction in (0, 1) or None, got {v!r}")
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+
+    if denoising_start is None:
+        n = min(int(num_inference_steps * strength), num_inference_steps)
+        begin = (num_inference_steps - n) * order
+        if n < 1:
+            raise ValueError(
+                f"strength={strength} of {num_inference_steps} steps runs int({num_inference_steps}*{strength})=0"
+                " steps; raise strength or num_inference_steps"
+            )
+    else:
+        cutoff = int(round(T - denoising_start * T))
+        n = int((timesteps < cutoff).sum())
+        if order == 2 and n % 2 == 0:
+            n += 1  # a 2nd-order step spans two timesteps: never start between them (get_timesteps)
+        begin = len(timesteps) - n
+        if n < 1:
+            raise ValueError(
+                f"denoising_start={denoising_start} leaves no timestep below {cutoff}; lower it or raise"
+                " num_inference_steps"
+            )
+    timesteps = timesteps[begin:]
+    if denoising_end is not None:
+        cutoff = int(round(T - denoising_end * T))
+        timesteps = timesteps[: int((timesteps >= cutoff).sum())]
+        if len(timesteps) == 0:
+            raise ValueError(
+                f"denoising_end={denoising_end} leaves no timestep at or above {cutoff}; raise it or raise"
+                " num_inference_steps"
+            )
+    return timesteps, begin
+
+
+class Scheduler:
+    """What all four share: config, betas, timestep spacing, the sigma table, step counting, add_noise."""
+
+    name = ""
+    order = 1  # diffusers' scheduler.order: 2 only for Heun-like schedulers whose timesteps repeat
+    defaults: dict = {}  # this diffusers class's __init__ defaults beyond _COMMON_DEFAULTS
+    fixed: dict = {}  # this class's options minsdxl implements at one value only
+    forced: dict = {}  # config keys this diffusers class ignores: their effective value
+    extra_point = 0  # DPM-Solver spaces N+1 points and drops the last
+    integer_timesteps = False  # DDIM and DPM-Solver round "linspace" timesteps to integers
+
+    def __init__(self, config: dict | None = None):
+        cfg = {**_COMMON_DEFAULTS, **self.defaults, **(config or SDXL_SCHEDULER_CONFIG), **self.forced}
+        for key, value in {**_COMMON_FIXED, **self.fixed}.items():
+            if cfg.get(key, value) != value:
+                raise ValueError(
+                    f"{type(self).__name__}: scheduler config {key}={cfg[key]!r} is not supported by minsdxl"
+                    f" (only {value!r}); remove it from the config or pick another scheduler"
+                )
+        _choice(cfg, "prediction_type", ("epsilon", "v_prediction"))
+        _choice(cfg, "timestep_spacing", ("leading", "trailing", "linspace"))
+        if "final_sigmas_type" in self.defaults:
+            _choice(cfg, "final_sigmas_type", ("zero", "sigma_min"))
+        self.config = cfg
+        T = cfg["num_train_timesteps"]
+        if cfg["trained_betas"] is not None:
+            betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
+        elif _choice(cfg, "beta_schedule", ("scaled_linear", "linear")) == "scaled_linear":
+            betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, T, dtype=torch.float32) ** 2
+        else:
+            betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], T, dtype=torch.float32)
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        # σ of each training timestep, float32 as diffusers computes it
+        self.train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        self.karras = "use_karras_sigmas" in self.defaults and bool(cfg["use_karras_sigmas"])
+        self.v_prediction = cfg["prediction_type"] == "v_prediction"
+        self.timesteps = self.sigmas = self.num_inference_steps = None
+        self.init_noise_sigma = 1.0
+        self.step_index = self.begin_index = 0
+
+    # --- timesteps ----------------------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int):
+        T = self.config["num_train_timesteps"]
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool):
+            raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+        if not 1 <= num_inference_steps <= T:
+            raise ValueError(
+                f"num_inference_steps must be between 1 and {T} (the model's training steps), got {num_inference_steps}"
+            )
+        self.num_inference_steps = num_inference_steps
+        timesteps, sigmas = self._schedule(self._spaced_timesteps(num_inference_steps), num_inference_steps)
+        self.timesteps = torch.from_numpy(timesteps.astype(np.float32))
+        self.sigmas = torch.from_numpy(sigmas.astype(np.float32))
+        self._precompute()
+        self._start(0)
+
+    def _spaced_timesteps(self, n):
+        """diffusers' three spacings (Table 2 of arXiv:2305.08891), with each class's own rounding."""
+        cfg, T, m = self.config, self.config["num_train_timesteps"], n + self.extra_point
+        if cfg["timestep_spacing"] == "leading":
+            t = (np.arange(m) * (T // m)).round()[::-1][:n] + cfg["steps_offset"]
+        elif cfg["timestep_spacing"] == "trailing":
+            t = np.arange(T, 0, -T / n).round() - 1  # can hold n+1 points (e.g. n=61): diffusers keeps them
+        else:
+            t = np.linspace(0, T - 1, m)
+            t = (t.round() if self.integer_timesteps else t)[::-1][:n]
+        return t.astype(np.float32)
+
+    def _sigma_schedule(self, timesteps, n, karras_range, round_t=False):
+        """The sigma table shared by Euler, Euler a and DPM++: σ_train linearly interpolated at `timesteps`,
+        or with Karras sigmas n steps of the ρ=7 ramp over `karras_range` (σ_min, σ_max; the config's
+        sigma_min/sigma_max win) with the timesteps mapped back through log σ; then the final σ appended
+        (0, or σ_train[0] for final_sigmas_type "sigma_min").
+        = diffusers EulerDiscreteScheduler / DPMSolverMultistepScheduler set_timesteps + _convert_to_karras."""
+        train = self.train_sigmas
+        final_sigma = train[0] if self.config["final_sigmas_type"] == "sigma_min" else 0.0
+        if not self.karras:
+            return timesteps, np.append(np.interp(timesteps, np.arange(len(train)), train), final_sigma)
+        lo = self.config["sigma_min"] if self.config["sigma_min"] is not None else float(karras_range[0])
+        hi = self.config["sigma_max"] if self.config["sigma_max"] is not None else float(karras_range[1])
+        ramp = np.linspace(0, 1, n)
+        sigmas = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+        timesteps = _sigma_to_t(sigmas, np.log(train))
+        return (timesteps.round() if round_t else timesteps), np.append(sigmas, final_sigma)
+
+    def select_timesteps(self, strength=1.0, denoising_start=None, denoising_end=None) -> torch.Tensor:
+        """The timesteps to run after img2img `strength`, refiner `denoising_start` and base `denoising_end`
+        (see cut_timesteps); the scheduler starts at the first of them (diffusers' set_begin_index)."""
+        self._require_timesteps()
+        timesteps, begin = cut_timesteps(
+            self.timesteps,
+            self.num_inference_steps,
+            self.order,
+            self.config["num_train_timesteps"],
+            strength,
+            denoising_start,
+            denoising_end,
+        )
+        self._start(begin)
+        return timesteps
+
+    # --- stepping -----------------------------------------------------------------------------------------
+    def _start(self, begin):
+        self.step_index = self.begin_index = begin
+        self._prev_x0, self._lower_order_nums = None, 0  # DPM-Solver's history
+
+    def _require_timesteps(self):
+        if self.timesteps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) first")
+
+    def _index(self, t, last=False):
+        """The step the scheduler is at; `t` is only checked when it sits on the CPU (no sync)."""
+        self._require_timesteps()
+        i, n = self.step_index, len(self.timesteps)
+        if i > n or (i == n and not last):
+            raise ValueError(f"all {n} steps are done; call set_timesteps again to start a new run")
+        if i < n and t is not None and not (torch.is_tensor(t) and t.device.type != "cpu"):
+            if not bool((torch.as_tensor(t, dtype=torch.float32) == self.timesteps[i]).all()):
+                raise ValueError(
+                    f"got t={t!r}, but the scheduler is at step {i} (t={self.timesteps[i].item():g}): call"
+                    " scale_model_input/step once per timestep, in order, as select_timesteps returned them"
+                )
+        return i
+
+    def scale_model_input(self, x: torch.Tensor, t=None) -> torch.Tensor:
+        self._index(t)
+        return x
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t=None) -> torch.Tensor:
+        """x0 noised to the level of the current step (img2img start; inpaint's per-step re-noising after
+        `step`). Like diffusers once a begin index is set, the level comes from the step counter."""
+        i = self._index(t, last=True)
+        return self._keep[i] * x0 + self._noise[i] * noise
+
+    def _precompute(self):
+        raise NotImplementedError
+
+    def _schedule(self, timesteps, n):
+        raise NotImplementedError
+
+    def step(self, eps, t, x, generator=None):
+        raise NotImplementedError
+
+
+class EulerDiscrete(Scheduler):
+    """Euler's method on the probability-flow ODE in σ-space (= diffusers EulerDiscreteScheduler, s_churn=0)."""
+
+    name = "euler"
+    defaults = dict(use_karras_sigmas=False, final_sigmas_type="zero")
+    fixed = dict(
+        interpolation_type="linear", timestep_type="discrete", use_exponential_sigmas=False, use_beta_sigmas=False
+    )
+    ancestral = False
+
+    def _schedule(self, timesteps, n):
+        interp = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
+        return self._sigma_schedule(timesteps, n, (interp[-1], interp[0]))  # Karras spans the spaced σ
+
+    def _precompute(self):
+        s, top = self.sigmas, self.sigmas.max()
+        # "leading" starts at σ(981) but scales the noise as if at sqrt(σ²+1) (diffusers init_noise_sigma)
+        spacing = self.config["timestep_spacing"]
+        self.init_noise_sigma = float(top if spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5)
+        self._sigma, self._in_scale = s, (s**2 + 1) ** 0.5
+        self._v_out, self._v_in = -s / (s**2 + 1) ** 0.5, s**2 + 1
+        self._keep, self._noise = torch.ones_like(s), s
+        if self.ancestral:  # EulerAncestralDiscreteScheduler.step: go down to σ_down, add σ_up of fresh noise
+            up = (s[1:] ** 2 * (s[:-1] ** 2 - s[1:] ** 2) / s[:-1] ** 2) ** 0.5
+            self._dt, self._up = (s[1:] ** 2 - up**2) ** 0.5 - s[:-1], up
+        else:
+            self._dt = s[1:] - s[:-1]
+
+    def scale_model_input(self, x, t=None):
+        return x / self._in_scale[self._index(t)]
+
+    def step(self, eps, t, x, generator=None):
+        i = self._index(t)
+        self.step_index += 1
+        x = x.float()  # diffusers upcasts the sample and casts the result back
+        if self.v_prediction:
+            x0 = eps * self._v_out[i] + x / self._v_in[i]
+        else:
+            x0 = x - self._sigma[i] * eps
+        x_next = x + (x - x0) / self._sigma[i] * self._dt[i]
+        if self.ancestral:  # noise drawn exactly where diffusers draws it, so a shared generator matches
+            x_next = x_next + randn(eps.shape, generator, eps.device, eps.dtype) * self._up[i]
+        return x_next.to(eps.dtype)
+
+
+class EulerAncestral(EulerDiscrete):
+    """Euler a (= diffusers EulerAncestralDiscreteScheduler): no Karras sigmas and always a final σ of 0,
+    whatever the config says, as diffusers ignores those keys for this class."""
+
+    name = "euler_a"
+    ancestral = True
+    forced = dict(use_karras_sigmas=False, final_sigmas_type="zero")
+
+
+class DDIM(Scheduler):
+    """Deterministic DDIM, eta=0 (= diffusers DDIMScheduler as SDXL pipelines call it)."""
+
+    name = "ddim"
+    defaults = dict(timestep_spacing="leading", clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True)
+    fixed = dict(thresholding=False)
+    integer_timesteps = True
+
+    def _alphas(self, timesteps):
+        """ᾱ at each timestep, and the ᾱ the last step ends at (set_alpha_to_one: 1, else ᾱ of t=0)."""
+        ac = self.alphas_cumprod
+        return ac[timesteps.long()], torch.tensor(1.0) if self.config["set_alpha_to_one"] else ac[0]
+
+    def _schedule(self, timesteps, n):
+        # `sigmas` for DDIM: the σ each step starts from, then the σ the last step ends at
+        a, final = self._alphas(torch.from_numpy(timesteps))
+        a = torch.cat([a, final[None]])
+        return timesteps, (((1 - a) / a) ** 0.5).numpy()
+
+    def _precompute(self):
+        a, final = self._alphas(self.timesteps)
+        # diffusers steps to t - T//N, which is the next timestep only for "leading" (diffusers#9261)
+        prev = self.timesteps.long() - self.config["num_train_timesteps"] // self.num_inference_steps
+        a_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], final)
+        self._sqrt_a, self._sqrt_b = a**0.5, (1 - a) ** 0.5
+        self._sqrt_a_prev, self._dir = a_prev**0.5, (1 - a_prev) ** 0.5
+        a = torch.cat([a, final[None]])
+        self._keep, self._noise = a**0.5, (1 - a) ** 0.5
+
+    def step(self, eps, t, x, generator=None):
+        i = self._index(t)
+        self.step_index += 1
+        sa, sb = self._sqrt_a[i], self._sqrt_b[i]
+        if self.v_prediction:
+            x0, eps = sa * x - sb * eps, sa * eps + sb * x
+        else:
+            x0 = (x - sb * eps) / sa
+        if self.config["clip_sample"]:
+            r = self.config["clip_sample_range"]
+            x0 = x0.clamp(-r, r)
+        return self._sqrt_a_prev[i] * x0 + self._dir[i] * eps
+
+
+class DPMSolverMultistep(Scheduler):
+    """DPM-Solver++ 2M, midpoint (= diffusers DPMSolverMultistepScheduler, algorithm_type "dpmsolver++",
+    solver_order 2): a 2nd-order multistep update on x0-predictions, 1st order at the first step after a
+    (re)start and at the end as `lower_order_final` / `final_sigmas_type` / `euler_at_final` say."""
+
+    name = "dpmpp_2m"
+    defaults = dict(use_karras_sigmas=False, final_sigmas_type="zero", lower_order_final=True, euler_at_final=False)
+    fixed = dict(
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        thresholding=False,
+        variance_type=None,
+        lambda_min_clipped=-math.inf,
+        use_lu_lambdas=False,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        use_flow_sigmas=False,
+        use_dynamic_shifting=False,
+    )
+    extra_point = 1
+    integer_timesteps = True
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        if self.karras:
+            self.name = "dpmpp_2m_karras"
+
+    def _schedule(self, timesteps, n):
+        train = self.train_sigmas  # Karras spans the whole training range here, unlike Euler
+        return self._sigma_schedule(timesteps, n, (train[0], train[-1]), round_t=True)
+
+    def _precompute(self):
+        s, cfg, n = self.sigmas, self.config, len(self.timesteps)
+        alpha = 1 / (s**2 + 1) ** 0.5  # _sigma_to_alpha_sigma_t: the sample is alpha·x0 + sigma·noise
+        sigma = s * alpha
+        lam = torch.log(alpha) - torch.log(sigma)  # +inf at a final σ of 0: that step is then 1st order
+        h = lam[1:] - lam[:-1]
+        self._alpha, self._sigma = alpha, sigma
+        self._keep, self._noise = self._alpha, self._sigma
+        self._ratio = sigma[1:] / sigma[:-1]
+        coef = alpha[1:] * (torch.exp(-h) - 1.0)
+        self._coef, self._half_coef = coef, 0.5 * coef
+        r0 = (lam[1:-1] - lam[:-2]) / h[1:]  # step-size ratio h_0/h of the 2nd-order update (none at step 0)
+        self._inv_r0 = torch.cat([torch.tensor([math.nan]), 1.0 / r0])
+        short = cfg["lower_order_final"] and n < 15
+        self._first_order_at = n - 1 if (cfg["euler_at_final"] or short or cfg["final_sigmas_type"] == "zero") else -1
+
+    def step(self, eps, t, x, generator=None):
+        i = self._index(t)
+        self.step_index += 1
+        if self.v_prediction:
+            x0 = self._alpha[i] * x - self._sigma[i] * eps
+        else:
+            x0 = (x - self._sigma[i] * eps) / self._alpha[i]
+        x = x.float()  # diffusers upcasts only after converting ε to x0
+        if self._lower_order_nums < 1 or i == self._first_order_at:
+            x_next = self._ratio[i] * x - self._coef[i] * x0
+        else:
+            d1 = self._inv_r0[i] * (x0 - self._prev_x0)
+            x_next = self._ratio[i] * x - self._coef[i] * x0 - self._half_coef[i] * d1
+        self._prev_x0, self._lower_order_nums = x0, min(self._lower_order_nums + 1, 2)
+        return x_next.to(x0.dtype)
+
+
+# name -> (class, config overrides). The A1111 names users type map onto these, case-insensitively.
+SCHEDULERS = {
+    "euler": (EulerDiscrete, {}),
+    "euler_a": (EulerAncestral, {}),
+    "ddim": (DDIM, {}),
+    "dpmpp_2m": (DPMSolverMultistep, {"use_karras_sigmas": False}),
+    "dpmpp_2m_karras": (DPMSolverMultistep, {"use_karras_sigmas": True}),
+}
+A1111_NAMES = {
+    "Euler": "euler",
+    "Euler a": "euler_a",
+    "DDIM": "ddim",
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 2M Karras": "dpmpp_2m_karras",
+}
+DIFFUSERS_CLASSES = {
+    "EulerDiscreteScheduler": EulerDiscrete,
+    "EulerAncestralDiscreteScheduler": EulerAncestral,
+    "DDIMScheduler": DDIM,
+    "DPMSolverMultistepScheduler": DPMSolverMultistep,
+}
+_ALIASES = {**{k: k for k in SCHEDULERS}, **{k.lower(): v for k, v in A1111_NAMES.items()}}
+
+
+def make_scheduler(name: str | None = None, config: dict | None = None) -> Scheduler:
+    """A scheduler by name ("euler", "Euler a", "DPM++ 2M Karras", ...) or, for None, the one the config's
+    `_class_name` names. The config is a diffusers scheduler_config.json dict; None or {} means SDXL's
+    (a single-file checkpoint carries none, and diffusers' bare class defaults are not SDXL's betas).
+    "euler"/"euler_a"/"ddim" take the config as it is (as diffusers' from_config); the DPM++ names pin
+    use_karras_sigmas to what they say."""
+    config = dict(config or SDXL_SCHEDULER_CONFIG)
+    if name is None:
+        cls_name = config.get("_class_name", "EulerDiscreteScheduler")
+        if cls_name not in DIFFUSERS_CLASSES:
+            raise ValueError(
+                f"scheduler config names {cls_name!r}, which minsdxl does not implement ({list(DIFFUSERS_CLASSES)});"
+                f" pass a scheduler name instead: {list(SCHEDULERS)} or {list(A1111_NAMES)}"
+            )
+        return DIFFUSERS_CLASSES[cls_name](config)
+    if not isinstance(name, str):
+        raise TypeError(f"scheduler name must be a string or None, got {type(name).__name__}")
+    key = _ALIASES.get(name.strip().lower())
+    if key is None:
+        raise ValueError(f"unknown scheduler {name!r}; valid names: {list(SCHEDULERS)} or {list(A1111_NAMES)}")
+    cls, overrides = SCHEDULERS[key]
+    return cls({**config, **overrides})

@@ -1,0 +1,204 @@
+"""minsdxl.kernels.flash_attention vs torch's scaled_dot_product_attention, on CPU in Triton's interpreter.
+
+TRITON_INTERPRET=1 must be set before triton.language is first imported (@triton.jit picks the
+interpreter at decoration time), hence the environment line above the imports; in a pytest run whose
+conftest imports triton first, set it in the environment instead. The interpreter's bf16 tl.dot is broken
+(triton-lang/triton#11584), so these tests use fp32 (and one fp16 case); bf16 is checked on a GPU.
+"""
+
+import os
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton.language as tl  # noqa: E402
+from minsdxl.kernels import flash_attention, flash_attn  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from minsdxl import attention as attention_module  # noqa: E402
+
+if not (flash_attn._INTERPRET and isinstance(tl.zeros, InterpretedFunction)):
+    raise RuntimeError(
+        "triton was imported before this file could set TRITON_INTERPRET=1 (tests/conftest.py imports "
+        "diffusers, which imports triton.language), so its kernels need a GPU: set TRITON_INTERPRET=1 in "
+        "the environment, or at the top of tests/conftest.py before any import of diffusers or minsdxl.kernels"
+    )
+
+# fp32 on both sides; the online softmax only changes the summation order (errors seen: ~2e-6)
+ATOL, RTOL = 2e-5, 1e-5
+
+
+def _heads(b: int, length: int, h: int, d: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    """[B, H, L, D] as minsdxl.attention makes it: a transposed view of a [B, L, H*D] projection."""
+    return torch.randn(b, length, h * d, generator=gen).to(dtype).view(b, length, h, d).transpose(1, 2)
+
+
+def _attend_poisoned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None):
+    """The kernel writing into a NaN-filled output (by default laid out as flash_attention allocates
+    it): any element it fails to write stays NaN and fails the comparison."""
+    b, h, lq, d = q.shape
+    if out is None:
+        out = torch.empty(b, lq, h, d, dtype=q.dtype).transpose(1, 2)
+    out.fill_(float("nan"))
+    flash_attn._launch(q, k, v, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "b, h, lq, lk, d",
+    [
+        (2, 10, 4096, 77, 64),  # SDXL level-1 cross-attention at 1024^2: ragged 77-key block only
+        (2, 20, 1000, 1000, 64),  # self-attention, ragged query and key blocks
+        (1, 2, 300, 512, 40),  # head dims padded to a power of 2; 512 keys: whole blocks, no tail
+        (1, 2, 300, 200, 80),
+        (1, 2, 300, 200, 128),
+        (1, 2, 50, 30, 8),  # below tl.dot's minimum of 16
+    ],
+)
+def test_matches_sdpa(b, h, lq, lk, d):
+    gen = torch.Generator().manual_seed(lq + lk + d)
+    q, k, v = _heads(b, lq, h, d, gen), _heads(b, lk, h, d, gen), _heads(b, lk, h, d, gen)
+    assert not q.is_contiguous()
+    o = _attend_poisoned(q, k, v)
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=ATOL, rtol=RTOL)
+
+
+def test_many_small_blocks(monkeypatch):
+    # Small blocks: several query blocks with a ragged last one, several whole key blocks plus a tail.
+    monkeypatch.setitem(flash_attn._INTERPRET_BLOCKS, "BLOCK_M", 32)
+    monkeypatch.setitem(flash_attn._INTERPRET_BLOCKS, "BLOCK_N", 16)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = _heads(1, 100, 3, 40, gen), _heads(1, 57, 3, 40, gen), _heads(1, 57, 3, 40, gen)
+    o = _attend_poisoned(q, k, v)
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=ATOL, rtol=RTOL)
+
+
+def test_peaked_scores():
+    # Large logits: the running max must move between key blocks without overflow or lost mass.
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = _heads(1, 300, 2, 64, gen) * 30, _heads(1, 600, 2, 64, gen), _heads(1, 600, 2, 64, gen)
+    o = _attend_poisoned(q, k, v)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
+    # scores reach ~160 (exp overflows fp32 past 88 without the max); fp32 rounds them by ~1e-5 absolute
+    torch.testing.assert_close(o, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_any_strides():
+    # q, k, v as slices of one fused [B, L, 3*H*D] projection, a contiguous [B, H, Lq, D] out.
+    b, h, lq, d = 2, 3, 130, 64
+    qkv = torch.randn(b, lq, 3, h, d, generator=torch.Generator().manual_seed(2)).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    o = _attend_poisoned(q, k, v, out=torch.empty(b, h, lq, d))
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=ATOL, rtol=RTOL)
+
+
+def test_fp16():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (_heads(2, n, 2, 64, gen, torch.float16) for n in (200, 77, 77))
+    o = _attend_poisoned(q, k, v)
+    assert o.dtype == torch.float16
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    # p and the output are rounded to fp16 (ulp ~1e-3 near 1), sums are fp32: a couple of ulps
+    torch.testing.assert_close(o.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_output_layout_feeds_attention_reshape_for_free():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = _heads(2, 70, 4, 32, gen), _heads(2, 77, 4, 32, gen), _heads(2, 77, 4, 32, gen)
+    o = flash_attention(q, k, v)
+    assert o.shape == (2, 4, 70, 32) and o.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=ATOL, rtol=RTOL)
+
+
+def test_attention_seam_triton_backend():
+    # minsdxl.attention.attention with the triton backend: [B, L, H*D] in and out, = the sdpa backend
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, n, 5 * 64, generator=gen) for n in (120, 77, 77))
+    ref = attention_module.attention(q, k, v, heads=5)
+    previous = attention_module.get_backend()
+    attention_module.set_backend("triton")
+    try:
+        o = attention_module.attention(q, k, v, heads=5)
+    finally:
+        attention_module.set_backend(previous)
+    torch.testing.assert_close(o, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_torch_compile_fullgraph():
+    def f(x, ctx):
+        return flash_attention(x * 2, ctx, ctx + 1).sum(-1)
+
+    gen = torch.Generator().manual_seed(6)
+    x, ctx = _heads(2, 64, 2, 32, gen), _heads(2, 77, 2, 32, gen)
+    torch._dynamo.reset()
+    # aot_eager: dynamo + the fake impl + AOT functionalization, without inductor's C++ build time
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    ref = F.scaled_dot_product_attention(x * 2, ctx, ctx + 1).sum(-1)
+    torch.testing.assert_close(compiled(x, ctx), ref, atol=1e-4, rtol=RTOL)  # a sum of 32 outputs
+
+
+def test_opcheck():
+    # schema, fake impl (shapes and strides) vs the real kernel, and dynamic-shape tracing
+    gen = torch.Generator().manual_seed(7)
+    args = (_heads(1, 40, 2, 16, gen), _heads(1, 30, 2, 16, gen), _heads(1, 30, 2, 16, gen))
+    torch.library.opcheck(torch.ops.minsdxl.flash_attention.default, args)
+
+
+# The interpreter never runs Triton's compiler. Compile the real kernel for Hopper (sm_90) in a process
+# without TRITON_INTERPRET: no GPU is needed, triton ships ptxas. Uses triton's ASTSource (as inductor does).
+_COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from minsdxl.kernels.flash_attn import _CONFIGS, _attn_fwd
+
+for dtype, d, config in [("bf16", 64, _CONFIGS[2]), ("fp16", 80, _CONFIGS[1])]:
+    consts = dict(HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), DOT_PRECISION="tf32", **config.kwargs)
+    types = {"Q": "*" + dtype, "K": "*" + dtype, "V": "*" + dtype, "O": "*" + dtype, "qk_scale": "fp32"}
+    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in _attn_fwd.arg_names}
+    constexprs = {(i,): consts[n] for i, n in enumerate(_attn_fwd.arg_names) if n in consts}
+    kernel = triton.compile(
+        ASTSource(_attn_fwd, signature, constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+    )
+    assert "wgmma.mma_async" in kernel.asm["ptx"], "no Hopper tensor-core instructions"
+    print(dtype, d, "compiled", flush=True)
+"""
+
+
+def test_compiles_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout + run.stderr[-4000:]
+    assert run.stdout.count("compiled") == 2
+
+
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(flash_attn, "_INTERPRET", False)
+    q = torch.randn(1, 2, 8, 64)
+    with pytest.raises(ValueError, match="'sdpa'.*TRITON_INTERPRET=1"):
+        flash_attention(q, q, q)
+
+
+@pytest.mark.parametrize(
+    "q_shape, k_shape, dtype, error, match",
+    [
+        ((2, 8, 64), (2, 8, 64), torch.float32, ValueError, "4-d"),
+        ((1, 2, 8, 160), (1, 2, 8, 160), torch.float32, ValueError, "head dim 160"),
+        ((1, 2, 8, 64), (1, 3, 8, 64), torch.float32, ValueError, "expected q"),
+        ((1, 2, 8, 64), (1, 2, 0, 64), torch.float32, ValueError, "no keys"),
+        ((1, 65536, 1, 16), (1, 65536, 1, 16), torch.float32, ValueError, "65535"),
+        ((1, 2, 8, 64), (1, 2, 8, 64), torch.float64, TypeError, "dtype"),
+    ],
+)
+def test_bad_inputs(q_shape, k_shape, dtype, error, match):
+    q, k = torch.zeros(q_shape, dtype=dtype), torch.zeros(k_shape, dtype=dtype)
+    with pytest.raises(error, match=match):
+        flash_attention(q, k, k)

@@ -3,10 +3,9 @@
 Only ``minsdxl.attention`` imports this package, lazily, so ``import minsdxl`` never needs triton.
 """
 
-if __name__ != "minsdxl.kernels":
-    # PyPI has an unrelated top-level `kernels` package: never pose as it (e.g. when the repo root is on sys.path)
-    raise ImportError("this folder is minsdxl.kernels, not the `kernels` package; install minsdxl to use it")
+# PyPI has an unrelated top-level `kernels` package. When this folder is reached as `kernels` (the repo
+# root on sys.path), stay an empty module rather than pose as it; installed, it is `minsdxl.kernels`.
+if __name__ == "minsdxl.kernels":
+    from minsdxl.kernels.flash_attn import flash_attention
 
-from minsdxl.kernels.flash_attn import flash_attention  # noqa: E402
-
-__all__ = ["flash_attention"]
+    __all__ = ["flash_attention"]

@@ -4,6 +4,7 @@ from .checkpoint import SDXL, CheckpointError, load, load_component
 from .prompt import encode_prompt, load_textual_inversion
 from .sampler import img2img, inpaint, text2img
 from .schedulers import make_scheduler
+from .speed import compile, set_attention
 
 __version__ = "0.1.0"
 __all__ = [
@@ -17,5 +18,7 @@ __all__ = [
     "img2img",
     "inpaint",
     "make_scheduler",
+    "compile",
+    "set_attention",
     "__version__",
 ]

@@ -62,11 +62,12 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
         "masked_image_latents": run.masked_image_latents,
     }
     n = len(run.timesteps)
+    t_unet = run.timesteps.to(x.device)  # once, not a host-to-device copy per step
     for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="denoising", leave=False)):
         x_in = s.scale_model_input(torch.cat([x, x]) if run.cfg else x, t)
         if state["mask"] is not None:
             x_in = torch.cat([x_in, state["mask"], state["masked_image_latents"]], dim=1)
-        eps = model.unet(x_in, t, state["prompt_embeds"], state["add_text_embeds"], state["add_time_ids"])
+        eps = model.unet(x_in, t_unet[i], state["prompt_embeds"], state["add_text_embeds"], state["add_time_ids"])
         if run.cfg:
             uncond, text = eps.chunk(2)
             eps = uncond + run.guidance_scale * (text - uncond)

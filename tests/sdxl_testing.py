@@ -96,22 +96,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def random_state_dict(model: torch.nn.Module, seed: int = 0, dtype=torch.float32) -> dict:
+def random_state_dict(model: torch.nn.Module, seed: int = 0, dtype=torch.float32, device="cpu") -> dict:
     """Seeded random weights for every parameter of a (possibly meta-device) model, without its slow
     default init. They keep activations O(1) through deep stacks: fan-in scaled normals for
     weights, small random biases, norm scales near 1 (random, so a misplaced norm shows)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     out = {}
     for name, p in model.state_dict().items():
         if not p.is_floating_point():  # e.g. position_ids buffers
-            out[name] = p
-        elif p.ndim == 1:
-            base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
-            t = base + 0.1 * torch.randn(p.shape, generator=g)
+            out[name] = torch.arange(p.shape[-1], device=device).expand(p.shape) if p.is_meta else p
+            continue
+        t = torch.randn(p.shape, generator=g, device=device)
+        if p.ndim == 1:
+            t = t.mul_(0.1).add_(1.0 if ("norm" in name and name.endswith("weight")) else 0.0)
         else:
-            t = torch.randn(p.shape, generator=g).mul_((1.0 / p[0].numel()) ** 0.5)
-        if p.is_floating_point():
-            out[name] = t.to(dtype)
+            t = t.mul_((1.0 / p[0].numel()) ** 0.5)
+        out[name] = t.to(dtype)
     return out
 
 
@@ -193,3 +193,91 @@ def component_state_dicts(pipe) -> dict:
         for c in ("unet", "vae", "text_encoder", "text_encoder_2")
         if getattr(pipe, c, None) is not None
     }
+
+
+def minsdxl_from_pipe(pipe):
+    """A minsdxl SDXL whose weights ARE the diffusers pipeline's tensors (no copy), same dtype/device."""
+    from minsdxl.checkpoint import SDXL, build_text_encoder, build_unet, build_vae
+    from minsdxl.tokenizer import CLIPTokenizer
+
+    p = next(pipe.unet.parameters())
+    dtype, device = p.dtype, p.device
+    te, te2 = getattr(pipe, "text_encoder", None), pipe.text_encoder_2
+    model = SDXL(
+        unet=build_unet(pipe.unet.state_dict(), dtype, device, dict(pipe.unet.config)),
+        vae=build_vae(pipe.vae.state_dict(), next(pipe.vae.parameters()).dtype, device, dict(pipe.vae.config)),
+        text_encoder_2=build_text_encoder(te2.state_dict(), True, dtype, device, te2.config.to_dict()),
+        tokenizer_2=CLIPTokenizer.bundled(pad_token="!"),
+        scheduler_config=dict(pipe.scheduler.config),
+        force_zeros_for_empty_prompt=pipe.config.get("force_zeros_for_empty_prompt", True),
+        requires_aesthetics_score=pipe.config.get("requires_aesthetics_score", False),
+    )
+    if te is not None:
+        model.text_encoder = build_text_encoder(te.state_dict(), False, dtype, device, te.config.to_dict())
+        model.tokenizer = CLIPTokenizer.bundled()
+    model.kind = "inpaint" if model.unet.config.in_channels == 9 else "refiner" if te is None else "base"
+    return model
+
+
+def full_size_pipeline(kind: str, dtype=torch.float32, device="cpu", seed: int = 0, tokenizer_root=None):
+    """A diffusers SDXL pipeline at the real shapes with random weights made directly on `device`
+    (no slow default init: modules are built on the meta device, then assigned)."""
+    import transformers
+    from tokenizer_fixtures import write_sdxl_tokenizers
+
+    from minsdxl.config import UNET_PRESETS, VAE_PRESETS
+
+    clip_l = transformers.CLIPTextConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+        eos_token_id=2,
+    )
+    big_g = transformers.CLIPTextConfig(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_attention_heads=20,
+        num_hidden_layers=32,
+        hidden_act="gelu",
+        projection_dim=1280,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    with torch.device("meta"):
+        parts = {
+            "unet": diffusers.UNet2DConditionModel(**diffusers_unet_config(UNET_PRESETS[kind])),
+            "vae": diffusers.AutoencoderKL(**diffusers_vae_config(VAE_PRESETS["sdxl"])),
+            "text_encoder_2": transformers.CLIPTextModelWithProjection(big_g),
+        }
+        if kind != "refiner":
+            parts["text_encoder"] = transformers.CLIPTextModel(clip_l)
+    for i, m in enumerate(parts.values()):
+        m.load_state_dict(random_state_dict(m, seed + i, dtype, device), strict=True, assign=True)
+        m.eval().requires_grad_(False)
+    tok_dir, tok2_dir = write_sdxl_tokenizers(tokenizer_root)
+    common = dict(
+        vae=parts["vae"],
+        text_encoder_2=parts["text_encoder_2"],
+        unet=parts["unet"],
+        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(tok2_dir),
+        scheduler=diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER),
+    )
+    if kind == "refiner":
+        return diffusers.StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None,
+            tokenizer=None,
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+            add_watermarker=False,
+            **common,
+        )
+    cls = diffusers.StableDiffusionXLInpaintPipeline if kind == "inpaint" else diffusers.StableDiffusionXLPipeline
+    return cls(
+        text_encoder=parts["text_encoder"],
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_dir),
+        add_watermarker=False,
+        **common,
+    )

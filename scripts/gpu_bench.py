@@ -71,7 +71,10 @@ def attention_section(args):
     rows = []
     for dtype in dtypes:
         for b, h, lq, lk, d in shapes:
-            mk = lambda n: torch.randn(b, n, h * d, device=dev, dtype=dtype).view(b, n, h, d).transpose(1, 2)  # noqa: E731
+
+            def mk(n, b=b, h=h, d=d, dtype=dtype):
+                return torch.randn(b, n, h * d, device=dev, dtype=dtype).view(b, n, h, d).transpose(1, 2)
+
             q, k, v = mk(lq), mk(lk), mk(lk)
             ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
             out = flash_attention(q, k, v)

@@ -16,10 +16,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton.language as tl  # noqa: E402
-from minsdxl.kernels import flash_attention, flash_attn  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from minsdxl import attention as attention_module  # noqa: E402
+from minsdxl.kernels import flash_attention, flash_attn  # noqa: E402
 
 if not (flash_attn._INTERPRET and isinstance(tl.zeros, InterpretedFunction)):
     raise RuntimeError(

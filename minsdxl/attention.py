@@ -27,11 +27,19 @@ def get_backend() -> str:
     return _backend
 
 
+# Below this many keys SDPA's flash backend wins: on an H200 (docs/performance.md) our kernel did
+# 4096x4096 self-attention at 374-384 TFLOP/s vs SDPA's 277-282, but took ~0.1 ms (launch and
+# dispatch overhead) where SDPA needs 0.02-0.05 ms for 1024 tokens or 77 cross-attention keys.
+TRITON_MIN_KEYS = 2048
+
+
 def _triton_fits(q, k) -> bool:
-    """The kernel's envelope; anything else (e.g. the VAE's single 512-wide head) takes SDPA."""
+    """The kernel's envelope (and where it pays); anything else (e.g. the VAE's single 512-wide head,
+    cross-attention's 77 keys) takes SDPA."""
     on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return (
         on_device
+        and (k.shape[-2] >= TRITON_MIN_KEYS or not q.is_cuda)
         and q.shape[-1] <= 128
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))  # the op has no backward

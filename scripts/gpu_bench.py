@@ -168,6 +168,8 @@ def run_configs(args, pipe, model):
     log(f"{'config':26} {'first run s':>11} {'ms/UNet step':>12} {'end-to-end s':>12} {'peak GiB':>9}")
     rows = RESULTS.setdefault("sdxl", [])
     for name, which, backend, compiled in configs:
+        if args.only and not any(o in name for o in args.only):
+            continue
         if backend:
             attention.set_backend(backend)
         if compiled:
@@ -191,26 +193,45 @@ def run_configs(args, pipe, model):
     attention.set_backend("sdpa")
 
 
-def parity(args, pipe, model):
+def parity(args, pipe, model, dtype):
+    """Final latents of both, same weights, prompt and seed; also where (if anywhere) each went non-finite."""
     import minsdxl
 
+    pipe.to(dtype=dtype)
+    model.to(dtype=dtype)
+    steps = min(args.steps, 10)
     kw = dict(
-        prompt="a photo of a cat",
-        height=args.size,
-        width=args.size,
-        num_inference_steps=min(args.steps, 10),
-        output_type="latent",
+        prompt="a photo of a cat", height=args.size, width=args.size, num_inference_steps=steps, output_type="latent"
     )
-    ref = pipe(**kw, generator=torch.Generator("cpu").manual_seed(1)).images.float()
-    got = minsdxl.text2img(model, **kw, seed=1, progress=False).float()
+    first_bad = {}
+
+    def watch(side):
+        def cb(_, i, t, kw):
+            if side not in first_bad and not torch.isfinite(kw["latents"]).all():
+                first_bad[side] = i
+            return {}
+
+        return cb
+
+    ref = pipe(**kw, generator=torch.Generator("cpu").manual_seed(1), callback_on_step_end=watch("diffusers"))
+    ref = ref.images.float()
+    got = minsdxl.text2img(model, **kw, seed=1, progress=False, callback_on_step_end=watch("minsdxl")).float()
     rel = ((got - ref).abs().max() / ref.abs().max()).item()
     mean = ((got - ref).abs().mean() / ref.abs().mean()).item()
-    RESULTS["parity"] = dict(
-        steps=kw["num_inference_steps"], dtype=str(model.unet.dtype), rel_max_diff=rel, rel_mean_diff=mean
+    res = dict(
+        steps=steps,
+        dtype=str(dtype),
+        rel_max_diff=rel,
+        rel_mean_diff=mean,
+        first_nonfinite_step=first_bad,
+        max_abs_ref=ref.abs().max().item(),
+        max_abs_got=got.abs().max().item(),
     )
+    RESULTS.setdefault("parity", []).append(res)
     log(
-        f"\n4. parity, {model.unet.dtype}, {kw['num_inference_steps']} steps: final latents max|diff|/max|ref| = "
-        f"{rel:.3e}, mean|diff|/mean|ref| = {mean:.3e}"
+        f"\n4. parity, {dtype}, {steps} steps: final latents max|diff|/max|ref| = {rel:.3e}, "
+        f"mean|diff|/mean|ref| = {mean:.3e}; max|ref| {res['max_abs_ref']:.3g}, max|ours| {res['max_abs_got']:.3g}; "
+        f"first non-finite step {first_bad or 'none'}"
     )
     save(args)
 
@@ -224,6 +245,8 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny random model: a dry run of the script")
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--only", nargs="*", help="config names to time (default: all)")
     args = ap.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -233,7 +256,12 @@ def main():
     if not args.skip_attention:
         attention_section(args)
     pipe, model = build(args)
-    parity(args, pipe, model)  # eager, before anything is compiled
+    dtype = next(pipe.unet.parameters()).dtype
+    if not args.skip_parity:  # eager, before anything is compiled; fp32 with TF32 off is the tight tier
+        parity(args, pipe, model, dtype)
+        parity(args, pipe, model, torch.float32)
+        pipe.to(dtype=dtype)
+        model.to(dtype=dtype)
     run_configs(args, pipe, model)
     log("\ndone")
 

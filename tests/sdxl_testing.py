@@ -256,6 +256,11 @@ def full_size_pipeline(kind: str, dtype=torch.float32, device="cpu", seed: int =
             parts["text_encoder"] = transformers.CLIPTextModel(clip_l)
     for i, m in enumerate(parts.values()):
         m.load_state_dict(random_state_dict(m, seed + i, dtype, device), strict=True, assign=True)
+        for mod in m.modules():  # non-persistent buffers (CLIP's position_ids) stay on meta after assign
+            for name, buf in list(mod.named_buffers(recurse=False)):
+                if buf.is_meta:
+                    assert name == "position_ids", f"unexpected meta buffer {name}"
+                    mod.register_buffer(name, torch.arange(buf.shape[-1], device=device).expand(buf.shape), False)
         m.eval().requires_grad_(False)
     tok_dir, tok2_dir = write_sdxl_tokenizers(tokenizer_root)
     common = dict(

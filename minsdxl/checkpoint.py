@@ -46,6 +46,8 @@ class SDXL:
     force_zeros_for_empty_prompt: bool = True  # model_index.json; refiner: False
     requires_aesthetics_score: bool = False  # model_index.json; refiner: True
     source: str = ""
+    scheduler: str | None = None  # default scheduler name for this model (None: the config's class)
+    add_watermarker: bool | None = None  # None: on when invisible-watermark is installed (as diffusers)
 
     def to(self, device=None, dtype=None):
         """Move every component; with fp16 the VAE stays fp32 when its config says force_upcast."""
@@ -691,7 +693,17 @@ def load_component(path, dtype=torch.float32, device="cpu", variant=None, config
     raise CheckpointError(f"{p}: cannot tell which SDXL component these weights are (no VAE, UNet or CLIP keys)")
 
 
-def load(path, dtype=torch.float32, device="cpu", share=None, vae=None, variant=None, config=None) -> SDXL:
+def load(
+    path,
+    dtype=torch.float32,
+    device="cpu",
+    share=None,
+    vae=None,
+    variant=None,
+    config=None,
+    scheduler=None,
+    add_watermarker=None,
+) -> SDXL:
     """Load an SDXL base, refiner or inpaint model from a diffusers folder or a single file.
 
     share: another loaded SDXL (the base) whose text_encoder_2, tokenizer_2 and VAE are reused (a
@@ -699,6 +711,8 @@ def load(path, dtype=torch.float32, device="cpu", share=None, vae=None, variant=
     variant: "fp16" to pick diffusers' *.fp16.safetensors (default: the file matching `dtype`).
     config: for a single file, a diffusers folder whose config files fill in what shapes cannot tell
     (head size, norm groups, VAE scaling factor, scheduler); SDXL's values are the default.
+    scheduler: the default sampler name for this model ("euler", "DPM++ 2M Karras", ...).
+    add_watermarker: None = on when invisible-watermark is installed (diffusers' default), False = off.
     """
     comps, configs = read_checkpoint(path, config)
     layout = "diffusers" if Path(path).is_dir() else "sgm"
@@ -708,7 +722,7 @@ def load(path, dtype=torch.float32, device="cpu", share=None, vae=None, variant=
     unet = build_unet(_state(comps["unet"], variant, dtype), dtype, device, configs.get("unet"))
     refiner = "text_encoder" not in comps
     kind = "inpaint" if unet.config.in_channels == 9 else "refiner" if refiner else "base"
-    model = SDXL(unet=unet, kind=kind, source=str(path))
+    model = SDXL(unet=unet, kind=kind, source=str(path), scheduler=scheduler, add_watermarker=add_watermarker)
     model.force_zeros_for_empty_prompt = index.get("force_zeros_for_empty_prompt", not refiner)
     model.requires_aesthetics_score = index.get("requires_aesthetics_score", refiner)
     model.scheduler_config = configs.get("scheduler", {})

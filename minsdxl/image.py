@@ -88,3 +88,27 @@ def postprocess(image: torch.Tensor, output_type: str = "pil"):
 def resize_like_latents(mask: torch.Tensor, latent_hw) -> torch.Tensor:
     """= prepare_mask_latents: nearest-neighbour resize of the mask to the latent grid."""
     return F.interpolate(mask, size=tuple(latent_hw))
+
+
+# = diffusers StableDiffusionXLWatermarker: Stability's 48-bit message, embedded with dwtDct
+WATERMARK_BITS = [int(b) for b in bin(0b101100111110110010010000011110111011000110011110)[2:]]
+
+
+def watermark_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("imwatermark") is not None
+
+
+def apply_watermark(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> the same with SDXL's invisible watermark (needs `invisible-watermark`), exactly as
+    diffusers' StableDiffusionXLWatermarker.apply_watermark (which skips images narrower than 256)."""
+    if images.shape[-1] < 256:
+        return images
+    from imwatermark import WatermarkEncoder
+
+    encoder = WatermarkEncoder()
+    encoder.set_watermark("bits", WATERMARK_BITS)
+    arr = (255 * (images / 2 + 0.5)).cpu().permute(0, 2, 3, 1).float().numpy()[:, :, :, ::-1]  # RGB -> BGR
+    arr = np.array([encoder.encode(a, "dwtDct")[:, :, ::-1] for a in arr])
+    return torch.clamp(2 * (torch.from_numpy(arr).permute(0, 3, 1, 2) / 255 - 0.5), min=-1.0, max=1.0)

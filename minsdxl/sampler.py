@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .image import postprocess, resize_like_latents, to_tensor
+from .image import apply_watermark, postprocess, resize_like_latents, to_tensor, watermark_available
 from .prompt import encode_prompt
 from .rng import randn
 from .schedulers import DDIM, Scheduler, make_scheduler
@@ -190,7 +190,11 @@ def _finish(model, run, a):
     x = _denoise(model, run, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], a["progress"])
     if a["output_type"] == "latent":
         return x
-    return postprocess(decode(model, x), a["output_type"])
+    image = decode(model, x)
+    watermark = getattr(model, "add_watermarker", None)
+    if watermark or (watermark is None and watermark_available()):  # = diffusers' add_watermarker default
+        image = apply_watermark(image)
+    return postprocess(image, a["output_type"])
 
 
 def decode(model, latents: torch.Tensor) -> torch.Tensor:

@@ -27,65 +27,14 @@ def write_model(work: Path):
     if (work / "sd_xl_base.safetensors").exists():
         return
     sys.path.insert(0, str(ROOT / "tests"))
-    import diffusers
-    import safetensors.torch
-    import transformers
-    from sdxl_testing import SDXL_SCHEDULER, diffusers_unet_config, diffusers_vae_config, random_state_dict
-    from tokenizer_fixtures import write_sdxl_tokenizers
+    from sdxl_testing import component_state_dicts, full_size_pipeline
 
-    from minsdxl.checkpoint import diffusers_to_sgm
-    from minsdxl.config import UNET_PRESETS, VAE_PRESETS
+    from minsdxl.checkpoint import diffusers_to_sgm, save_safetensors
 
-    folder = work / "sdxl-base"
-    clip_l = transformers.CLIPTextConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12,
-        hidden_act="quick_gelu",
-        projection_dim=768,
-    )
-    big_g = transformers.CLIPTextConfig(
-        hidden_size=1280,
-        intermediate_size=5120,
-        num_attention_heads=20,
-        num_hidden_layers=32,
-        hidden_act="gelu",
-        projection_dim=1280,
-    )
-    with torch.device("meta"):
-        parts = {
-            "unet": diffusers.UNet2DConditionModel(**diffusers_unet_config(UNET_PRESETS["base"])),
-            "vae": diffusers.AutoencoderKL(**diffusers_vae_config(VAE_PRESETS["sdxl"])),
-            "text_encoder": transformers.CLIPTextModel(clip_l),
-            "text_encoder_2": transformers.CLIPTextModelWithProjection(big_g),
-        }
-    sds = {}
-    for seed, (name, model) in enumerate(parts.items()):
-        print(f"writing {name} ...", flush=True)
-        sds[name] = random_state_dict(model, seed, dtype=torch.float16)
-        model.load_state_dict(sds[name], assign=True)
-        model.save_pretrained(folder / name, variant="fp16", safe_serialization=True, max_shard_size="20GB")
-    write_sdxl_tokenizers(folder)
-    diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER).save_pretrained(folder / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionXLPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "force_zeros_for_empty_prompt": True,
-        "add_watermarker": None,
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "image_encoder": [None, None],
-        "feature_extractor": [None, None],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    print("writing the single file ...", flush=True)
-    safetensors.torch.save_file(diffusers_to_sgm(sds), work / "sd_xl_base.safetensors")
+    print("writing a random SDXL base (fp16) ...", flush=True)
+    pipe = full_size_pipeline("base", torch.float16, "cpu", tokenizer_root=work / "tokenizers")
+    pipe.save_pretrained(work / "sdxl-base", variant="fp16", safe_serialization=True, max_shard_size="20GB")
+    save_safetensors(diffusers_to_sgm(component_state_dicts(pipe)), work / "sd_xl_base.safetensors")
 
 
 def touch(modules):

@@ -6,7 +6,7 @@ from dataclasses import replace
 import diffusers
 import torch
 
-from minsdxl.config import UNetConfig, VAEConfig
+from minsdxl.config import TEXT_PRESETS, TextConfig, UNetConfig, VAEConfig
 
 TINY_UNET = UNetConfig(
     block_out_channels=(32, 64, 64),
@@ -123,6 +123,28 @@ def meta_diffusers(cls, config: dict, state_dict: dict):
     return m.eval().requires_grad_(False)
 
 
+def hf_config(cfg: TextConfig):
+    """transformers' CLIPTextConfig for one of our TextConfigs."""
+    import transformers
+
+    # eos_token_id=2 as in SDXL's shipped text_encoder(_2)/config.json: transformers then pools at
+    # input_ids.argmax(-1), the same position open_clip/sgm use
+    return transformers.CLIPTextConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_act=cfg.hidden_act,
+        layer_norm_eps=cfg.layer_norm_eps,
+        projection_dim=cfg.projection_dim or 768,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+
+
 # ---- tiny SDXL-topology pipelines (diffusers + transformers), saved as diffusers folders ----
 TINY_CLIP_L = dict(
     hidden_size=16,
@@ -227,25 +249,7 @@ def full_size_pipeline(kind: str, dtype=torch.float32, device="cpu", seed: int =
 
     from minsdxl.config import UNET_PRESETS, VAE_PRESETS
 
-    clip_l = transformers.CLIPTextConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12,
-        hidden_act="quick_gelu",
-        projection_dim=768,
-        eos_token_id=2,
-    )
-    big_g = transformers.CLIPTextConfig(
-        hidden_size=1280,
-        intermediate_size=5120,
-        num_attention_heads=20,
-        num_hidden_layers=32,
-        hidden_act="gelu",
-        projection_dim=1280,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
+    clip_l, big_g = hf_config(TEXT_PRESETS["clip_l"]), hf_config(TEXT_PRESETS["bigg"])
     with torch.device("meta"):
         parts = {
             "unet": diffusers.UNet2DConditionModel(**diffusers_unet_config(UNET_PRESETS[kind])),

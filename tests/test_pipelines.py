@@ -232,3 +232,56 @@ def test_refiner_inpaint(models):
             **SIZE,
         )
     )
+
+
+@pytest.mark.parametrize("kind", ["base", "refiner", "inpaint"])
+def test_full_size_pipelines(kind, tmp_path):
+    """All three real SDXL UNet variants with the real-shape text encoders and VAE, a 128x128 image,
+    2 steps: text2img (base), img2img (refiner), inpaint (9-channel). Weights are shared, not copied."""
+    import gc
+
+    from sdxl_testing import full_size_pipeline, minsdxl_from_pipe
+
+    pipe = full_size_pipeline(kind, tokenizer_root=tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    model = minsdxl_from_pipe(pipe)
+    assert model.unet.conv_in.weight.data_ptr() == pipe.unet.conv_in.weight.data_ptr()
+    kw = dict(prompt="a photo of a cat", num_inference_steps=2)
+    if kind == "base":
+        ref, got = _run_both(pipe, model, minsdxl.text2img, height=128, width=128, **kw)
+    elif kind == "refiner":
+        ref, got = _run_both(pipe, model, minsdxl.img2img, image=_image(5, (128, 128)), strength=0.6, **kw)
+    else:
+        ref, got = _run_both(
+            pipe,
+            model,
+            minsdxl.inpaint,
+            image=_image(6, (128, 128)),
+            mask_image=_mask((128, 128)),
+            height=128,
+            width=128,
+            strength=1.0,
+            **kw,
+        )
+    _assert_close(ref, got)
+    del pipe, model
+    gc.collect()
+
+
+def test_watermark_matches_diffusers(models):
+    """invisible-watermark installed: on by default (as diffusers), same bits and method; off with
+    add_watermarker=False. diffusers skips images narrower than 256 px, so this runs at 256."""
+    pipe, model = models["base"]
+    assert minsdxl.image.watermark_available()
+    wpipe = diffusers.StableDiffusionXLPipeline(**pipe.components, add_watermarker=True)
+    wpipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a cat", num_inference_steps=2, height=256, width=256, output_type="pil")
+    ref = wpipe(**kw, generator=torch.Generator().manual_seed(3)).images
+    got = minsdxl.text2img(model, **kw, seed=3, progress=False)
+    _assert_images_close(ref, got)
+    model.add_watermarker = False
+    try:
+        plain = minsdxl.text2img(model, **kw, seed=3, progress=False)
+    finally:
+        model.add_watermarker = None
+    assert not np.array_equal(np.asarray(plain[0]), np.asarray(got[0]))

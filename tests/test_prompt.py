@@ -8,8 +8,16 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
-from sdxl_testing import TINY_REFINER, TINY_UNET, TINY_VAE, diffusers_unet_config, diffusers_vae_config, rel_err
-from test_text_encoder import TINY_G, TINY_L, TOL, fill_random_, hf_class, hf_config
+from sdxl_testing import (
+    TINY_REFINER,
+    TINY_UNET,
+    TINY_VAE,
+    diffusers_unet_config,
+    diffusers_vae_config,
+    hf_config,
+    rel_err,
+)
+from test_text_encoder import TINY_G, TINY_L, TOL, fill_random_, hf_class
 from tokenizer_fixtures import write_sdxl_tokenizers
 
 import minsdxl

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from sdxl_testing import randomize_, rel_err
+from sdxl_testing import hf_config, randomize_, rel_err
 
 from minsdxl.checkpoint import sgm_to_diffusers
 from minsdxl.config import TEXT_PRESETS, TextConfig
@@ -30,25 +30,6 @@ TINY_G = TextConfig(
     projection_dim=24,
     pad_token_id=0,
 )
-
-
-def hf_config(cfg: TextConfig):
-    # eos_token_id=2 as in SDXL's shipped text_encoder(_2)/config.json: transformers then pools at
-    # input_ids.argmax(-1), the same position open_clip/sgm use
-    return transformers.CLIPTextConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        hidden_act=cfg.hidden_act,
-        layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.projection_dim or 768,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
 
 
 def hf_class(cfg: TextConfig):

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from tokenizer_fixtures import STYLES, write_sdxl_tokenizers
 
 from minsdxl.tokenizer import BUNDLED_BPE, EOS, CLIPTokenizer
-from tests.tokenizer_fixtures import STYLES, write_sdxl_tokenizers
 
 PROMPTS = json.loads((Path(__file__).parent / "prompts.json").read_text(encoding="utf-8"))
 # exactly 77 ids with BOS/EOS, one too many, and a cut inside a character's byte tokens

@@ -1,0 +1,749 @@
+"""The `minsdxl` command line, built on the public Python API only.
+
+    minsdxl generate -p "a cat" --model sdxl-base               text2img -> outputs/00000-<seed>.png
+    minsdxl generate -p "a cat" -i in.png --strength 0.5 ...     img2img (add --mask m.png: inpaint)
+    minsdxl generate ... --refiner sdxl-refiner                  base -> refiner handoff at --refiner-switch
+    minsdxl generate --from-png outputs/00000-42.png             the same image again (flags given override)
+    minsdxl info sdxl-base                                       what a checkpoint is, without generating
+
+`generate` may be left out, and `python -m minsdxl` is the same command. Flag names follow
+stable-diffusion.cpp and A1111; each flag that is a sampler keyword defaults to the Python API's
+default (shown by --help), so defaults are written once, in sampler.py.
+"""
+
+import argparse
+import inspect
+import json
+import os
+import re
+import secrets
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+import minsdxl
+from minsdxl import checkpoint
+from minsdxl.image import watermark_available
+from minsdxl.metadata import SCHEMA, infotext, read_png_metadata, save_png, sha256, short_hash
+from minsdxl.schedulers import A1111_NAMES, SCHEDULERS
+
+__all__ = ["main", "read_png_metadata", "describe_checkpoint"]
+
+MODES = {"text2img": minsdxl.text2img, "img2img": minsdxl.img2img, "inpaint": minsdxl.inpaint}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# CLI argument -> sampler keyword. Unset (None), the keyword keeps the API's default.
+API_KWARGS = {
+    "prompt": "prompt",
+    "prompt_2": "prompt_2",
+    "negative_prompt": "negative_prompt",
+    "negative_prompt_2": "negative_prompt_2",
+    "steps": "num_inference_steps",
+    "cfg": "guidance_scale",
+    "width": "width",
+    "height": "height",
+    "strength": "strength",
+    "original_size": "original_size",
+    "crop_top_left": "crops_coords_top_left",
+    "target_size": "target_size",
+    "negative_original_size": "negative_original_size",
+    "negative_crop_top_left": "negative_crops_coords_top_left",
+    "negative_target_size": "negative_target_size",
+    "aesthetic_score": "aesthetic_score",
+    "negative_aesthetic_score": "negative_aesthetic_score",
+    "clip_skip": "clip_skip",
+}
+# flags that change how a run behaves, not the pixels: not stored for --from-png
+RUN_ONLY = ("output", "outdir", "overwrite", "from_png", "batch", "verbose", "quiet", "no_metadata", "offload")
+# sampler keywords the metadata leaves out (tensors and hooks the CLI never sets)
+UNRECORDED = (
+    "generator",
+    "latents",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+    "masked_image_latents",
+    "callback_on_step_end",
+    "callback_on_step_end_tensor_inputs",
+    "progress",
+)
+GET_WEIGHTS = (
+    "minsdxl never downloads: get SDXL with e.g. `huggingface-cli download "
+    "stabilityai/stable-diffusion-xl-base-1.0 --local-dir sdxl-base`, then pass `--model sdxl-base`"
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _size(text: str) -> tuple:
+    """`WxH` -> (height, width), the order of diffusers' original_size / target_size."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x1024, got {text!r}")
+    return int(m.group(2)), int(m.group(1))
+
+
+def _pair(text: str) -> tuple:
+    """`TOP,LEFT` -> (top, left), diffusers' crops_coords_top_left."""
+    m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected TOP,LEFT such as 0,0, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows argparse's defaults and, for flags left to the API, the API's default (from its signature)."""
+
+    def _get_help_string(self, action):
+        if action.dest in API_KWARGS and action.default is None:
+            return action.help + _api_default(API_KWARGS[action.dest])
+        if action.default in (None, False, ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _api_default(keyword: str) -> str:
+    found = {}
+    for name, fn in MODES.items():
+        p = inspect.signature(fn).parameters.get(keyword)
+        if p is not None and p.default is not None:
+            found.setdefault(p.default, []).append(name)
+    if not found:
+        return ""
+    if len(found) == 1:
+        return f" (default: {next(iter(found))})"
+    return " (default: " + ", ".join(f"{v} for {'/'.join(names)}" for v, names in found.items()) + ")"
+
+
+def build_parser():
+    """(top-level parser, {"generate": parser, "info": parser})."""
+    top = argparse.ArgumentParser(
+        prog="minsdxl", description="Stable Diffusion XL in plain PyTorch.", formatter_class=_Help
+    )
+    top.add_argument("--version", action="version", version=f"minsdxl {minsdxl.__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{generate,info}")
+    g = sub.add_parser(
+        "generate", help="make images (the default command)", usage="%(prog)s [options]", formatter_class=_Help
+    )
+    add, out, talk = g.add_argument, g.add_mutually_exclusive_group(), g.add_mutually_exclusive_group()
+    # fmt: off
+    add("-p", "--prompt",                          default="",        help="what to draw")
+    add("-n", "--negative-prompt",                 default=None,      help="what to avoid")
+    add("--prompt-2",                              default=None,      help="prompt for the 2nd text encoder (bigG)")
+    add("--negative-prompt-2",                     default=None,      help="negative prompt for the 2nd encoder")
+    add("--steps",                     type=int,   default=None,      help="denoising steps")
+    add("--cfg", "--guidance", "--cfg-scale", dest="cfg", type=float, default=None,
+                                                                      help="classifier-free guidance scale")
+    add("-s", "--seed",                type=int,   default=None,      help="seed (omitted or < 0: random, reported)")
+    add("-W", "--width",               type=int,   default=None,      help="image width, a multiple of 8 (default: "
+                                                                           "the init image's, else the model's)")
+    add("-H", "--height",              type=int,   default=None,      help="image height, a multiple of 8")
+    add("--sampler",                               default=None,      help=f"{', '.join(SCHEDULERS)} or A1111's "
+                                                   f"{', '.join(A1111_NAMES)} (default: the model's)")
+    add("--strength",                  type=float, default=None,      help="img2img/inpaint: how much to change")
+    add("-i", "--init-image",                      default=None,      help="start from this image (img2img)")
+    add("--mask",                                  default=None,      help="with -i: repaint its white part")
+    add("-b", "--batch",               type=int,   default=1,         help="images, with seeds seed, seed+1, ...")
+    out.add_argument("-o", "--output",             default=None,      help="output .png ({seed}, {index} allowed)")
+    out.add_argument("--outdir",                   default="outputs", help="folder for {counter:05d}-{seed}.png")
+    add("--overwrite",                 action="store_true",           help="replace existing output files")
+    add("--from-png",                              default=None,      help="make the image this PNG's metadata "
+                                                                           "describes again (flags given override)")
+    add("--model",                                 default=None,      help="diffusers SDXL folder or .safetensors")
+    add("--model-config",                          default=None,      help="diffusers folder with the configs of "
+                                                                           "a non-SDXL single-file --model")
+    add("--vae",                                   default=None,      help="VAE file or folder to use instead")
+    add("--refiner",                               default=None,      help="SDXL refiner folder or file")
+    add("--refiner-config",                        default=None,      help="configs of a non-SDXL single-file refiner")
+    add("--refiner-mode",   choices=("switch", "img2img"), default="switch",
+                                                                      help="switch: the base hands its noisy latents "
+                                                                           "over at --refiner-switch; img2img: the "
+                                                                           "refiner reworks the finished image")
+    add("--refiner-switch",            type=float, default=0.8,       help="fraction of the schedule the base runs")
+    add("--refiner-strength",          type=float, default=0.3,       help="strength of the img2img refiner")
+    add("--original-size",             type=_size, default=None,      help="micro-conditioning original size WxH")
+    add("--crop-top-left",             type=_pair, default=None,      help="micro-conditioning crop TOP,LEFT")
+    add("--target-size",               type=_size, default=None,      help="micro-conditioning target size WxH")
+    add("--negative-original-size",    type=_size, default=None,      help="negative original size WxH")
+    add("--negative-crop-top-left",    type=_pair, default=None,      help="negative crop TOP,LEFT")
+    add("--negative-target-size",      type=_size, default=None,      help="negative target size WxH")
+    add("--aesthetic-score",           type=float, default=None,      help="refiner aesthetic conditioning")
+    add("--negative-aesthetic-score",  type=float, default=None,      help="refiner negative aesthetic score")
+    add("--clip-skip",                 type=int,   default=None,      help="skip the last N CLIP layers")
+    add("--dtype",           choices=("auto", *DTYPES), default="auto", help="auto: fp16 on CUDA, else fp32")
+    add("--device",                                default="auto",    help="cpu, cuda, cuda:N (auto: cuda if any)")
+    add("--offload",                   action="store_true",           help="keep idle components on the CPU")
+    add("--no-watermark",              action="store_true",           help="never add SDXL's invisible watermark")
+    add("--no-metadata",               action="store_true",           help="write no parameters into the PNG")
+    talk.add_argument("-v", "--verbose", action="store_true",         help="timings, dtypes, steps, peak memory")
+    talk.add_argument("-q", "--quiet",   action="store_true",         help="no progress bars")
+
+    i = sub.add_parser("info", help="describe a checkpoint without generating", formatter_class=_Help)
+    i.add_argument("path",                                            help="SDXL folder, single file or component")
+    i.add_argument("--config",                     default=None,      help="configs of a non-SDXL single file")
+    i.add_argument("--json",           action="store_true",           help="print JSON")
+    # fmt: on
+    return top, {"generate": g, "info": i}
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top, commands = build_parser()
+    if not argv or argv[0] in ("-h", "--help", "--version"):
+        top.parse_args(argv)  # prints help / version, or the "command required" error; exits
+    command = argv.pop(0) if argv[0] in commands else "generate"
+    args = None
+    try:
+        args = commands[command].parse_args(argv)
+        if command == "info":
+            return info(args)
+        source = None
+        if args.from_png:
+            source = _read_source(args.from_png)
+            # stored values fill the namespace first; argparse then sets only what the command line gives
+            args = commands["generate"].parse_args(argv, namespace=argparse.Namespace(**source["args"]))
+        return generate(args, source)
+    except KeyboardInterrupt:
+        print("minsdxl: interrupted", file=sys.stderr)
+        return 130
+    except torch.cuda.OutOfMemoryError:
+        print("minsdxl: error: out of GPU memory; try --dtype fp16, a smaller -W/-H, or -b 1", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError, FloatingPointError) as e:  # CheckpointError is a ValueError
+        if args is not None and getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(f"minsdxl: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _log(args, message):
+    if args.verbose:
+        print(f"minsdxl: {message}", file=sys.stderr)
+
+
+def _warn(message):  # also under -q, which only hides progress bars: these say the result is not what was asked
+    print(f"minsdxl: warning: {message}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+
+
+def generate(args, source=None) -> int:
+    mode = "inpaint" if args.mask else "img2img" if args.init_image else "text2img"
+    _check(args, mode)
+    if source is not None and args.model == source["args"].get("model") and not Path(args.model).exists():
+        raise ValueError(
+            f"{args.from_png} was made with the model {args.model}, which is not there any more; pass --model PATH "
+            f"(its sha256 began {source.get('model', {}).get('hash')})"
+        )
+    init, mask, width, height = _read_images(args, mode)
+    if args.seed is None or args.seed < 0:
+        args.seed = secrets.randbelow(2**32)
+    seeds = [args.seed + k for k in range(args.batch)]
+    paths = _output_paths(args, seeds)
+    args.device = _device(args.device)
+    auto = args.dtype == "auto"
+    args.dtype = args.dtype if not auto else "fp16" if args.device.startswith("cuda") else "fp32"
+    base, refiner = _load(args, auto)
+    if base.kind == "inpaint" and mode != "inpaint":
+        raise ValueError(f"--model {args.model} is an SDXL inpainting model: pass -i IMAGE and --mask MASK")
+    if base.kind == "refiner" and mode == "text2img":
+        raise ValueError(
+            f"--model {args.model} is an SDXL refiner, which only refines: pass -i IMAGE, or give it "
+            "as --refiner after a base --model"
+        )
+    sched = minsdxl.make_scheduler(args.sampler or base.scheduler, base.scheduler_config)
+    args.sampler = _scheduler_name(sched)  # stored resolved, so --from-png does not depend on the model's default
+    about = None if args.no_metadata else _describe_run(args, mode, base, refiner, sched, source)
+
+    for k, (seed, path) in enumerate(zip(seeds, paths)):
+        t = time.perf_counter()
+        image, calls, steps = _generate_one(args, mode, base, refiner, init, mask, width, height, seed)
+        _log(args, f"image {k + 1}/{len(seeds)}: {' + '.join(steps)} steps in {time.perf_counter() - t:.1f} s")
+        text = {} if about is None else _metadata(args, about, image, calls, seed, k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(image, path, text, overwrite=args.overwrite)
+        print(f"saved {path} (seed {seed})")
+    _log(args, _peak_memory(args.device))
+    return 0
+
+
+def _check(args, mode):
+    """Every user error that needs no model, before anything heavy."""
+    if args.model is None:
+        raise ValueError(
+            f"no model given: pass --model PATH (a diffusers SDXL folder or a .safetensors file); {GET_WEIGHTS}"
+        )
+    if args.offload:
+        raise ValueError(
+            "--offload is not available: minsdxl has no CPU offload yet; use --dtype fp16 (or bf16) to halve "
+            "memory, or run on a larger GPU"
+        )
+    for flag, v in (("-W/--width", args.width), ("-H/--height", args.height)):
+        if v is not None and (v <= 0 or v % 8):
+            lo = max(v - v % 8, 8)
+            raise ValueError(
+                f"{flag} {v} is not a positive multiple of 8 (the VAE downsamples by 8); use {lo} or {lo + 8}"
+            )
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.batch < 1:
+        raise ValueError(f"-b/--batch must be at least 1, got {args.batch}")
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs the image to repaint: pass it with -i/--init-image")
+    if args.strength is not None and mode == "text2img":
+        raise ValueError("--strength applies to img2img and inpaint: pass an image with -i/--init-image")
+    if args.refiner and not 0 < args.refiner_switch < 1:
+        raise ValueError(f"--refiner-switch must be a fraction in (0, 1), got {args.refiner_switch}")
+    if args.refiner and not 0 < args.refiner_strength <= 1:
+        raise ValueError(f"--refiner-strength must be in (0, 1], got {args.refiner_strength}")
+    if args.sampler is not None:
+        minsdxl.make_scheduler(args.sampler)  # unknown names raise, listing the valid ones
+
+
+def _read_images(args, mode):
+    """(init image, mask, width, height): the images opened and checked; the size is -W/-H, else the init
+    image's rounded down to a multiple of 8 (img2img resizes the image here, inpaint in the API)."""
+    if mode == "text2img":
+        return None, None, args.width, args.height
+    init = _open(args.init_image, "init image")
+    mask = _open(args.mask, "mask") if args.mask else None
+    if mask is not None and mask.size != init.size:
+        raise ValueError(
+            f"the mask is {mask.width}x{mask.height} but the init image is {init.width}x{init.height}; "
+            "they must be the same size"
+        )
+    width = args.width or init.width - init.width % 8
+    height = args.height or init.height - init.height % 8
+    if width < 8 or height < 8:
+        raise ValueError(f"the init image {args.init_image} is {init.width}x{init.height}: smaller than 8x8")
+    if mode == "img2img" and init.size != (width, height):  # = what the API's to_tensor does (Lanczos)
+        init = init.resize((width, height), resample=PIL.Image.LANCZOS)
+    return init, mask, width, height
+
+
+def _open(path, what):
+    try:
+        with PIL.Image.open(path) as im:
+            im.load()
+            return im
+    except (OSError, ValueError) as e:  # missing, unreadable, not an image (UnidentifiedImageError)
+        raise ValueError(f"cannot read the {what} {path}: {e}") from None
+
+
+def _output_paths(args, seeds) -> list:
+    if args.output:
+        pattern = args.output
+        if Path(pattern).suffix.lower() != ".png":
+            raise ValueError(f"-o/--output {pattern}: minsdxl writes PNG (with its metadata); use a .png name")
+        if len(seeds) > 1 and "{" not in pattern:
+            p = Path(pattern)
+            pattern = str(p.with_name(p.stem + "-{index}" + p.suffix))
+        try:
+            paths = [Path(pattern.format(seed=s, index=k)) for k, s in enumerate(seeds)]
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"-o/--output {args.output}: only {{seed}} and {{index}} may be used ({e})") from None
+        if len(set(paths)) < len(paths):
+            raise ValueError(f"-o/--output {args.output} names the same file for several images; add {{index}}")
+    else:
+        folder = Path(args.outdir)
+        start = _next_counter(folder)
+        paths = [folder / f"{start + k:05d}-{s}.png" for k, s in enumerate(seeds)]
+    for p in paths:
+        _check_writable(p.parent)
+        if p.exists() and not args.overwrite:
+            raise ValueError(f"{p} already exists; pass --overwrite to replace it, or choose another name")
+    return paths
+
+
+def _next_counter(folder: Path) -> int:
+    """A1111's counter: one more than the largest leading number of a file in the folder."""
+    if not folder.is_dir():
+        return 0
+    return 1 + max((int(m.group(1)) for f in folder.iterdir() if (m := re.match(r"(\d+)-", f.name))), default=-1)
+
+
+def _check_writable(folder: Path):
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write to {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to {folder}: {existing} is not writable")
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return name
+
+
+def _load(args, auto_dtype=False):
+    dtype = DTYPES[args.dtype]
+    watermark = False if args.no_watermark else None  # None: on when invisible-watermark is installed
+    t = time.perf_counter()
+    base = minsdxl.load(
+        args.model,
+        dtype=dtype,
+        device=args.device,
+        vae=args.vae,
+        config=args.model_config,
+        add_watermarker=watermark,
+    )
+    _log(args, f"loaded {args.model} (SDXL {base.kind}) in {time.perf_counter() - t:.1f} s")
+    _log(args, f"device {args.device}; " + _dtype_note(base, auto_dtype))
+    refiner = None
+    if args.refiner:
+        t = time.perf_counter()
+        refiner = minsdxl.load(
+            args.refiner,
+            dtype=dtype,
+            device=args.device,
+            share=base,
+            config=args.refiner_config,
+            add_watermarker=watermark,
+        )
+        if refiner.kind != "refiner":
+            raise ValueError(
+                f"--refiner {args.refiner} is an SDXL {refiner.kind} checkpoint, not a refiner (it has a CLIP-L "
+                "text encoder or a 9-channel UNet); pass the refiner, e.g. stable-diffusion-xl-refiner-1.0"
+            )
+        _log(args, f"loaded refiner {args.refiner} in {time.perf_counter() - t:.1f} s (text encoder 2 and VAE shared)")
+    # absolute paths in the metadata, so --from-png works from any folder
+    for name in ("model", "vae", "refiner", "model_config", "refiner_config", "init_image", "mask"):
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    return base, refiner
+
+
+def _dtype_note(base, auto: bool) -> str:
+    name = lambda m: str(m.dtype).removeprefix("torch.")  # noqa: E731
+    note = f"UNet and text encoders {name(base.unet)}" + (" (--dtype auto: fp16 on CUDA, else fp32)" if auto else "")
+    if base.vae.dtype != base.unet.dtype:
+        note += f"; VAE {name(base.vae)} (its config says force_upcast: an fp16 SDXL VAE overflows)"
+    return note
+
+
+def _scheduler_name(sched) -> str:
+    for name, (cls, overrides) in SCHEDULERS.items():
+        if type(sched) is cls and all(sched.config.get(k) == v for k, v in overrides.items()):
+            return name
+    raise ValueError(f"no minsdxl sampler name for {type(sched).__name__}")  # a new scheduler class unnamed
+
+
+def _api_kwargs(args, fn, skip=()) -> dict:
+    params = inspect.signature(fn).parameters
+    return {
+        kw: getattr(args, dest)
+        for dest, kw in API_KWARGS.items()
+        if getattr(args, dest) is not None and kw in params and dest not in skip
+    }
+
+
+def _generate_one(args, mode, base, refiner, init, mask, width, height, seed):
+    """One image: the base call (+ the refiner call). Returns (PIL image, [(function, kwargs)], steps run)."""
+    common = dict(seed=seed, scheduler=args.sampler, progress=not args.quiet)
+    steps = []  # per call, counted by the step callback (-v only)
+
+    def count(model, i, t, tensors):
+        steps[-1] += 1
+
+    hooks = {"callback_on_step_end": count} if args.verbose else {}
+    fn = MODES[mode]
+    kw = {**_api_kwargs(args, fn), **common}
+    if mode != "text2img":
+        kw["image"] = init
+    if mode == "inpaint":
+        kw.update(mask_image=mask, width=width, height=height)
+    switch = refiner is not None and args.refiner_mode == "switch"
+    if switch:  # = diffusers' ensemble of expert denoisers: the base stops at the switch, noisy latents out
+        kw.update(denoising_end=args.refiner_switch, output_type="latent")
+    calls = [(fn, kw)]
+    steps.append(0)
+    out = fn(base, **kw, **hooks)
+    if refiner is not None:
+        rfn = minsdxl.inpaint if switch and mode == "inpaint" else minsdxl.img2img
+        rkw = {**_api_kwargs(args, rfn, skip=("strength", "width", "height")), **common}
+        if switch:
+            rkw.update(image=out, denoising_start=args.refiner_switch)
+            if mode == "inpaint":
+                rkw.update(mask_image=mask, width=width, height=height)
+        else:
+            rkw.update(image=out[0], strength=args.refiner_strength)
+        calls.append((rfn, rkw))
+        steps.append(0)
+        out = rfn(refiner, **rkw, **hooks)
+    return out[0], calls, [f"{n} {f.__name__}" for n, (f, _) in zip(steps, calls)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _describe_run(args, mode, base, refiner, sched, source) -> dict:
+    """What every image of this run shares: files and their hashes, dtypes, scheduler."""
+    t = time.perf_counter()
+    model = _file_info(args.model, base, args.dtype)
+    about = {
+        "mode": mode,
+        "model": model,
+        "vae": _file_info(args.vae) if args.vae else None,
+        "refiner": _file_info(args.refiner, refiner, args.dtype) if refiner else None,
+        "init_image": _file_info(args.init_image) if args.init_image else None,
+        "mask": _file_info(args.mask) if args.mask else None,
+        "scheduler": {"name": args.sampler, "a1111": _a1111_name(args.sampler), "config": sched.config},
+        "dtypes": {
+            c: str(getattr(base, c).dtype).removeprefix("torch.")
+            for c in ("unet", "vae", "text_encoder", "text_encoder_2")
+            if getattr(base, c) is not None
+        },
+        "watermarker": bool(base.add_watermarker or (base.add_watermarker is None and watermark_available())),
+    }
+    _log(args, f"hashed the model files in {time.perf_counter() - t:.1f} s (sha256 {model['sha256'][:10]})")
+    if source is not None:  # --from-png: say when the result cannot be the same image
+        for what in ("model", "refiner", "vae", "init_image", "mask"):
+            old, new = (source.get(what) or {}).get("sha256"), (about[what] or {}).get("sha256")
+            if old and new and old != new:
+                _warn(
+                    f"the {what.replace('_', ' ')} differs from the one that made {args.from_png} "
+                    f"(sha256 {new[:10]}, was {old[:10]}): the image will differ",
+                )
+        if source.get("version") != minsdxl.__version__:
+            _warn(f"{args.from_png} was made by minsdxl {source.get('version')}, this is {minsdxl.__version__}")
+    return about
+
+
+def _file_info(path, model=None, dtype=None) -> dict:
+    """Path, SHA-256 and A1111's short hash of a file; for a diffusers folder, of its UNet weights file."""
+    p = Path(path)
+    hashed = _unet_file(p, dtype) if p.is_dir() else p
+    digest = sha256(hashed)
+    info = {"path": str(p), "sha256": digest, "hash": short_hash(digest)}
+    if hashed != p:
+        info["sha256_of"] = str(hashed.relative_to(p))
+    if model is not None:
+        info.update(kind=model.kind, layout="diffusers" if p.is_dir() else "single file")
+    return info
+
+
+def _unet_file(folder: Path, dtype) -> Path:
+    """The UNet weights file minsdxl.load reads: the variant matching the dtype first (= diffusers' naming)."""
+    variants = ("fp16.", "") if dtype == "fp16" else ("", "fp16.")
+    for variant in variants:
+        for suffix in ("safetensors", "safetensors.index.json", "bin", "bin.index.json"):
+            f = folder / "unet" / f"diffusion_pytorch_model.{variant}{suffix}"
+            if f.is_file():
+                return f
+    raise ValueError(f"{folder} has no unet/diffusion_pytorch_model weights to hash")
+
+
+def _a1111_name(name: str) -> str:
+    return next((a for a, n in A1111_NAMES.items() if n == name), name)
+
+
+def _record(fn, kw, images: dict) -> dict:
+    """The full keyword set of one API call (its defaults filled in), JSON-ready; `images` names the
+    image arguments (a path, or which earlier output they are)."""
+    out = {k: p.default for k, p in inspect.signature(fn).parameters.items() if k != "model" and k not in UNRECORDED}
+    out.update({k: v for k, v in kw.items() if k not in UNRECORDED})
+    out.update({k: v for k, v in images.items() if k in kw})
+    return out
+
+
+def _metadata(args, about, image, calls, seed, index) -> dict:
+    """The two PNG text chunks of one image: A1111's `parameters` and the `minsdxl` JSON."""
+    stored = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    stored["seed"] = seed  # this image's own seed: --from-png makes this one image
+    base_images = {"image": args.init_image, "mask_image": args.mask}
+    refiner_images = {
+        "image": "the base call's " + ("latents" if args.refiner_mode == "switch" else "image"),
+        "mask_image": args.mask,
+    }
+    records = [_record(fn, kw, base_images if i == 0 else refiner_images) for i, (fn, kw) in enumerate(calls)]
+    refiner_settings = None
+    if about["refiner"] is not None:
+        refiner_settings = {"mode": args.refiner_mode, "switch": args.refiner_switch, "strength": args.refiner_strength}
+    ours = {
+        "schema": SCHEMA,
+        "version": minsdxl.__version__,
+        "torch": torch.__version__,
+        "args": stored,
+        **about,
+        "seed": seed,
+        "batch": {"first_seed": args.seed, "index": index, "size": args.batch},
+        "rng": "cpu",  # the API's seed= is a CPU torch.Generator: the same noise on every device
+        "device": args.device,
+        "dtype": args.dtype,
+        "size": [image.width, image.height],
+        "refiner_settings": refiner_settings,
+        "calls": [{"function": fn.__name__, "kwargs": rec} for (fn, _), rec in zip(calls, records)],
+    }
+    refiner = about["refiner"]
+    params = {
+        "Steps": records[0]["num_inference_steps"],
+        "Sampler": _a1111_name(args.sampler),
+        "CFG scale": records[0]["guidance_scale"],
+        "Seed": seed,
+        "Size": f"{image.width}x{image.height}",
+        "Model hash": about["model"]["hash"],
+        "Model": Path(args.model).stem,
+        "VAE hash": about["vae"]["hash"] if about["vae"] else None,
+        "VAE": Path(args.vae).stem if args.vae else None,
+        "Denoising strength": records[0].get("strength"),
+        "Clip skip": args.clip_skip,
+        "Refiner": f"{Path(args.refiner).stem} [{refiner['hash']}]" if refiner else None,
+        "Refiner switch at": args.refiner_switch if refiner and args.refiner_mode == "switch" else None,
+        "Refiner strength": args.refiner_strength if refiner and args.refiner_mode == "img2img" else None,
+        "RNG": "CPU",
+        "Dtype": args.dtype,
+        "Version": f"minsdxl {minsdxl.__version__}",
+    }
+    return {
+        "parameters": infotext(args.prompt, args.negative_prompt, params),
+        "minsdxl": json.dumps(ours, default=str),
+    }
+
+
+def _read_source(path) -> dict:
+    """The minsdxl JSON of a PNG made by this CLI, for --from-png."""
+    meta = read_png_metadata(path)["minsdxl"]
+    if meta is None:
+        raise ValueError(
+            f"{path} has no minsdxl metadata (made by another tool, or with --no-metadata); "
+            "--from-png needs an image this CLI wrote"
+        )
+    if meta.get("schema", 0) > SCHEMA:
+        raise ValueError(f"{path} has metadata schema {meta['schema']}; this minsdxl reads up to {SCHEMA}: upgrade it")
+    meta["args"] = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["args"].items()}
+    return meta
+
+
+def _peak_memory(device: str) -> str:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    text = f"peak memory: {rss:.0f} MiB RSS"
+    if device.startswith("cuda"):
+        text += f", {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA"
+    return text
+
+
+# ------------------------------------------------------------------------------------------------
+# info
+
+
+def info(args) -> int:
+    """Print what a checkpoint is; exit 1 when a component would not load."""
+    report = describe_checkpoint(args.path, args.config)
+    print(json.dumps(report, indent=2) if args.json else _format_info(report))
+    return 1 if any(c.get("problem") for c in report["components"].values()) else 0
+
+
+def _meta_builders():
+    # build on the meta device: checks every name and shape, reads no weights
+    return {
+        "unet": lambda sd, cfg: checkpoint.build_unet(sd, None, "meta", cfg),
+        "vae": lambda sd, cfg: checkpoint.build_vae(sd, None, "meta", cfg),
+        "text_encoder": lambda sd, cfg: checkpoint.build_text_encoder(sd, False, None, "meta", cfg),
+        "text_encoder_2": lambda sd, cfg: checkpoint.build_text_encoder(sd, True, None, "meta", cfg),
+    }
+
+
+def describe_checkpoint(path, config=None) -> dict:
+    """Layout, kind, and per component: parameters, stored dtypes, tensors, and what does not fit SDXL."""
+    path = Path(path)
+    try:
+        comps, configs = checkpoint.read_checkpoint(path, config)
+    except checkpoint.CheckpointError as whole:
+        try:  # a standalone VAE / UNet / text encoder
+            module = minsdxl.load_component(path, dtype=None, device="meta", config=config)
+        except (checkpoint.CheckpointError, OSError):
+            raise whole from None
+        return {
+            "path": str(path),
+            "layout": "component " + ("folder" if path.is_dir() else "file"),
+            "kind": type(module).__name__,
+            "components": {"component": _module_info(module)},
+        }
+    report = {
+        "path": str(path),
+        "layout": "diffusers folder" if path.is_dir() else "single file (sgm keys)",
+        "kind": None,
+        "components": {},
+        "scheduler": configs.get("scheduler", {}).get("_class_name", "EulerDiscreteScheduler (SDXL's default)"),
+    }
+    for name, build in _meta_builders().items():
+        if name not in comps:
+            if name != "text_encoder":  # refiners have no CLIP-L
+                report["components"][name] = {"problem": f"no {name} in the checkpoint"}
+            continue
+        entry = {}
+        try:
+            sd = comps[name].read(None, None) if hasattr(comps[name], "read") else comps[name]  # folders: lazy
+            entry["tensors"] = len(sd)
+            entry.update(_module_info(build(sd, configs.get(name))))
+        except (checkpoint.CheckpointError, OSError) as e:
+            entry["problem"] = str(e)
+        if path.is_dir():
+            entry["files"] = sorted(f.name for f in (path / name).iterdir() if f.suffix in (".safetensors", ".bin"))
+        report["components"][name] = entry
+    unet = report["components"].get("unet", {})
+    if "in_channels" in unet:
+        report["kind"] = "inpaint" if unet["in_channels"] == 9 else "refiner" if "text_encoder" not in comps else "base"
+    if not path.is_dir():  # keys the loader ignores (EMA copies, training state)
+        keys = checkpoint.read_state_dict(path)
+        sgm = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.")
+        report["ignored_keys"] = sorted(k for k in keys if not k.startswith(sgm))
+    return report
+
+
+def _module_info(module) -> dict:
+    """Built on meta with dtype=None, the parameters keep the dtypes stored in the file."""
+    params = list(module.parameters())
+    out = {"parameters": sum(p.numel() for p in params)}
+    out["dtypes"] = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+    if hasattr(module, "config") and hasattr(module.config, "in_channels"):
+        out["in_channels"] = module.config.in_channels
+    return out
+
+
+def _format_info(r: dict) -> str:
+    kind = f"SDXL {r['kind']}" if r.get("kind") in ("base", "refiner", "inpaint") else r.get("kind")
+    lines = [f"{r['path']}: {r['layout']}" + (f", {kind}" if kind else "")]
+    lines.append(f"  {'component':<16}{'parameters':>15}  {'tensors':>7}  dtype")
+    total = 0
+    for name, c in r["components"].items():
+        total += c.get("parameters", 0)
+        n = f"{c['parameters']:,}" if "parameters" in c else "-"
+        lines.append(f"  {name:<16}{n:>15}  {c.get('tensors', '-'):>7}  {', '.join(c.get('dtypes', []))}")
+    lines.append(f"  {'total':<16}{total:>15,}")
+    if r.get("scheduler"):
+        lines.append(f"  scheduler: {r['scheduler']}")
+    for name, c in r["components"].items():
+        if c.get("files"):
+            lines.append(f"  {name} files: {', '.join(c['files'])}")
+    problems = [f"  {name}: {c['problem']}" for name, c in r["components"].items() if c.get("problem")]
+    lines += problems or ["  keys: every component matches the SDXL layout its shapes describe"]
+    if r.get("ignored_keys"):
+        k = r["ignored_keys"]
+        lines.append(f"  {len(k)} keys outside the model, ignored: {', '.join(k[:5])}" + (" ..." if len(k) > 5 else ""))
+    return "\n".join(lines)

@@ -1,0 +1,398 @@
+"""The `minsdxl` command line, run as the real command (`python -m minsdxl`, a subprocess in a temporary
+folder, the installed package) on tiny SDXL-topology checkpoints in both layouts.
+
+Every image is checked bit for bit against the Python API called here with the same keywords, which
+is also how "image k of a batch = a single run with seed+k" and "--from-png makes the same image" are
+shown. Starting Python + torch dominates each run, so independent runs go two at a time
+(`_run_all`), and each generation run checks several things at once.
+"""
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from sdxl_testing import component_state_dicts
+
+import minsdxl
+from minsdxl.checkpoint import diffusers_to_sgm, read_safetensors, save_safetensors
+from minsdxl.cli import read_png_metadata
+from minsdxl.metadata import infotext, parse_infotext, save_png
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = ["-W", "64", "-H", "64", "--steps", "2"]
+
+
+def _env(cache):
+    env = dict(os.environ)
+    path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    env["XDG_CACHE_HOME"] = str(cache)  # the hash cache, kept out of the home folder
+    # the same thread count as this process: the in-process reference images must match bit for bit
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    return env
+
+
+def _run_all(jobs: dict, cache) -> dict:
+    """{name: (argv, cwd)} -> {name: CompletedProcess}, two processes at a time."""
+
+    def run(argv, cwd):
+        cmd = argv if argv[0] != "minsdxl" else [sys.executable, "-m", "minsdxl", *argv[1:]]
+        return subprocess.run(cmd, cwd=cwd, env=_env(cache), capture_output=True, text=True, timeout=600)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(run, argv, cwd) for name, (argv, cwd) in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def _ok(r):
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+    return r
+
+
+def _pixels(path):
+    with PIL.Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _same(path, image: PIL.Image.Image):
+    assert np.array_equal(_pixels(path), np.asarray(image)), f"{path} differs from the API's image"
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_base, tiny_refiner, tiny_inpaint, tmp_path_factory):
+    """The checkpoints and input images the runs use."""
+    root = tmp_path_factory.mktemp("cli_inputs")
+    single = root / "base.safetensors"
+    save_safetensors(diffusers_to_sgm(component_state_dicts(tiny_base[0])), single)
+    broken = root / "broken.safetensors"  # the single file less one UNet weight
+    sd = dict(read_safetensors(single))
+    del sd["model.diffusion_model.out.2.bias"]
+    save_safetensors(sd, broken)
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 256, (76, 64, 3), dtype=np.uint8)).save(root / "init.png")  # 64x76
+    mask = np.zeros((76, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    PIL.Image.fromarray(mask).save(root / "mask.png")
+    PIL.Image.fromarray(mask[:64]).save(root / "mask_64.png")
+    (root / "not_an_image.png").write_text("not a png")
+    return {
+        "base": tiny_base[1],
+        "refiner": tiny_refiner[1],
+        "inpaint": tiny_inpaint[1],
+        "single": single,
+        "broken": broken,
+        "init": root / "init.png",
+        "mask": root / "mask.png",
+        "mask_64": root / "mask_64.png",
+        "not_an_image": root / "not_an_image.png",
+        "cache": root / "cache",
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs that generate (two waves: --from-png needs the first wave's images)
+
+T2I = dict(
+    prompt="a red cat, sitting",
+    negative_prompt="blurry, dark",
+    num_inference_steps=2,
+    height=64,
+    width=64,
+    guidance_scale=6.0,
+    scheduler="Euler a",
+    crops_coords_top_left=(0, 8),
+    original_size=(96, 128),
+)
+T2I_FLAGS = ["-p", T2I["prompt"], "-n", T2I["negative_prompt"], *SIZE, "--cfg", "6", "--sampler", "Euler a"]
+T2I_FLAGS += ["--crop-top-left", "0,8", "--original-size", "128x96"]
+
+
+@pytest.fixture(scope="module")
+def runs(paths, tmp_path_factory):
+    p = {k: str(v) for k, v in paths.items()}
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("t2i", "i2i", "switch", "inpaint", "info")}
+    first = _run_all(
+        {
+            "t2i": (["minsdxl", "generate", *T2I_FLAGS, "--model", p["base"], "-s", "5", "-b", "2"], dirs["t2i"]),
+            "i2i": (
+                ["minsdxl", "-p", "a cat", "--model", p["base"], "-i", p["init"], "--strength", "0.5", "--steps", "2"]
+                + ["-s", "1", "--refiner", p["refiner"], "--refiner-mode", "img2img", "--refiner-strength", "0.5"]
+                + ["--aesthetic-score", "7", "-o", "i2i.png", "-q"],
+                dirs["i2i"],
+            ),
+            "switch": (
+                ["minsdxl", "-p", "a cat", "--model", p["base"], *SIZE[:4], "--steps", "4", "-s", "2"]
+                + ["--refiner", p["refiner"], "--refiner-switch", "0.5", "-o", "switch.png", "-v"],
+                dirs["switch"],
+            ),
+            "inpaint": (  # no seed: a random one, reported
+                ["minsdxl", "-p", "a dog", "--model", p["inpaint"], "-i", p["init"], "--mask", p["mask"]]
+                + ["--steps", "2", "-o", "inpaint.png", "--no-metadata", "-q"],
+                dirs["inpaint"],
+            ),
+            # the console script, and a single file with its configs from --config
+            "info": (
+                [str(Path(sys.executable).parent / "minsdxl"), "info", p["single"], "--config", p["base"]],
+                dirs["info"],
+            ),
+            "info_folder": (["minsdxl", "info", p["refiner"], "--json"], dirs["info"]),
+            "info_broken": (["minsdxl", "info", p["broken"], "--config", p["base"], "--json"], dirs["info"]),
+        },
+        paths["cache"],
+    )
+    t2i = dirs["t2i"] / "outputs"
+    again = _run_all(
+        {
+            "again": (["minsdxl", "--from-png", str(t2i / "00001-6.png"), "-o", "again.png", "-b", "2"], dirs["t2i"]),
+            "moved": (  # the model moved and changed layout; a flag overrides the stored steps
+                ["minsdxl", "--from-png", str(t2i / "00000-5.png"), "--model", p["single"]]
+                + ["--model-config", p["base"], "--steps", "3", "-o", "moved.png", "-q"],
+                dirs["t2i"],
+            ),
+        },
+        paths["cache"],
+    )
+    return {**first, **again, "dirs": dirs}
+
+
+@pytest.fixture(scope="module")
+def api(paths):
+    base = minsdxl.load(paths["base"])
+    return {
+        "base": base,
+        "refiner": minsdxl.load(paths["refiner"], share=base),
+        "inpaint": minsdxl.load(paths["inpaint"]),
+        "single": minsdxl.load(paths["single"], config=paths["base"]),
+    }
+
+
+def test_text2img_batch_metadata_and_api_parity(runs, api, paths):
+    r = _ok(runs["t2i"])
+    out = runs["dirs"]["t2i"] / "outputs"
+    assert {"00000-5.png", "00001-6.png"} <= set(os.listdir(out))
+    assert "saved outputs/00000-5.png (seed 5)" in r.stdout and "(seed 6)" in r.stdout
+    assert "denoising" in r.stderr  # the progress bar
+    for k, seed in enumerate((5, 6)):  # image k of the batch = the API's single run with seed + k
+        _same(out / f"0000{k}-{seed}.png", minsdxl.text2img(api["base"], **T2I, seed=seed, progress=False)[0])
+
+    meta = read_png_metadata(out / "00001-6.png")
+    unet_file = paths["base"] / "unet" / "diffusion_pytorch_model.safetensors"
+    digest = hashlib.sha256(unet_file.read_bytes()).hexdigest()
+    a1111 = meta["infotext"]
+    assert meta["parameters"].startswith("a red cat, sitting\nNegative prompt: blurry, dark\nSteps: 2, ")
+    assert a1111["Prompt"] == T2I["prompt"] and a1111["Negative prompt"] == T2I["negative_prompt"]
+    expected = {"Steps": "2", "Sampler": "Euler a", "CFG scale": "6.0", "Seed": "6", "Size": "64x64"}
+    expected |= {"Model hash": digest[:10], "Model": paths["base"].name, "RNG": "CPU"}
+    expected |= {"Version": f"minsdxl {minsdxl.__version__}"}
+    assert expected.items() <= a1111.items()
+    assert "Denoising strength" not in a1111 and "Refiner" not in a1111
+
+    ours = meta["minsdxl"]
+    assert ours["schema"] == 1 and ours["version"] == minsdxl.__version__
+    assert ours["model"]["sha256"] == digest and ours["model"]["hash"] == digest[:10]
+    assert ours["model"]["sha256_of"] == "unet/diffusion_pytorch_model.safetensors"
+    assert ours["model"]["path"] == str(paths["base"].resolve())
+    assert ours["seed"] == 6 and ours["batch"] == {"first_seed": 5, "index": 1, "size": 2}
+    assert ours["rng"] == "cpu" and ours["dtype"] == "fp32" and ours["dtypes"]["unet"] == "float32"
+    assert ours["scheduler"]["name"] == "euler_a" and ours["scheduler"]["a1111"] == "Euler a"
+    assert ours["scheduler"]["config"]["beta_schedule"] == "scaled_linear"
+    (call,) = ours["calls"]
+    assert call["function"] == "text2img"
+    kw = call["kwargs"]
+    assert kw["crops_coords_top_left"] == [0, 8] and kw["original_size"] == [96, 128]
+    assert kw["num_inference_steps"] == 2 and kw["guidance_scale"] == 6.0 and kw["seed"] == 6
+    assert kw["negative_crops_coords_top_left"] == [0, 0]  # the API's defaults are recorded too
+
+
+def test_from_png_makes_the_same_image(runs):
+    r = _ok(runs["again"])
+    folder = runs["dirs"]["t2i"]
+    # -b 2 from an image with seed 6: seeds 6 and 7, "-{index}" added to the -o name
+    assert "(seed 6)" in r.stdout and "(seed 7)" in r.stdout
+    assert np.array_equal(_pixels(folder / "again-0.png"), _pixels(folder / "outputs" / "00001-6.png"))
+    old = read_png_metadata(folder / "outputs" / "00001-6.png")["minsdxl"]
+    new = read_png_metadata(folder / "again-0.png")["minsdxl"]
+    assert new["args"] == old["args"] and new["calls"] == old["calls"]
+
+
+def test_from_png_with_moved_single_file_model_and_override(runs, api, paths):
+    r = _ok(runs["moved"])
+    # same weights, another file: the hash differs, and the CLI says so
+    assert "differs from the one that made" in r.stderr
+    meta = read_png_metadata(runs["dirs"]["t2i"] / "moved.png")
+    assert meta["infotext"]["Steps"] == "3" and meta["infotext"]["Seed"] == "5"
+    assert meta["minsdxl"]["model"]["layout"] == "single file"
+    assert meta["minsdxl"]["model"]["sha256"] == hashlib.sha256(paths["single"].read_bytes()).hexdigest()
+    expected = minsdxl.text2img(api["single"], **{**T2I, "num_inference_steps": 3}, seed=5, progress=False)[0]
+    _same(runs["dirs"]["t2i"] / "moved.png", expected)
+
+
+def test_img2img_then_img2img_refiner(runs, api, paths):
+    r = _ok(runs["i2i"])
+    assert "denoising" not in r.stderr  # -q
+    kw = dict(prompt="a cat", num_inference_steps=2, seed=1, progress=False)
+    # the CLI resizes the 64x76 image to 64x72 itself; the API, given it as it is, does the same
+    image = minsdxl.img2img(api["base"], image=PIL.Image.open(paths["init"]), strength=0.5, **kw)[0]
+    _same(
+        runs["dirs"]["i2i"] / "i2i.png",
+        minsdxl.img2img(api["refiner"], image=image, strength=0.5, aesthetic_score=7.0, **kw)[0],
+    )
+    meta = read_png_metadata(runs["dirs"]["i2i"] / "i2i.png")
+    assert {"Denoising strength": "0.5", "Refiner strength": "0.5", "Size": "64x72"}.items() <= meta["infotext"].items()
+    assert meta["infotext"]["Refiner"].startswith(f"{paths['refiner'].name} [")
+    calls = meta["minsdxl"]["calls"]
+    assert [c["function"] for c in calls] == ["img2img", "img2img"]
+    assert calls[0]["kwargs"]["image"] == str(paths["init"].resolve())
+    assert calls[1]["kwargs"]["aesthetic_score"] == 7.0 and calls[1]["kwargs"]["strength"] == 0.5
+    assert meta["minsdxl"]["refiner"]["kind"] == "refiner"
+
+
+def test_refiner_switch_handoff_and_verbose(runs, api):
+    r = _ok(runs["switch"])
+    kw = dict(prompt="a cat", num_inference_steps=4, seed=2, progress=False)
+    latents = minsdxl.text2img(api["base"], height=64, width=64, denoising_end=0.5, output_type="latent", **kw)
+    _same(
+        runs["dirs"]["switch"] / "switch.png",
+        minsdxl.img2img(api["refiner"], image=latents, denoising_start=0.5, **kw)[0],
+    )
+    meta = read_png_metadata(runs["dirs"]["switch"] / "switch.png")
+    assert meta["infotext"]["Refiner switch at"] == "0.5"
+    calls = meta["minsdxl"]["calls"]
+    assert calls[0]["kwargs"]["denoising_end"] == 0.5 and calls[0]["kwargs"]["output_type"] == "latent"
+    assert calls[1]["kwargs"]["denoising_start"] == 0.5
+    # -v: load times, dtype decisions, effective steps (4 steps split at 0.5), peak memory
+    assert "loaded" in r.stderr and "float32" in r.stderr
+    assert "2 text2img + 2 img2img steps" in r.stderr and "peak memory" in r.stderr
+
+
+def test_inpaint_random_seed_no_metadata(runs, api, paths):
+    r = _ok(runs["inpaint"])
+    seed = int(r.stdout.rsplit("(seed ", 1)[1].split(")")[0])  # random, and reported
+    image, mask = PIL.Image.open(paths["init"]), PIL.Image.open(paths["mask"])
+    # the size defaults to the init image's rounded down to a multiple of 8 (64x76 -> 64x72); the inpaint
+    # API alone would use the model's default (128x128)
+    expected = minsdxl.inpaint(
+        api["inpaint"], "a dog", image=image, mask_image=mask, height=72, width=64, num_inference_steps=2, seed=seed
+    )[0]
+    _same(runs["dirs"]["inpaint"] / "inpaint.png", expected)
+    assert read_png_metadata(runs["dirs"]["inpaint"] / "inpaint.png") == {
+        "parameters": None,
+        "infotext": {},
+        "minsdxl": None,
+    }
+
+
+def test_info(runs, tiny_base, tiny_refiner):
+    text = _ok(runs["info"]).stdout
+    assert "single file" in text and "SDXL base" in text and "every component matches" in text
+    n_unet = sum(p.numel() for p in tiny_base[0].unet.parameters())
+    assert f"{n_unet:,}" in text
+
+    report = json.loads(_ok(runs["info_folder"]).stdout)
+    assert report["kind"] == "refiner" and report["layout"] == "diffusers folder"
+    assert set(report["components"]) == {"unet", "vae", "text_encoder_2"}
+    for name in ("unet", "vae", "text_encoder_2"):
+        c = report["components"][name]
+        assert c["parameters"] == sum(p.numel() for p in getattr(tiny_refiner[0], name).parameters())
+        assert c["dtypes"] == ["float32"] and "problem" not in c
+
+    broken = runs["info_broken"]
+    assert broken.returncode == 1  # a component that would not load
+    report = json.loads(broken.stdout)
+    assert "missing 1 keys (conv_out.bias)" in report["components"]["unet"]["problem"]
+    assert "problem" not in report["components"]["vae"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors: a clear message on stderr, exit code 1, no traceback, nothing written
+
+ERRORS = {
+    "no_model": (["-p", "x"], "huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0"),
+    "missing_model": (["--model", "no/such/folder/sdxl"], "no such file or folder"),
+    "hub_id_offline": (["--model", "stabilityai/stable-diffusion-xl-base-1.0"], "huggingface-cli download"),
+    "unreadable_init": (["--model", "{base}", "-i", "{not_an_image}"], "cannot read the init image"),
+    "missing_mask": (["--model", "{inpaint}", "-i", "{init}", "--mask", "nope.png"], "cannot read the mask"),
+    "mask_size": (["--model", "{inpaint}", "-i", "{init}", "--mask", "{mask_64}"], "must be the same size"),
+    "size_not_8": (["--model", "{base}", "-W", "100"], "-W/--width 100 is not a positive multiple of 8"),
+    "unknown_sampler": (["--model", "{base}", "--sampler", "Heun++"], "unknown scheduler 'Heun++'"),
+    "outdir_not_writable": (["--model", "{base}", "--outdir", "a_file/images"], "a_file is a file, not a folder"),
+    "not_a_refiner": (
+        ["--model", "{base}", *SIZE, "--refiner", "{inpaint}"],
+        "is an SDXL inpaint checkpoint, not a refiner",
+    ),
+    "no_overwrite": (["--model", "{base}", *SIZE, "-o", "a_file"], "a_file already exists"),
+    "offload": (["--model", "{base}", "--offload"], "--offload is not available"),
+    "from_png_without_metadata": (["--from-png", "{init}"], "has no minsdxl metadata"),
+}
+
+
+@pytest.fixture(scope="module")
+def error_runs(paths, tmp_path_factory):
+    p = {k: str(v) for k, v in paths.items()}
+    jobs, before = {}, {}
+    for name, (argv, _) in ERRORS.items():
+        cwd = tmp_path_factory.mktemp(name)
+        (cwd / "a_file").write_text("keep me")
+        if name == "no_overwrite":
+            argv = [a.replace("a_file", "a_file.png") for a in argv]
+            (cwd / "a_file.png").write_text("keep me")
+        jobs[name] = (["minsdxl", "generate", *[a.format(**p) for a in argv]], cwd)
+        before[name] = _files(cwd)
+    results = _run_all(jobs, paths["cache"])
+    return {name: (results[name], jobs[name][1], before[name]) for name in ERRORS}
+
+
+@pytest.mark.parametrize("name", ERRORS)
+def test_error(name, error_runs):
+    r, cwd, before = error_runs[name]
+    message = ERRORS[name][1].replace("a_file", "a_file.png") if name == "no_overwrite" else ERRORS[name][1]
+    assert r.returncode == 1, f"exit {r.returncode}; stderr: {r.stderr}"
+    assert "minsdxl: error: " in r.stderr and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert _files(cwd) == before  # nothing written (no outputs/ folder either)
+    assert all(f.read_text() == "keep me" for f in cwd.glob("a_file*"))
+
+
+def test_infotext_quoting_round_trip():
+    """A1111's quoting: values with commas, colons or newlines are JSON strings; the prompt keeps its lines."""
+    params = {"Steps": 30, "Sampler": "DPM++ 2M Karras", "Model": 'my, model: "v2"', "Seed": 1, "Skipped": None}
+    text = infotext("line one\nline two, with comma", "", params)
+    assert "Negative prompt" not in text and "Skipped" not in text
+    parsed = parse_infotext(text)
+    assert parsed["Prompt"] == "line one\nline two, with comma" and parsed["Negative prompt"] == ""
+    assert parsed["Model"] == 'my, model: "v2"' and parsed["Sampler"] == "DPM++ 2M Karras" and parsed["Steps"] == "30"
+
+
+def test_save_png_is_atomic_and_never_overwrites(tmp_path):
+    """An interrupted write leaves neither the image nor its temporary file; an existing file is kept."""
+    image = PIL.Image.new("RGB", (8, 8), "red")
+
+    class Interrupted(PIL.Image.Image):
+        def save(self, fp, **kw):
+            fp.write(b"\x89PNG half an image")
+            raise KeyboardInterrupt
+
+    broken = Interrupted()
+    broken.__dict__.update(image.__dict__)
+    with pytest.raises(KeyboardInterrupt):
+        save_png(broken, tmp_path / "a.png", {"parameters": "x"})
+    assert os.listdir(tmp_path) == []
+
+    (tmp_path / "b.png").write_bytes(b"keep me")
+    with pytest.raises(FileExistsError):
+        save_png(image, tmp_path / "b.png", {})
+    assert (tmp_path / "b.png").read_bytes() == b"keep me" and os.listdir(tmp_path) == ["b.png"]
+    save_png(image, tmp_path / "b.png", {"parameters": "p"}, overwrite=True)
+    assert read_png_metadata(tmp_path / "b.png")["parameters"] == "p" and os.listdir(tmp_path) == ["b.png"]

@@ -1,0 +1,55 @@
+"""The package itself: imports stay light, the public API is there, kernels live under minsdxl."""
+
+import subprocess
+import sys
+
+
+def _modules_after(code: str) -> set:
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+    )
+    return set(out.stdout.split())
+
+
+def test_import_minsdxl_imports_no_reference_implementations():
+    mods = _modules_after("import minsdxl")
+    for heavy in ("diffusers", "transformers", "open_clip", "triton", "minsdxl.kernels", "imwatermark", "cv2"):
+        assert heavy not in mods, f"`import minsdxl` imported {heavy}"
+    assert "minsdxl.unet" in mods and "minsdxl.sampler" in mods
+
+
+def test_public_api():
+    import minsdxl
+
+    for name in (
+        "load",
+        "load_component",
+        "text2img",
+        "img2img",
+        "inpaint",
+        "encode_prompt",
+        "load_textual_inversion",
+        "make_scheduler",
+        "compile",
+        "SDXL",
+        "CheckpointError",
+    ):
+        assert callable(getattr(minsdxl, name)), name
+
+
+def test_kernels_install_under_the_minsdxl_namespace():
+    mods = _modules_after("import minsdxl.kernels")
+    assert "minsdxl.kernels.flash_attn" in mods
+    # installing minsdxl adds no top-level `kernels` (PyPI has an unrelated package of that name)
+    out = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('kernels'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+    )
+    assert out.stdout.strip() == "None"

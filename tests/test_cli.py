@@ -375,19 +375,17 @@ def test_infotext_quoting_round_trip():
     assert parsed["Model"] == 'my, model: "v2"' and parsed["Sampler"] == "DPM++ 2M Karras" and parsed["Steps"] == "30"
 
 
-def test_save_png_is_atomic_and_never_overwrites(tmp_path):
+def test_save_png_is_atomic_and_never_overwrites(tmp_path, monkeypatch):
     """An interrupted write leaves neither the image nor its temporary file; an existing file is kept."""
     image = PIL.Image.new("RGB", (8, 8), "red")
 
-    class Interrupted(PIL.Image.Image):
-        def save(self, fp, **kw):
-            fp.write(b"\x89PNG half an image")
-            raise KeyboardInterrupt
+    def interrupted(self, fp, **kw):
+        fp.write(b"\x89PNG half an image")
+        raise KeyboardInterrupt
 
-    broken = Interrupted()
-    broken.__dict__.update(image.__dict__)
-    with pytest.raises(KeyboardInterrupt):
-        save_png(broken, tmp_path / "a.png", {"parameters": "x"})
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(PIL.Image.Image, "save", interrupted)
+        save_png(image, tmp_path / "a.png", {"parameters": "x"})
     assert os.listdir(tmp_path) == []
 
     (tmp_path / "b.png").write_bytes(b"keep me")

@@ -1,0 +1,115 @@
+"""Bad input to text2img / img2img / inpaint: a clear error (or warning) before any heavy work, and
+the VAE's non-finite guard (fp32 retry with a warning; never a NaN image)."""
+
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import minsdxl
+
+
+@pytest.fixture(scope="module")
+def base(tiny_base):
+    return minsdxl.load(tiny_base[1])
+
+
+@pytest.fixture(scope="module")
+def refiner(tiny_refiner, base):
+    return minsdxl.load(tiny_refiner[1], share=base)
+
+
+def _forbid_unet(model, monkeypatch):
+    """Errors must come before any denoising: make the UNet explode if it is reached."""
+    monkeypatch.setattr(model.unet, "forward", lambda *a, **k: pytest.fail("the UNet ran before the error"))
+
+
+IMG = PIL.Image.new("RGB", (64, 64), (120, 30, 200))
+MASK = PIL.Image.new("L", (64, 64), 255)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(height=100, width=64), r"height=100 is not a multiple of 8.*96 or 104"),
+        (dict(height=64, width=70), r"width=70 is not a multiple of 8.*64 or 72"),
+        (dict(num_inference_steps=0), r"num_inference_steps must be between 1 and 1000"),
+        (dict(denoising_end=1.5), r"denoising_end must be a float in \(0, 1\)"),
+        (dict(scheduler="Heun++"), r"unknown scheduler 'Heun\+\+'; valid names"),
+        (dict(output_type="jpeg"), r"output_type must be one of"),
+        (dict(prompt=["a", "b"], negative_prompt=["c"]), r"negative"),
+        (dict(prompt=3), r"prompt"),
+        (dict(latents=torch.zeros(1, 4, 5, 5)), r"latents have shape \(1, 4, 5, 5\); this call needs \(1, 4, 8, 8\)"),
+        (dict(generator=torch.Generator(), seed=1), r"either generator= or seed="),
+    ],
+)
+def test_text2img_errors(base, monkeypatch, kwargs, match):
+    _forbid_unet(base, monkeypatch)
+    kw = {"prompt": "a cat", "height": 64, "width": 64, "progress": False, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=match):
+        minsdxl.text2img(base, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(strength=0.0), r"strength must be a number in \(0, 1\]"),
+        (dict(strength=1.5), r"strength must be a number in \(0, 1\]"),
+        (dict(denoising_start=0.0), r"denoising_start must be a float in \(0, 1\)"),
+        (dict(denoising_start=0.8, denoising_end=0.5), r"denoising_start=0.8 must be below denoising_end=0.5"),
+        (dict(image=None), r"img2img needs image="),
+        (dict(image="cat.png"), r"unsupported image type str"),
+    ],
+)
+def test_img2img_errors(base, monkeypatch, kwargs, match):
+    _forbid_unet(base, monkeypatch)
+    with pytest.raises((ValueError, TypeError), match=match):
+        minsdxl.img2img(base, **{"prompt": "a cat", "image": IMG, "progress": False, **kwargs})
+
+
+def test_inpaint_errors(base, refiner, monkeypatch):
+    _forbid_unet(base, monkeypatch)
+    with pytest.raises(ValueError, match=r"image is 64x64 but mask_image is 32x64"):
+        minsdxl.inpaint(base, "a cat", image=IMG, mask_image=PIL.Image.new("L", (32, 64), 255), height=64, width=64)
+    with pytest.raises(ValueError, match=r"inpaint needs mask_image="):
+        minsdxl.inpaint(refiner, "a cat", image=IMG)
+    with pytest.warns(UserWarning, match="no white pixels"), pytest.raises(RuntimeError, match="stop"):
+        monkeypatch.setattr(base.unet, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+        minsdxl.inpaint(base, "a cat", image=IMG, mask_image=PIL.Image.new("L", (64, 64), 0), height=64, width=64)
+
+
+def test_mode_errors(base, refiner, tiny_inpaint, monkeypatch):
+    with pytest.raises(ValueError, match=r"refiner.*only refines: call minsdxl.img2img"):
+        minsdxl.text2img(refiner, "a cat", height=64, width=64)
+    inpaint_model = minsdxl.load(tiny_inpaint[1])
+    with pytest.raises(ValueError, match=r"9-channel inpainting UNet: call minsdxl.inpaint"):
+        minsdxl.text2img(inpaint_model, "a cat", height=64, width=64)
+    with pytest.raises(ValueError, match=r"9-channel inpainting UNet needs a pixel image"):
+        minsdxl.inpaint(inpaint_model, "a cat", image=torch.zeros(1, 4, 8, 8), mask_image=MASK, height=64, width=64)
+
+
+def test_half_precision_vae_nan_retries_in_fp32(base, monkeypatch):
+    """A bf16 VAE that overflows: one warning naming both fixes, then an fp32 decode; never NaN."""
+    vae = base.vae
+    real_forward = vae.decoder.forward
+
+    def overflowing(z):
+        out = real_forward(z)
+        return out * float("nan") if z.dtype == torch.bfloat16 else out
+
+    monkeypatch.setattr(vae.decoder, "forward", overflowing)
+    vae.to(torch.bfloat16)
+    try:
+        with pytest.warns(UserWarning, match=r"NaN/Inf; decoding again in float32.*fp16-fix VAE"):
+            img = minsdxl.text2img(
+                base, "a cat", height=64, width=64, num_inference_steps=1, seed=0, output_type="np", progress=False
+            )
+        assert np.isfinite(img).all() and vae.dtype == torch.bfloat16  # back to the user's dtype
+        vae.to(torch.float32)
+        monkeypatch.setattr(vae.decoder, "forward", lambda z: real_forward(z) * float("nan"))
+        with warnings.catch_warnings(), pytest.raises(FloatingPointError, match="NaN/Inf even in float32"):
+            minsdxl.text2img(base, "a cat", height=64, width=64, num_inference_steps=1, seed=0, progress=False)
+    finally:
+        vae.to(torch.float32)

@@ -48,6 +48,7 @@ class SDXL:
     source: str = ""
     scheduler: str | None = None  # default scheduler name for this model (None: the config's class)
     add_watermarker: bool | None = None  # None: on when invisible-watermark is installed (as diffusers)
+    offload_device: str | None = None  # model offload: components wait on the CPU, run here one at a time
 
     def to(self, device=None, dtype=None):
         """Move every component; with fp16 the VAE stays fp32 when its config says force_upcast."""
@@ -703,6 +704,7 @@ def load(
     config=None,
     scheduler=None,
     add_watermarker=None,
+    offload=False,
 ) -> SDXL:
     """Load an SDXL base, refiner or inpaint model from a diffusers folder or a single file.
 
@@ -713,7 +715,10 @@ def load(
     (head size, norm groups, VAE scaling factor, scheduler); SDXL's values are the default.
     scheduler: the default sampler name for this model ("euler", "DPM++ 2M Karras", ...).
     add_watermarker: None = on when invisible-watermark is installed (diffusers' default), False = off.
+    offload: keep the weights on the CPU and move the text encoders, then the UNet, then the VAE to
+    `device` only while each runs (for GPUs too small to hold all of SDXL at once).
     """
+    offload_device, device = (str(device), "cpu") if offload else (None, device)
     comps, configs = read_checkpoint(path, config)
     layout = "diffusers" if Path(path).is_dir() else "sgm"
     index = configs.get("model_index", {})
@@ -722,7 +727,14 @@ def load(
     unet = build_unet(_state(comps["unet"], variant, dtype), dtype, device, configs.get("unet"))
     refiner = "text_encoder" not in comps
     kind = "inpaint" if unet.config.in_channels == 9 else "refiner" if refiner else "base"
-    model = SDXL(unet=unet, kind=kind, source=str(path), scheduler=scheduler, add_watermarker=add_watermarker)
+    model = SDXL(
+        unet=unet,
+        kind=kind,
+        source=str(path),
+        scheduler=scheduler,
+        add_watermarker=add_watermarker,
+        offload_device=offload_device,
+    )
     model.force_zeros_for_empty_prompt = index.get("force_zeros_for_empty_prompt", not refiner)
     model.requires_aesthetics_score = index.get("requires_aesthetics_score", refiner)
     model.scheduler_config = configs.get("scheduler", {})

@@ -8,6 +8,7 @@ timesteps are cut, how the first latents are made, and what the loop adds per st
 """
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -151,7 +152,31 @@ def _scheduler(model, a, num_inference_steps) -> Scheduler:
     return name
 
 
+def _device(model):
+    """Where the work runs: the offload target when components wait on the CPU, else the UNet's device."""
+    return getattr(model, "offload_device", None) or model.unet.device
+
+
+@contextmanager
+def _on_device(model, *names):
+    """Model offload (load(..., offload=True)): move just these components to the device for the block."""
+    target = getattr(model, "offload_device", None)
+    mods = [m for m in (getattr(model, n) for n in names) if m is not None] if target else []
+    for m in mods:
+        m.to(target)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.to("cpu")
+
+
 def _prompts(model, a, cfg):
+    with _on_device(model, "text_encoder", "text_encoder_2"):
+        return _encode(model, a, cfg)
+
+
+def _encode(model, a, cfg):
     return encode_prompt(
         model,
         a["prompt"],
@@ -165,7 +190,7 @@ def _prompts(model, a, cfg):
         negative_prompt_embeds=a["negative_prompt_embeds"],
         pooled_prompt_embeds=a["pooled_prompt_embeds"],
         negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
-        device=model.unet.device,
+        device=_device(model),
     )
 
 
@@ -187,10 +212,12 @@ def _pairs(a, keys):
 
 
 def _finish(model, run, a):
-    x = _denoise(model, run, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], a["progress"])
+    with _on_device(model, "unet"):
+        x = _denoise(model, run, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], a["progress"])
     if a["output_type"] == "latent":
         return x
-    image = decode(model, x)
+    with _on_device(model, "vae"):
+        image = decode(model, x)
     watermark = getattr(model, "add_watermarker", None)
     if watermark or (watermark is None and watermark_available()):  # = diffusers' add_watermarker default
         image = apply_watermark(image)
@@ -224,6 +251,11 @@ def decode(model, latents: torch.Tensor) -> torch.Tensor:
 def encode_image(model, image: torch.Tensor, generator, dtype) -> torch.Tensor:
     """[-1, 1] image -> scaled latents, VAE posterior sample drawn from `generator` (one draw per
     image when it is a list), in fp32 when force_upcast (= img2img prepare_latents / _encode_vae_image)."""
+    with _on_device(model, "vae"):
+        return _encode_image(model, image, generator, dtype)
+
+
+def _encode_image(model, image, generator, dtype):
     vae = model.vae
     # diffusers first casts the image to the prompt dtype, then to fp32 for an upcast VAE
     image = image.to(device=vae.device, dtype=dtype).to(torch.float32 if vae.force_upcast else vae.dtype)
@@ -293,7 +325,7 @@ def text2img(
     timesteps = sched.select_timesteps(denoising_end=denoising_end)
     generator = _generator(a)
     pe, npe, ppe, nppe = _prompts(model, a, cfg)
-    batch, device, dtype = pe.shape[0], model.unet.device, pe.dtype
+    batch, device, dtype = pe.shape[0], _device(model), pe.dtype
     shape = (batch, 4, height // 8, width // 8)
     if latents is None:
         latents = randn(shape, generator, device, dtype)
@@ -338,7 +370,7 @@ def _refine_ids(model, a, height, width, pooled_dim, dtype, batch, cfg):
         ids, neg = original + crops + target, neg_original + crops + neg_target
     ids, neg = _time_ids(model, ids, neg, pooled_dim, dtype)
     ids = ids.repeat(batch, 1)
-    return (torch.cat([neg.repeat(batch, 1), ids]) if cfg else ids).to(model.unet.device)
+    return (torch.cat([neg.repeat(batch, 1), ids]) if cfg else ids).to(_device(model))
 
 
 def img2img(
@@ -390,7 +422,7 @@ def img2img(
     timesteps = sched.select_timesteps(strength, denoising_start, denoising_end)
     generator = _generator(a)
     pe, npe, ppe, nppe = _prompts(model, a, cfg)
-    batch, device, dtype = pe.shape[0], model.unet.device, pe.dtype
+    batch, device, dtype = pe.shape[0], _device(model), pe.dtype
     if latents is None:  # = prepare_latents (skipped by diffusers when latents are given)
         init = x.to(device, dtype) if x.shape[1] == 4 else encode_image(model, x, generator, dtype)
         init = _spread(init, batch, "images")
@@ -479,7 +511,7 @@ def inpaint(
     timesteps = sched.select_timesteps(strength, denoising_start, denoising_end)
     generator = _generator(a)
     pe, npe, ppe, nppe = _prompts(model, a, cfg)
-    batch, device, dtype = pe.shape[0], model.unet.device, pe.dtype
+    batch, device, dtype = pe.shape[0], _device(model), pe.dtype
     shape = (batch, 4, height // 8, width // 8)
     strength_max = strength == 1.0
 

@@ -179,7 +179,7 @@ def build_parser():
     add("--clip-skip",                 type=int,   default=None,      help="skip the last N CLIP layers")
     add("--dtype",           choices=("auto", *DTYPES), default="auto", help="auto: fp16 on CUDA, else fp32")
     add("--device",                                default="auto",    help="cpu, cuda, cuda:N (auto: cuda if any)")
-    add("--offload",                   action="store_true",           help="keep idle components on the CPU")
+    add("--offload",                   action="store_true",           help="model offload: idle parts wait on the CPU")
     add("--no-watermark",              action="store_true",           help="never add SDXL's invisible watermark")
     add("--no-metadata",               action="store_true",           help="write no parameters into the PNG")
     talk.add_argument("-v", "--verbose", action="store_true",         help="timings, dtypes, steps, peak memory")
@@ -285,11 +285,6 @@ def _check(args, mode):
     if args.model is None:
         raise ValueError(
             f"no model given: pass --model PATH (a diffusers SDXL folder or a .safetensors file); {GET_WEIGHTS}"
-        )
-    if args.offload:
-        raise ValueError(
-            "--offload is not available: minsdxl has no CPU offload yet; use --dtype fp16 (or bf16) to halve "
-            "memory, or run on a larger GPU"
         )
     for flag, v in (("-W/--width", args.width), ("-H/--height", args.height)):
         if v is not None and (v <= 0 or v % 8):
@@ -408,6 +403,7 @@ def _load(args, auto_dtype=False):
         vae=args.vae,
         config=args.model_config,
         add_watermarker=watermark,
+        offload=args.offload,
     )
     _log(args, f"loaded {args.model} (SDXL {base.kind}) in {time.perf_counter() - t:.1f} s")
     _log(args, f"device {args.device}; " + _dtype_note(base, auto_dtype))
@@ -421,6 +417,7 @@ def _load(args, auto_dtype=False):
             share=base,
             config=args.refiner_config,
             add_watermarker=watermark,
+            offload=args.offload,
         )
         if refiner.kind != "refiner":
             raise ValueError(

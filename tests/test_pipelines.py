@@ -195,6 +195,22 @@ def test_base_to_refiner_ensemble(models):
     _assert_close(ref, got)
 
 
+def test_base_then_refiner_img2img(models):
+    """The second SDXL workflow: a finished base image, refined by img2img at strength 0.3."""
+    (bpipe, base), (rpipe, refiner) = models["base"], models["refiner"]
+    rpipe = type(rpipe)(
+        **{**rpipe.components, "vae": bpipe.vae, "text_encoder_2": bpipe.text_encoder_2},
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    bpipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a cat", num_inference_steps=4)
+    image = bpipe(**kw, **SIZE, generator=torch.Generator().manual_seed(8)).images
+    ours = minsdxl.text2img(base, **kw, **SIZE, seed=8, progress=False)
+    _assert_images_close(image, ours)
+    _assert_close(*_run_both(rpipe, refiner, minsdxl.img2img, image=image[0], strength=0.3, **kw))
+
+
 def test_refiner_img2img_and_aesthetic_score(models):
     rpipe, refiner = models["refiner"]
     for kw in (dict(), dict(aesthetic_score=7.0, negative_aesthetic_score=2.0)):

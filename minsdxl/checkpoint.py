@@ -607,10 +607,15 @@ def _folder_configs(folder: Path) -> dict:
     return configs
 
 
+def weights_file(folder, component: str, variant: str | None = None, dtype=None) -> Path:
+    """The weights file of one component of a diffusers folder that `load` reads for this dtype."""
+    return _weights_file(Path(folder) / component, _STEMS[component], variant, dtype)
+
+
 def read_checkpoint(path, config=None) -> tuple[dict, dict]:
-    """Any supported path -> ({component: diffusers-named state dict (memory-mapped, or read lazily
-    for folders)}, {"model_index" / component / "scheduler": config json}) without building modules.
-    `config`: a diffusers folder whose configs describe a single file (= diffusers' config=)."""
+    """Any supported path -> ({component: diffusers-named state dict (memory-mapped), or for folders a
+    reader for `read_component`}, {"model_index" / component / "scheduler": config json}) without
+    building modules. `config`: a diffusers folder whose configs describe a single file."""
     p = Path(path)
     if not p.exists():
         raise _missing_path_error(str(path))
@@ -664,7 +669,8 @@ class _Lazy:
         return read_state_dict(_weights_file(self.folder, self.stem, variant, dtype))
 
 
-def _state(comp, variant, dtype):
+def read_component(comp, variant=None, dtype=None) -> dict:
+    """A component's state dict from what read_checkpoint returned (reads a folder's file now)."""
     return comp.read(variant, dtype) if isinstance(comp, _Lazy) else comp
 
 
@@ -724,7 +730,7 @@ def load(
     index = configs.get("model_index", {})
     if "unet" not in comps:
         raise CheckpointError(f"{path} has no UNet; is it an SDXL checkpoint?")
-    unet = build_unet(_state(comps["unet"], variant, dtype), dtype, device, configs.get("unet"))
+    unet = build_unet(read_component(comps["unet"], variant, dtype), dtype, device, configs.get("unet"))
     refiner = "text_encoder" not in comps
     kind = "inpaint" if unet.config.in_channels == 9 else "refiner" if refiner else "base"
     model = SDXL(
@@ -742,7 +748,7 @@ def load(
     def component(name, build, *args):
         if name not in comps:
             raise CheckpointError(f"{path} has no {name}; an SDXL checkpoint needs one (or pass share=base)")
-        return build(_state(comps[name], variant, dtype), *args, dtype, device, configs.get(name))
+        return build(read_component(comps[name], variant, dtype), *args, dtype, device, configs.get(name))
 
     if share is not None:
         model.text_encoder_2, model.tokenizer_2, model.vae = share.text_encoder_2, share.tokenizer_2, share.vae

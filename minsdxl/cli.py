@@ -543,14 +543,11 @@ def _file_info(path, model=None, dtype=None) -> dict:
 
 
 def _unet_file(folder: Path, dtype) -> Path:
-    """The UNet weights file minsdxl.load reads: the variant matching the dtype first (= diffusers' naming)."""
-    variants = ("fp16.", "") if dtype == "fp16" else ("", "fp16.")
-    for variant in variants:
-        for suffix in ("safetensors", "safetensors.index.json", "bin", "bin.index.json"):
-            f = folder / "unet" / f"diffusion_pytorch_model.{variant}{suffix}"
-            if f.is_file():
-                return f
-    raise ValueError(f"{folder} has no unet/diffusion_pytorch_model weights to hash")
+    """The UNet weights file minsdxl.load reads for this dtype (fp16 variant first for fp16)."""
+    try:
+        return checkpoint.weights_file(folder, "unet", dtype=DTYPES.get(dtype))
+    except checkpoint.CheckpointError:
+        raise ValueError(f"{folder} has no unet/diffusion_pytorch_model weights to hash") from None
 
 
 def _a1111_name(name: str) -> str:
@@ -695,7 +692,7 @@ def describe_checkpoint(path, config=None) -> dict:
             continue
         entry = {}
         try:
-            sd = comps[name].read(None, None) if hasattr(comps[name], "read") else comps[name]  # folders: lazy
+            sd = checkpoint.read_component(comps[name])  # a folder's file is read here
             entry["tensors"] = len(sd)
             entry.update(_module_info(build(sd, configs.get(name))))
         except (checkpoint.CheckpointError, OSError) as e:

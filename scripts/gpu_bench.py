@@ -9,7 +9,8 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
  3. full-size random SDXL base, bf16, CFG: ms per UNet step and seconds end to end (text encoders +
     N steps + VAE decode) for minsdxl eager, minsdxl compiled + Triton, diffusers eager (SDPA),
     diffusers + torch.compile; peak GPU memory of each;
- 4. parity: minsdxl vs diffusers final latents, same weights and seed (relative max difference).
+ 4. parity: minsdxl vs diffusers final latents, same weights and seed (relative max difference);
+ 5. (--offload) peak GPU memory of one image with and without model offload, both libraries.
 """
 
 import argparse
@@ -236,6 +237,43 @@ def parity(args, pipe, model, dtype):
     save(args)
 
 
+def offload_section(args, pipe, model):
+    """5. peak GPU memory of one image with and without model offload (minsdxl and diffusers)."""
+    import minsdxl
+
+    kw = dict(prompt="a photo of a cat", height=args.size, width=args.size, num_inference_steps=min(args.steps, 4))
+    dev, rows = args.device, []
+    log(f"\n5. model offload, {kw['num_inference_steps']} steps: peak GPU memory while generating one image")
+    for name in ("minsdxl", "minsdxl offload", "diffusers", "diffusers enable_model_cpu_offload"):
+        offload = name.endswith("offload")
+        if name.startswith("diffusers") and offload and dev != "cuda":
+            continue  # diffusers' offload needs an accelerator
+        if name.startswith("minsdxl"):
+            model.to("cpu" if offload else dev)
+            model.offload_device = dev if offload else None
+            run = lambda: minsdxl.text2img(model, **kw, seed=0, progress=False)  # noqa: E731
+        else:
+            if offload:
+                pipe.enable_model_cpu_offload()
+            else:
+                pipe.to(dev)
+            run = lambda: pipe(**kw, generator=torch.Generator("cpu").manual_seed(0))  # noqa: E731
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        run()
+        sync(dev)
+        secs = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+        rows.append(dict(config=name, seconds=secs, peak_gib=peak))
+        log(f"{name:36} {secs:8.2f} s {peak:8.2f} GiB")
+    model.offload_device = None
+    RESULTS["offload"] = rows
+    save(args)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_bench.json")
@@ -247,6 +285,7 @@ def main():
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--only", nargs="*", help="config names to time (default: all)")
+    ap.add_argument("--offload", action="store_true", help="also measure model offload's peak memory")
     args = ap.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -263,6 +302,8 @@ def main():
         pipe.to(dtype=dtype)
         model.to(dtype=dtype)
     run_configs(args, pipe, model)
+    if args.offload:  # last: it moves models around (and diffusers' offload hooks stay installed)
+        offload_section(args, pipe, model)
     log("\ndone")
 
 

@@ -136,6 +136,9 @@ def _check_common(model, a, mode):
         v = a.get(key)
         if v is not None and (not isinstance(v, float) or not 0.0 < v < 1.0):
             raise ValueError(f"{key} must be a float in (0, 1) (a fraction of the schedule), got {v!r}")
+    start, end = a.get("denoising_start"), a.get("denoising_end")
+    if start is not None and end is not None and start >= end:
+        raise ValueError(f"denoising_start={start} must be below denoising_end={end}")
 
 
 def _generator(a):
@@ -192,6 +195,50 @@ def _encode(model, a, cfg):
         negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
         device=_device(model),
     )
+
+
+@dataclass
+class _Setup:
+    """What all three functions make first: the cut schedule, the generator, the prompt embeddings."""
+
+    scheduler: Scheduler
+    timesteps: torch.Tensor
+    generator: object
+    embeds: tuple  # (prompt, negative, pooled, negative pooled) as encode_prompt returns them
+    cfg: bool
+
+    @property
+    def batch(self):
+        return self.embeds[0].shape[0]
+
+    @property
+    def dtype(self):
+        return self.embeds[0].dtype
+
+    @property
+    def pooled_dim(self):
+        return self.embeds[2].shape[-1]
+
+    def run(self, a, latents, time_ids) -> _Run:
+        pe, npe, ppe, nppe = self.embeds
+        return _Run(
+            latents,
+            self.timesteps,
+            self.scheduler,
+            torch.cat([npe, pe]) if self.cfg else pe,
+            torch.cat([nppe, ppe]) if self.cfg else ppe,
+            time_ids,
+            a["guidance_scale"],
+            a["guidance_rescale"],
+            self.generator,
+        )
+
+
+def _setup(model, a, strength=1.0, denoising_start=None) -> _Setup:
+    cfg = a["guidance_scale"] > 1.0
+    sched = _scheduler(model, a, a["num_inference_steps"])
+    timesteps = sched.select_timesteps(strength, denoising_start, a["denoising_end"])
+    return _Setup(sched, timesteps, _generator(a), _prompts(model, a, cfg), cfg)
 
 
 def _time_ids(model, ids, neg_ids, pooled_dim, dtype):
@@ -320,38 +367,24 @@ def text2img(
     _check_common(model, a, "text2img")
     sample = model.unet.config.sample_size * 8
     height, width = height or sample, width or sample
-    cfg = guidance_scale > 1.0
-    sched = _scheduler(model, a, num_inference_steps)
-    timesteps = sched.select_timesteps(denoising_end=denoising_end)
-    generator = _generator(a)
-    pe, npe, ppe, nppe = _prompts(model, a, cfg)
-    batch, device, dtype = pe.shape[0], _device(model), pe.dtype
+    st = _setup(model, a)
+    batch, device, dtype = st.batch, _device(model), st.dtype
     shape = (batch, 4, height // 8, width // 8)
     if latents is None:
-        latents = randn(shape, generator, device, dtype)
+        latents = randn(shape, st.generator, device, dtype)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape} (batch, 4, H/8, W/8)")
-    latents = latents.to(device) * sched.init_noise_sigma
+    latents = latents.to(device) * st.scheduler.init_noise_sigma
 
     original_size, target_size = original_size or (height, width), target_size or (height, width)
     ids = tuple(original_size) + tuple(crops_coords_top_left) + tuple(target_size)
     neg = ids
     if negative_original_size is not None and negative_target_size is not None:  # = __call__: both or nothing
         neg = tuple(negative_original_size) + tuple(negative_crops_coords_top_left) + tuple(negative_target_size)
-    ids, neg = _time_ids(model, ids, neg, ppe.shape[-1], dtype)
+    ids, neg = _time_ids(model, ids, neg, st.pooled_dim, dtype)
     # = __call__: cat([neg, pos]) THEN repeat per image, so the rows alternate neg/pos (a diffusers quirk)
-    time_ids = (torch.cat([neg, ids]) if cfg else ids).to(device).repeat(batch, 1)
-    run = _Run(
-        latents,
-        timesteps,
-        sched,
-        torch.cat([npe, pe]) if cfg else pe,
-        torch.cat([nppe, ppe]) if cfg else ppe,
-        time_ids,
-        guidance_scale,
-        guidance_rescale,
-        generator,
-    )
+    time_ids = (torch.cat([neg, ids]) if st.cfg else ids).to(device).repeat(batch, 1)
+    run = st.run(a, latents, time_ids)
     return _finish(model, run, a)
 
 
@@ -414,35 +447,19 @@ def img2img(
     base model's output_type="latent" for the refiner with denoising_start). Extras as text2img."""
     a = dict(locals())
     _check_common(model, a, "img2img")
-    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
-        raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
     x = to_tensor(image)  # checks the image type before any heavy work
-    cfg = guidance_scale > 1.0
-    sched = _scheduler(model, a, num_inference_steps)
-    timesteps = sched.select_timesteps(strength, denoising_start, denoising_end)
-    generator = _generator(a)
-    pe, npe, ppe, nppe = _prompts(model, a, cfg)
-    batch, device, dtype = pe.shape[0], _device(model), pe.dtype
+    st = _setup(model, a, strength, denoising_start)
+    batch, device, dtype, generator = st.batch, _device(model), st.dtype, st.generator
     if latents is None:  # = prepare_latents (skipped by diffusers when latents are given)
         init = x.to(device, dtype) if x.shape[1] == 4 else encode_image(model, x, generator, dtype)
         init = _spread(init, batch, "images")
         if denoising_start is None:  # a refiner handoff continues the base's noisy latents as they are
-            latents = sched.add_noise(init, randn(init.shape, generator, device, dtype), timesteps[:1])
+            latents = st.scheduler.add_noise(init, randn(init.shape, generator, device, dtype), st.timesteps[:1])
         else:
             latents = init
     height, width = (s * 8 for s in latents.shape[-2:])
-    time_ids = _refine_ids(model, a, height, width, ppe.shape[-1], dtype, batch, cfg)
-    run = _Run(
-        latents,
-        timesteps,
-        sched,
-        torch.cat([npe, pe]) if cfg else pe,
-        torch.cat([nppe, ppe]) if cfg else ppe,
-        time_ids,
-        guidance_scale,
-        guidance_rescale,
-        generator,
-    )
+    time_ids = _refine_ids(model, a, height, width, st.pooled_dim, dtype, batch, st.cfg)
+    run = st.run(a, latents, time_ids)
     return _finish(model, run, a)
 
 
@@ -494,8 +511,6 @@ def inpaint(
     _check_common(model, a, "inpaint")
     if mask_image is None:
         raise ValueError("inpaint needs mask_image= (white = repaint, black = keep), the size of the image")
-    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
-        raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
     _check_mask_matches(image, mask_image)
     sample = model.unet.config.sample_size * 8  # = inpaint __call__: the image is resized to height x width
     height, width = height or sample, width or sample
@@ -506,12 +521,8 @@ def inpaint(
     nine = model.unet.config.in_channels == 9
     if nine and init_image.shape[1] == 4 and masked_image_latents is None:
         raise ValueError("the 9-channel inpainting UNet needs a pixel image (or masked_image_latents=), not latents")
-    cfg = guidance_scale > 1.0
-    sched = _scheduler(model, a, num_inference_steps)
-    timesteps = sched.select_timesteps(strength, denoising_start, denoising_end)
-    generator = _generator(a)
-    pe, npe, ppe, nppe = _prompts(model, a, cfg)
-    batch, device, dtype = pe.shape[0], _device(model), pe.dtype
+    st = _setup(model, a, strength, denoising_start)
+    batch, device, dtype, generator, sched = st.batch, _device(model), st.dtype, st.generator, st.scheduler
     shape = (batch, 4, height // 8, width // 8)
     strength_max = strength == 1.0
 
@@ -528,7 +539,7 @@ def inpaint(
     if latents is None and denoising_start is None:
         noise = randn(shape, generator, device, dtype)
         latents = (
-            noise * sched.init_noise_sigma if strength_max else sched.add_noise(image_latents, noise, timesteps[:1])
+            noise * sched.init_noise_sigma if strength_max else sched.add_noise(image_latents, noise, st.timesteps[:1])
         )
     elif denoising_start is None:
         noise = latents.to(device)
@@ -547,21 +558,11 @@ def inpaint(
         masked_image_latents = masked_image_latents.repeat(batch // masked_image_latents.shape[0], 1, 1, 1)
 
     height, width = (s * 8 for s in latents.shape[-2:])
-    time_ids = _refine_ids(model, a, height, width, ppe.shape[-1], dtype, batch, cfg)
-    run = _Run(
-        latents,
-        timesteps,
-        sched,
-        torch.cat([npe, pe]) if cfg else pe,
-        torch.cat([nppe, ppe]) if cfg else ppe,
-        time_ids,
-        guidance_scale,
-        guidance_rescale,
-        generator,
-    )
+    time_ids = _refine_ids(model, a, height, width, st.pooled_dim, dtype, batch, st.cfg)
+    run = st.run(a, latents, time_ids)
     if nine:
-        run.mask = torch.cat([mask, mask]) if cfg else mask
-        run.masked_image_latents = torch.cat([masked_image_latents] * 2) if cfg else masked_image_latents
+        run.mask = torch.cat([mask, mask]) if st.cfg else mask
+        run.masked_image_latents = torch.cat([masked_image_latents] * 2) if st.cfg else masked_image_latents
     else:
         run.blend = (image_latents, noise, mask)
     return _finish(model, run, a)

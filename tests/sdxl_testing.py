@@ -193,6 +193,16 @@ def tiny_pipeline(kind: str, tokenizer_root, seed: int = 0):
     scheduler = diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER)
     common = dict(vae=vae.eval(), text_encoder_2=te2.eval(), tokenizer_2=tok2, unet=unet.eval(), scheduler=scheduler)
     if kind == "refiner":
+        return assemble_pipeline(kind, common)
+    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY_CLIP_L))
+    randomize_(te, seed + 3)
+    return assemble_pipeline(kind, common, te.eval(), transformers.CLIPTokenizer.from_pretrained(tok_dir))
+
+
+def assemble_pipeline(kind: str, common: dict, text_encoder=None, tokenizer=None):
+    """The diffusers pipeline class and flags for a kind (watermarker off): the refiner is img2img with
+    no CLIP-L, aesthetic-score conditioning and no zeroed negatives, as its model_index.json says."""
+    if kind == "refiner":
         return diffusers.StableDiffusionXLImg2ImgPipeline(
             text_encoder=None,
             tokenizer=None,
@@ -201,11 +211,8 @@ def tiny_pipeline(kind: str, tokenizer_root, seed: int = 0):
             add_watermarker=False,
             **common,
         )
-    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY_CLIP_L))
-    randomize_(te, seed + 3)
-    tok = transformers.CLIPTokenizer.from_pretrained(tok_dir)
     cls = diffusers.StableDiffusionXLInpaintPipeline if kind == "inpaint" else diffusers.StableDiffusionXLPipeline
-    return cls(text_encoder=te.eval(), tokenizer=tok, add_watermarker=False, **common)
+    return cls(text_encoder=text_encoder, tokenizer=tokenizer, add_watermarker=False, **common)
 
 
 def component_state_dicts(pipe) -> dict:
@@ -275,18 +282,5 @@ def full_size_pipeline(kind: str, dtype=torch.float32, device="cpu", seed: int =
         scheduler=diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER),
     )
     if kind == "refiner":
-        return diffusers.StableDiffusionXLImg2ImgPipeline(
-            text_encoder=None,
-            tokenizer=None,
-            requires_aesthetics_score=True,
-            force_zeros_for_empty_prompt=False,
-            add_watermarker=False,
-            **common,
-        )
-    cls = diffusers.StableDiffusionXLInpaintPipeline if kind == "inpaint" else diffusers.StableDiffusionXLPipeline
-    return cls(
-        text_encoder=parts["text_encoder"],
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_dir),
-        add_watermarker=False,
-        **common,
-    )
+        return assemble_pipeline(kind, common)
+    return assemble_pipeline(kind, common, parts["text_encoder"], transformers.CLIPTokenizer.from_pretrained(tok_dir))

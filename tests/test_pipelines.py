@@ -180,14 +180,19 @@ def test_inpaint(models, kind, strength):
     )
 
 
-def test_base_to_refiner_ensemble(models):
-    """denoising_end=0.8 on the base, denoising_start=0.8 on the refiner sharing text_encoder_2 and vae."""
-    (bpipe, base), (rpipe, refiner) = models["base"], models["refiner"]
-    rpipe = type(rpipe)(
+def _refiner_sharing_base(rpipe, bpipe):
+    """The diffusers refiner with the base's text_encoder_2 and vae, as minsdxl.load(share=base) does."""
+    return type(rpipe)(
         **{**rpipe.components, "vae": bpipe.vae, "text_encoder_2": bpipe.text_encoder_2},
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
     )
+
+
+def test_base_to_refiner_ensemble(models):
+    """denoising_end=0.8 on the base, denoising_start=0.8 on the refiner sharing text_encoder_2 and vae."""
+    (bpipe, base), (rpipe, refiner) = models["base"], models["refiner"]
+    rpipe = _refiner_sharing_base(rpipe, bpipe)
     kw = dict(prompt="a cat", num_inference_steps=10)
     ref_lat, got_lat = _run_both(bpipe, base, minsdxl.text2img, denoising_end=0.8, **kw, **SIZE)
     _assert_close(ref_lat, got_lat)
@@ -198,11 +203,7 @@ def test_base_to_refiner_ensemble(models):
 def test_base_then_refiner_img2img(models):
     """The second SDXL workflow: a finished base image, refined by img2img at strength 0.3."""
     (bpipe, base), (rpipe, refiner) = models["base"], models["refiner"]
-    rpipe = type(rpipe)(
-        **{**rpipe.components, "vae": bpipe.vae, "text_encoder_2": bpipe.text_encoder_2},
-        requires_aesthetics_score=True,
-        force_zeros_for_empty_prompt=False,
-    )
+    rpipe = _refiner_sharing_base(rpipe, bpipe)
     bpipe.set_progress_bar_config(disable=True)
     kw = dict(prompt="a cat", num_inference_steps=4)
     image = bpipe(**kw, **SIZE, generator=torch.Generator().manual_seed(8)).images

@@ -55,7 +55,7 @@ class SDXL:
         for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
             m = getattr(self, name)
             if m is not None:
-                m.to(device=device, dtype=_component_dtype(name, m, dtype))
+                m.to(device=device, dtype=_vae_dtype(m.config, dtype) if name == "vae" else dtype)
         return self
 
     @property
@@ -67,11 +67,9 @@ class SDXL:
         return self.unet.device
 
 
-def _component_dtype(name, module, dtype):
+def _vae_dtype(config, dtype):
     # = diffusers' upcast_vae: an fp16 VAE with force_upcast decodes in fp32; we keep it fp32 throughout
-    if name == "vae" and dtype == torch.float16 and module.config.force_upcast:
-        return torch.float32
-    return dtype
+    return torch.float32 if dtype == torch.float16 and config.force_upcast else dtype
 
 
 # ------------------------------------------------------------------------------------------------
@@ -506,7 +504,7 @@ def build_unet(sd, dtype=torch.float32, device="cpu", config_json=None) -> UNet2
 def build_vae(sd, dtype=torch.float32, device="cpu", config_json=None) -> AutoencoderKL:
     sd = {_legacy_vae(k): v for k, v in sd.items()}
     cfg = vae_config_from_state_dict(sd, _vae_base(config_json))
-    vae_dtype = _component_dtype("vae", type("C", (), {"config": cfg}), dtype)
+    vae_dtype = _vae_dtype(cfg, dtype)
     return _build(AutoencoderKL, cfg, sd, "VAE", vae_dtype, device)
 
 

@@ -710,7 +710,8 @@ def load(
     add_watermarker=None,
     offload=False,
 ) -> SDXL:
-    """Load an SDXL base, refiner or inpaint model from a diffusers folder or a single file.
+    """Load an SDXL base, refiner or inpaint model from a diffusers folder or a single file; the name
+    "tiny" loads the small SDXL-topology model bundled with minsdxl (see minsdxl.tiny).
 
     share: another loaded SDXL (the base) whose text_encoder_2, tokenizer_2 and VAE are reused (a
     refiner then costs only its UNet). vae: a path to a VAE (file or folder) overriding the model's.
@@ -723,6 +724,7 @@ def load(
     `device` only while each runs (for GPUs too small to hold all of SDXL at once).
     """
     offload_device, device = (str(device), "cpu") if offload else (None, device)
+    path = resolve(path)
     comps, configs = read_checkpoint(path, config)
     layout = "diffusers" if Path(path).is_dir() else "sgm"
     index = configs.get("model_index", {})
@@ -760,6 +762,20 @@ def load(
     return model
 
 
+def resolve(path) -> Path:
+    """A model path, or the bundled tiny model for the name "tiny" (a local folder named tiny: "./tiny")."""
+    from . import tiny
+
+    if str(path) != tiny.NAME:
+        return Path(path)
+    if not (tiny.PATH / "model_index.json").is_file():
+        raise CheckpointError(
+            f"the bundled tiny model is missing from this minsdxl install ({tiny.PATH}); reinstall minsdxl, or "
+            "train it again with `python scripts/train_tiny.py`"
+        )
+    return tiny.PATH
+
+
 def _tokenizer(folder, name, pad):
     # single files carry no tokenizer: the CLIP BPE vocabulary ships with minsdxl. SDXL's tokenizer_2
     # pads with "!" (id 0; diffusers' single-file loader forces pad_token="!"), tokenizer with EOS.
@@ -768,3 +784,140 @@ def _tokenizer(folder, name, pad):
     if folder and (Path(folder) / name).is_dir():
         return CLIPTokenizer.from_folder(Path(folder) / name)
     return CLIPTokenizer.bundled(pad_token=pad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing diffusers folders (config.json files as diffusers / transformers write them)
+
+
+def unet_config_json(cfg: UNetConfig) -> dict:
+    """diffusers' unet/config.json for a UNetConfig (diffusers' `attention_head_dim` is the head COUNT)."""
+    down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_layers]
+    up = ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in cfg.transformer_layers[::-1]]
+    return dict(
+        _class_name="UNet2DConditionModel",
+        sample_size=cfg.sample_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=list(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        transformer_layers_per_block=[d or cfg.mid_transformer_layers for d in cfg.transformer_layers],
+        attention_head_dim=[c // cfg.attention_head_dim for c in cfg.block_out_channels],
+        cross_attention_dim=cfg.cross_attention_dim,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=cfg.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=cfg.projection_class_embeddings_input_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        act_fn="silu",
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        center_input_sample=False,
+        upcast_attention=False,
+    )
+
+
+def vae_config_json(cfg: VAEConfig) -> dict:
+    n = len(cfg.block_out_channels)
+    out = dict(
+        _class_name="AutoencoderKL",
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        latent_channels=cfg.latent_channels,
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups,
+        scaling_factor=cfg.scaling_factor,
+        force_upcast=cfg.force_upcast,
+        sample_size=cfg.sample_size,
+        act_fn="silu",
+    )
+    return out if cfg.shift_factor is None else out | {"shift_factor": cfg.shift_factor}
+
+
+def text_config_json(cfg) -> dict:
+    """transformers' CLIPTextConfig as SDXL's text_encoder(_2)/config.json spell it: bos 0, eos 2, pad 1
+    (transformers then pools at input_ids.argmax(-1), as we do)."""
+    out = dict(
+        architectures=["CLIPTextModelWithProjection" if cfg.projection_dim else "CLIPTextModel"],
+        model_type="clip_text_model",
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_act=cfg.hidden_act,
+        layer_norm_eps=cfg.layer_norm_eps,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        attention_dropout=0.0,
+        dropout=0.0,
+        initializer_factor=1.0,
+        initializer_range=0.02,
+    )
+    return out | ({"projection_dim": cfg.projection_dim} if cfg.projection_dim else {})
+
+
+_PIPELINES = {
+    "base": "StableDiffusionXLPipeline",
+    "refiner": "StableDiffusionXLImg2ImgPipeline",
+    "inpaint": "StableDiffusionXLInpaintPipeline",
+}
+
+
+def save(model: SDXL, folder, dtype=None, variant: str | None = None) -> Path:
+    """Write `model` as a diffusers SDXL folder (model_index.json, scheduler/, unet/, vae/,
+    text_encoder*/, tokenizer*/) that minsdxl.load and diffusers' from_pretrained both read.
+    dtype: cast the weights on the way (e.g. torch.float16); variant: "fp16" names the weight files
+    *.fp16.safetensors. The folder must not exist yet: it is written under a temporary name and
+    renamed when complete, so a failure never leaves a half-written model."""
+    import shutil
+
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists; minsdxl.checkpoint.save writes a new folder (remove it first)")
+    tmp = folder.with_name(folder.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoders = ("text_encoder", "text_encoder_2") if model.text_encoder is not None else ("text_encoder_2",)
+    index = {"_class_name": _PIPELINES[model.kind], "_diffusers_version": "0.19.0"}
+    for name in encoders:
+        cls = "CLIPTextModelWithProjection" if name == "text_encoder_2" else "CLIPTextModel"
+        index[name] = ["transformers", cls]
+        index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+    if model.text_encoder is None:
+        index |= {"text_encoder": [None, None], "tokenizer": [None, None]}
+    scheduler = dict(model.scheduler_config) or {"_class_name": "EulerDiscreteScheduler"}
+    index |= {
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", scheduler.get("_class_name", "EulerDiscreteScheduler")],
+        "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt,
+    }
+    if model.kind == "refiner" or model.requires_aesthetics_score:
+        index["requires_aesthetics_score"] = model.requires_aesthetics_score
+    configs = {"unet": unet_config_json(model.unet.config), "vae": vae_config_json(model.vae.config)}
+    configs |= {name: text_config_json(getattr(model, name).config) for name in encoders}
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+        for name, cj in configs.items():
+            (tmp / name).mkdir()
+            (tmp / name / "config.json").write_text(json.dumps(cj, indent=2) + "\n")
+            save_safetensors(getattr(model, name).state_dict(), tmp / name / (_STEMS[name] + suffix), dtype)
+        for name in encoders:
+            name = name.replace("text_encoder", "tokenizer")
+            getattr(model, name).save(tmp / name)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -156,7 +156,9 @@ def build_parser():
     add("--overwrite",                 action="store_true",           help="replace existing output files")
     add("--from-png",                              default=None,      help="make the image this PNG's metadata "
                                                                            "describes again (flags given override)")
-    add("--model",                                 default=None,      help="diffusers SDXL folder or .safetensors")
+    add("--model",                                 default="tiny",    help="diffusers SDXL folder or .safetensors "
+                                                                           "(default: the bundled tiny model, which "
+                                                                           "draws coloured shapes)")
     add("--model-config",                          default=None,      help="diffusers folder with the configs of "
                                                                            "a non-SDXL single-file --model")
     add("--vae",                                   default=None,      help="VAE file or folder to use instead")
@@ -243,7 +245,8 @@ def _warn(message):  # also under -q, which only hides progress bars: these say 
 def generate(args, source=None) -> int:
     mode = "inpaint" if args.mask else "img2img" if args.init_image else "text2img"
     _check(args, mode)
-    if source is not None and args.model == source["args"].get("model") and not Path(args.model).exists():
+    model_path = checkpoint.resolve(args.model)
+    if source is not None and args.model == source["args"].get("model") and not model_path.exists():
         raise ValueError(
             f"{args.from_png} was made with the model {args.model}, which is not there any more; pass --model PATH "
             f"(its sha256 began {source.get('model', {}).get('hash')})"
@@ -499,7 +502,7 @@ def _generate_one(args, mode, base, refiner, init, mask, width, height, seed):
 def _describe_run(args, mode, base, refiner, sched, source) -> dict:
     """What every image of this run shares: files and their hashes, dtypes, scheduler."""
     t = time.perf_counter()
-    model = _file_info(args.model, base, args.dtype)
+    model = _file_info(checkpoint.resolve(args.model), base, args.dtype)
     about = {
         "mode": mode,
         "model": model,
@@ -647,7 +650,7 @@ def _peak_memory(device: str) -> str:
 
 def info(args) -> int:
     """Print what a checkpoint is; exit 1 when a component would not load."""
-    report = describe_checkpoint(args.path, args.config)
+    report = describe_checkpoint(checkpoint.resolve(args.path), args.config)
     print(json.dumps(report, indent=2) if args.json else _format_info(report))
     return 1 if any(c.get("problem") for c in report["components"].values()) else 0
 

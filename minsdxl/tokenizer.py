@@ -190,6 +190,32 @@ class CLIPTokenizer:
     def __len__(self) -> int:
         return len(self.decoder)
 
+    def save(self, folder) -> Path:
+        """Write a tokenizer folder like SDXL's published ones (vocab.json, merges.txt, tokenizer_config.json,
+        special_tokens_map.json) that from_folder and transformers' CLIPTokenizer.from_pretrained read."""
+        if len(self) != self.vocab_size:
+            raise ValueError(
+                "this tokenizer has added (textual-inversion) tokens; save the model without them, then load the "
+                "embeddings again with minsdxl.load_textual_inversion"
+            )
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        vocab = {t: i for t, i in self.encoder.items() if i < self.vocab_size}
+        merges = sorted(self.ranks, key=self.ranks.get)
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        lines = ["#version: 0.2", *(" ".join(m) for m in merges)]
+        (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        # bos/eos/unk as normalized AddedTokens and the pad token a plain string: the published SDXL files
+        added = {"content": None, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS}
+        special = {k: dict(added, content=v) for k, v in special.items()} | {"pad_token": self.pad_token}
+        config = {"add_prefix_space": False, "do_lower_case": True, "errors": "replace", "model_max_length": 77}
+        config |= {"tokenizer_class": "CLIPTokenizer", "clean_up_tokenization_spaces": True}
+        config |= {k: v if isinstance(v, str) else {"__type": "AddedToken", **v} for k, v in special.items()}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+        return folder
+
     def _add(self, token: str, normalized: bool) -> int:
         i = self.encoder.setdefault(token, len(self.decoder))
         # transformers decodes a normalized added token as its normalised text ("<Cat-Toy>" -> "<cat-toy>")

@@ -6,6 +6,7 @@ from dataclasses import replace
 import diffusers
 import torch
 
+from minsdxl.checkpoint import unet_config_json, vae_config_json
 from minsdxl.config import TEXT_PRESETS, TextConfig, UNetConfig, VAEConfig
 
 TINY_UNET = UNetConfig(
@@ -38,50 +39,12 @@ TINY_VAE = VAEConfig(block_out_channels=(8, 16, 32, 32), norm_num_groups=4, samp
 
 
 def diffusers_unet_config(cfg: UNetConfig) -> dict:
-    """The diffusers UNet2DConditionModel config for one of our configs (= model_index unet/config.json)."""
-    down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_layers]
-    up = ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in cfg.transformer_layers[::-1]]
-    layers = [d or cfg.mid_transformer_layers for d in cfg.transformer_layers]
-    return dict(
-        sample_size=cfg.sample_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=down,
-        up_block_types=up,
-        block_out_channels=list(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        transformer_layers_per_block=layers,
-        attention_head_dim=[c // cfg.attention_head_dim for c in cfg.block_out_channels],
-        cross_attention_dim=cfg.cross_attention_dim,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=cfg.addition_time_embed_dim,
-        projection_class_embeddings_input_dim=cfg.projection_class_embeddings_input_dim,
-        norm_num_groups=cfg.norm_num_groups,
-        act_fn="silu",
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        center_input_sample=False,
-        upcast_attention=False,
-    )
+    """The diffusers UNet2DConditionModel kwargs for one of our configs (= unet/config.json, minsdxl's writer)."""
+    return {k: v for k, v in unet_config_json(cfg).items() if not k.startswith("_")}
 
 
 def diffusers_vae_config(cfg: VAEConfig) -> dict:
-    n = len(cfg.block_out_channels)
-    return dict(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        latent_channels=cfg.latent_channels,
-        down_block_types=["DownEncoderBlock2D"] * n,
-        up_block_types=["UpDecoderBlock2D"] * n,
-        block_out_channels=list(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        norm_num_groups=cfg.norm_num_groups,
-        scaling_factor=cfg.scaling_factor,
-        force_upcast=cfg.force_upcast,
-        sample_size=cfg.sample_size,
-        act_fn="silu",
-    )
+    return {k: v for k, v in vae_config_json(cfg).items() if not k.startswith("_")}
 
 
 @torch.no_grad()

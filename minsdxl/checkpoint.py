@@ -792,6 +792,12 @@ def _tokenizer(folder, name, pad):
 
 def unet_config_json(cfg: UNetConfig) -> dict:
     """diffusers' unet/config.json for a UNetConfig (diffusers' `attention_head_dim` is the head COUNT)."""
+    if cfg.transformer_layers[-1] and cfg.mid_transformer_layers != cfg.transformer_layers[-1]:
+        raise ValueError(
+            "diffusers gives the mid block as many transformer layers as the last level "
+            f"({cfg.transformer_layers[-1]}), this UNet has {cfg.mid_transformer_layers}: its config cannot be "
+            "written for diffusers (add identity layers: all-zero weights, norms 1)"
+        )
     down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_layers]
     up = ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in cfg.transformer_layers[::-1]]
     return dict(

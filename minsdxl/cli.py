@@ -26,7 +26,7 @@ import PIL.Image
 import torch
 
 import minsdxl
-from minsdxl import checkpoint
+from minsdxl import checkpoint, tiny
 from minsdxl.image import watermark_available
 from minsdxl.metadata import SCHEMA, infotext, read_png_metadata, save_png, sha256, short_hash
 from minsdxl.schedulers import A1111_NAMES, SCHEDULERS
@@ -428,9 +428,9 @@ def _load(args, auto_dtype=False):
                 "text encoder or a 9-channel UNet); pass the refiner, e.g. stable-diffusion-xl-refiner-1.0"
             )
         _log(args, f"loaded refiner {args.refiner} in {time.perf_counter() - t:.1f} s (text encoder 2 and VAE shared)")
-    # absolute paths in the metadata, so --from-png works from any folder
+    # absolute paths in the metadata, so --from-png works from any folder ("tiny" stays a name)
     for name in ("model", "vae", "refiner", "model_config", "refiner_config", "init_image", "mask"):
-        if getattr(args, name):
+        if getattr(args, name) and not (name == "model" and args.model == tiny.NAME):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
     return base, refiner
 

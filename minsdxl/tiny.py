@@ -80,10 +80,10 @@ def foreground(image, background: str, threshold: float = 80.0) -> np.ndarray:
 
 def describe(image, background: str) -> dict:
     """Plain pixel statistics of a picture on a known background: the foreground's share of pixels, its
-    dominant colour (the most common nearest palette colour over foreground pixels) and its position
-    (the named position nearest the foreground's centroid). What the tests measure generations with."""
+    dominant colour (the most common nearest palette colour over foreground pixels), its centroid and
+    its position (the named position nearest that centroid). What the tests measure generations with."""
     mask = foreground(image, background)
-    out = {"area": float(mask.mean()), "color": None, "position": None}
+    out = {"area": float(mask.mean()), "color": None, "position": None, "centroid": None}
     if mask.sum() == 0:
         return out
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)[mask]
@@ -94,4 +94,5 @@ def describe(image, background: str) -> dict:
     ys, xs = np.nonzero(mask)
     centroid = np.array([xs.mean() + 0.5, ys.mean() + 0.5]) / mask.shape[1]
     out["position"] = min(POSITIONS, key=lambda p: np.linalg.norm(centroid - np.array(POSITIONS[p])))
+    out["centroid"] = tuple(float(v) for v in centroid)  # (x, y) as fractions of the side
     return out

@@ -24,7 +24,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from PIL import Image
 from minsdxl import tiny
 from minsdxl.checkpoint import SDXL
 from minsdxl.config import TextConfig, UNetConfig, VAEConfig
+from minsdxl.schedulers import SDXL_SCHEDULER_CONFIG as SCHEDULER
 from minsdxl.text_encoder import build_text_encoder
 from minsdxl.tokenizer import CLIPTokenizer
 from minsdxl.unet import UNet2DConditionModel
@@ -62,22 +63,6 @@ TEXT_G = TextConfig(
     hidden_act="gelu",
     projection_dim=48,
     pad_token_id=0,
-)
-SCHEDULER = dict(  # SDXL's scheduler/scheduler_config.json
-    _class_name="EulerDiscreteScheduler",
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    prediction_type="epsilon",
-    timestep_spacing="leading",
-    steps_offset=1,
-    interpolation_type="linear",
-    use_karras_sigmas=False,
-    clip_sample=False,
-    sample_max_value=1.0,
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
 )
 FORMS = ((True, True, 0.55), (True, False, 0.15), (False, True, 0.15), (False, False, 0.15))  # pos?, bg?, p
 
@@ -222,25 +207,41 @@ def train_unet(pool, mean, std, scale, steps: int, batch: int, t0: float, work: 
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
         avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
-        if step % 1000 == 0:  # a snapshot to look at while training goes on
-            torch.save(ema.state_dict(), work / "denoiser.pt")
+        if step % 500 == 0:  # a snapshot to look at while training goes on
+            torch.save(ema.state_dict(), work / "snapshot.pt")
         if step % 100 == 0 or step == steps:
             log(f"unet step {step}/{steps} loss {avg:.4f} lr {sched.get_last_lr()[0]:.2e}", t0)
     return ema.eval()
 
 
+def pad_mid_block(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """diffusers' UNet2DConditionModel gives its mid block as many transformer layers as the last level
+    (it has no separate setting), so a model trained with fewer is written with identity layers added:
+    all-zero weights make attn1, attn2 and the feed-forward each add exactly 0 to the residual stream."""
+    cfg = unet.config
+    if cfg.mid_transformer_layers >= cfg.transformer_layers[-1]:
+        return unet
+    padded = UNet2DConditionModel(replace(cfg, mid_transformer_layers=cfg.transformer_layers[-1]))
+    sd = unet.state_dict()
+    prefix = "mid_block.attentions.0.transformer_blocks."
+    for k, v in padded.state_dict().items():
+        if k not in sd:
+            assert k.startswith(prefix), k
+            sd[k] = torch.ones_like(v) if ".norm" in k and k.endswith("weight") else torch.zeros_like(v)
+    padded.load_state_dict(sd)
+    return padded.eval()
+
+
 def export(work: Path, out: Path) -> None:
     """The trained weights as a diffusers SDXL folder (fp16 files), loadable by minsdxl.load and by
     diffusers' StableDiffusionXLPipeline.from_pretrained."""
-    from dataclasses import replace
-
     meta = json.loads((work / "meta.json").read_text())
     vae = AutoencoderKL(replace(VAE, scaling_factor=meta["scaling_factor"]))
     vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True))
     den = Denoiser()
     den.load_state_dict(torch.load(work / "denoiser.pt", weights_only=True))
     model = SDXL(
-        unet=den.unet,
+        unet=pad_mid_block(den.unet),
         vae=vae,
         text_encoder=den.text_encoder,
         text_encoder_2=den.text_encoder_2,
@@ -289,8 +290,9 @@ def main(argv=None) -> None:
             vae.load_state_dict(torch.load(args.work / "vae.pt", weights_only=True))
             vae.eval()
         mean, std, scale = encode_pool(vae, pool)
-        torch.manual_seed(args.seed + 1)  # the UNet's init does not depend on how the VAE stage ran
         log(f"latent scaling factor {scale:.5f}", t0)
+        meta_path = args.work / "meta.json"
+        torch.manual_seed(args.seed + 1)  # the UNet's init does not depend on how the VAE stage ran
         den = train_unet(pool, mean, std, scale, args.unet_steps, args.batch, t0, args.work)
         torch.save(den.state_dict(), args.work / "denoiser.pt")
         meta = {
@@ -304,7 +306,7 @@ def main(argv=None) -> None:
             "held_out": held_out(),
             "configs": {"unet": asdict(UNET), "vae": asdict(VAE), "text_l": asdict(TEXT_L), "text_g": asdict(TEXT_G)},
         }
-        (args.work / "meta.json").write_text(json.dumps(meta, indent=1))
+        meta_path.write_text(json.dumps(meta, indent=1))
     export(args.work, args.out)
 
 

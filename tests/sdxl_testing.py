@@ -6,7 +6,7 @@ from dataclasses import replace
 import diffusers
 import torch
 
-from minsdxl.checkpoint import unet_config_json, vae_config_json
+from minsdxl.checkpoint import text_config_json, unet_config_json, vae_config_json
 from minsdxl.config import TEXT_PRESETS, TextConfig, UNetConfig, VAEConfig
 
 TINY_UNET = UNetConfig(
@@ -90,22 +90,10 @@ def hf_config(cfg: TextConfig):
     """transformers' CLIPTextConfig for one of our TextConfigs."""
     import transformers
 
-    # eos_token_id=2 as in SDXL's shipped text_encoder(_2)/config.json: transformers then pools at
-    # input_ids.argmax(-1), the same position open_clip/sgm use
-    return transformers.CLIPTextConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        hidden_act=cfg.hidden_act,
-        layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.projection_dim or 768,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
+    # SDXL's text_encoder(_2)/config.json values (eos_token_id=2: transformers pools at input_ids.argmax(-1),
+    # the position open_clip/sgm use), as minsdxl.checkpoint.save writes them
+    kw = {k: v for k, v in text_config_json(cfg).items() if k not in ("architectures", "model_type")}
+    return transformers.CLIPTextConfig(**(kw | {"projection_dim": cfg.projection_dim or 768}))
 
 
 # ---- tiny SDXL-topology pipelines (diffusers + transformers), saved as diffusers folders ----

@@ -188,6 +188,14 @@ def test_sgm_table_round_trip(tiny_base, tiny_refiner):
 # ---- errors: each names the problem and the fix ----
 
 
+def test_error_bundled_tiny_model_missing(tmp_path, monkeypatch):
+    from minsdxl import tiny
+
+    monkeypatch.setattr(tiny, "PATH", tmp_path / "gone")
+    with pytest.raises(CheckpointError, match="bundled tiny model is missing.*train_tiny.py"):
+        minsdxl.load("tiny")
+
+
 def test_error_missing_path(tmp_path):
     with pytest.raises(CheckpointError, match="no such file or folder"):
         minsdxl.load(tmp_path / "nope.safetensors")

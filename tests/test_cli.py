@@ -119,6 +119,9 @@ T2I_FLAGS = ["-p", T2I["prompt"], "-n", T2I["negative_prompt"], *SIZE, "--cfg", 
 T2I_FLAGS += ["--crop-top-left", "0,8", "--original-size", "128x96"]
 
 
+TINY_PROMPT = "a yellow circle at the bottom left on a black background"
+
+
 @pytest.fixture(scope="module")
 def runs(paths, tmp_path_factory):
     p = {k: str(v) for k, v in paths.items()}
@@ -149,6 +152,9 @@ def runs(paths, tmp_path_factory):
             ),
             "info_folder": (["minsdxl", "info", p["refiner"], "--json"], dirs["info"]),
             "info_broken": (["minsdxl", "info", p["broken"], "--config", p["base"], "--json"], dirs["info"]),
+            # no --model: the bundled tiny model, and README's first command
+            "tiny": (["minsdxl", "-p", TINY_PROMPT, "-s", "3", "-o", "tiny.png", "-q"], dirs["t2i"]),
+            "info_tiny": (["minsdxl", "info", "tiny"], dirs["info"]),
         },
         paths["cache"],
     )
@@ -214,6 +220,20 @@ def test_text2img_batch_metadata_and_api_parity(runs, api, paths):
     assert kw["crops_coords_top_left"] == [0, 8] and kw["original_size"] == [96, 128]
     assert kw["num_inference_steps"] == 2 and kw["guidance_scale"] == 6.0 and kw["seed"] == 6
     assert kw["negative_crops_coords_top_left"] == [0, 0]  # the API's defaults are recorded too
+
+
+def test_default_model_is_the_bundled_tiny_one(runs):
+    from minsdxl import tiny
+
+    _ok(runs["tiny"])
+    path = runs["dirs"]["t2i"] / "tiny.png"
+    _same(path, minsdxl.text2img(minsdxl.load("tiny"), TINY_PROMPT, seed=3, progress=False)[0])
+    found = tiny.describe(PIL.Image.open(path), "black")
+    assert (found["color"], found["position"]) == ("yellow", "bottom left")
+    meta = read_png_metadata(path)
+    assert meta["infotext"]["Model"] == "tiny" and meta["minsdxl"]["args"]["model"] == "tiny"
+    text = _ok(runs["info_tiny"]).stdout
+    assert "SDXL base" in text and "every component matches" in text
 
 
 def test_from_png_makes_the_same_image(runs):
@@ -319,7 +339,6 @@ def test_info(runs, tiny_base, tiny_refiner):
 # Errors: a clear message on stderr, exit code 1, no traceback, nothing written
 
 ERRORS = {
-    "no_model": (["-p", "x"], "huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0"),
     "missing_model": (["--model", "no/such/folder/sdxl"], "no such file or folder"),
     "hub_id_offline": (["--model", "stabilityai/stable-diffusion-xl-base-1.0"], "huggingface-cli download"),
     "unreadable_init": (["--model", "{base}", "-i", "{not_an_image}"], "cannot read the init image"),

@@ -53,3 +53,27 @@ def test_kernels_install_under_the_minsdxl_namespace():
         cwd="/",
     )
     assert out.stdout.strip() == "None"
+
+
+def test_wheel_ships_the_tiny_model(tmp_path):
+    """The bundled tiny model is package data: a wheel built from the source tree carries every file."""
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    from minsdxl import tiny
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".git", "tests", "build", "*.egg-info", "__pycache__"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
+        + [str(src)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("minsdxl-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"minsdxl/data/tiny/{f.relative_to(tiny.PATH).as_posix()}" for f in tiny.PATH.rglob("*") if f.is_file()}
+    assert "minsdxl/data/tiny/unet/diffusion_pytorch_model.safetensors" in shipped
+    assert shipped <= names, sorted(shipped - names)

@@ -72,10 +72,6 @@ UNRECORDED = (
     "callback_on_step_end_tensor_inputs",
     "progress",
 )
-GET_WEIGHTS = (
-    "minsdxl never downloads: get SDXL with e.g. `huggingface-cli download "
-    "stabilityai/stable-diffusion-xl-base-1.0 --local-dir sdxl-base`, then pass `--model sdxl-base`"
-)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,10 +281,6 @@ def generate(args, source=None) -> int:
 
 def _check(args, mode):
     """Every user error that needs no model, before anything heavy."""
-    if args.model is None:
-        raise ValueError(
-            f"no model given: pass --model PATH (a diffusers SDXL folder or a .safetensors file); {GET_WEIGHTS}"
-        )
     for flag, v in (("-W/--width", args.width), ("-H/--height", args.height)):
         if v is not None and (v <= 0 or v % 8):
             lo = max(v - v % 8, 8)

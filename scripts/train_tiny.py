@@ -23,6 +23,7 @@ Deterministic: one seed for numpy and torch, 2 threads.
 import argparse
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from minsdxl import tiny
-from minsdxl.checkpoint import SDXL
+from minsdxl.checkpoint import SDXL, save
 from minsdxl.config import TextConfig, UNetConfig, VAEConfig
 from minsdxl.schedulers import SDXL_SCHEDULER_CONFIG as SCHEDULER
 from minsdxl.text_encoder import build_text_encoder
@@ -250,10 +251,6 @@ def export(work: Path, out: Path) -> None:
         scheduler_config=SCHEDULER,
         kind="base",
     )
-    import shutil
-
-    from minsdxl.checkpoint import save
-
     shutil.rmtree(out, ignore_errors=True)  # this script owns the folder: replace it whole
     save(model, out, dtype=torch.float16)
     (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -303,7 +300,7 @@ def main(argv=None) -> None:
             "batch": args.batch,
             "scaling_factor": scale,
             "minutes": round((time.time() - t0) / 60, 1),  # this run (stage "unet": without the VAE)
-            "held_out": held_out(),
+            "held_out": excluded,
             "configs": {"unet": asdict(UNET), "vae": asdict(VAE), "text_l": asdict(TEXT_L), "text_g": asdict(TEXT_G)},
         }
         meta_path.write_text(json.dumps(meta, indent=1))

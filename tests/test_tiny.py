@@ -16,6 +16,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import minsdxl
 from minsdxl import tiny
@@ -144,8 +145,6 @@ def test_inpaint_repaints_the_mask_only(model):
     mask = np.zeros((tiny.SIZE, tiny.SIZE), np.uint8)
     h = tiny.SIZE // 2
     mask[h:, h:] = 255
-    from PIL import Image
-
     out = minsdxl.inpaint(
         model,
         "a blue square at the bottom right on a white background",

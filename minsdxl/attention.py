@@ -2,9 +2,10 @@
 
 Backends: "sdpa" (torch's scaled_dot_product_attention, the default and what diffusers'
 AttnProcessor2_0 calls), "math" (explicit softmax(q k^T / sqrt(d)) v in fp32, for debugging), and
-"triton" (minsdxl.kernels, imported lazily on first use). Select with `set_backend()` or the
-MINSDXL_ATTENTION environment variable. "triton" falls back to SDPA outside the kernel's envelope
-(CPU without TRITON_INTERPRET=1, head size > 128, masks, autograd).
+"triton" (minsdxl.kernels, imported lazily on first use). Per model: minsdxl.load(..., attention=...)
+(or minsdxl.set_attention(name, model)) sets each attention layer's `attention_backend`; process
+default: `set_backend()` or the MINSDXL_ATTENTION environment variable. "triton" falls back to SDPA
+outside the kernel's envelope (CPU without TRITON_INTERPRET=1, head size > 128, masks, autograd).
 """
 
 import os
@@ -27,19 +28,14 @@ def get_backend() -> str:
     return _backend
 
 
-# Below this many keys SDPA's flash backend wins: on an H200 (docs/performance.md) our kernel did
-# 4096x4096 self-attention at 374-384 TFLOP/s vs SDPA's 277-282, but took ~0.1 ms (launch and
-# dispatch overhead) where SDPA needs 0.02-0.05 ms for 1024 tokens or 77 cross-attention keys.
-TRITON_MIN_KEYS = 2048
-
-
 def _triton_fits(q, k) -> bool:
-    """The kernel's envelope (and where it pays); anything else (e.g. the VAE's single 512-wide head,
-    cross-attention's 77 keys) takes SDPA."""
+    """The kernel's envelope; anything else (e.g. the VAE's single 512-wide head) takes SDPA.
+    In GPU time the kernel beats SDPA's flash backend at every SDXL shape (H200, docs/performance.md),
+    but each call costs ~0.1 ms to launch: it pays with CUDA graphs (minsdxl.compile's default on
+    CUDA), not called eagerly on short sequences."""
     on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return (
         on_device
-        and (k.shape[-2] >= TRITON_MIN_KEYS or not q.is_cuda)
         and q.shape[-1] <= 128
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))  # the op has no backward
@@ -47,18 +43,22 @@ def _triton_fits(q, k) -> bool:
     )
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=None, backend: str | None = None
+) -> torch.Tensor:
     """q: [B, Lq, heads*d], k/v: [B, Lk, heads*d] -> [B, Lq, heads*d]. `mask` is an additive
-    [Lq, Lk] (or broadcastable) float mask, used by the causal CLIP text encoders."""
+    [Lq, Lk] (or broadcastable) float mask, used by the causal CLIP text encoders. `backend`: this
+    layer's choice (a model loaded with attention=...), None = the process default."""
+    backend = backend or _backend
     b, lq, c = q.shape
     d = c // heads
     # [B, L, H*D] -> [B, H, L, D]: a view, no copy (= diffusers' view(...).transpose(1, 2))
     q, k, v = (x.view(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
-    if _backend == "triton" and mask is None and _triton_fits(q, k):
+    if backend == "triton" and mask is None and _triton_fits(q, k):
         from minsdxl.kernels import flash_attention
 
         o = flash_attention(q, k, v)
-    elif _backend == "math":
+    elif backend == "math":
         s = (q.float() @ k.float().transpose(-1, -2)) * d**-0.5
         if mask is not None:
             s = s + mask

@@ -49,6 +49,7 @@ class SDXL:
     scheduler: str | None = None  # default scheduler name for this model (None: the config's class)
     add_watermarker: bool | None = None  # None: on when invisible-watermark is installed (as diffusers)
     offload_device: str | None = None  # model offload: components wait on the CPU, run here one at a time
+    cuda_graphs: bool = False  # compiled with CUDA graphs (minsdxl.compile(mode="reduce-overhead"))
 
     def to(self, device=None, dtype=None):
         """Move every component; with fp16 the VAE stays fp32 when its config says force_upcast."""
@@ -709,6 +710,8 @@ def load(
     scheduler=None,
     add_watermarker=None,
     offload=False,
+    attention=None,
+    compile=False,
 ) -> SDXL:
     """Load an SDXL base, refiner or inpaint model from a diffusers folder or a single file; the name
     "tiny" loads the small SDXL-topology model bundled with minsdxl (see minsdxl.tiny).
@@ -722,7 +725,13 @@ def load(
     add_watermarker: None = on when invisible-watermark is installed (diffusers' default), False = off.
     offload: keep the weights on the CPU and move the text encoders, then the UNet, then the VAE to
     `device` only while each runs (for GPUs too small to hold all of SDXL at once).
+    attention: "sdpa" | "triton" | "math" for this model's attention layers (None: the process default,
+    SDPA unless MINSDXL_ATTENTION says otherwise); "triton" = minsdxl's flash-attention kernel on CUDA.
+    compile: torch.compile the UNet and VAE decoder (minsdxl.compile(model): fullgraph, compiled once
+    per image size on the first call).
     """
+    if attention is not None and attention not in ("sdpa", "triton", "math"):
+        raise ValueError(f"attention={attention!r}: choose 'sdpa', 'triton' or 'math' (or None for the default)")
     offload_device, device = (str(device), "cpu") if offload else (None, device)
     path = resolve(path)
     comps, configs = read_checkpoint(path, config)
@@ -759,6 +768,13 @@ def load(
     if not refiner:
         model.text_encoder = component("text_encoder", build_text_encoder, False)
         model.tokenizer = _tokenizer(path if layout == "diffusers" else config, "tokenizer", pad="<|endoftext|>")
+    if attention is not None or compile:
+        from . import speed
+
+        if attention is not None:
+            speed.set_attention(attention, model)
+        if compile:
+            speed.compile(model)
     return model
 
 

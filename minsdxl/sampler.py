@@ -65,6 +65,8 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
     n = len(run.timesteps)
     t_unet = run.timesteps.to(x.device)  # once, not a host-to-device copy per step
     for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="denoising", leave=False)):
+        if getattr(model, "cuda_graphs", False):  # last step's UNet output buffers may be reused now
+            torch.compiler.cudagraph_mark_step_begin()
         x_in = s.scale_model_input(torch.cat([x, x]) if run.cfg else x, t)
         if state["mask"] is not None:
             x_in = torch.cat([x_in, state["mask"], state["masked_image_latents"]], dim=1)

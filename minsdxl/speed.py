@@ -1,20 +1,46 @@
 """Speed switches applied to a built model from outside (the model files stay plain PyTorch)."""
 
+import importlib.util
+
 from . import attention
 
 
-def compile(model, mode: str | None = None, fullgraph: bool = True, attention_backend: str | None = None):
+def compile(model, mode: str | None = "auto", fullgraph: bool = True, attention_backend: str | None = "auto"):
     """torch.compile the UNet and the VAE decoder in place (keys and attributes unchanged), with
     fullgraph=True: a graph break is an error, not a silent slowdown. Shapes stay static across the
     steps of a run, so each (batch, size) compiles once and is reused by later steps and calls.
-    attention_backend: "triton" | "sdpa" | "math", as minsdxl.attention.set_backend."""
+
+    mode: torch.compile's mode; "auto" = "reduce-overhead" (CUDA graphs: no per-kernel launch cost;
+    the sampler marks each step) for a model on a CUDA device, else None (inductor's default).
+    attention_backend: "triton" | "sdpa" | "math" for this model (as set_attention(name, model));
+    "auto" = "triton" with CUDA graphs when triton is installed, else left as it is.
+    On an H200, SDXL 1024^2, 30 steps, bf16: 31.5 ms per step with the defaults vs 40.1 ms without
+    CUDA graphs (docs/performance.md)."""
+    graphs_ok = model.unet.device.type == "cuda" and not getattr(model, "offload_device", None)
+    if mode == "auto":  # offload moves the weights every call, which CUDA graphs cannot replay
+        mode = "reduce-overhead" if graphs_ok else None
+    if attention_backend == "auto":
+        fast = mode == "reduce-overhead" and importlib.util.find_spec("triton") is not None
+        attention_backend = "triton" if fast else None
     if attention_backend is not None:
-        attention.set_backend(attention_backend)
+        set_attention(attention_backend, model)
     model.unet.compile(mode=mode, fullgraph=fullgraph)
     model.vae.decoder.compile(mode=mode, fullgraph=fullgraph)
+    # CUDA graphs reuse their output buffers: the sampler tells torch when a step's outputs are dead
+    model.cuda_graphs = mode in ("reduce-overhead", "max-autotune")
     return model
 
 
-def set_attention(backend: str) -> None:
-    """Select the attention backend for every model: "sdpa" (default), "math", or "triton"."""
-    attention.set_backend(backend)
+def set_attention(backend: str, model=None) -> None:
+    """Select the attention: "sdpa" (default), "math", or "triton". With a model, for every attention
+    layer of that model (UNet, VAE, text encoders) only; without, the process default."""
+    if backend not in attention.BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(attention.BACKENDS)}")
+    if model is None:
+        attention.set_backend(backend)
+        return
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        component = getattr(model, name, None)
+        for m in component.modules() if component is not None else ():
+            if hasattr(m, "attention_backend"):
+                m.attention_backend = backend

@@ -52,9 +52,10 @@ class CLIPAttention(nn.Module):
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
+        self.attention_backend: str | None = None  # None: minsdxl.attention's process default
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        o = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask=mask)
+        o = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask, self.attention_backend)
         return self.out_proj(o)
 
 

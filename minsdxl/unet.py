@@ -65,10 +65,11 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(kv_dim or dim, dim, bias=bias)
         # to_out[1] is diffusers' Dropout(0.0): kept so the key is `to_out.0.weight`
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.attention_backend: str | None = None  # None: minsdxl.attention's process default
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        o = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        o = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, backend=self.attention_backend)
         return self.to_out[0](o)
 
 

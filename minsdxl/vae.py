@@ -28,11 +28,12 @@ class VAEAttention(nn.Module):
         self.to_k = nn.Linear(ch, ch)
         self.to_v = nn.Linear(ch, ch)
         self.to_out = nn.ModuleList([nn.Linear(ch, ch), nn.Dropout(0.0)])  # keys to_out.0.*
+        self.attention_backend: str | None = None  # None: minsdxl.attention's process default
 
     def forward(self, x):
         b, c, h, w = x.shape
         t = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
-        o = self.to_out[0](attention(self.to_q(t), self.to_k(t), self.to_v(t), heads=1))
+        o = self.to_out[0](attention(self.to_q(t), self.to_k(t), self.to_v(t), 1, backend=self.attention_backend))
         return o.transpose(1, 2).reshape(b, c, h, w) + x
 
 

@@ -3,14 +3,18 @@
     python scripts/gpu_bench.py [--out bench.json] [--steps 30] [--size 1024] [--skip-compile]
     python scripts/gpu_bench.py --tiny --device cpu      # a dry run of every code path, no GPU
 
-Prints a table as it goes (a time-out still leaves numbers) and writes JSON after every section:
- 1. kernel correctness vs SDPA (fp16, bf16) at SDXL's attention shapes;
- 2. attention TFLOP/s at 1024 and 4096 tokens, Triton vs SDPA's flash backend;
- 3. full-size random SDXL base, bf16, CFG: ms per UNet step and seconds end to end (text encoders +
-    N steps + VAE decode) for minsdxl eager, minsdxl compiled + Triton, diffusers eager (SDPA),
-    diffusers + torch.compile; peak GPU memory of each;
- 4. parity: minsdxl vs diffusers final latents, same weights and seed (relative max difference);
- 5. (--offload) peak GPU memory of one image with and without model offload, both libraries.
+Prints a table as it goes (a time-out still leaves numbers) and writes JSON after every row:
+ 1. kernel correctness vs fp32 SDPA (fp16, bf16) at SDXL's attention shapes, both Triton kernels (TMA
+    descriptors and pointers), and their speed vs SDPA's flash backend: GPU time from CUDA-graph replays
+    (no launch overhead) and per call as launched (with it).
+ 2. parity: minsdxl vs diffusers final latents, same weights and seed (relative max difference);
+ 3. (--offload) peak GPU memory of one image with and without model offload, both libraries;
+ 4. full-size random SDXL base, bf16, CFG, end to end (text encoders + N steps + VAE decode) and ms per
+    denoising step (CUDA events at diffusers' callback_on_step_end, so the same loop is timed), peak GPU
+    memory, for minsdxl eager, diffusers eager (SDPA), minsdxl compiled + Triton without CUDA graphs,
+    diffusers + torch.compile, and minsdxl.compile's defaults on CUDA (CUDA graphs + Triton attention);
+    graphs compiled during the timed run (must be 0);
+    --profile writes the top GPU kernels of each compiled library to <out dir>/profile_*.txt.
 """
 
 import argparse
@@ -26,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # test helpers: random weights, tiny configs, tokenizer folders
 
 RESULTS: dict = {}
+ATTENTION_SHAPES = [(2, 10, 4096, 4096, 64), (2, 10, 4096, 77, 64), (2, 20, 1024, 1024, 64), (2, 20, 1024, 77, 64)]
 
 
 def log(*a):
@@ -42,8 +47,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench(fn, device, reps=10, warmup=2):
-    """Mean milliseconds per call (CUDA-synchronised wall clock)."""
+def wall_ms(fn, device, reps=10, warmup=2):
+    """Mean milliseconds per call, launch overhead included (synchronised wall clock)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -54,22 +59,54 @@ def bench(fn, device, reps=10, warmup=2):
     return (time.perf_counter() - t0) / reps * 1e3
 
 
+def gpu_ms(fn, device):
+    """Median GPU milliseconds per call from CUDA-graph replays (no launch gaps); wall clock on CPU."""
+    if torch.device(device).type != "cuda":
+        return wall_ms(fn, device, reps=2, warmup=1)
+    from triton.testing import do_bench_cudagraph
+
+    fn()  # autotuning happens here, outside the capture
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. attention
+
+
 def attention_section(args):
     import torch.nn.functional as F
 
-    from minsdxl.kernels import flash_attention
+    from minsdxl.kernels import flash_attention, flash_attn
 
     dev = args.device
-    shapes = [(2, 10, 4096, 4096, 64), (2, 10, 4096, 77, 64), (2, 20, 1024, 1024, 64), (2, 20, 1024, 77, 64)]
-    if args.tiny:
-        shapes = [(1, 2, 64, 64, 64), (1, 2, 64, 77, 64)]
-    dtypes = [torch.float16, torch.bfloat16] if dev == "cuda" else [torch.float32]
-    log("\n1-2. attention: Triton kernel vs SDPA (layout [B, L, H*D] viewed as [B, H, L, D])")
+    shapes = ATTENTION_SHAPES if not args.tiny else [(1, 2, 64, 64, 64), (1, 2, 64, 77, 64)]
+    dtypes = [torch.bfloat16, torch.float16] if dev == "cuda" else [torch.float32]
+    log("\n1. attention: Triton (TMA / pointers) vs SDPA flash, [B, L, H*D] viewed as [B, H, L, D]")
+    log("   GPU ms = median of CUDA-graph replays; launched ms = per call with launch overhead;")
+    log("   sdpa = SDPA's flash backend (FlashAttention-2), default = the backend torch picks (cuDNN on Hopper)")
     log(
-        f"{'dtype':9} {'B,H,Lq,Lk,D':22} {'max|err|':>9} {'rel':>9} {'triton ms':>10} {'sdpa ms':>9} "
-        f"{'triton TF/s':>11} {'sdpa TF/s':>9}"
+        f"{'dtype':6} {'B,H,Lq,Lk,D':22} {'rel err tma':>11} {'rel ptrs':>9} {'tma GPU ms':>10} {'ptrs GPU':>9} "
+        f"{'sdpa GPU':>9} {'default GPU':>11} {'tma TF/s':>9} {'sdpa TF/s':>9} {'tma launched':>12} "
+        f"{'sdpa launched':>13}"
     )
     rows = []
+
+    def sdpa(q, k, v):
+        if dev != "cuda":
+            return F.scaled_dot_product_attention(q, k, v)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def triton(q, k, v, tma):  # tma: the TMA kernel at any length (False: the pointer kernel)
+        flash_attn._TMA, min_keys, flash_attn.TMA_MIN_KEYS = tma, flash_attn.TMA_MIN_KEYS, 0
+        try:
+            return flash_attention(q, k, v)
+        finally:
+            flash_attn._TMA, flash_attn.TMA_MIN_KEYS = True, min_keys
+
     for dtype in dtypes:
         for b, h, lq, lk, d in shapes:
 
@@ -78,35 +115,54 @@ def attention_section(args):
 
             q, k, v = mk(lq), mk(lk), mk(lk)
             ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-            out = flash_attention(q, k, v)
-            err = (out.float() - ref).abs().max().item()
-            rel = err / ref.abs().max().item()
+            row = dict(dtype=str(dtype), shape=(b, h, lq, lk, d), tma_fits=flash_attn._tma_fits(q, k, v, q))
             flops = 4 * b * h * lq * lk * d
-            t_tri = bench(lambda: flash_attention(q, k, v), dev)  # noqa: B023
-            if dev == "cuda":
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    t_ref = bench(lambda: F.scaled_dot_product_attention(q, k, v), dev)  # noqa: B023
-            else:
-                t_ref = bench(lambda: F.scaled_dot_product_attention(q, k, v), dev)  # noqa: B023
-            row = dict(
-                dtype=str(dtype),
-                shape=(b, h, lq, lk, d),
-                max_abs_err=err,
-                rel_err=rel,
-                triton_ms=t_tri,
-                sdpa_ms=t_ref,
-                triton_tflops=flops / t_tri / 1e9,
-                sdpa_tflops=flops / t_ref / 1e9,
-            )
+            for name, fn in [
+                ("tma", lambda: triton(q, k, v, True)),  # noqa: B023
+                ("ptrs", lambda: triton(q, k, v, False)),  # noqa: B023
+                ("sdpa", lambda: sdpa(q, k, v)),  # noqa: B023
+                ("sdpa_default", lambda: F.scaled_dot_product_attention(q, k, v)),  # noqa: B023  torch's pick
+            ]:
+                if name == "ptrs" and dtype != dtypes[0]:
+                    continue  # the fallback kernel: one dtype is enough
+                try:
+                    out = fn().float()
+                    row[f"{name}_rel_err"] = ((out - ref).abs().max() / ref.abs().max()).item()
+                    row[f"{name}_gpu_ms"] = gpu_ms(fn, dev)
+                    row[f"{name}_tflops"] = flops / row[f"{name}_gpu_ms"] / 1e9
+                    if name in ("tma", "sdpa"):
+                        row[f"{name}_launched_ms"] = wall_ms(fn, dev)
+                except Exception as e:  # a failure is a result: report it and go on
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    log(f"   {name} failed at {(b, h, lq, lk, d)} {dtype}: {row[f'{name}_error']}")
             rows.append(row)
+
+            def f(key, fmt, row=row):
+                return format(row[key], fmt) if key in row else "-"
+
             log(
-                f"{str(dtype)[6:]:9} {str((b, h, lq, lk, d)):22} {err:9.2e} {rel:9.2e} {t_tri:10.3f} {t_ref:9.3f} "
-                f"{row['triton_tflops']:11.1f} {row['sdpa_tflops']:9.1f}"
+                f"{str(dtype)[6:]:6} {str((b, h, lq, lk, d)):22} {f('tma_rel_err', '11.2e')} "
+                f"{f('ptrs_rel_err', '9.2e')} {f('tma_gpu_ms', '10.4f')} {f('ptrs_gpu_ms', '9.4f')} "
+                f"{f('sdpa_gpu_ms', '9.4f')} {f('sdpa_default_gpu_ms', '11.4f')} {f('tma_tflops', '9.1f')} "
+                f"{f('sdpa_tflops', '9.1f')} "
+                f"{f('tma_launched_ms', '12.4f')} {f('sdpa_launched_ms', '13.4f')}"
             )
-    RESULTS["attention"] = rows
-    save(args)
+            RESULTS["attention"] = rows
+            save(args)
+    return rows
+
+
+def fall_back_if_broken(rows) -> None:
+    """If the TMA kernel failed anywhere, the rest of the run uses the pointer kernel (and says so)."""
+    from minsdxl.kernels import flash_attn
+
+    if any("tma_error" in r for r in rows):
+        flash_attn._TMA = False
+        log("   the TMA kernel failed: minsdxl's Triton attention uses the pointer kernel in this run")
+
+
+# ------------------------------------------------------------------------------------------------
+# models
 
 
 def build(args):
@@ -128,70 +184,28 @@ def build(args):
     return pipe, model
 
 
-def run_configs(args, pipe, model):
+def generate(which, pipe, model, kw, callback=None):
     import minsdxl
-    from minsdxl import attention
 
-    dev, size, steps = args.device, args.size, args.steps
-    kw = dict(
-        prompt="a photo of an astronaut riding a horse",
-        height=size,
-        width=size,
-        num_inference_steps=steps,
-        guidance_scale=5.0,
-    )
-    cfg = model.unet.config
-    lat = size // 8
-    g = torch.Generator(dev).manual_seed(0)
-    x = torch.randn(2, 4, lat, lat, device=dev, dtype=model.unet.dtype, generator=g)
-    ctx = torch.randn(2, 77, cfg.cross_attention_dim, device=dev, dtype=x.dtype, generator=g)
-    text = torch.randn(2, 1280 if not args.tiny else 32, device=dev, dtype=x.dtype, generator=g)
-    ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, device=dev, dtype=x.dtype)
-    t = torch.tensor(500.0, device=dev)
+    if which == "diffusers":
+        gen = torch.Generator("cpu").manual_seed(0)
+        return pipe(**kw, generator=gen, callback_on_step_end=callback).images
+    return minsdxl.text2img(model, **kw, seed=0, progress=False, callback_on_step_end=callback)
 
-    def unet_step(which):
-        if which == "diffusers":
-            return lambda: pipe.unet(x, t, ctx, added_cond_kwargs={"text_embeds": text, "time_ids": ids}).sample
-        return lambda: model.unet(x, t, ctx, text, ids)
 
-    def e2e(which):
-        if which == "diffusers":
-            return lambda: pipe(**kw, generator=torch.Generator("cpu").manual_seed(0), output_type="pil").images
-        return lambda: minsdxl.text2img(model, **kw, seed=0, progress=False)
+def peak_gib(dev):
+    return torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
 
-    configs = [("minsdxl eager (sdpa)", "minsdxl", "sdpa", False), ("diffusers eager (sdpa)", "diffusers", None, False)]
-    if not args.skip_compile:
-        configs += [
-            ("minsdxl compile+triton", "minsdxl", "triton", True),
-            ("diffusers compile", "diffusers", None, True),
-        ]
-    log(f"\n3. SDXL base, {x.dtype}, {size}x{size}, {steps} steps, CFG (batch 2 per UNet call), device {dev}")
-    log(f"{'config':26} {'first run s':>11} {'ms/UNet step':>12} {'end-to-end s':>12} {'peak GiB':>9}")
-    rows = RESULTS.setdefault("sdxl", [])
-    for name, which, backend, compiled in configs:
-        if args.only and not any(o in name for o in args.only):
-            continue
-        if backend:
-            attention.set_backend(backend)
-        if compiled:
-            if which == "minsdxl":
-                minsdxl.compile(model)
-            else:
-                pipe.unet.compile(fullgraph=True)
-                pipe.vae.decoder.compile(fullgraph=True)
-        if dev == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        e2e(which)()  # warm-up (compiles when compiled)
-        sync(dev)
-        first = time.perf_counter() - t0
-        step_ms = bench(unet_step(which), dev, reps=5 if args.tiny else 10)
-        end_s = bench(e2e(which), dev, reps=1, warmup=0) / 1e3
-        peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
-        rows.append(dict(config=name, first_run_s=first, ms_per_unet_step=step_ms, end_to_end_s=end_s, peak_gib=peak))
-        log(f"{name:26} {first:11.1f} {step_ms:12.1f} {end_s:12.2f} {peak:9.2f}")
-        save(args)
-    attention.set_backend("sdpa")
+
+def reset_peak(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. parity
 
 
 def parity(args, pipe, model, dtype):
@@ -230,48 +244,173 @@ def parity(args, pipe, model, dtype):
     )
     RESULTS.setdefault("parity", []).append(res)
     log(
-        f"\n4. parity, {dtype}, {steps} steps: final latents max|diff|/max|ref| = {rel:.3e}, "
+        f"\n2. parity, {dtype}, {steps} steps: final latents max|diff|/max|ref| = {rel:.3e}, "
         f"mean|diff|/mean|ref| = {mean:.3e}; max|ref| {res['max_abs_ref']:.3g}, max|ours| {res['max_abs_got']:.3g}; "
         f"first non-finite step {first_bad or 'none'}"
     )
     save(args)
 
 
-def offload_section(args, pipe, model):
-    """5. peak GPU memory of one image with and without model offload (minsdxl and diffusers)."""
-    import minsdxl
+# ------------------------------------------------------------------------------------------------
+# 3. offload
 
-    kw = dict(prompt="a photo of a cat", height=args.size, width=args.size, num_inference_steps=min(args.steps, 4))
+
+def offload_section(args, pipe, model):
+    """Peak GPU memory of one image with and without model offload (minsdxl and diffusers), each measured
+    with only that library's weights on the GPU. Leaves both on the device (no longer sharing tensors)."""
     dev, rows = args.device, []
-    log(f"\n5. model offload, {kw['num_inference_steps']} steps: peak GPU memory while generating one image")
-    for name in ("minsdxl", "minsdxl offload", "diffusers", "diffusers enable_model_cpu_offload"):
+    kw = dict(prompt="a photo of a cat", height=args.size, width=args.size, num_inference_steps=min(args.steps, 4))
+    log(f"\n3. model offload, {kw['num_inference_steps']} steps: peak GPU memory while generating one image")
+    pipe.to("cpu")  # minsdxl's tensors keep the shared GPU storage alive until the model moves too
+    for name in ("minsdxl offload", "minsdxl", "diffusers", "diffusers enable_model_cpu_offload"):
         offload = name.endswith("offload")
-        if name.startswith("diffusers") and offload and dev != "cuda":
+        if name == "diffusers enable_model_cpu_offload" and dev != "cuda":
             continue  # diffusers' offload needs an accelerator
         if name.startswith("minsdxl"):
             model.to("cpu" if offload else dev)
             model.offload_device = dev if offload else None
-            run = lambda: minsdxl.text2img(model, **kw, seed=0, progress=False)  # noqa: E731
+            which = "minsdxl"
         else:
+            model.to("cpu")
             if offload:
                 pipe.enable_model_cpu_offload()
             else:
                 pipe.to(dev)
-            run = lambda: pipe(**kw, generator=torch.Generator("cpu").manual_seed(0))  # noqa: E731
-        if dev == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            which = "diffusers"
+        reset_peak(dev)
         t0 = time.perf_counter()
-        run()
+        generate(which, pipe, model, kw)
         sync(dev)
         secs = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
-        rows.append(dict(config=name, seconds=secs, peak_gib=peak))
-        log(f"{name:36} {secs:8.2f} s {peak:8.2f} GiB")
+        rows.append(dict(config=name, seconds=secs, peak_gib=peak_gib(dev)))
+        log(f"{name:36} {secs:8.2f} s {rows[-1]['peak_gib']:8.2f} GiB")
+        RESULTS["offload"] = rows
+        save(args)
     model.offload_device = None
-    RESULTS["offload"] = rows
-    save(args)
+    if dev == "cuda":
+        pipe.remove_all_hooks()
+    pipe.to(dev)
+    model.to(dev)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. end to end
+
+
+def unique_graphs():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def profile(args, which, pipe, model, kw, name):
+    """Top GPU kernels of a 3-step run (the compiled code is reused), written next to the JSON."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        generate(which, pipe, model, {**kw, "num_inference_steps": 3})
+        sync(args.device)
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    try:
+        table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
+    except Exception:  # newer torch names it device time
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    path = Path(args.out).parent / f"profile_{name}.txt"
+    path.write_text(table)
+    log(f"   profile of 3 steps ({name}) -> {path}")
+
+
+def run_configs(args, pipe, model):
+    import minsdxl
+
+    dev, size, steps = args.device, args.size, args.steps
+    kw = dict(
+        prompt="a photo of an astronaut riding a horse",
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+    )
+    # name, library, attention backend, compile mode (False: eager); "auto": minsdxl.compile's defaults
+    configs = [
+        ("minsdxl eager (sdpa)", "minsdxl", "sdpa", False),
+        ("diffusers eager (sdpa)", "diffusers", None, False),
+        ("minsdxl compile+triton", "minsdxl", "triton", None),
+        ("diffusers compile", "diffusers", None, None),
+        ("minsdxl compile defaults (cudagraphs+triton)", "minsdxl", "auto", "auto"),
+    ]
+    log(f"\n4. SDXL base, {model.unet.dtype}, {size}x{size}, {steps} steps, CFG (batch 2 per UNet call), device {dev}")
+    log(f"{'config':44} {'first run s':>11} {'ms/step':>8} {'end-to-end s':>12} {'peak GiB':>9} {'new graphs':>10}")
+    rows = RESULTS.setdefault("sdxl", [])
+    for name, which, backend, mode in configs:
+        if args.only and not any(o in name for o in args.only):
+            continue
+        if args.skip_compile and mode is not False:
+            continue
+        try:
+            minsdxl.set_attention(backend if backend and backend != "auto" else "sdpa", model)
+            if mode is not False:
+                torch._dynamo.reset()
+                if which == "minsdxl":
+                    minsdxl.compile(model, mode=mode, attention_backend=backend)
+                else:
+                    pipe.unet.compile(fullgraph=True, mode=mode)
+                    pipe.vae.decoder.compile(fullgraph=True, mode=mode)
+            reset_peak(dev)
+            t0 = time.perf_counter()
+            generate(which, pipe, model, kw)  # warm-up (compiles when compiled)
+            if which == "minsdxl" and model.cuda_graphs:  # CUDA graphs record on a graph's 2nd call: the VAE's
+                generate(which, pipe, model, {**kw, "num_inference_steps": 2})
+            sync(dev)
+            first = time.perf_counter() - t0
+            graphs = unique_graphs()
+            stamps = []
+
+            def stamp(*_, stamps=stamps):
+                if dev == "cuda":
+                    stamps.append(torch.cuda.Event(enable_timing=True))
+                    stamps[-1].record()
+                else:
+                    stamps.append(time.perf_counter())
+                return {}
+
+            t0 = time.perf_counter()
+            generate(which, pipe, model, kw, callback=stamp)
+            sync(dev)
+            end_s = time.perf_counter() - t0
+            if dev == "cuda":
+                step_ms = stamps[0].elapsed_time(stamps[-1]) / (len(stamps) - 1)
+            else:
+                step_ms = (stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1)
+            row = dict(
+                config=name,
+                first_run_s=first,
+                ms_per_step=step_ms,
+                end_to_end_s=end_s,
+                peak_gib=peak_gib(dev),
+                new_graphs_in_timed_run=unique_graphs() - graphs,
+            )
+            rows.append(row)
+            log(
+                f"{name:44} {first:11.1f} {step_ms:8.1f} {end_s:12.3f} {row['peak_gib']:9.2f} "
+                f"{row['new_graphs_in_timed_run']:10d}"
+            )
+            save(args)
+            if args.profile and mode is None:
+                profile(args, which, pipe, model, kw, which)
+        except Exception as e:  # report and go on to the next config
+            rows.append(dict(config=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
+            log(f"{name:44} FAILED: {rows[-1]['error']}")
+            save(args)
+        finally:
+            if mode is not False:  # back to eager for the next config
+                torch._dynamo.reset()
+                for m in (model.unet, model.vae.decoder, pipe.unet, pipe.vae.decoder):
+                    m._compiled_call_impl = None
+                model.cuda_graphs = False
+    minsdxl.set_attention("sdpa", model)
 
 
 def main():
@@ -286,14 +425,19 @@ def main():
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--only", nargs="*", help="config names to time (default: all)")
     ap.add_argument("--offload", action="store_true", help="also measure model offload's peak memory")
+    ap.add_argument("--profile", action="store_true", help="top GPU kernels of each compiled library")
     args = ap.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         RESULTS["device"] = torch.cuda.get_device_name()
-    RESULTS["torch"] = torch.__version__
-    log(f"torch {torch.__version__}, device {RESULTS.get('device', args.device)}")
+    import triton
+
+    RESULTS["torch"], RESULTS["triton"] = torch.__version__, triton.__version__
+    log(f"torch {torch.__version__}, triton {triton.__version__}, device {RESULTS.get('device', args.device)}")
+    t0 = time.perf_counter()
     if not args.skip_attention:
-        attention_section(args)
+        fall_back_if_broken(attention_section(args))
+        log(f"   [{time.perf_counter() - t0:.0f} s]")
     pipe, model = build(args)
     dtype = next(pipe.unet.parameters()).dtype
     if not args.skip_parity:  # eager, before anything is compiled; fp32 with TF32 off is the tight tier
@@ -301,10 +445,12 @@ def main():
         parity(args, pipe, model, torch.float32)
         pipe.to(dtype=dtype)
         model.to(dtype=dtype)
-    run_configs(args, pipe, model)
-    if args.offload:  # last: it moves models around (and diffusers' offload hooks stay installed)
+    log(f"   [{time.perf_counter() - t0:.0f} s]")
+    if args.offload:
         offload_section(args, pipe, model)
-    log("\ndone")
+        log(f"   [{time.perf_counter() - t0:.0f} s]")
+    run_configs(args, pipe, model)
+    log(f"\ndone in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

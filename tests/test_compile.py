@@ -1,6 +1,7 @@
 """minsdxl.compile on CPU: fullgraph torch.compile of the UNet and VAE decoder equals eager, and
 later steps and calls reuse the compiled code (a recompile is an error here)."""
 
+import pytest
 import torch
 import torch._dynamo
 from sdxl_testing import rel_err
@@ -31,3 +32,36 @@ def test_compile_matches_eager_without_recompiles(tiny_base):
         assert not (first == got).all()
     finally:
         torch._dynamo.reset()
+
+
+def test_attention_per_model(tiny_base):
+    # load(attention=...) sets the backend of that model's attention layers only, and "math" (fp32
+    # softmax(q k^T) v) gives SDPA's image; the process default is untouched
+    kw = dict(prompt="a red circle", height=64, width=64, output_type="pt", progress=False, num_inference_steps=2)
+    default = minsdxl.load(tiny_base[1])
+    math = minsdxl.load(tiny_base[1], attention="math")
+    parts = (math.unet, math.vae, math.text_encoder, math.text_encoder_2)
+    layers = [m for c in parts for m in c.modules() if hasattr(m, "attention_backend")]
+    assert {type(m).__name__ for m in layers} == {"Attention", "VAEAttention", "CLIPAttention"}
+    assert layers and all(m.attention_backend == "math" for m in layers)
+    assert all(m.attention_backend is None for m in default.unet.modules() if hasattr(m, "attention_backend"))
+    assert minsdxl.attention.get_backend() == "sdpa"
+    got, ref = minsdxl.text2img(math, **kw, seed=0), minsdxl.text2img(default, **kw, seed=0)
+    assert rel_err(got, ref) <= 1e-5  # same maths, other summation order
+    with pytest.raises(ValueError, match="attention='flash'.*'sdpa', 'triton' or 'math'"):
+        minsdxl.load(tiny_base[1], attention="flash")
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        minsdxl.set_attention("flash", default)
+
+
+def test_load_compile_and_cuda_graph_steps(tiny_base):
+    # load(compile=True) = minsdxl.compile(model); with CUDA graphs (reduce-overhead) the sampler marks
+    # each step for torch (on the CPU inductor skips the graphs, the marking must still run)
+    model = minsdxl.load(tiny_base[1], compile=True)
+    assert hasattr(model.unet, "_compiled_call_impl") and model.unet._compiled_call_impl is not None
+    assert not model.cuda_graphs
+    eager = minsdxl.load(tiny_base[1])
+    eager.cuda_graphs = True
+    kw = dict(prompt="a red circle", height=64, width=64, output_type="pt", progress=False, num_inference_steps=2)
+    ref = minsdxl.text2img(minsdxl.load(tiny_base[1]), **kw, seed=0)
+    assert torch.equal(minsdxl.text2img(eager, **kw, seed=0), ref)

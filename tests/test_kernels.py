@@ -32,6 +32,14 @@ if not (flash_attn._INTERPRET and isinstance(tl.zeros, InterpretedFunction)):
 ATOL, RTOL = 2e-5, 1e-5
 
 
+@pytest.fixture(params=["tma", "pointers"])
+def kernel(request, monkeypatch):
+    """Both kernels: TMA descriptors (Hopper, and every layout the UNet makes) and the pointer version."""
+    monkeypatch.setattr(flash_attn, "_TMA", request.param == "tma")
+    monkeypatch.setattr(flash_attn, "TMA_MIN_KEYS", 0)
+    return request.param
+
+
 def _heads(b: int, length: int, h: int, d: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
     """[B, H, L, D] as minsdxl.attention makes it: a transposed view of a [B, L, H*D] projection."""
     return torch.randn(b, length, h * d, generator=gen).to(dtype).view(b, length, h, d).transpose(1, 2)
@@ -59,7 +67,7 @@ def _attend_poisoned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         (1, 2, 50, 30, 8),  # below tl.dot's minimum of 16
     ],
 )
-def test_matches_sdpa(b, h, lq, lk, d):
+def test_matches_sdpa(b, h, lq, lk, d, kernel):
     gen = torch.Generator().manual_seed(lq + lk + d)
     q, k, v = _heads(b, lq, h, d, gen), _heads(b, lk, h, d, gen), _heads(b, lk, h, d, gen)
     assert not q.is_contiguous()
@@ -67,7 +75,7 @@ def test_matches_sdpa(b, h, lq, lk, d):
     torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=ATOL, rtol=RTOL)
 
 
-def test_many_small_blocks(monkeypatch):
+def test_many_small_blocks(monkeypatch, kernel):
     # Small blocks: several query blocks with a ragged last one, several whole key blocks plus a tail.
     monkeypatch.setitem(flash_attn._INTERPRET_BLOCKS, "BLOCK_M", 32)
     monkeypatch.setitem(flash_attn._INTERPRET_BLOCKS, "BLOCK_N", 16)
@@ -87,7 +95,7 @@ def test_peaked_scores():
     torch.testing.assert_close(o, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_any_strides():
+def test_any_strides(kernel):
     # q, k, v as slices of one fused [B, L, 3*H*D] projection, a contiguous [B, H, Lq, D] out.
     b, h, lq, d = 2, 3, 130, 64
     qkv = torch.randn(b, lq, 3, h, d, generator=torch.Generator().manual_seed(2)).permute(2, 0, 3, 1, 4)
@@ -96,7 +104,7 @@ def test_any_strides():
     torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=ATOL, rtol=RTOL)
 
 
-def test_fp16():
+def test_fp16(kernel):
     gen = torch.Generator().manual_seed(3)
     q, k, v = (_heads(2, n, 2, 64, gen, torch.float16) for n in (200, 77, 77))
     o = _attend_poisoned(q, k, v)
@@ -104,6 +112,22 @@ def test_fp16():
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     # p and the output are rounded to fp16 (ulp ~1e-3 near 1), sums are fp32: a couple of ulps
     torch.testing.assert_close(o.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_kernel_choice():
+    # the UNet's layout ([B, L, H*D] projections seen as [B, H, L, D]) goes through TMA; a head dim that is
+    # not contiguous, or rows not 16-byte aligned, cannot be described by a TMA descriptor: pointers
+    gen = torch.Generator().manual_seed(8)
+    q = _heads(2, 70, 4, 32, gen)
+    assert flash_attn._tma_fits(q, q, q, flash_attn._empty_out(q))
+    assert not flash_attn._tma_fits(q.transpose(-1, -2), q, q, q)
+    odd = torch.randn(2, 70, 4 * 3).view(2, 70, 4, 3).transpose(1, 2)  # rows of 12 bytes
+    assert not flash_attn._tma_fits(odd, odd, odd, odd)
+    o = _attend_poisoned(odd, odd, odd)  # and the pointer kernel takes it
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(odd, odd, odd), atol=ATOL, rtol=RTOL)
+    qt = torch.randn(2, 4, 32, 70, generator=gen).transpose(-1, -2)  # head dim strided
+    o = _attend_poisoned(qt, qt, qt)
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(qt, qt, qt), atol=ATOL, rtol=RTOL)
 
 
 def test_output_layout_feeds_attention_reshape_for_free():
@@ -151,33 +175,47 @@ def test_opcheck():
 # The interpreter never runs Triton's compiler. Compile the real kernel for Hopper (sm_90) in a process
 # without TRITON_INTERPRET: no GPU is needed, triton ships ptxas. Uses triton's ASTSource (as inductor does).
 _COMPILE_FOR_HOPPER = """
+import os, re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from minsdxl.kernels.flash_attn import _CONFIGS, _attn_fwd
+from minsdxl.kernels.flash_attn import _CONFIGS, _TMA_CONFIGS, _attn_fwd, _attn_fwd_tma
 
-for dtype, d, config in [("bf16", 64, _CONFIGS[2]), ("fp16", 80, _CONFIGS[1])]:
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+cases = [(_attn_fwd, "bf16", 64, _CONFIGS[2]), (_attn_fwd, "fp16", 80, _CONFIGS[1])]
+cases += [(_attn_fwd_tma, "bf16", 64, c) for c in _TMA_CONFIGS] + [(_attn_fwd_tma, "fp16", 80, _TMA_CONFIGS[0])]
+for fn, dtype, d, config in cases:
     consts = dict(HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), DOT_PRECISION="tf32", **config.kwargs)
     types = {"Q": "*" + dtype, "K": "*" + dtype, "V": "*" + dtype, "O": "*" + dtype, "qk_scale": "fp32"}
-    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in _attn_fwd.arg_names}
-    constexprs = {(i,): consts[n] for i, n in enumerate(_attn_fwd.arg_names) if n in consts}
+    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    constexprs = {(i,): consts[n] for i, n in enumerate(fn.arg_names) if n in consts}
     kernel = triton.compile(
-        ASTSource(_attn_fwd, signature, constexprs),
+        ASTSource(fn, signature, constexprs),
         target=GPUTarget("cuda", 90, 32),
         options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
     )
-    assert "wgmma.mma_async" in kernel.asm["ptx"], "no Hopper tensor-core instructions"
-    print(dtype, d, "compiled", flush=True)
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx, "no Hopper tensor-core instructions"
+    if fn is _attn_fwd_tma:
+        assert "cp.async.bulk.tensor" in ptx, "no TMA copies"
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        report = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+        spills = [int(n) for n in re.findall(r"(\\d+) bytes spill stores", report.stderr)]
+        assert spills and max(spills) == 0, (config, report.stderr)
+    print(fn.__name__, dtype, d, config, "compiled", flush=True)
 """
 
 
 def test_compiles_for_hopper():
+    # both kernels compile for sm_90 with wgmma; the TMA one with TMA copies and, at every autotuning
+    # config for head dim 64 (ptxas's report), no register spills: the reason it exists
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
-    assert run.stdout.count("compiled") == 2
+    assert run.stdout.count("compiled") == 3 + len(flash_attn._TMA_CONFIGS)
 
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):

@@ -79,6 +79,27 @@ def test_tiny_unet_matches_diffusers(cfg):
     assert outs[0].abs().max() > 0.1
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_tiny_unet_with_triton_attention_matches_diffusers(tma, monkeypatch):
+    # attention="triton" on CPU tensors runs minsdxl's kernel in Triton's interpreter (TRITON_INTERPRET=1,
+    # set by conftest): the kernel inside a whole UNet, judged by diffusers' UNet on the same weights
+    from minsdxl.kernels import flash_attn
+
+    monkeypatch.setattr(flash_attn, "TMA_MIN_KEYS", 0 if tma else 10**9)
+    calls = []
+    launch = flash_attn._launch
+    monkeypatch.setattr(flash_attn, "_launch", lambda *a: calls.append(a[1].shape) or launch(*a))
+    ref, ours = _pair(TINY_UNET, random_state_dict(diffusers_unet_config_model(TINY_UNET), seed=2))
+    layers = [m for m in ours.modules() if hasattr(m, "attention_backend")]
+    for m in layers:
+        m.attention_backend = "triton"
+    _check(ref, ours, TINY_UNET, 2, 16, 12, torch.tensor([500.0, 1.0]), seed=3)
+    # every attention layer (self and cross) of the 17 transformer layers went through the kernel once:
+    # level 1: 1 layer x (2 down + 3 up blocks), level 2: 2 x (2 + 3), mid: 2
+    assert len(calls) == len(layers) == 2 * (1 * 5 + 2 * 5 + 2)
+    assert {s[-2] for s in calls} >= {77, 8 * 6, 4 * 3}  # cross-attention keys and both token counts
+
+
 def diffusers_unet_config_model(cfg):
     with torch.device("meta"):
         return diffusers.UNet2DConditionModel(**diffusers_unet_config(cfg))

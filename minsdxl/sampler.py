@@ -164,16 +164,28 @@ def _device(model):
 
 @contextmanager
 def _on_device(model, *names):
-    """Model offload (load(..., offload=True)): move just these components to the device for the block."""
+    """Model offload (load(..., offload=True)): move just these components to the device for the block.
+    Inference never changes the weights, so nothing is copied back: the CPU tensors are kept and put back
+    afterwards and the device copies dropped (half the traffic of diffusers' move there and back)."""
     target = getattr(model, "offload_device", None)
     mods = [m for m in (getattr(model, n) for n in names) if m is not None] if target else []
+    kept = [
+        (sub, kind, name, t, t.data)
+        for m in mods
+        for sub in m.modules()
+        for kind in ("_parameters", "_buffers")
+        for name, t in getattr(sub, kind).items()
+        if t is not None
+    ]
     for m in mods:
         m.to(target)
     try:
         yield
     finally:
-        for m in mods:
-            m.to("cpu")
+        # whichever way Module.to converted (in place, new Parameter objects, swapped), restore both
+        for sub, kind, name, t, data in kept:
+            getattr(sub, kind)[name] = t
+            t.data = data
 
 
 def _prompts(model, a, cfg):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import speed
 from . import text_encoder as te
 from .config import (
     UNetConfig,
@@ -730,7 +731,7 @@ def load(
     compile: torch.compile the UNet and VAE decoder (minsdxl.compile(model): fullgraph, compiled once
     per image size on the first call).
     """
-    if attention is not None and attention not in ("sdpa", "triton", "math"):
+    if attention is not None and attention not in speed.attention.BACKENDS:  # before any weights are read
         raise ValueError(f"attention={attention!r}: choose 'sdpa', 'triton' or 'math' (or None for the default)")
     offload_device, device = (str(device), "cpu") if offload else (None, device)
     path = resolve(path)
@@ -768,13 +769,10 @@ def load(
     if not refiner:
         model.text_encoder = component("text_encoder", build_text_encoder, False)
         model.tokenizer = _tokenizer(path if layout == "diffusers" else config, "tokenizer", pad="<|endoftext|>")
-    if attention is not None or compile:
-        from . import speed
-
-        if attention is not None:
-            speed.set_attention(attention, model)
-        if compile:
-            speed.compile(model)
+    if attention is not None:
+        speed.set_attention(attention, model)
+    if compile:
+        speed.compile(model)
     return model
 
 

@@ -64,13 +64,17 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
     }
     n = len(run.timesteps)
     t_unet = run.timesteps.to(x.device)  # once, not a host-to-device copy per step
+    projected = None  # (embeds, their version, project_context(embeds)): the prompt's k, v for every step
     for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="denoising", leave=False)):
         if getattr(model, "cuda_graphs", False):  # last step's UNet output buffers may be reused now
             torch.compiler.cudagraph_mark_step_begin()
         x_in = s.scale_model_input(torch.cat([x, x]) if run.cfg else x, t)
         if state["mask"] is not None:
             x_in = torch.cat([x_in, state["mask"], state["masked_image_latents"]], dim=1)
-        eps = model.unet(x_in, t_unet[i], state["prompt_embeds"], state["add_text_embeds"], state["add_time_ids"])
+        embeds = state["prompt_embeds"]  # projected again only when a callback replaced or modified them
+        if projected is None or projected[0] is not embeds or projected[1] != embeds._version:
+            projected = (embeds, embeds._version, model.unet.project_context(embeds))
+        eps = model.unet(x_in, t_unet[i], projected[2], state["add_text_embeds"], state["add_time_ids"])
         if run.cfg:
             uncond, text = eps.chunk(2)
             eps = uncond + run.guidance_scale * (text - uncond)

@@ -68,9 +68,14 @@ class Attention(nn.Module):
         self.attention_backend: str | None = None  # None: minsdxl.attention's process default
 
     def forward(self, x, context=None):
-        context = x if context is None else context
-        o = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, backend=self.attention_backend)
-        return self.to_out[0](o)
+        """context: None (self-attention), the tokens to attend to, or their (k, v) already projected
+        by this layer (UNet2DConditionModel.project_context)."""
+        if isinstance(context, tuple):
+            k, v = context
+        else:
+            context = x if context is None else context
+            k, v = self.to_k(context), self.to_v(context)
+        return self.to_out[0](attention(self.to_q(x), k, v, self.heads, backend=self.attention_backend))
 
 
 class GEGLU(nn.Module):
@@ -117,12 +122,12 @@ class Transformer2DModel(nn.Module):
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(dim, heads, context_dim) for _ in range(depth))
         self.proj_out = nn.Linear(dim, dim)
 
-    def forward(self, x, context):
+    def forward(self, x, contexts: list):
         b, c, h, w = x.shape
         t = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, HW, C] tokens
         t = self.proj_in(t)
         for block in self.transformer_blocks:
-            t = block(t, context)
+            t = block(t, contexts.pop())
         t = self.proj_out(t)
         return t.reshape(b, h, w, c).permute(0, 3, 1, 2) + x
 
@@ -163,11 +168,11 @@ class DownBlock(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample2D(cout)]) if downsample else None
 
-    def forward(self, x, emb, context, skips: list):
+    def forward(self, x, emb, contexts, skips: list):
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, emb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, contexts)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -194,11 +199,11 @@ class UpBlock(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if upsample else None
 
-    def forward(self, x, emb, context, skips: list):
+    def forward(self, x, emb, contexts, skips: list):
         for j, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), emb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, contexts)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, size=skips[-1].shape[-2:])
         return x
@@ -214,9 +219,9 @@ class MidBlock(nn.Module):
             [Transformer2DModel(ch, heads, cfg.mid_transformer_layers, cfg.cross_attention_dim, g)]
         )
 
-    def forward(self, x, emb, context):
+    def forward(self, x, emb, contexts):
         x = self.resnets[0](x, emb)
-        return self.resnets[1](self.attentions[0](x, context), emb)
+        return self.resnets[1](self.attentions[0](x, contexts), emb)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -240,6 +245,7 @@ class UNet2DConditionModel(nn.Module):
         )
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.num_cross_attentions = len(self.cross_attentions())
 
     @property
     def dtype(self):
@@ -249,10 +255,31 @@ class UNet2DConditionModel(nn.Module):
     def device(self):
         return self.conv_in.weight.device
 
+    def cross_attentions(self) -> list[Attention]:
+        """Every attn2, in the order forward runs them (module registration order is forward order)."""
+        return [m.attn2 for m in self.modules() if isinstance(m, BasicTransformerBlock)]
+
+    def project_context(self, encoder_hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each cross-attention's (to_k, to_v) of the prompt tokens. The prompt is the same at every
+        denoising step, so the sampler projects it once and passes this list as encoder_hidden_states:
+        SDXL base runs 140 small GEMMs per step fewer (~0.8 ms of a 32 ms step in an H200 profile)."""
+        return [(a.to_k(encoder_hidden_states), a.to_v(encoder_hidden_states)) for a in self.cross_attentions()]
+
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids) -> torch.Tensor:
         """sample [B, C, h, w]; timestep float or tensor (scalar or [B]); encoder_hidden_states
-        [B, 77, context]; text_embeds (pooled) [B, 1280]; time_ids [B, 6] (base) or [B, 5] (refiner)."""
+        [B, 77, context] (or project_context's list of it); text_embeds (pooled) [B, 1280]; time_ids
+        [B, 6] (base) or [B, 5] (refiner)."""
         b = sample.shape[0]
+        if isinstance(encoder_hidden_states, torch.Tensor):
+            contexts = [encoder_hidden_states] * self.num_cross_attentions
+        elif len(encoder_hidden_states) == self.num_cross_attentions:
+            contexts = [tuple(kv) for kv in encoder_hidden_states]
+        else:
+            raise ValueError(
+                f"encoder_hidden_states: a list of {len(encoder_hidden_states)} (k, v) pairs for a UNet with "
+                f"{self.num_cross_attentions} cross-attention layers; make it with this UNet's project_context"
+            )
+        contexts.reverse()  # popped once per transformer block, in forward order (like skips)
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(1).expand(b) if t.ndim == 0 else t.expand(b)
         emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
@@ -263,8 +290,8 @@ class UNet2DConditionModel(nn.Module):
         x = self.conv_in(sample)
         skips = [x]  # pushed by every resnet/downsample on the way down, popped in reverse on the way up
         for block in self.down_blocks:
-            x = block(x, emb, encoder_hidden_states, skips)
-        x = self.mid_block(x, emb, encoder_hidden_states)
+            x = block(x, emb, contexts, skips)
+        x = self.mid_block(x, emb, contexts)
         for block in self.up_blocks:
-            x = block(x, emb, encoder_hidden_states, skips)
+            x = block(x, emb, contexts, skips)
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -4,7 +4,13 @@ Each library runs in a fresh subprocess (so peak RSS is its own), loading the sa
 written by bench_load.py (fp16 files, loaded as fp32), then generating one image. Prints seconds per
 UNet step (CFG, batch 2), end-to-end seconds (prompt encoding + steps + VAE decode) and peak RSS.
 
-    python scripts/bench_cpu.py [--workdir /tmp/minsdxl_bench] [--size 512] [--steps 2]
+Then (--reps N, default 5) the UNet step alone, interleaved in one process: minsdxl's UNet and
+diffusers' memory-map one fp32 file (no second copy) and take turns on the same inputs, so drift of
+this shared machine (one config measured 22-36 s in a row) hits both alike; prints median and min.
+minsdxl runs the step as its sampler does (the prompt's cross-attention k, v projected once per image,
+UNet2DConditionModel.project_context) and also with the prompt tokens, as diffusers does.
+
+    python scripts/bench_cpu.py [--workdir /tmp/minsdxl_bench] [--size 512] [--steps 2] [--reps 5]
 """
 
 import argparse
@@ -55,11 +61,61 @@ def measure(lib: str, work: Path, size: int, steps: int):
     print(json.dumps(dict(load_s=t1 - t0, generate_s=t2 - t1, s_per_step=step, peak_rss_gib=rss)))
 
 
+def interleaved(work: Path, size: int, reps: int):
+    import statistics
+
+    import diffusers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from sdxl_testing import diffusers_unet_config, meta_diffusers
+
+    from minsdxl.checkpoint import read_safetensors, save_safetensors
+    from minsdxl.config import UNET_PRESETS
+    from minsdxl.unet import UNet2DConditionModel
+
+    f32 = work / "unet_fp32.safetensors"
+    if not f32.exists():
+        fp16 = read_safetensors(work / "sdxl-base" / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+        save_safetensors({k: v.float() for k, v in fp16.items()}, f32)
+    sd = read_safetensors(f32)
+    cfg = UNET_PRESETS["base"]
+    with torch.device("meta"):
+        ours = UNet2DConditionModel(cfg)
+    ours.load_state_dict(sd, strict=True, assign=True)
+    ref = meta_diffusers(diffusers.UNet2DConditionModel, diffusers_unet_config(cfg), sd)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, size // 8, size // 8, generator=g)
+    ctx, pooled = torch.randn(2, 77, 2048, generator=g), torch.randn(2, 1280, generator=g)
+    ids, t = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32), torch.tensor(500.0)
+    with torch.inference_mode():
+        kv = ours.project_context(ctx)  # what the sampler does once per image
+        runs = {
+            "minsdxl (sampler's step)": lambda: ours(x, t, kv, pooled, ids),
+            "minsdxl (prompt tokens)": lambda: ours(x, t, ctx, pooled, ids),
+            "diffusers": lambda: ref(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample,
+        }
+        assert (runs["minsdxl (sampler's step)"]() - runs["diffusers"]()).abs().max() < 1e-3  # also faults pages in
+        times = {name: [] for name in runs}
+        for _ in range(reps):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    print(f"\nUNet step alone, {size}x{size} CFG batch 2, fp32, {reps} interleaved rounds (s)")
+    print(f"{'':26} {'median':>7} {'min':>7} {'median / diffusers':>18}")
+    base = statistics.median(times["diffusers"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:26} {med:7.2f} {min(ts):7.2f} {med / base:17.2f}x")
+    print(json.dumps(times))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/minsdxl_bench")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5, help="interleaved UNet-step rounds (0: skip)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -101,6 +157,8 @@ def main():
             f"ratio minsdxl/diffusers: step {m['s_per_step'] / d['s_per_step']:.2f}x, "
             f"generate {m['generate_s'] / d['generate_s']:.2f}x, peak RSS {m['peak_rss_gib'] / d['peak_rss_gib']:.2f}x"
         )
+    if args.reps:
+        interleaved(work, args.size, args.reps)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
  3. (--offload) peak GPU memory of one image with and without model offload, both libraries;
  4. full-size random SDXL base, bf16, CFG, end to end (text encoders + N steps + VAE decode) and ms per
     denoising step (CUDA events at diffusers' callback_on_step_end, so the same loop is timed), peak GPU
-    memory, for minsdxl eager, diffusers eager (SDPA), minsdxl compiled + Triton without CUDA graphs,
+    memory, the time before the first step (prompt encoding, latents) and after the last (VAE decode,
+    PIL images), the image's mean |difference| in 8-bit levels from the first timed row's (same seed), for
+    minsdxl eager, diffusers eager (SDPA), minsdxl compiled + Triton without CUDA graphs,
     diffusers + torch.compile, minsdxl.compile's defaults on CUDA (CUDA graphs + Triton attention), and
     last diffusers + torch.compile with CUDA graphs; graphs compiled during the timed run (must be 0);
     --profile writes the top GPU kernels of each compiled library to <out dir>/profile_*.txt.
@@ -193,6 +195,15 @@ def generate(which, pipe, model, kw, callback=None):
     return minsdxl.text2img(model, **kw, seed=0, progress=False, callback_on_step_end=callback)
 
 
+def image_levels(a, b):
+    """Mean |difference| of two PIL images in 8-bit levels (None without a reference)."""
+    import numpy as np
+
+    if b is None:
+        return None
+    return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
+
+
 def peak_gib(dev):
     return torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
 
@@ -344,8 +355,12 @@ def run_configs(args, pipe, model):
         ("diffusers compile+cudagraphs", "diffusers", None, "reduce-overhead"),
     ]
     log(f"\n4. SDXL base, {model.unet.dtype}, {size}x{size}, {steps} steps, CFG (batch 2 per UNet call), device {dev}")
-    log(f"{'config':44} {'first run s':>11} {'ms/step':>8} {'end-to-end s':>12} {'peak GiB':>9} {'new graphs':>10}")
+    log(
+        f"{'config':44} {'first run s':>11} {'ms/step':>8} {'end-to-end s':>12} {'before ms':>9} {'after ms':>8} "
+        f"{'peak GiB':>9} {'new graphs':>10} {'levels vs 1st':>13}"
+    )
     rows = RESULTS.setdefault("sdxl", [])
+    first_image = None
     for name, which, backend, mode in configs:
         if args.only and not any(o in name for o in args.only):
             continue
@@ -380,25 +395,38 @@ def run_configs(args, pipe, model):
                 return {}
 
             t0 = time.perf_counter()
-            generate(which, pipe, model, kw, callback=stamp)
+            stamp()  # the GPU is idle here and after the call: the first and last stamps are wall times
+            image = generate(which, pipe, model, kw, callback=stamp)[0]
             sync(dev)
             end_s = time.perf_counter() - t0
+            stamp()
+            sync(dev)  # the last event must have completed before elapsed_time
             if dev == "cuda":
-                step_ms = stamps[0].elapsed_time(stamps[-1]) / (len(stamps) - 1)
+                ms = [stamps[0].elapsed_time(e) for e in stamps]
             else:
-                step_ms = (stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1)
+                ms = [(t - stamps[0]) * 1e3 for t in stamps]
+            # stamps: call start, the end of each step, call end
+            step_ms = (ms[-2] - ms[1]) / (len(ms) - 3)
+            before_ms = ms[1] - step_ms  # prompt encoding, latents, timesteps: before the first step
+            after_ms = ms[-1] - ms[-2]  # VAE decode and the PIL images
             row = dict(
                 config=name,
                 first_run_s=first,
                 ms_per_step=step_ms,
                 end_to_end_s=end_s,
+                before_steps_ms=before_ms,
+                after_steps_ms=after_ms,
+                # same seed and weights: how far compiled / CUDA-graph / Triton output is from the first row's
+                mean_abs_levels_vs_first=image_levels(image, first_image),
                 peak_gib=peak_gib(dev),
                 new_graphs_in_timed_run=unique_graphs() - graphs,
             )
             rows.append(row)
+            first_image = image if first_image is None else first_image
             log(
-                f"{name:44} {first:11.1f} {step_ms:8.1f} {end_s:12.3f} {row['peak_gib']:9.2f} "
-                f"{row['new_graphs_in_timed_run']:10d}"
+                f"{name:44} {first:11.1f} {step_ms:8.1f} {end_s:12.3f} {before_ms:9.1f} {after_ms:8.1f} "
+                f"{row['peak_gib']:9.2f} {row['new_graphs_in_timed_run']:10d} "
+                f"{row['mean_abs_levels_vs_first'] or 0.0:13.2f}"
             )
             save(args)
             if args.profile and mode is None:

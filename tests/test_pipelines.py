@@ -302,3 +302,64 @@ def test_watermark_matches_diffusers(models):
     finally:
         model.add_watermarker = None
     assert not np.array_equal(np.asarray(plain[0]), np.asarray(got[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt"])
+def test_postprocess_equals_diffusers_bit_for_bit(dtype, output_type):
+    """Our uint8 conversion runs in torch before the copy to the host; diffusers' in numpy after it.
+    Exact equality, including out-of-range values and values that land exactly on .5 after * 255 (191
+    of the 256 planted in fp32; round half to even in both)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 24, 40, generator=g) * 2.4 - 1.2
+    halves = (torch.arange(256.0) + 0.5) / 255 * 2 - 1
+    x.view(-1)[:256] = halves
+    x = x.to(dtype)
+    ref = VaeImageProcessor().postprocess(x, output_type=output_type)
+    got = minsdxl.image.postprocess(x, output_type)
+    if output_type == "pil":
+        assert [i.size for i in got] == [i.size for i in ref]
+        ref, got = np.stack([np.asarray(i) for i in ref]), np.stack([np.asarray(i) for i in got])
+    assert type(got) is type(ref) and got.dtype == ref.dtype
+    assert (torch.as_tensor(got) == torch.as_tensor(ref)).all()
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_callback_on_step_end_changes_latents_and_conditioning(models, in_place):
+    """diffusers' semantics: called after each step with the asked-for tensors; what it returns
+    replaces them from the next step on. The prompt's cross-attention k, v are projected once per run,
+    so changing prompt_embeds (returned, or modified in place) must project them again."""
+    pipe, model = models["base"]
+    seen = {"diffusers": [], "minsdxl": []}
+
+    def callback(who):
+        def cb(_, i, t, kw):
+            seen[who].append((i, float(t), sorted(kw)))
+            if i == 0:
+                return {"latents": kw["latents"] * 0.9}
+            if i == 1 and in_place:
+                kw["prompt_embeds"].mul_(0.5)
+                return {}
+            if i == 1:
+                return {"prompt_embeds": kw["prompt_embeds"] * 0.5}
+            return {"add_text_embeds": kw["add_text_embeds"] * 2.0}
+
+        return cb
+
+    inputs = ["latents", "prompt_embeds", "add_text_embeds"]
+    kw = dict(prompt="a red circle", num_inference_steps=4, callback_on_step_end_tensor_inputs=inputs, **SIZE)
+    ref = pipe(
+        **kw,
+        callback_on_step_end=callback("diffusers"),
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).images
+    got = minsdxl.text2img(
+        model, **kw, callback_on_step_end=callback("minsdxl"), seed=0, output_type="latent", progress=False
+    )
+    assert seen["minsdxl"] == seen["diffusers"] and len(seen["minsdxl"]) == 4
+    _assert_close(ref, got)
+    plain = minsdxl.text2img(model, **{**kw, "output_type": "latent"}, seed=0, progress=False)
+    assert rel_err(plain, got) > 1e-3  # the callback's changes took effect

@@ -129,6 +129,23 @@ def test_timestep_forms_agree():
     assert not torch.equal(a, e)
 
 
+def test_projected_context_equals_the_prompt_tokens():
+    """project_context (the sampler's once-per-run k, v of the prompt) gives the same output bit for
+    bit, in forward order (each layer's own pair: a shuffled list changes the output); a list made for
+    another UNet is refused by name."""
+    cfg = TINY_UNET
+    _, ours = _pair(cfg, random_state_dict(diffusers_unet_config_model(cfg), seed=2))
+    x, ctx, text, ids = _inputs(cfg, 2, 16, 12, 0)
+    with torch.no_grad():
+        kv = ours.project_context(ctx)
+        assert len(kv) == ours.num_cross_attentions == 17  # 1 x (2 down + 3 up) + 2 x (2 + 3) + 2 mid
+        a = ours(x, 321.0, ctx, text, ids)
+        assert torch.equal(ours(x, 321.0, kv, text, ids), a)
+        assert not torch.equal(ours(x, 321.0, kv[1:] + kv[:1], text, ids), a)
+        with pytest.raises(ValueError, match="16 .k, v. pairs for a UNet with 17 cross-attention layers"):
+            ours(x, 321.0, kv[1:], text, ids)
+
+
 def _digest(t: torch.Tensor) -> str:
     """sha1 of a tensor's bytes: bit-identity checks without keeping a second copy in memory."""
     return hashlib.sha1(t.contiguous().reshape(-1).view(torch.uint8).numpy().data).hexdigest()

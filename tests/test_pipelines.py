@@ -363,3 +363,13 @@ def test_callback_on_step_end_changes_latents_and_conditioning(models, in_place)
     _assert_close(ref, got)
     plain = minsdxl.text2img(model, **{**kw, "output_type": "latent"}, seed=0, progress=False)
     assert rel_err(plain, got) > 1e-3  # the callback's changes took effect
+
+
+def test_progress_bar_shown_by_default_and_hidden_on_request(models, capsys):
+    _, model = models["base"]
+    kw = dict(prompt="a cat", num_inference_steps=3, output_type="latent", seed=0, **SIZE)
+    minsdxl.text2img(model, **kw)
+    err = capsys.readouterr().err
+    assert "denoising" in err and "/3" in err
+    minsdxl.text2img(model, **kw, progress=False)
+    assert "denoising" not in capsys.readouterr().err

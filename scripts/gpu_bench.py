@@ -13,10 +13,11 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
     denoising step (CUDA events at diffusers' callback_on_step_end, so the same loop is timed), peak GPU
     memory, the time before the first step (prompt encoding, latents) and after the last (VAE decode,
     PIL images), the image's mean |difference| in 8-bit levels from the first timed row's (same seed), for
-    minsdxl eager, diffusers eager (SDPA), minsdxl compiled + Triton without CUDA graphs,
-    diffusers + torch.compile, minsdxl.compile's defaults on CUDA (CUDA graphs + Triton attention), and
-    last diffusers + torch.compile with CUDA graphs; graphs compiled during the timed run (must be 0);
-    --profile writes the top GPU kernels of each compiled library to <out dir>/profile_*.txt.
+    minsdxl eager, diffusers eager (SDPA), diffusers + torch.compile, minsdxl.compile's defaults on CUDA
+    (CUDA graphs + Triton attention), and last diffusers + torch.compile with CUDA graphs (--all: also
+    minsdxl compiled + Triton without CUDA graphs); graphs compiled during the timed run (must be 0);
+    --profile writes the top GPU kernels of diffusers + torch.compile and of minsdxl.compile's defaults
+    to <out dir>/profile_*.txt.
 """
 
 import argparse
@@ -348,12 +349,13 @@ def run_configs(args, pipe, model):
     configs = [
         ("minsdxl eager (sdpa)", "minsdxl", "sdpa", False),
         ("diffusers eager (sdpa)", "diffusers", None, False),
-        ("minsdxl compile+triton", "minsdxl", "triton", None),
         ("diffusers compile", "diffusers", None, None),
         ("minsdxl compile defaults (cudagraphs+triton)", "minsdxl", "auto", "auto"),
         # not the issue's baseline (that is plain torch.compile), but the fair question for CUDA graphs
         ("diffusers compile+cudagraphs", "diffusers", None, "reduce-overhead"),
     ]
+    if args.all or args.only:  # an ablation (H200 run A: 40.1 ms/step), ~100 s of compiling: not by default
+        configs.insert(2, ("minsdxl compile+triton, no graphs", "minsdxl", "triton", None))
     log(f"\n4. SDXL base, {model.unet.dtype}, {size}x{size}, {steps} steps, CFG (batch 2 per UNet call), device {dev}")
     log(
         f"{'config':44} {'first run s':>11} {'ms/step':>8} {'end-to-end s':>12} {'before ms':>9} {'after ms':>8} "
@@ -429,7 +431,7 @@ def run_configs(args, pipe, model):
                 f"{row['mean_abs_levels_vs_first'] or 0.0:13.2f}"
             )
             save(args)
-            if args.profile and mode is None:
+            if args.profile and mode in (None, "auto"):
                 profile(args, which, pipe, model, kw, which)
         except Exception as e:  # report and go on to the next config
             rows.append(dict(config=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
@@ -454,7 +456,8 @@ def main():
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-parity", action="store_true")
-    ap.add_argument("--only", nargs="*", help="config names to time (default: all)")
+    ap.add_argument("--only", nargs="*", help="config names to time (default: all but the ablation)")
+    ap.add_argument("--all", action="store_true", help="also time minsdxl compiled without CUDA graphs")
     ap.add_argument("--offload", action="store_true", help="also measure model offload's peak memory")
     ap.add_argument("--profile", action="store_true", help="top GPU kernels of each compiled library")
     args = ap.parse_args()

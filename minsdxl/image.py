@@ -83,7 +83,7 @@ def postprocess(image: torch.Tensor, output_type: str = "pil"):
     if output_type == "np":
         return image.cpu().numpy()
     # numpy_to_pil's (x * 255).round().astype(uint8), done where the image is (fp32 multiply and
-    # round-half-to-even are the same in torch and numpy): a GPU copies back a quarter of the bytes
+    # round-half-to-even are the same in torch and numpy): a GPU copies back 1 byte per value, not 2 or 4,
     # and the host does no per-pixel work
     return [PIL.Image.fromarray(a) for a in (image * 255).round().to(torch.uint8).cpu().numpy()]
 

@@ -17,10 +17,15 @@ BACKENDS = ("sdpa", "math", "triton")
 _backend = os.environ.get("MINSDXL_ATTENTION", "sdpa")
 
 
+def check_backend(name: str, what: str = "unknown attention backend") -> None:
+    """The one check of a backend name (set_backend, set_attention, load(attention=...))."""
+    if name not in BACKENDS:
+        raise ValueError(f"{what} {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
 def set_backend(name: str) -> None:
     global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(name)
     _backend = name
 
 

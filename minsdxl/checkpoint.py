@@ -731,8 +731,8 @@ def load(
     compile: torch.compile the UNet and VAE decoder (minsdxl.compile(model): fullgraph, compiled once
     per image size on the first call).
     """
-    if attention is not None and attention not in speed.attention.BACKENDS:  # before any weights are read
-        raise ValueError(f"attention={attention!r}: choose 'sdpa', 'triton' or 'math' (or None for the default)")
+    if attention is not None:  # before any weights are read
+        speed.attention.check_backend(attention, "load(attention=...) got")
     offload_device, device = (str(device), "cpu") if offload else (None, device)
     path = resolve(path)
     comps, configs = read_checkpoint(path, config)

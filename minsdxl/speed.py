@@ -34,8 +34,7 @@ def compile(model, mode: str | None = "auto", fullgraph: bool = True, attention_
 def set_attention(backend: str, model=None) -> None:
     """Select the attention: "sdpa" (default), "math", or "triton". With a model, for every attention
     layer of that model (UNet, VAE, text encoders) only; without, the process default."""
-    if backend not in attention.BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(attention.BACKENDS)}")
+    attention.check_backend(backend)
     if model is None:
         attention.set_backend(backend)
         return

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import write_model  # noqa: E402
+from bench_load import ROOT, write_model  # noqa: E402
 
 KW = dict(prompt="a photo of an astronaut riding a horse", guidance_scale=5.0)
 
@@ -66,7 +66,7 @@ def interleaved(work: Path, size: int, reps: int):
 
     import diffusers
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))
     from sdxl_testing import diffusers_unet_config, meta_diffusers
 
     from minsdxl.checkpoint import read_safetensors, save_safetensors

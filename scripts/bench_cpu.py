@@ -6,9 +6,11 @@ UNet step (CFG, batch 2), end-to-end seconds (prompt encoding + steps + VAE deco
 
 Then (--reps N, default 5) the UNet step alone, interleaved in one process: minsdxl's UNet and
 diffusers' memory-map one fp32 file (no second copy) and take turns on the same inputs, so drift of
-this shared machine (one config measured 22-36 s in a row) hits both alike; prints median and min.
-minsdxl runs the step as its sampler does (the prompt's cross-attention k, v projected once per image,
-UNet2DConditionModel.project_context) and also with the prompt tokens, as diffusers does.
+this shared machine (one config measured 20-32 s in a row) hits both alike; prints median, min and
+the median of each round's ratio to diffusers (the order rotates each round). The negative half of
+the prompt is zeros, as generate() has it. minsdxl runs the step as its sampler does (the prompt's
+cross-attention k, v projected once per image, UNet2DConditionModel.project_context, which also
+skips the all-zero negative prompt's cross-attention) and also with the prompt tokens, as diffusers does.
 
     python scripts/bench_cpu.py [--workdir /tmp/minsdxl_bench] [--size 512] [--steps 2] [--reps 5]
 """
@@ -86,6 +88,7 @@ def interleaved(work: Path, size: int, reps: int):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, size // 8, size // 8, generator=g)
     ctx, pooled = torch.randn(2, 77, 2048, generator=g), torch.randn(2, 1280, generator=g)
+    ctx[0], pooled[0] = 0, 0  # the negative half, as generate() has it (force_zeros_for_empty_prompt)
     ids, t = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32), torch.tensor(500.0)
     with torch.inference_mode():
         kv = ours.project_context(ctx)  # what the sampler does once per image
@@ -96,17 +99,18 @@ def interleaved(work: Path, size: int, reps: int):
         }
         assert (runs["minsdxl (sampler's step)"]() - runs["diffusers"]()).abs().max() < 1e-3  # also faults pages in
         times = {name: [] for name in runs}
-        for _ in range(reps):
-            for name, fn in runs.items():
+        names = list(runs)
+        for i in range(reps):
+            for name in names[i % 3 :] + names[: i % 3]:  # rotate who goes first
                 t0 = time.perf_counter()
-                fn()
+                runs[name]()
                 times[name].append(time.perf_counter() - t0)
     print(f"\nUNet step alone, {size}x{size} CFG batch 2, fp32, {reps} interleaved rounds (s)")
-    print(f"{'':26} {'median':>7} {'min':>7} {'median / diffusers':>18}")
-    base = statistics.median(times["diffusers"])
+    print(f"{'':26} {'median':>7} {'min':>7} {'median / diffusers':>18} {'median of round ratios':>22}")
+    ref_t = times["diffusers"]
     for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:26} {med:7.2f} {min(ts):7.2f} {med / base:17.2f}x")
+        med, paired = statistics.median(ts), statistics.median(a / b for a, b in zip(ts, ref_t))
+        print(f"{name:26} {med:7.2f} {min(ts):7.2f} {med / statistics.median(ref_t):17.2f}x {paired:21.2f}x")
     print(json.dumps(times))
 
 

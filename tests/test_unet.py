@@ -142,8 +142,60 @@ def test_projected_context_equals_the_prompt_tokens():
         a = ours(x, 321.0, ctx, text, ids)
         assert torch.equal(ours(x, 321.0, kv, text, ids), a)
         assert not torch.equal(ours(x, 321.0, kv[1:] + kv[:1], text, ids), a)
-        with pytest.raises(ValueError, match="16 .k, v. pairs for a UNet with 17 cross-attention layers"):
+        with pytest.raises(ValueError, match="list of 16; this UNet needs one .k, v, zeros. for each of its 17"):
             ours(x, 321.0, kv[1:], text, ids)
+        with pytest.raises(ValueError, match="for a batch of 3: make it with this UNet's project_context"):
+            ours(torch.cat([x, x[:1]]), 321.0, kv, torch.cat([text, text[:1]]), torch.cat([ids, ids[:1]]))
+
+
+@pytest.mark.parametrize("zeros", [1, 2, 3])
+def test_all_zero_prompts_skip_cross_attention_with_the_same_output(zeros):
+    """CFG's negative prompt is all zeros with force_zeros_for_empty_prompt (SDXL base's default), so
+    k = v = 0 and each attn2 gives its to_out bias there. project_context leaves those leading rows out
+    and attn2 skips them (no to_q, attention or to_out), with the output of the full computation and of
+    diffusers on the prompt tokens."""
+    cfg = TINY_UNET
+    ref, ours = _pair(cfg, random_state_dict(diffusers_unet_config_model(cfg), seed=4))
+    x, ctx, text, ids = _inputs(cfg, 3, 16, 12, 0)
+    ctx[:zeros] = 0
+    ctx[zeros : zeros + 1, 5] = 0  # a zero token in a live prompt is not a zero prompt
+    rows = []
+    count = lambda m, args: rows.append(len(args[0]))  # noqa: E731
+    hooks = [a.to_q.register_forward_pre_hook(count) for a in ours.cross_attentions()]
+    with torch.no_grad():
+        kv = ours.project_context(ctx)
+        assert {n for _, _, n in kv} == {zeros} and {len(k) for k, _, _ in kv} == {3 - zeros}
+        got = ours(x, 321.0, kv, text, ids)
+        assert rows == ([3 - zeros] * 17 if zeros < 3 else [])  # the zero rows never reach to_q
+        for h in hooks:
+            h.remove()
+        full = ours(x, 321.0, ctx, text, ids)
+        expected = ref(x, 321.0, ctx, added_cond_kwargs={"text_embeds": text, "time_ids": ids}).sample
+    assert torch.equal(got, full)
+    assert rel_err(got, expected) <= TOL
+
+
+def test_every_conv_gets_nchw_input():
+    """Activations stay NCHW-contiguous, as in diffusers. A channels_last tensor (e.g. the transformer's
+    tokens permuted back without a copy) makes torch reorder the conv's weights at every call: on the
+    full UNet at 512x512 that was 0.8 s of weight copies per CPU step, and a different conv algorithm
+    than diffusers'."""
+    cfg = TINY_UNET
+    _, ours = _pair(cfg, random_state_dict(diffusers_unet_config_model(cfg), seed=3))
+    seen = []
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args: seen.append((m, args[0].is_contiguous())))
+        for m in ours.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    x, ctx, text, ids = _inputs(cfg, 2, 16, 12, 0)
+    with torch.no_grad():
+        out = ours(x, 500.0, ctx, text, ids)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == sum(isinstance(m, torch.nn.Conv2d) for m in ours.modules())
+    assert [name for name, m in ours.named_modules() for n, ok in seen if n is m and not ok] == []
+    assert out.is_contiguous()
 
 
 def _digest(t: torch.Tensor) -> str:

@@ -273,7 +273,7 @@ class UNet2DConditionModel(nn.Module):
         zeros: how many leading rows of the batch have all-zero tokens (CFG's negative half, which
         comes first, when force_zeros_for_empty_prompt). Their k, v are left out: bias-free to_k/to_v
         make them 0, so each attn2 gives exactly its to_out bias there, without to_q, attention or to_out
-        (-4.6 % of a 512x512 CFG step's FLOPs; bit-identical to computing it)."""
+        (4.1 % of a 512x512 CFG step's FLOPs, 3.7 % at 1024x1024; bit-identical to computing it)."""
         e = encoder_hidden_states
         zero = (e == 0).flatten(1).all(1).tolist()
         lead = next((i for i, z in enumerate(zero) if not z), len(zero))

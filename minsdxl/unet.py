@@ -73,13 +73,15 @@ class Attention(nn.Module):
         of the batch, whose prompt tokens are all zeros."""
         if isinstance(context, tuple):
             k, v, zeros = context
-            if zeros:  # k = v = 0 there (no bias), so attention gives 0 and this layer to_out's bias
-                bias = self.to_out[0].bias.expand(zeros, *x.shape[1:])
-                return torch.cat([bias, self(x[zeros:], (k, v, 0))]) if zeros < len(x) else bias.clone()
         else:
             context = x if context is None else context
-            k, v = self.to_k(context), self.to_v(context)
-        return self.to_out[0](attention(self.to_q(x), k, v, self.heads, backend=self.attention_backend))
+            k, v, zeros = self.to_k(context), self.to_v(context), 0
+        if zeros:  # the all-zero prompts' rows: k = v = 0 (no bias), attention gives 0, this layer to_out's bias
+            bias = self.to_out[0].bias.expand(zeros, *x.shape[1:])
+            if zeros == len(x):
+                return bias.clone()
+        o = self.to_out[0](attention(self.to_q(x[zeros:]), k, v, self.heads, backend=self.attention_backend))
+        return torch.cat([bias, o]) if zeros else o
 
 
 class GEGLU(nn.Module):

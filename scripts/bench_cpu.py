@@ -101,7 +101,7 @@ def interleaved(work: Path, size: int, reps: int):
         times = {name: [] for name in runs}
         names = list(runs)
         for i in range(reps):
-            for name in names[i % 3 :] + names[: i % 3]:  # rotate who goes first
+            for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate who goes first
                 t0 = time.perf_counter()
                 runs[name]()
                 times[name].append(time.perf_counter() - t0)

@@ -14,13 +14,16 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("sdpa", "math", "triton")
-_backend = os.environ.get("MINSDXL_ATTENTION", "sdpa")
 
 
 def check_backend(name: str, what: str = "unknown attention backend") -> None:
-    """The one check of a backend name (set_backend, set_attention, load(attention=...))."""
+    """The one check of a backend name (set_backend, set_attention, load(attention=...), MINSDXL_ATTENTION)."""
     if name not in BACKENDS:
         raise ValueError(f"{what} {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+_backend = os.environ.get("MINSDXL_ATTENTION") or "sdpa"
+check_backend(_backend, "the environment variable MINSDXL_ATTENTION is")
 
 
 def set_backend(name: str) -> None:
@@ -36,8 +39,9 @@ def get_backend() -> str:
 def _triton_fits(q, k) -> bool:
     """The kernel's envelope; anything else (e.g. the VAE's single 512-wide head) takes SDPA.
     In GPU time the kernel beats SDPA's flash backend at every SDXL shape (H200, docs/performance.md),
-    but each call costs ~0.1 ms to launch: it pays with CUDA graphs (minsdxl.compile's default on
-    CUDA), not called eagerly on short sequences."""
+    but each call costs ~0.1 ms to launch: it pays under CUDA graphs (minsdxl.compile's default on
+    CUDA); called eagerly on short sequences it is slower than SDPA (no length check here: "triton"
+    means the kernel wherever it fits)."""
     on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return (
         on_device

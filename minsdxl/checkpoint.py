@@ -3,7 +3,8 @@
 Everything is renamed to diffusers' keys, built on the meta device and loaded with assign=True from
 memory-mapped safetensors, so peak RAM is about one copy of the weights (none when no dtype change
 is needed). The sgm <-> diffusers mapping is ONE table (`sgm_table`), generated from the topology
-read off the keys, plus the few named tensor transforms in `TRANSFORMS`; it is used in both
+read off the keys, plus three tensor transforms (VAE attention squeeze, text_projection transpose,
+in_proj split; listed above `sgm_topology`, each marked where it is applied); it is used in both
 directions (`sgm_to_diffusers`, `diffusers_to_sgm`).
 """
 
@@ -24,6 +25,7 @@ from .config import (
     unet_config_from_state_dict,
     vae_config_from_state_dict,
 )
+from .schedulers import SDXL_SCHEDULER_CONFIG
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
@@ -343,7 +345,6 @@ def _is_vae_attn_weight(key):
 #  - VAE mid attention: sgm 1x1 convs [c, c, 1, 1] <-> diffusers Linear [c, c]
 #  - open_clip text_projection is applied as x @ P; a Linear computes x @ W^T: transpose
 #  - open_clip's fused attn.in_proj_{weight,bias} [3d, ...] <-> q_proj / k_proj / v_proj (order q, k, v)
-TRANSFORMS = ("vae_attn_squeeze", "text_projection_transpose", "in_proj_split")
 
 
 def sgm_topology(keys) -> Topology:
@@ -728,8 +729,11 @@ def load(
     `device` only while each runs (for GPUs too small to hold all of SDXL at once).
     attention: "sdpa" | "triton" | "math" for this model's attention layers (None: the process default,
     SDPA unless MINSDXL_ATTENTION says otherwise); "triton" = minsdxl's flash-attention kernel on CUDA.
-    compile: torch.compile the UNet and VAE decoder (minsdxl.compile(model): fullgraph, compiled once
-    per image size on the first call).
+    compile: torch.compile the UNet, VAE decoder and text encoders (minsdxl.compile(model): fullgraph,
+    compiled once per image size on the first call; on CUDA with CUDA graphs and, unless `attention`
+    names another backend, Triton attention).
+    A module reused through `share` is the base's own object: attention= and compile= then apply to
+    it in both models.
     """
     if attention is not None:  # before any weights are read
         speed.attention.check_backend(attention, "load(attention=...) got")
@@ -771,8 +775,8 @@ def load(
         model.tokenizer = _tokenizer(path if layout == "diffusers" else config, "tokenizer", pad="<|endoftext|>")
     if attention is not None:
         speed.set_attention(attention, model)
-    if compile:
-        speed.compile(model)
+    if compile:  # an explicit attention= stays: compile's "auto" would pick Triton on CUDA
+        speed.compile(model, attention_backend=attention or "auto")
     return model
 
 
@@ -912,7 +916,8 @@ def save(model: SDXL, folder, dtype=None, variant: str | None = None) -> Path:
         index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
     if model.text_encoder is None:
         index |= {"text_encoder": [None, None], "tokenizer": [None, None]}
-    scheduler = dict(model.scheduler_config) or {"_class_name": "EulerDiscreteScheduler"}
+    # a single file carries no scheduler config: write SDXL's, which load() used (not the class defaults)
+    scheduler = dict(model.scheduler_config or SDXL_SCHEDULER_CONFIG)
     index |= {
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],

@@ -1,4 +1,5 @@
-"""The `minsdxl` command line, built on the public Python API only.
+"""The `minsdxl` command line: the public Python API for generating, plus checkpoint's reading
+helpers (resolve, read_checkpoint, build_*) for `info` and its hashes.
 
     minsdxl generate -p "a cat" --model sdxl-base               text2img -> outputs/00000-<seed>.png
     minsdxl generate -p "a cat" -i in.png --strength 0.5 ...     img2img (add --mask m.png: inpaint)
@@ -57,8 +58,20 @@ API_KWARGS = {
     "negative_aesthetic_score": "negative_aesthetic_score",
     "clip_skip": "clip_skip",
 }
-# flags that change how a run behaves, not the pixels: not stored for --from-png
-RUN_ONLY = ("output", "outdir", "overwrite", "from_png", "batch", "verbose", "quiet", "no_metadata", "offload")
+# flags that say where and how a run runs, not what it makes: not stored for --from-png (a PNG made
+# on a GPU replays on a CPU), and ignored where an older file stored them
+RUN_ONLY = (
+    "output",
+    "outdir",
+    "overwrite",
+    "from_png",
+    "batch",
+    "verbose",
+    "quiet",
+    "no_metadata",
+    "offload",
+    "device",
+)
 # sampler keywords the metadata leaves out (tensors and hooks the CLI never sets)
 UNRECORDED = (
     "generator",
@@ -174,7 +187,8 @@ def build_parser():
     add("--negative-target-size",      type=_size, default=None,      help="negative target size WxH")
     add("--aesthetic-score",           type=float, default=None,      help="refiner aesthetic conditioning")
     add("--negative-aesthetic-score",  type=float, default=None,      help="refiner negative aesthetic score")
-    add("--clip-skip",                 type=int,   default=None,      help="skip the last N CLIP layers")
+    add("--clip-skip",                 type=int,   default=None,      help="read N layers before SDXL's penultimate "
+                                                                           "CLIP layer (diffusers' clip_skip)")
     add("--dtype",           choices=("auto", *DTYPES), default="auto", help="auto: fp16 on CUDA, else fp32")
     add("--device",                                default="auto",    help="cpu, cuda, cuda:N (auto: cuda if any)")
     add("--offload",                   action="store_true",           help="model offload: idle parts wait on the CPU")
@@ -210,7 +224,8 @@ def main(argv=None) -> int:
         if args.from_png:
             source = _read_source(args.from_png)
             # stored values fill the namespace first; argparse then sets only what the command line gives
-            args = commands["generate"].parse_args(argv, namespace=argparse.Namespace(**source["args"]))
+            stored = {k: v for k, v in source["args"].items() if k not in RUN_ONLY}
+            args = commands["generate"].parse_args(argv, namespace=argparse.Namespace(**stored))
         return generate(args, source)
     except KeyboardInterrupt:
         print("minsdxl: interrupted", file=sys.stderr)
@@ -598,7 +613,9 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
         "VAE hash": about["vae"]["hash"] if about["vae"] else None,
         "VAE": Path(args.vae).stem if args.vae else None,
         "Denoising strength": records[0].get("strength"),
-        "Clip skip": args.clip_skip,
+        # A1111's "Clip skip" counts the layer read from the end (1 = last, 2 = penultimate); diffusers'
+        # SDXL clip_skip k reads hidden_states[-(k + 2)]
+        "Clip skip": args.clip_skip + 2 if args.clip_skip is not None else None,
         "Refiner": f"{Path(args.refiner).stem} [{refiner['hash']}]" if refiner else None,
         "Refiner switch at": args.refiner_switch if refiner and args.refiner_mode == "switch" else None,
         "Refiner strength": args.refiner_strength if refiner and args.refiner_mode == "img2img" else None,

@@ -14,8 +14,9 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
     memory, the time before the first step (prompt encoding, latents) and after the last (VAE decode,
     PIL images), the image's mean |difference| in 8-bit levels from the first timed row's (same seed), for
     minsdxl eager, diffusers eager (SDPA), diffusers + torch.compile, minsdxl.compile's defaults on CUDA
-    (CUDA graphs + Triton attention), and last diffusers + torch.compile with CUDA graphs (--all: also
-    minsdxl compiled + Triton without CUDA graphs); graphs compiled during the timed run (must be 0);
+    (CUDA graphs + Triton attention, text encoders compiled too), and last diffusers + torch.compile
+    with CUDA graphs (--all: also minsdxl compiled + Triton without CUDA graphs, and minsdxl's defaults
+    with eager text encoders); graphs compiled during the timed run (must be 0);
     --profile writes the top GPU kernels of diffusers + torch.compile and of minsdxl.compile's defaults
     to <out dir>/profile_*.txt.
 """
@@ -345,17 +346,20 @@ def run_configs(args, pipe, model):
         num_inference_steps=steps,
         guidance_scale=5.0,
     )
-    # name, library, attention backend, compile mode (False: eager); "auto": minsdxl.compile's defaults
+    # name, library, attention backend, compile mode (False: eager; "auto": minsdxl.compile's defaults),
+    # minsdxl's text encoders compiled too
     configs = [
-        ("minsdxl eager (sdpa)", "minsdxl", "sdpa", False),
-        ("diffusers eager (sdpa)", "diffusers", None, False),
-        ("diffusers compile", "diffusers", None, None),
-        ("minsdxl compile defaults (cudagraphs+triton)", "minsdxl", "auto", "auto"),
+        ("minsdxl eager (sdpa)", "minsdxl", "sdpa", False, False),
+        ("diffusers eager (sdpa)", "diffusers", None, False, False),
+        ("diffusers compile", "diffusers", None, None, False),
+        ("minsdxl compile defaults (cudagraphs+triton)", "minsdxl", "auto", "auto", True),
         # not the issue's baseline (that is plain torch.compile), but the fair question for CUDA graphs
-        ("diffusers compile+cudagraphs", "diffusers", None, "reduce-overhead"),
+        ("diffusers compile+cudagraphs", "diffusers", None, "reduce-overhead", False),
     ]
-    if args.all or args.only:  # an ablation (H200 run A: 40.1 ms/step), ~100 s of compiling: not by default
-        configs.insert(2, ("minsdxl compile+triton, no graphs", "minsdxl", "triton", None))
+    if args.all or args.only:  # ablations, ~100 s of compiling each: not by default
+        # H200 run A: 40.1 ms/step; and the "before ms" of the text encoders compiled or not
+        configs.insert(2, ("minsdxl compile+triton, no graphs", "minsdxl", "triton", None, True))
+        configs.append(("minsdxl compile defaults, eager text encoders", "minsdxl", "auto", "auto", False))
     log(f"\n4. SDXL base, {model.unet.dtype}, {size}x{size}, {steps} steps, CFG (batch 2 per UNet call), device {dev}")
     log(
         f"{'config':44} {'first run s':>11} {'ms/step':>8} {'end-to-end s':>12} {'before ms':>9} {'after ms':>8} "
@@ -363,7 +367,7 @@ def run_configs(args, pipe, model):
     )
     rows = RESULTS.setdefault("sdxl", [])
     first_image = None
-    for name, which, backend, mode in configs:
+    for name, which, backend, mode, text_encoders in configs:
         if args.only and not any(o in name for o in args.only):
             continue
         if args.skip_compile and mode is not False:
@@ -373,7 +377,7 @@ def run_configs(args, pipe, model):
             if mode is not False:
                 torch._dynamo.reset()
                 if which == "minsdxl":
-                    minsdxl.compile(model, mode=mode, attention_backend=backend)
+                    minsdxl.compile(model, mode=mode, attention_backend=backend, text_encoders=text_encoders)
                 else:
                     pipe.unet.compile(fullgraph=True, mode=mode)
                     pipe.vae.decoder.compile(fullgraph=True, mode=mode)
@@ -440,7 +444,14 @@ def run_configs(args, pipe, model):
         finally:
             if mode is not False:  # back to eager for the next config
                 torch._dynamo.reset()
-                for m in (model.unet, model.vae.decoder, pipe.unet, pipe.vae.decoder):
+                for m in (
+                    model.unet,
+                    model.vae.decoder,
+                    model.text_encoder,
+                    model.text_encoder_2,
+                    pipe.unet,
+                    pipe.vae.decoder,
+                ):
                     m._compiled_call_impl = None
                 model.cuda_graphs = False
     minsdxl.set_attention("sdpa", model)

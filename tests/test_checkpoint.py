@@ -72,7 +72,7 @@ def test_fp16_variant_and_dtype(tiny_base, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["base", "refiner", "inpaint"])
-def test_save_writes_a_folder_diffusers_loads(kind, request, tmp_path):
+def test_save_writes_a_folder_diffusers_loads(kind, request, tmp_path, monkeypatch):
     """minsdxl.checkpoint.save -> diffusers' from_pretrained (the judge) and minsdxl.load both read it back,
     tensors and flags identical; fp16 casting and the fp16 variant name; an existing folder is refused."""
     from minsdxl.checkpoint import save
@@ -100,7 +100,32 @@ def test_save_writes_a_folder_diffusers_loads(kind, request, tmp_path):
     assert minsdxl.load(half, dtype=torch.float16).unet.conv_in.weight.dtype == torch.float16
     with pytest.raises(FileExistsError, match="exists"):
         save(model, out)
-    assert not (tmp_path / "saved.part").exists()
+    # a failure half-way (here the third weights file) leaves neither the folder nor its .part behind
+    calls = []
+
+    def failing(sd, path, dtype=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return write(sd, path, dtype)
+
+    write = minsdxl.checkpoint.save_safetensors
+    monkeypatch.setattr(minsdxl.checkpoint, "save_safetensors", failing)
+    with pytest.raises(OSError, match="disk full"):
+        save(model, tmp_path / "broken")
+    assert len(calls) == 3 and calls[0].parent.parent.name == "broken.part"
+    assert not (tmp_path / "broken").exists() and not (tmp_path / "broken.part").exists()
+    monkeypatch.undo()
+    # a single file read without config= has no scheduler config; load() samples with SDXL's
+    # (make_scheduler's default), so save writes that one, not a bare class name diffusers would fill
+    # with its class defaults (linear betas to 0.02, "linspace" spacing)
+    model.scheduler_config = {}
+    sched = diffusers.EulerDiscreteScheduler.from_pretrained(save(model, tmp_path / "from_file"), subfolder="scheduler")
+    assert (sched.config.beta_schedule, sched.config.beta_end, sched.config.timestep_spacing) == (
+        "scaled_linear",
+        0.012,
+        "leading",
+    )
 
 
 def _sgm_file(pipe, path):

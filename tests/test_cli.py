@@ -132,7 +132,7 @@ def runs(paths, tmp_path_factory):
             "i2i": (
                 ["minsdxl", "-p", "a cat", "--model", p["base"], "-i", p["init"], "--strength", "0.5", "--steps", "2"]
                 + ["-s", "1", "--refiner", p["refiner"], "--refiner-mode", "img2img", "--refiner-strength", "0.5"]
-                + ["--aesthetic-score", "7", "-o", "i2i.png", "-q"],
+                + ["--aesthetic-score", "7", "--clip-skip", "1", "-o", "i2i.png", "-q"],
                 dirs["i2i"],
             ),
             "switch": (
@@ -159,8 +159,17 @@ def runs(paths, tmp_path_factory):
         paths["cache"],
     )
     t2i = dirs["t2i"] / "outputs"
+    # an image made on a GPU (device and all stored as an older minsdxl did): replayed here on the CPU
+    made = read_png_metadata(t2i / "00000-5.png")
+    made["minsdxl"]["args"] |= {"device": "cuda:0", "offload": True, "output": "gone.png"}
+    text = {"parameters": made["parameters"], "minsdxl": json.dumps(made["minsdxl"])}
+    save_png(PIL.Image.open(t2i / "00000-5.png"), dirs["t2i"] / "gpu.png", text)
     again = _run_all(
         {
+            "from_gpu": (
+                ["minsdxl", "--from-png", str(dirs["t2i"] / "gpu.png"), "-o", "from_gpu.png", "-q"],
+                dirs["t2i"],
+            ),
             "again": (["minsdxl", "--from-png", str(t2i / "00001-6.png"), "-o", "again.png", "-b", "2"], dirs["t2i"]),
             "moved": (  # the model moved and changed layout; a flag overrides the stored steps
                 ["minsdxl", "--from-png", str(t2i / "00000-5.png"), "--model", p["single"]]
@@ -247,6 +256,16 @@ def test_from_png_makes_the_same_image(runs):
     assert new["args"] == old["args"] and new["calls"] == old["calls"]
 
 
+def test_from_png_runs_where_it_is_replayed(runs):
+    # where and how a run ran (device, offload, output name) is not replayed: a PNG made on a GPU
+    # makes the same image on a machine without one
+    _ok(runs["from_gpu"])
+    folder = runs["dirs"]["t2i"]
+    assert np.array_equal(_pixels(folder / "from_gpu.png"), _pixels(folder / "outputs" / "00000-5.png"))
+    meta = read_png_metadata(folder / "from_gpu.png")["minsdxl"]
+    assert meta["device"] == "cpu" and not {"device", "offload", "output"} & set(meta["args"])
+
+
 def test_from_png_with_moved_single_file_model_and_override(runs, api, paths):
     r = _ok(runs["moved"])
     # same weights, another file: the hash differs, and the CLI says so
@@ -262,7 +281,7 @@ def test_from_png_with_moved_single_file_model_and_override(runs, api, paths):
 def test_img2img_then_img2img_refiner(runs, api, paths):
     r = _ok(runs["i2i"])
     assert "denoising" not in r.stderr  # -q
-    kw = dict(prompt="a cat", num_inference_steps=2, seed=1, progress=False)
+    kw = dict(prompt="a cat", num_inference_steps=2, seed=1, clip_skip=1, progress=False)
     # the CLI resizes the 64x76 image to 64x72 itself; the API, given it as it is, does the same
     image = minsdxl.img2img(api["base"], image=PIL.Image.open(paths["init"]), strength=0.5, **kw)[0]
     _same(
@@ -270,7 +289,10 @@ def test_img2img_then_img2img_refiner(runs, api, paths):
         minsdxl.img2img(api["refiner"], image=image, strength=0.5, aesthetic_score=7.0, **kw)[0],
     )
     meta = read_png_metadata(runs["dirs"]["i2i"] / "i2i.png")
-    assert {"Denoising strength": "0.5", "Refiner strength": "0.5", "Size": "64x72"}.items() <= meta["infotext"].items()
+    # A1111 counts the layer read from the end (2 = penultimate, SDXL's default); diffusers' clip_skip=1 reads -3
+    expected = {"Denoising strength": "0.5", "Refiner strength": "0.5", "Size": "64x72", "Clip skip": "3"}
+    assert expected.items() <= meta["infotext"].items()
+    assert meta["minsdxl"]["args"]["clip_skip"] == 1
     assert meta["infotext"]["Refiner"].startswith(f"{paths['refiner'].name} [")
     calls = meta["minsdxl"]["calls"]
     assert [c["function"] for c in calls] == ["img2img", "img2img"]

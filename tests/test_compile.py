@@ -14,8 +14,11 @@ def test_compile_matches_eager_without_recompiles(tiny_base):
     eager = minsdxl.load(tiny_base[1])
     model = minsdxl.compile(minsdxl.load(tiny_base[1]))  # fullgraph=True: a graph break fails here
     torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # not cleared by reset()
     try:
-        first = model_out = minsdxl.text2img(model, **kw, num_inference_steps=1, seed=0)  # compiles
+        model_out = minsdxl.text2img(model, **kw, num_inference_steps=1, seed=0)  # compiles
+        # one graph each: both text encoders, the UNet and the VAE decoder
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 4
         assert (
             rel_err(
                 torch.from_numpy(model_out),
@@ -29,7 +32,6 @@ def test_compile_matches_eager_without_recompiles(tiny_base):
         ref = minsdxl.text2img(eager, **{**kw, "prompt": "a blue square"}, num_inference_steps=3, seed=1)
         # 1e-5 relative: inductor fuses and reorders fp32 ops; a wrong graph is off by far more
         assert rel_err(torch.from_numpy(got), torch.from_numpy(ref)) <= 1e-5
-        assert not (first == got).all()
     finally:
         torch._dynamo.reset()
 
@@ -54,7 +56,7 @@ def test_attention_per_model(tiny_base):
         minsdxl.set_attention("flash", default)
 
 
-def test_load_compile_and_cuda_graph_steps(tiny_base):
+def test_load_compile_and_cuda_graph_steps(tiny_base, monkeypatch):
     # load(compile=True) = minsdxl.compile(model); with CUDA graphs (reduce-overhead) the sampler marks
     # each step for torch (on the CPU inductor skips the graphs, the marking must still run)
     model = minsdxl.load(tiny_base[1], compile=True)
@@ -65,3 +67,31 @@ def test_load_compile_and_cuda_graph_steps(tiny_base):
     kw = dict(prompt="a red circle", height=64, width=64, output_type="pt", progress=False, num_inference_steps=2)
     ref = minsdxl.text2img(minsdxl.load(tiny_base[1]), **kw, seed=0)
     assert torch.equal(minsdxl.text2img(eager, **kw, seed=0), ref)
+    # an explicit attention= survives compile=True (compile's "auto" would pick Triton on CUDA)
+    seen = []
+    monkeypatch.setattr(minsdxl.speed, "compile", lambda model, **kw: seen.append(kw) or model)
+    minsdxl.load(tiny_base[1], attention="math", compile=True)
+    minsdxl.load(tiny_base[1], compile=True)
+    assert seen == [{"attention_backend": "math"}, {"attention_backend": "auto"}]
+
+
+def test_compiled_text_encoders_match_eager(tiny_base):
+    # encode_prompt through the compiled encoders: the same 4-tuple as eager within inductor's fp32
+    # reordering; clip_skip (a Python int) is a new graph, not a wrong one; text_encoders=False leaves
+    # the encoders eager
+    eager = minsdxl.load(tiny_base[1])
+    model = minsdxl.compile(minsdxl.load(tiny_base[1]))
+    torch._dynamo.reset()
+    try:
+        for clip_skip in (None, 1):
+            kw = dict(prompt=["a red circle", "a blue square"], negative_prompt="green", clip_skip=clip_skip)
+            got, ref = minsdxl.encode_prompt(model, **kw), minsdxl.encode_prompt(eager, **kw)
+            for g, r in zip(got, ref):
+                assert g.shape == r.shape and rel_err(g, r) <= 1e-5
+        assert not torch.equal(got[0][0], got[0][1])  # two prompts, two different embeddings
+    finally:
+        torch._dynamo.reset()
+    kept = minsdxl.compile(minsdxl.load(tiny_base[1]), text_encoders=False)
+    assert kept.unet._compiled_call_impl is not None
+    assert kept.text_encoder._compiled_call_impl is None and kept.text_encoder_2._compiled_call_impl is None
+    assert model.text_encoder_2._compiled_call_impl is not None

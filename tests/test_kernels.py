@@ -138,8 +138,12 @@ def test_output_layout_feeds_attention_reshape_for_free():
     torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=ATOL, rtol=RTOL)
 
 
-def test_attention_seam_triton_backend():
-    # minsdxl.attention.attention with the triton backend: [B, L, H*D] in and out, = the sdpa backend
+def test_attention_seam_triton_backend(monkeypatch):
+    # minsdxl.attention.attention with the triton backend: [B, L, H*D] in and out, = the sdpa backend,
+    # and the kernel really ran (not the SDPA fallback outside its envelope)
+    calls = []
+    launch = flash_attn._launch
+    monkeypatch.setattr(flash_attn, "_launch", lambda *a: calls.append(a[0].shape) or launch(*a))
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, n, 5 * 64, generator=gen) for n in (120, 77, 77))
     ref = attention_module.attention(q, k, v, heads=5)
@@ -149,6 +153,7 @@ def test_attention_seam_triton_backend():
         o = attention_module.attention(q, k, v, heads=5)
     finally:
         attention_module.set_backend(previous)
+    assert calls == [(2, 5, 120, 64)]
     torch.testing.assert_close(o, ref, atol=ATOL, rtol=RTOL)
 
 

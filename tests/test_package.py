@@ -1,5 +1,6 @@
 """The package itself: imports stay light, the public API is there, kernels live under minsdxl."""
 
+import os
 import subprocess
 import sys
 
@@ -35,6 +36,7 @@ def test_public_api():
         "load_textual_inversion",
         "make_scheduler",
         "compile",
+        "set_attention",
         "SDXL",
         "CheckpointError",
     ):
@@ -77,3 +79,15 @@ def test_wheel_ships_the_tiny_model(tmp_path):
     shipped = {f"minsdxl/data/tiny/{f.relative_to(tiny.PATH).as_posix()}" for f in tiny.PATH.rglob("*") if f.is_file()}
     assert "minsdxl/data/tiny/unet/diffusion_pytorch_model.safetensors" in shipped
     assert shipped <= names, sorted(shipped - names)
+
+
+def test_attention_environment_variable():
+    def run(value):
+        code = "import minsdxl; print(minsdxl.attention.get_backend())"
+        env = {**os.environ, "MINSDXL_ATTENTION": value}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+    assert run("math").stdout.split() == ["math"]
+    bad = run("flash")  # a typo is an error at import, not a silent SDPA
+    assert bad.returncode != 0
+    assert "MINSDXL_ATTENTION is 'flash'; choose one of sdpa, math, triton" in bad.stderr

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_bench_dry_run_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_bench.py"), "--tiny", "--device", "cpu", "--skip-attention"]
-    cmd += ["--size", "64", "--steps", "3", "--out", str(out)]
+    cmd += ["--size", "64", "--steps", "3", "--out", str(out), "--all"]  # --all: the ablation rows too
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -22,9 +22,11 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     assert list(rows) == [
         "minsdxl eager (sdpa)",
         "diffusers eager (sdpa)",
+        "minsdxl compile+triton, no graphs",
         "diffusers compile",
         "minsdxl compile defaults (cudagraphs+triton)",
         "diffusers compile+cudagraphs",
+        "minsdxl compile defaults, eager text encoders",
     ]
     for name, r in rows.items():
         assert "error" not in r, (name, r["error"])

@@ -4,16 +4,15 @@ and with open_clip's own bigG text tower, fp32 on CPU, random weights (tiny and 
 import json
 import os
 
+import open_clip
 import pytest
 import torch
+import transformers
 from sdxl_testing import hf_config, randomize_, rel_err
 
 from minsdxl.checkpoint import sgm_to_diffusers
 from minsdxl.config import TEXT_PRESETS, TextConfig
 from minsdxl.text_encoder import CLIPTextModel, CLIPTextModelWithProjection, build_text_encoder, normalize_text_keys
-
-transformers = pytest.importorskip("transformers")
-open_clip = pytest.importorskip("open_clip")
 
 BOS, EOS = 49406, 49407
 # max |diff| <= 1e-5 * max |ref|: fp32 with the same op order up to SDPA kernel choice; a wrong mask,

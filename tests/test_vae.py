@@ -34,7 +34,7 @@ def test_vae_matches_diffusers(cfg, size):
         assert b.mean.shape == (2, 4, size[0] // 8, size[1] // 8)
         assert rel_err(b.mean, a.mean) <= TOL
         assert rel_err(b.std, a.std) <= TOL
-        assert torch.equal(b.mode(), b.mean)
+        assert rel_err(b.mode(), a.mode()) <= TOL
         # same generator -> same posterior draw (= DiagonalGaussianDistribution.sample)
         s1 = b.sample(torch.Generator().manual_seed(7))
         s2 = a.sample(torch.Generator().manual_seed(7))

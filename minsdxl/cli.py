@@ -9,7 +9,8 @@ helpers (resolve, read_checkpoint, build_*) for `info` and its hashes.
 
 `generate` may be left out, and `python -m minsdxl` is the same command. Flag names follow
 stable-diffusion.cpp and A1111; each flag that is a sampler keyword defaults to the Python API's
-default (shown by --help), so defaults are written once, in sampler.py.
+default (shown by --help; -p, required in practice, defaults to ""), so defaults are written once, in
+sampler.py.
 """
 
 import argparse

@@ -45,7 +45,8 @@ def compile(
 
 def set_attention(backend: str, model=None) -> None:
     """Select the attention: "sdpa" (default), "math", or "triton". With a model, for every attention
-    layer of that model (UNet, VAE, text encoders) only; without, the process default."""
+    layer of that model (UNet, VAE, text encoders) only (a module it shares with another model through
+    load(share=...) is one object: both see the change); without, the process default."""
     attention.check_backend(backend)
     if model is None:
         attention.set_backend(backend)

@@ -266,7 +266,8 @@ def main(argv=None) -> None:
     ap.add_argument("--pool", type=int, default=30000, help="training pictures")
     ap.add_argument("--vae-steps", type=int, default=1800)
     ap.add_argument("--unet-steps", type=int, default=4000)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64, help="UNet batch")
+    ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -278,7 +279,7 @@ def main(argv=None) -> None:
         pool = make_pool(args.pool, np.random.default_rng(args.seed), set(excluded))
         log(f"{args.pool} pictures, {len(set(pool['captions']))} distinct captions", t0)
         if args.stage in ("all", "vae"):
-            vae = train_vae(pool, args.vae_steps, 16, t0)
+            vae = train_vae(pool, args.vae_steps, args.vae_batch, t0)
             torch.save(vae.state_dict(), args.work / "vae.pt")
             if args.stage == "vae":
                 return
@@ -298,6 +299,7 @@ def main(argv=None) -> None:
             "vae_steps": args.vae_steps,
             "unet_steps": args.unet_steps,
             "batch": args.batch,
+            "vae_batch": args.vae_batch,  # (stage "unet": what the flag says; the VAE came from an earlier run)
             "scaling_factor": scale,
             "minutes": round((time.time() - t0) / 60, 1),  # this run (stage "unet": without the VAE)
             "held_out": excluded,

@@ -151,13 +151,17 @@ def _generator(a):
     return torch.Generator("cpu").manual_seed(int(a["seed"])) if a["seed"] is not None else a["generator"]
 
 
-def _scheduler(model, a, num_inference_steps) -> Scheduler:
+def _scheduler(model, a) -> Scheduler:
     name = a["scheduler"]
     if not isinstance(name, Scheduler):
         name = make_scheduler(name if name is not None else getattr(model, "scheduler", None), model.scheduler_config)
     if a["eta"] and isinstance(name, DDIM):
         raise ValueError("eta > 0 (stochastic DDIM) is not supported; use eta=0.0 or the 'euler_a' scheduler")
-    name.set_timesteps(num_inference_steps)
+    # = retrieve_timesteps: custom timesteps or sigmas replace num_inference_steps (their count is the steps)
+    custom = a["timesteps"] is not None or a["sigmas"] is not None
+    if a["timesteps"] is not None and a["sigmas"] is not None:
+        raise ValueError("pass either timesteps= or sigmas=, not both")
+    name.set_timesteps(None if custom else a["num_inference_steps"], timesteps=a["timesteps"], sigmas=a["sigmas"])
     return name
 
 
@@ -254,7 +258,7 @@ class _Setup:
 
 def _setup(model, a, strength=1.0, denoising_start=None) -> _Setup:
     cfg = a["guidance_scale"] > 1.0
-    sched = _scheduler(model, a, a["num_inference_steps"])
+    sched = _scheduler(model, a)
     timesteps = sched.select_timesteps(strength, denoising_start, a["denoising_end"])
     return _Setup(sched, timesteps, _generator(a), _prompts(model, a, cfg), cfg)
 
@@ -352,6 +356,8 @@ def text2img(
     height=None,
     width=None,
     num_inference_steps=50,
+    timesteps=None,
+    sigmas=None,
     denoising_end=None,
     guidance_scale=5.0,
     negative_prompt=None,
@@ -431,6 +437,8 @@ def img2img(
     image=None,
     strength=0.3,
     num_inference_steps=50,
+    timesteps=None,
+    sigmas=None,
     denoising_start=None,
     denoising_end=None,
     guidance_scale=5.0,
@@ -492,6 +500,8 @@ def inpaint(
     width=None,
     strength=0.9999,
     num_inference_steps=50,
+    timesteps=None,
+    sigmas=None,
     denoising_start=None,
     denoising_end=None,
     guidance_scale=7.5,

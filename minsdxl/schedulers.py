@@ -150,6 +150,7 @@ class Scheduler:
     fixed: dict = {}  # this class's options minsdxl implements at one value only
     forced: dict = {}  # config keys this diffusers class ignores: their effective value
     extra_point = 0  # DPM-Solver spaces N+1 points and drops the last
+    custom: tuple = ()  # which custom schedules this diffusers class's set_timesteps takes
     integer_timesteps = False  # DDIM and DPM-Solver round "linspace" timesteps to integers
 
     def __init__(self, config: dict | None = None):
@@ -182,20 +183,66 @@ class Scheduler:
         self.step_index = self.begin_index = 0
 
     # --- timesteps ----------------------------------------------------------------------------------------
-    def set_timesteps(self, num_inference_steps: int):
+    def set_timesteps(self, num_inference_steps: int | None = None, timesteps=None, sigmas=None):
+        """The schedule: `num_inference_steps` spaced as the config says, or a custom one (= diffusers'
+        retrieve_timesteps): `timesteps` (Euler, DPM++ 2M; not with Karras sigmas), or `sigmas` (Euler:
+        one more than the steps, the last being where the run ends, usually 0; e.g. "Align Your Steps")."""
         T = self.config["num_train_timesteps"]
-        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool):
-            raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(
-                f"num_inference_steps must be between 1 and {T} (the model's training steps), got {num_inference_steps}"
-            )
-        self.num_inference_steps = num_inference_steps
-        timesteps, sigmas = self._schedule(self._spaced_timesteps(num_inference_steps), num_inference_steps)
-        self.timesteps = torch.from_numpy(timesteps.astype(np.float32))
+        given = [
+            k
+            for k, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps), ("sigmas", sigmas))
+            if v is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(f"pass exactly one of num_inference_steps, timesteps or sigmas, got {given or 'none'}")
+        if num_inference_steps is not None:
+            if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool):
+                raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+            if not 1 <= num_inference_steps <= T:
+                raise ValueError(
+                    f"num_inference_steps must be between 1 and {T} (the model's training steps), "
+                    f"got {num_inference_steps}"
+                )
+            spaced, sigmas = self._schedule(self._spaced_timesteps(num_inference_steps), num_inference_steps)
+        else:
+            spaced, sigmas = self._custom(given[0], timesteps if timesteps is not None else sigmas)
+        # "trailing" can space N+1 timesteps for N steps; diffusers still counts N
+        self.num_inference_steps = num_inference_steps or len(spaced)
+        self.timesteps = torch.from_numpy(spaced.astype(np.float32))
         self.sigmas = torch.from_numpy(sigmas.astype(np.float32))
         self._precompute()
         self._start(0)
+
+    def _custom(self, kind, values):
+        """A caller's `timesteps` or `sigmas` -> (timesteps, sigmas), as this diffusers class's set_timesteps."""
+        takes = [name for name, (cls, _) in SCHEDULERS.items() if kind in cls.custom]
+        if kind not in self.custom:
+            raise ValueError(
+                f"the {self.name} scheduler takes no custom {kind} (diffusers' {type(self).__name__} neither); use "
+                f"one that does: {takes}, or num_inference_steps"
+            )
+        if kind == "timesteps" and self.karras:
+            raise ValueError(
+                "custom timesteps cannot be combined with Karras sigmas (as in diffusers): pass sigmas= instead, or "
+                "a scheduler without Karras sigmas"
+            )
+        try:
+            x = np.asarray(values.cpu() if torch.is_tensor(values) else values, dtype=np.float64)
+        except (TypeError, ValueError):
+            x = np.array([np.nan])
+        T, least = self.config["num_train_timesteps"], 1 if kind == "timesteps" else 2
+        if x.ndim != 1 or len(x) < least or not np.isfinite(x).all():
+            raise ValueError(f"{kind} must be a list of at least {least} finite numbers, got {values!r}")
+        if kind == "timesteps":
+            if x.min() < 0 or x.max() > T - 1:
+                raise ValueError(f"timesteps must lie in [0, {T - 1}] (the model's training steps), got {values!r}")
+            # DPM-Solver casts them to int64 first (a fraction is dropped), Euler keeps float32
+            x = (x.astype(np.int64) if self.integer_timesteps else x).astype(np.float32)
+            return self._schedule(x, len(x))  # not Karras (refused above): σ interpolated at them
+        if x.min() < 0:
+            raise ValueError(f"sigmas must be >= 0, got {values!r}")
+        s = x.astype(np.float32)  # the run ends at the last σ: no final σ appended
+        return _sigma_to_t(s[:-1], np.log(self.train_sigmas)), s
 
     def _spaced_timesteps(self, n):
         """diffusers' three spacings (Table 2 of arXiv:2305.08891), with each class's own rounding."""
@@ -289,6 +336,7 @@ class EulerDiscrete(Scheduler):
     """Euler's method on the probability-flow ODE in σ-space (= diffusers EulerDiscreteScheduler, s_churn=0)."""
 
     name = "euler"
+    custom = ("timesteps", "sigmas")
     defaults = dict(use_karras_sigmas=False, final_sigmas_type="zero")
     fixed = dict(
         interpolation_type="linear", timestep_type="discrete", use_exponential_sigmas=False, use_beta_sigmas=False
@@ -335,6 +383,7 @@ class EulerAncestral(EulerDiscrete):
     whatever the config says, as diffusers ignores those keys for this class."""
 
     name = "euler_a"
+    custom = ()
     ancestral = True
     forced = dict(use_karras_sigmas=False, final_sigmas_type="zero")
 
@@ -388,6 +437,7 @@ class DPMSolverMultistep(Scheduler):
     (re)start and at the end as `lower_order_final` / `final_sigmas_type` / `euler_at_final` say."""
 
     name = "dpmpp_2m"
+    custom = ("timesteps",)
     defaults = dict(use_karras_sigmas=False, final_sigmas_type="zero", lower_order_final=True, euler_at_final=False)
     fixed = dict(
         algorithm_type="dpmsolver++",

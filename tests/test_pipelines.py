@@ -155,6 +155,28 @@ def test_img2img(models, strength, source):
     )
 
 
+# diffusers' retrieve_timesteps: "Align Your Steps" SDXL sigmas (Euler), a custom timestep list (DPM++ 2M)
+CUSTOM_SCHEDULES = {
+    "euler-sigmas": ("euler", dict(sigmas=[14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.0])),
+    "dpmpp_2m-timesteps": ("dpmpp_2m", dict(timesteps=[999, 750, 500, 250, 50])),
+}
+
+
+@pytest.mark.parametrize("case", list(CUSTOM_SCHEDULES))
+def test_custom_schedules(models, case):
+    scheduler, custom = CUSTOM_SCHEDULES[case]
+    pipe, model = models["base"]
+    # num_inference_steps is ignored once a custom schedule is given, as in diffusers
+    kw = dict(prompt="a cat", scheduler=scheduler, num_inference_steps=3, **custom)
+    _assert_close(*_run_both(pipe, model, minsdxl.text2img, **kw, **SIZE))
+    # img2img's strength cut counts the custom steps
+    _assert_close(*_run_both(pipe_img2img(pipe), model, minsdxl.img2img, **kw, image=_image(1), strength=0.6))
+    with pytest.raises(ValueError, match="either timesteps= or sigmas="):
+        minsdxl.text2img(model, "a cat", timesteps=[999, 500], sigmas=[14.6, 0.0], **SIZE)
+    with pytest.raises(ValueError, match="the euler_a scheduler takes no custom"):
+        minsdxl.text2img(model, "a cat", scheduler="euler_a", **custom, **SIZE)
+
+
 def pipe_img2img(pipe):
     return diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components)
 

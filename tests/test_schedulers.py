@@ -124,6 +124,63 @@ def test_timesteps_and_sigmas_match_diffusers(name, cls, extra, spacing):
         assert abs(ours.init_noise_sigma - float(ref.init_noise_sigma)) <= 1e-6 * float(ref.init_noise_sigma)
 
 
+# custom schedules (diffusers' retrieve_timesteps): "Align Your Steps" SDXL sigmas (10 steps), a descending
+# timestep list with fractions (DPM-Solver truncates them to int64, Euler keeps float32), a short one
+AYS_SDXL = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029, 0.0]
+CUSTOM = [
+    ("euler", EulerDiscreteScheduler, {}, "sigmas", AYS_SDXL),
+    ("euler", EulerDiscreteScheduler, {"use_karras_sigmas": True}, "sigmas", AYS_SDXL),  # sigmas win
+    ("euler", EulerDiscreteScheduler, {}, "sigmas", [3.0, 0.5]),
+    ("euler", EulerDiscreteScheduler, {}, "timesteps", [999, 850.5, 600, 401.25, 200, 20]),
+    ("euler", EulerDiscreteScheduler, {"final_sigmas_type": "sigma_min"}, "timesteps", [999, 500, 1]),
+    ("dpmpp_2m", DPMSolverMultistepScheduler, {}, "timesteps", [999, 850.5, 600, 401.25, 200, 20]),
+    ("dpmpp_2m", DPMSolverMultistepScheduler, {"final_sigmas_type": "sigma_min"}, "timesteps", [999, 500, 1]),
+]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])  # init_noise_sigma depends on it
+@pytest.mark.parametrize("name,cls,extra,kind,values", CUSTOM)
+def test_custom_timesteps_and_sigmas_match_diffusers(name, cls, extra, kind, values, spacing):
+    ref, ours = make_pair(name, cls, extra, timestep_spacing=spacing)
+    ref.set_timesteps(**{kind: values})
+    ours.set_timesteps(**{kind: values})
+    assert ours.num_inference_steps == ref.num_inference_steps == len(ours.timesteps)
+    torch.testing.assert_close(ours.timesteps, ref.timesteps.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=1e-6, atol=1e-6)
+    assert abs(ours.init_noise_sigma - float(ref.init_noise_sigma)) <= 1e-6 * float(ref.init_noise_sigma)
+    x = latents(3, float(ref.init_noise_sigma))
+    for a, b in zip(denoise(ours, ours.timesteps, x, diffusers=False), denoise(ref, ref.timesteps, x, diffusers=True)):
+        close(a, b, 1e-5)
+    # the img2img / refiner cuts count the custom steps (get_timesteps uses their number)
+    ours.set_timesteps(**{kind: values})
+    if ours.num_inference_steps >= 2:
+        assert len(ours.select_timesteps(strength=0.5)) == int(ours.num_inference_steps * 0.5)
+
+
+def test_custom_schedules_refused_with_the_reason():
+    s = S.make_scheduler("euler", SDXL)
+    with pytest.raises(ValueError, match="exactly one of num_inference_steps, timesteps or sigmas"):
+        s.set_timesteps(10, timesteps=[999, 500])
+    with pytest.raises(ValueError, match="exactly one of"):
+        s.set_timesteps()
+    for name in ("euler_a", "ddim"):  # diffusers' classes take neither
+        with pytest.raises(ValueError, match=rf"the {name} scheduler takes no custom sigmas .* \['euler'\]"):
+            S.make_scheduler(name, SDXL).set_timesteps(sigmas=AYS_SDXL)
+    with pytest.raises(ValueError, match=r"takes no custom sigmas .* \['euler'\]"):
+        S.make_scheduler("dpmpp_2m", SDXL).set_timesteps(sigmas=AYS_SDXL)
+    with pytest.raises(ValueError, match="cannot be combined with Karras sigmas"):
+        S.make_scheduler("dpmpp_2m_karras", SDXL).set_timesteps(timesteps=[999, 500])
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
+        s.set_timesteps(timesteps=[1000, 500])
+    for bad in ([], [[999, 500]], ["a"], [999, float("nan")]):
+        with pytest.raises(ValueError, match="timesteps must be a list of at least 1 finite numbers"):
+            s.set_timesteps(timesteps=bad)
+    with pytest.raises(ValueError, match="sigmas must be a list of at least 2"):
+        s.set_timesteps(sigmas=[14.6])
+    with pytest.raises(ValueError, match="sigmas must be >= 0"):
+        s.set_timesteps(sigmas=[14.6, -1.0])
+
+
 # ------------------------------------------------------------------------------------------- trajectories
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("spacing", SPACINGS)

@@ -3,6 +3,7 @@ VaeImageProcessor does for SDXL (image: resize, [0,1] -> [-1,1]; mask: grayscale
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
@@ -21,10 +22,11 @@ def _as_list(image):
     return list(image) if isinstance(image, (list, tuple)) else [image]
 
 
-def to_tensor(image, height=None, width=None, mask: bool = False, latent_channels: int = 4) -> torch.Tensor:
+def to_tensor(image, height=None, width=None, mask: bool = False, latent_channels: int = 4, crop=None) -> torch.Tensor:
     """PIL image(s), numpy [H,W,C]/[B,H,W,C] in [0,1], or torch [C,H,W]/[B,C,H,W] in [0,1] -> float32
     [B, C, H, W]: in [-1, 1] for images, binarised {0, 1} single-channel for masks. A torch tensor
-    with `latent_channels` channels is returned unchanged (latents). = VaeImageProcessor.preprocess."""
+    with `latent_channels` channels is returned unchanged (latents). = VaeImageProcessor.preprocess;
+    crop=(x1, y1, x2, y2) (PIL only): that box, resized keeping its aspect ratio (resize_mode "fill")."""
     images = _as_list(image)
     if not images:
         raise ValueError("got an empty list of images")
@@ -32,9 +34,12 @@ def to_tensor(image, height=None, width=None, mask: bool = False, latent_channel
     if isinstance(first, PIL.Image.Image):
         if not all(isinstance(i, PIL.Image.Image) for i in images):
             raise TypeError("a list of images must hold only PIL images")
-        height, width = _size(first, height, width)
-        # diffusers resizes with Lanczos; PIL returns an exact copy when the size already matches
-        images = [i.resize((width, height), resample=PIL.Image.LANCZOS) for i in images]
+        images = [i.crop(crop) for i in images] if crop is not None else images
+        height, width = _size(images[0], height, width)
+        if crop is not None:
+            images = [resize_fill(i, width, height) for i in images]
+        else:  # diffusers resizes with Lanczos; PIL returns an exact copy when the size already matches
+            images = [i.resize((width, height), resample=PIL.Image.LANCZOS) for i in images]
         # (diffusers would read an RGBA image as 4-channel "latents"; we convert it, as users expect)
         images = [i.convert("L" if mask else "RGB") for i in images]
         x = torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
@@ -66,6 +71,76 @@ def to_tensor(image, height=None, width=None, mask: bool = False, latent_channel
         raise ValueError(f"an image needs 3 channels (RGB), got {x.shape[1]}")
     # = VaeImageProcessor.preprocess: a tensor already in [-1, 1] is not normalised again
     return x if x.min() < 0 else 2.0 * x - 1.0
+
+
+def mask_crop_region(mask: PIL.Image.Image, width: int, height: int, pad: int) -> tuple[int, int, int, int]:
+    """(x1, y1, x2, y2): the box around the mask's non-zero pixels, `pad` wider on every side, then grown
+    to the width:height aspect ratio within the image (= VaeImageProcessor.get_crop_region)."""
+    m = np.asarray(mask.convert("L")) != 0
+    h, w = m.shape
+    cols, rows = np.flatnonzero(m.any(0)), np.flatnonzero(m.any(1))
+    x1, y1 = max(int(cols[0]) - pad, 0), max(int(rows[0]) - pad, 0)
+    x2, y2 = min(int(cols[-1]) + 1 + pad, w), min(int(rows[-1]) + 1 + pad, h)
+    ratio = width / height
+    if (x2 - x1) / (y2 - y1) > ratio:  # too wide for width:height: take more rows
+        y1, y2 = _grow(y1, y2, h, int((x2 - x1) / ratio - (y2 - y1)))
+    else:
+        x1, x2 = _grow(x1, x2, w, int((y2 - y1) * ratio - (x2 - x1)))
+    return x1, y1, x2, y2
+
+
+def _grow(lo: int, hi: int, size: int, grow: int) -> tuple[int, int]:
+    """[lo, hi) widened by `grow`, centred, then shifted back inside [0, size) (get_crop_region's step 3)."""
+    lo, hi = lo - grow // 2, hi + grow - grow // 2
+    if hi >= size:
+        lo, hi = lo - (hi - size), size
+    if lo < 0:
+        lo, hi = 0, hi - lo
+    return lo, min(hi, size)
+
+
+def _fit(image, width, height, cover: bool):
+    """Resized keeping the aspect ratio to fit inside (cover=False) or cover (True) width x height, and
+    pasted centred onto a black RGB canvas of that size (= _resize_and_fill / _resize_and_crop's start)."""
+    ratio, src_ratio = width / height, image.width / image.height
+    whole_width = ratio > src_ratio if cover else ratio < src_ratio
+    src_w = width if whole_width else image.width * height // image.height
+    src_h = image.height * width // image.width if whole_width else height
+    resized = image.resize((src_w, src_h), resample=PIL.Image.LANCZOS)
+    canvas = PIL.Image.new("RGB", (width, height))
+    canvas.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    return canvas, resized, src_w, src_h
+
+
+def resize_fill(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    """= VaeImageProcessor._resize_and_fill: fit inside, then fill the bars by stretching the edge rows
+    (or columns) of the resized image."""
+    canvas, resized, src_w, src_h = _fit(image, width, height, cover=False)
+    if width / height < image.width / image.height:
+        bar = height // 2 - src_h // 2
+        if bar > 0:
+            canvas.paste(resized.resize((width, bar), box=(0, 0, width, 0)), box=(0, 0))
+            canvas.paste(resized.resize((width, bar), box=(0, src_h, width, src_h)), box=(0, bar + src_h))
+    elif width / height > image.width / image.height:
+        bar = width // 2 - src_w // 2
+        if bar > 0:
+            canvas.paste(resized.resize((bar, height), box=(0, 0, 0, height)), box=(0, 0))
+            canvas.paste(resized.resize((bar, height), box=(src_w, 0, src_w, height)), box=(bar + src_w, 0))
+    return canvas
+
+
+def paste_inpainted(mask: PIL.Image.Image, original: PIL.Image.Image, image: PIL.Image.Image, box) -> PIL.Image.Image:
+    """The inpainted crop `image` put back into `original` at `box`, kept only where the mask is white
+    (soft mask edges blend) (= VaeImageProcessor.apply_overlay with crop_coords)."""
+    w, h = original.size
+    keep = PIL.Image.new("RGBa", (w, h))  # premultiplied alpha: the original where the mask is black
+    keep.paste(original.convert("RGBA").convert("RGBa"), mask=PIL.ImageOps.invert(mask.convert("L")))
+    x1, y1, x2, y2 = box
+    out = PIL.Image.new("RGBA", (w, h))
+    out.paste(_fit(image, x2 - x1, y2 - y1, cover=True)[0], (x1, y1))
+    out = out.convert("RGB").convert("RGBA")
+    out.alpha_composite(keep.convert("RGBA"))
+    return out.convert("RGB")
 
 
 def _resize_tensor(x, height, width):

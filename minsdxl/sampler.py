@@ -11,10 +11,20 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
+import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from .image import apply_watermark, postprocess, resize_like_latents, to_tensor, watermark_available
+from .image import (
+    apply_watermark,
+    mask_crop_region,
+    paste_inpainted,
+    postprocess,
+    resize_like_latents,
+    to_tensor,
+    watermark_available,
+)
 from .prompt import encode_prompt
 from .rng import randn
 from .schedulers import DDIM, Scheduler, make_scheduler
@@ -498,6 +508,7 @@ def inpaint(
     masked_image_latents=None,
     height=None,
     width=None,
+    padding_mask_crop=None,
     strength=0.9999,
     num_inference_steps=50,
     timesteps=None,
@@ -534,7 +545,9 @@ def inpaint(
 ):
     """= StableDiffusionXLInpaintPipeline.__call__(...).images. White (>= 0.5) mask pixels are repainted.
     Works with the 9-channel inpainting UNet (mask and masked-image latents as extra UNet inputs) and
-    with 4-channel base/refiner UNets (the known region is re-imposed after every step)."""
+    with 4-channel base/refiner UNets (the known region is re-imposed after every step).
+    padding_mask_crop=N: inpaint only the box around the mask (N pixels wider, grown to height:width) at
+    height x width, and paste the result back into the full image where the mask is white."""
     a = dict(locals())
     _check_common(model, a, "inpaint")
     if mask_image is None:
@@ -542,8 +555,9 @@ def inpaint(
     _check_mask_matches(image, mask_image)
     sample = model.unet.config.sample_size * 8  # = inpaint __call__: the image is resized to height x width
     height, width = height or sample, width or sample
-    init_image = to_tensor(image, height, width).float()
-    mask_px = to_tensor(mask_image, height, width, mask=True)
+    crop = _crop_box(a, height, width)
+    init_image = to_tensor(image, height, width, crop=crop).float()
+    mask_px = to_tensor(mask_image, height, width, mask=True, crop=crop)
     if not (mask_px > 0.5).any():
         warnings.warn("mask_image has no white pixels: nothing will be repainted", stacklevel=2)
     nine = model.unet.config.in_channels == 9
@@ -593,14 +607,37 @@ def inpaint(
         run.masked_image_latents = torch.cat([masked_image_latents] * 2) if st.cfg else masked_image_latents
     else:
         run.blend = (image_latents, noise, mask)
-    return _finish(model, run, a)
+    images = _finish(model, run, a)
+    return images if crop is None else [paste_inpainted(mask_image, image, i, crop) for i in images]
+
+
+def _crop_box(a, height, width):
+    """padding_mask_crop's box in the image (= check_inputs' rules, then mask_processor.get_crop_region)."""
+    pad = a["padding_mask_crop"]
+    if pad is None:
+        return None
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+        raise ValueError(f"padding_mask_crop must be a whole number of pixels >= 0, got {pad!r}")
+    for name in ("image", "mask_image"):
+        if not isinstance(a[name], PIL.Image.Image):
+            raise ValueError(
+                f"padding_mask_crop needs {name} as one PIL image (the result is pasted back into it), got "
+                f"{type(a[name]).__name__}"
+            )
+    if a["output_type"] != "pil":
+        raise ValueError(
+            f"padding_mask_crop pastes into the PIL image: use output_type='pil', not {a['output_type']!r}"
+        )
+    if not np.asarray(a["mask_image"].convert("L")).any():
+        raise ValueError("mask_image is all black: padding_mask_crop has no masked region to crop around")
+    return mask_crop_region(a["mask_image"], width, height, pad)
 
 
 def _check_mask_matches(image, mask_image):
     def size(x):
         x = x[0] if isinstance(x, (list, tuple)) and x else x
-        if hasattr(x, "size") and not callable(x.size):
-            return tuple(x.size[::-1])  # PIL: (W, H) -> (H, W)
+        if isinstance(x, PIL.Image.Image):
+            return tuple(x.size[::-1])  # (W, H) -> (H, W)
         if hasattr(x, "shape"):
             if isinstance(x, torch.Tensor):
                 return tuple(x.shape[-2:])

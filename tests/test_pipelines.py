@@ -202,6 +202,78 @@ def test_inpaint(models, kind, strength):
     )
 
 
+@pytest.mark.parametrize(
+    "kind,size,box",
+    [
+        ("inpaint", (120, 88), (70, 20, 100, 40)),  # wide box in a landscape image: grown in height
+        ("base", (80, 112), (10, 30, 24, 90)),  # tall box near the left edge: grown in width, shifted inside
+    ],
+)
+def test_inpaint_padding_mask_crop(models, kind, size, box):
+    """padding_mask_crop: the box around the mask (padded, grown to height:width) is inpainted at
+    height x width and pasted back where the mask is white; the rest of the image is the original."""
+    pipe, model = models[kind]
+    if kind == "base":
+        pipe = diffusers.StableDiffusionXLInpaintPipeline(**pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    image = _image(4, size)
+    m = np.zeros(size[::-1], dtype=np.uint8)
+    m[box[1] : box[3], box[0] : box[2]] = 255
+    m[box[1] : box[1] + 3, box[0] : box[2]] = 128  # a soft edge: blended, not cut
+    mask = PIL.Image.fromarray(m)
+    kw = dict(prompt="a cat", image=image, mask_image=mask, padding_mask_crop=6, strength=0.8, num_inference_steps=3)
+    region = pipe.mask_processor.get_crop_region(mask, 64, 64, pad=6)
+    assert minsdxl.image.mask_crop_region(mask, 64, 64, 6) == region
+    ref = pipe(**kw, **SIZE, generator=torch.Generator().manual_seed(2)).images
+    got = minsdxl.inpaint(model, **kw, **SIZE, seed=2, progress=False)
+    assert got[0].size == size
+    _assert_images_close(ref, got)
+    unmasked = m == 0
+    assert np.array_equal(np.asarray(got[0])[unmasked], np.asarray(image)[unmasked])
+    assert not np.array_equal(np.asarray(got[0])[~unmasked], np.asarray(image)[~unmasked])
+    for bad, match in (
+        (dict(padding_mask_crop=-1), "padding_mask_crop must be a whole number"),
+        (dict(output_type="latent"), "use output_type='pil'"),
+        (dict(image=np.asarray(image) / 255.0), "needs image as one PIL image"),
+        (dict(mask_image=PIL.Image.new("L", size)), "all black"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            minsdxl.inpaint(model, **{**kw, **bad}, **SIZE)
+
+
+def test_mask_crop_region_matches_diffusers():
+    # random boxes (at edges too), pads and processing sizes: the box equals get_crop_region's
+    rng = np.random.default_rng(0)
+    get = diffusers.image_processor.VaeImageProcessor.get_crop_region
+    for _ in range(400):
+        w, h = (int(v) for v in rng.integers(8, 160, 2))
+        x1, y1 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x2, y2 = int(rng.integers(x1 + 1, w + 1)), int(rng.integers(y1 + 1, h + 1))
+        m = np.zeros((h, w), dtype=np.uint8)
+        m[y1:y2, x1:x2] = rng.integers(1, 256)
+        mask = PIL.Image.fromarray(m)
+        width, height, pad = int(rng.integers(1, 17)) * 8, int(rng.integers(1, 17)) * 8, int(rng.integers(0, 40))
+        assert minsdxl.image.mask_crop_region(mask, width, height, pad) == get(mask, width, height, pad=pad)
+
+
+def test_fill_resize_and_paste_back_match_diffusers():
+    # resize_mode "fill" (bars filled from the edge rows/columns) and apply_overlay (resize_mode "crop",
+    # soft-mask blend) on random sizes and aspect ratios: pixel for pixel
+    rng = np.random.default_rng(1)
+    proc = diffusers.image_processor.VaeImageProcessor()
+    for _ in range(30):
+        w, h, width, height = (int(v) for v in rng.integers(8, 96, 4))
+        img = _image(int(rng.integers(100)), (w, h))
+        ours, ref = minsdxl.image.resize_fill(img, width, height), proc._resize_and_fill(img, width, height)
+        assert np.array_equal(np.asarray(ours), np.asarray(ref))
+        mask = PIL.Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8))
+        x1, y1 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        box = (x1, y1, x1 + int(rng.integers(1, w - x1 + 1)), y1 + int(rng.integers(1, h - y1 + 1)))
+        inpainted = _image(int(rng.integers(100)), (width, height))
+        ours = minsdxl.image.paste_inpainted(mask, img, inpainted, box)
+        assert np.array_equal(np.asarray(ours), np.asarray(proc.apply_overlay(mask, img, inpainted, box)))
+
+
 def _refiner_sharing_base(rpipe, bpipe):
     """The diffusers refiner with the base's text_encoder_2 and vae, as minsdxl.load(share=base) does."""
     return type(rpipe)(

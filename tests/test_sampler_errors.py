@@ -73,6 +73,9 @@ def test_inpaint_errors(base, refiner, monkeypatch):
     _forbid_unet(base, monkeypatch)
     with pytest.raises(ValueError, match=r"image is 64x64 but mask_image is 32x64"):
         minsdxl.inpaint(base, "a cat", image=IMG, mask_image=PIL.Image.new("L", (32, 64), 255), height=64, width=64)
+    # numpy inputs too ([H, W, C] image, [H, W] mask), which once failed inside the check with a TypeError
+    with pytest.raises(ValueError, match=r"image is 64x48 but mask_image is 64x64"):
+        minsdxl.inpaint(base, "a cat", image=np.zeros((48, 64, 3)), mask_image=np.ones((64, 64)), height=64, width=64)
     with pytest.raises(ValueError, match=r"inpaint needs mask_image="):
         minsdxl.inpaint(refiner, "a cat", image=IMG)
     with pytest.warns(UserWarning, match="no white pixels"), pytest.raises(RuntimeError, match="stop"):

@@ -49,6 +49,7 @@ API_KWARGS = {
     "width": "width",
     "height": "height",
     "strength": "strength",
+    "mask_padding": "padding_mask_crop",
     "original_size": "original_size",
     "crop_top_left": "crops_coords_top_left",
     "target_size": "target_size",
@@ -160,6 +161,9 @@ def build_parser():
     add("--strength",                  type=float, default=None,      help="img2img/inpaint: how much to change")
     add("-i", "--init-image",                      default=None,      help="start from this image (img2img)")
     add("--mask",                                  default=None,      help="with -i: repaint its white part")
+    add("--mask-padding", metavar="N", type=int,   default=None,      help="inpaint only the box around the mask, "
+                                                                           "N px wider, at -W x -H, and paste it "
+                                                                           "back (A1111's 'only masked')")
     add("-b", "--batch",               type=int,   default=1,         help="images, with seeds seed, seed+1, ...")
     out.add_argument("-o", "--output",             default=None,      help="output .png ({seed}, {index} allowed)")
     out.add_argument("--outdir",                   default="outputs", help="folder for {counter:05d}-{seed}.png")
@@ -309,6 +313,15 @@ def _check(args, mode):
         raise ValueError(f"-b/--batch must be at least 1, got {args.batch}")
     if args.mask and not args.init_image:
         raise ValueError("--mask needs the image to repaint: pass it with -i/--init-image")
+    if args.mask_padding is not None and args.mask_padding < 0:
+        raise ValueError(f"--mask-padding must be 0 or more pixels, got {args.mask_padding}")
+    if args.mask_padding is not None and not args.mask:
+        raise ValueError("--mask-padding crops around the mask: pass --mask (and -i) too")
+    if args.mask_padding is not None and args.refiner and args.refiner_mode == "switch":
+        raise ValueError(
+            "--mask-padding pastes a finished image back, but --refiner-mode switch hands noisy latents to the "
+            "refiner: use --refiner-mode img2img with it"
+        )
     if args.strength is not None and mode == "text2img":
         raise ValueError("--strength applies to img2img and inpaint: pass an image with -i/--init-image")
     if args.refiner and not 0 < args.refiner_switch < 1:
@@ -614,6 +627,8 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
         "VAE hash": about["vae"]["hash"] if about["vae"] else None,
         "VAE": Path(args.vae).stem if args.vae else None,
         "Denoising strength": records[0].get("strength"),
+        "Inpaint area": "Only masked" if args.mask_padding is not None else None,
+        "Masked area padding": args.mask_padding,
         # A1111's "Clip skip" counts the layer read from the end (1 = last, 2 = penultimate); diffusers'
         # SDXL clip_skip k reads hidden_states[-(k + 2)]
         "Clip skip": args.clip_skip + 2 if args.clip_skip is not None else None,

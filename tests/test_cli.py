@@ -145,6 +145,11 @@ def runs(paths, tmp_path_factory):
                 + ["--steps", "2", "-o", "inpaint.png", "--no-metadata", "-q"],
                 dirs["inpaint"],
             ),
+            "inpaint_crop": (  # A1111's "only masked": the box around the mask at -W x -H, pasted back
+                ["minsdxl", "-p", "a dog", "--model", p["inpaint"], "-i", p["init"], "--mask", p["mask"]]
+                + ["--steps", "2", "--mask-padding", "4", "-W", "64", "-H", "64", "-s", "3", "-o", "crop.png", "-q"],
+                dirs["inpaint"],
+            ),
             # the console script, and a single file with its configs from --config
             "info": (
                 [str(Path(sys.executable).parent / "minsdxl"), "info", p["single"], "--config", p["base"]],
@@ -319,6 +324,18 @@ def test_refiner_switch_handoff_and_verbose(runs, api):
     assert "2 text2img + 2 img2img steps" in r.stderr and "peak memory" in r.stderr
 
 
+def test_inpaint_only_masked(runs, api, paths):
+    _ok(runs["inpaint_crop"])
+    image, mask = PIL.Image.open(paths["init"]), PIL.Image.open(paths["mask"])
+    kw = dict(image=image, mask_image=mask, height=64, width=64, num_inference_steps=2, seed=3, padding_mask_crop=4)
+    path = runs["dirs"]["inpaint"] / "crop.png"
+    _same(path, minsdxl.inpaint(api["inpaint"], "a dog", **kw)[0])
+    assert PIL.Image.open(path).size == image.size  # pasted back into the whole image
+    meta = read_png_metadata(path)
+    assert {"Inpaint area": "Only masked", "Masked area padding": "4"}.items() <= meta["infotext"].items()
+    assert meta["minsdxl"]["calls"][0]["kwargs"]["padding_mask_crop"] == 4
+
+
 def test_inpaint_random_seed_no_metadata(runs, api, paths):
     r = _ok(runs["inpaint"])
     seed = int(r.stdout.rsplit("(seed ", 1)[1].split(")")[0])  # random, and reported
@@ -375,6 +392,11 @@ ERRORS = {
     ),
     "no_overwrite": (["--model", "{base}", *SIZE, "-o", "a_file"], "a_file already exists"),
     "from_png_without_metadata": (["--from-png", "{init}"], "has no minsdxl metadata"),
+    "mask_padding_without_mask": (["--model", "{base}", "-i", "{init}", "--mask-padding", "8"], "pass --mask"),
+    "mask_padding_with_switch": (
+        ["--model", "{base}", "-i", "{init}", "--mask", "{mask}", "--mask-padding", "8", "--refiner", "{refiner}"],
+        "use --refiner-mode img2img with it",
+    ),
 }
 
 

@@ -1,4 +1,4 @@
-"""Noise schedules and update rules: Euler, Euler a, DDIM and DPM++ 2M (Karras), as diffusers computes them.
+"""Noise schedules and update rules: Euler, Euler a, DDIM, DPM++ 2M and 2M SDE (Karras), as diffusers computes them.
 
 Each scheduler is built from a diffusers `scheduler_config.json` dict (missing keys take the defaults of the
 matching diffusers class, as `from_config` does) and reproduces that class's timesteps, sigmas and `step`.
@@ -432,15 +432,22 @@ class DDIM(Scheduler):
 
 
 class DPMSolverMultistep(Scheduler):
-    """DPM-Solver++ 2M, midpoint (= diffusers DPMSolverMultistepScheduler, algorithm_type "dpmsolver++",
-    solver_order 2): a 2nd-order multistep update on x0-predictions, 1st order at the first step after a
-    (re)start and at the end as `lower_order_final` / `final_sigmas_type` / `euler_at_final` say."""
+    """DPM-Solver++ 2M, midpoint (= diffusers DPMSolverMultistepScheduler, solver_order 2): a 2nd-order
+    multistep update on x0-predictions, 1st order at the first step after a (re)start and at the end as
+    `lower_order_final` / `final_sigmas_type` / `euler_at_final` say. algorithm_type "sde-dpmsolver++"
+    (DPM++ 2M SDE): the same update on the SDE, each step shrinking the sample by another e^-h and adding
+    fresh noise of σ_t·sqrt(1 - e^-2h), drawn from the generator where diffusers' step draws it."""
 
     name = "dpmpp_2m"
     custom = ("timesteps",)
-    defaults = dict(use_karras_sigmas=False, final_sigmas_type="zero", lower_order_final=True, euler_at_final=False)
-    fixed = dict(
+    defaults = dict(
+        use_karras_sigmas=False,
+        final_sigmas_type="zero",
+        lower_order_final=True,
+        euler_at_final=False,
         algorithm_type="dpmsolver++",
+    )
+    fixed = dict(
         solver_order=2,
         solver_type="midpoint",
         thresholding=False,
@@ -457,8 +464,8 @@ class DPMSolverMultistep(Scheduler):
 
     def __init__(self, config=None):
         super().__init__(config)
-        if self.karras:
-            self.name = "dpmpp_2m_karras"
+        self.sde = _choice(self.config, "algorithm_type", ("dpmsolver++", "sde-dpmsolver++")) == "sde-dpmsolver++"
+        self.name = "dpmpp_2m" + "_sde" * self.sde + "_karras" * self.karras
 
     def _schedule(self, timesteps, n):
         train = self.train_sigmas  # Karras spans the whole training range here, unlike Euler
@@ -473,7 +480,12 @@ class DPMSolverMultistep(Scheduler):
         self._alpha, self._sigma = alpha, sigma
         self._keep, self._noise = self._alpha, self._sigma
         self._ratio = sigma[1:] / sigma[:-1]
-        coef = alpha[1:] * (torch.exp(-h) - 1.0)
+        if self.sde:  # = the "sde-dpmsolver++" branches of dpm_solver_first/second_order_update
+            self._ratio = self._ratio * torch.exp(-h)
+            coef = -(alpha[1:] * (1 - torch.exp(-2.0 * h)))
+            self._noise_scale = sigma[1:] * torch.sqrt(1.0 - torch.exp(-2 * h))
+        else:
+            coef = alpha[1:] * (torch.exp(-h) - 1.0)
         self._coef, self._half_coef = coef, 0.5 * coef
         r0 = (lam[1:-1] - lam[:-2]) / h[1:]  # step-size ratio h_0/h of the 2nd-order update (none at step 0)
         self._inv_r0 = torch.cat([torch.tensor([math.nan]), 1.0 / r0])
@@ -493,6 +505,8 @@ class DPMSolverMultistep(Scheduler):
         else:
             d1 = self._inv_r0[i] * (x0 - self._prev_x0)
             x_next = self._ratio[i] * x - self._coef[i] * x0 - self._half_coef[i] * d1
+        if self.sde:  # fp32 noise, one draw per step (also the last, whose σ_t of 0 makes it count for nothing)
+            x_next = x_next + self._noise_scale[i] * randn(eps.shape, generator, eps.device, torch.float32)
         self._prev_x0, self._lower_order_nums = x0, min(self._lower_order_nums + 1, 2)
         return x_next.to(x0.dtype)
 
@@ -502,8 +516,10 @@ SCHEDULERS = {
     "euler": (EulerDiscrete, {}),
     "euler_a": (EulerAncestral, {}),
     "ddim": (DDIM, {}),
-    "dpmpp_2m": (DPMSolverMultistep, {"use_karras_sigmas": False}),
-    "dpmpp_2m_karras": (DPMSolverMultistep, {"use_karras_sigmas": True}),
+    "dpmpp_2m": (DPMSolverMultistep, {"use_karras_sigmas": False, "algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_karras": (DPMSolverMultistep, {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_sde": (DPMSolverMultistep, {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": (DPMSolverMultistep, {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
 }
 A1111_NAMES = {
     "Euler": "euler",
@@ -511,6 +527,8 @@ A1111_NAMES = {
     "DDIM": "ddim",
     "DPM++ 2M": "dpmpp_2m",
     "DPM++ 2M Karras": "dpmpp_2m_karras",
+    "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
 }
 DIFFUSERS_CLASSES = {
     "EulerDiscreteScheduler": EulerDiscrete,
@@ -526,7 +544,7 @@ def make_scheduler(name: str | None = None, config: dict | None = None) -> Sched
     `_class_name` names. The config is a diffusers scheduler_config.json dict; None or {} means SDXL's
     (a single-file checkpoint carries none, and diffusers' bare class defaults are not SDXL's betas).
     "euler"/"euler_a"/"ddim" take the config as it is (as diffusers' from_config); the DPM++ names pin
-    use_karras_sigmas to what they say."""
+    use_karras_sigmas and algorithm_type (SDE or not) to what they say."""
     config = dict(config or SDXL_SCHEDULER_CONFIG)
     if name is None:
         cls_name = config.get("_class_name", "EulerDiscreteScheduler")

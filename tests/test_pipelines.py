@@ -36,6 +36,9 @@ def _with_scheduler(pipe, name):
         "ddim": lambda: diffusers.DDIMScheduler.from_config(cfg),
         "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler.from_config(cfg),
         "dpmpp_2m_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True),
+        "dpmpp_2m_sde_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(
+            cfg, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"
+        ),
     }[name]()
     return type(pipe)(**{**pipe.components, "scheduler": sched})
 
@@ -113,7 +116,9 @@ def test_text2img(models, case):
     _assert_close(*_run_both(pipe, model, minsdxl.text2img, **kw))
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"])
+@pytest.mark.parametrize(
+    "scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras"]
+)
 def test_text2img_every_scheduler(models, scheduler):
     pipe, model = models["base"]
     _assert_close(

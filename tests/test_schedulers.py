@@ -42,6 +42,12 @@ CASES = [
     ("dpmpp_2m", DPMSolverMultistepScheduler, {}),
     ("dpmpp_2m_karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     ("dpmpp_2m", DPMSolverMultistepScheduler, {"final_sigmas_type": "sigma_min"}),
+    ("dpmpp_2m_sde", DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    (
+        "dpmpp_2m_sde_karras",
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
 ]
 CASE_IDS = [
     "euler",
@@ -52,6 +58,8 @@ CASE_IDS = [
     "dpmpp_2m",
     "dpmpp_2m_karras",
     "dpmpp-sigma_min",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_karras",
 ]
 
 
@@ -361,9 +369,18 @@ MU, SD = torch.tensor([0.5, -1.0]), torch.tensor([1.0, 2.0])
 N_SAMPLES = 100_000
 # Variance tolerance = the solver's own discretisation bias at 50 steps for this data + 5 Monte-Carlo standard
 # errors of a sample variance (5·sqrt(2/N) = 2.2%). The biases, measured once with 10^6 samples: first-order
-# Euler and DDIM 5.4% low, Euler a (first-order SDE) 10.6%, DPM++ 2M (second order) 1.5%, with Karras 0.3%.
+# Euler and DDIM 5.4% low, Euler a (first-order SDE) 10.6%, DPM++ 2M (second order) 1.5%, with Karras 0.3%,
+# DPM++ 2M SDE 0.3%, with Karras 1.0% high.
 # A wrong scaling, table entry or noise level shows up as errors of tens of percent or more.
-VAR_TOL = {"euler": 0.08, "ddim": 0.08, "euler_a": 0.14, "dpmpp_2m": 0.04, "dpmpp_2m_karras": 0.03}
+VAR_TOL = {
+    "euler": 0.08,
+    "ddim": 0.08,
+    "euler_a": 0.14,
+    "dpmpp_2m": 0.04,
+    "dpmpp_2m_karras": 0.03,
+    "dpmpp_2m_sde": 0.03,
+    "dpmpp_2m_sde_karras": 0.035,
+}
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -414,11 +431,17 @@ def test_sdxl_config_is_diffusers_single_file_default_plus_sdxl_values():
         ("DPM++ 2M", S.DPMSolverMultistep, False),
         ("dpmpp_2m_karras", S.DPMSolverMultistep, True),
         ("DPM++ 2M Karras", S.DPMSolverMultistep, True),
+        ("dpmpp_2m_sde", S.DPMSolverMultistep, False),
+        ("DPM++ 2M SDE", S.DPMSolverMultistep, False),
+        ("dpmpp_2m_sde_karras", S.DPMSolverMultistep, True),
+        ("DPM++ 2M SDE Karras", S.DPMSolverMultistep, True),
     ],
 )
 def test_names_users_type(name, cls, karras):
     s = S.make_scheduler(name, SDXL)
     assert type(s) is cls and s.karras is karras and s.order == 1
+    assert getattr(s, "sde", False) is ("SDE" in name.upper())  # the name pins algorithm_type too
+    assert S.make_scheduler(s.name, SDXL).config == s.config  # its own name gives it back
     flipped = S.make_scheduler(name, {**SDXL, "use_karras_sigmas": not karras}).karras
     if cls is S.DPMSolverMultistep:
         assert flipped is karras  # the DPM++ names say whether they are Karras
@@ -480,10 +503,10 @@ def test_unsupported_config_values_are_named(name, key, value):
 
 
 def test_config_values_minsdxl_cannot_honour_are_refused_for_none_too():
+    dpm = {**SDXL, "_class_name": "DPMSolverMultistepScheduler"}
     with pytest.raises(ValueError, match="algorithm_type"):
-        S.make_scheduler(
-            None, {**SDXL, "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}
-        )
+        S.make_scheduler(None, {**dpm, "algorithm_type": "sde-dpmsolver"})
+    assert S.make_scheduler(None, {**dpm, "algorithm_type": "sde-dpmsolver++"}).name == "dpmpp_2m_sde"
 
 
 # ---------------------------------------------------------------------------------------------- bad input

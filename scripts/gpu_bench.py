@@ -19,6 +19,8 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
     with eager text encoders); graphs compiled during the timed run (must be 0);
     --profile writes the top GPU kernels of diffusers + torch.compile and of minsdxl.compile's defaults
     to <out dir>/profile_*.txt.
+ 5. (--vae-layout) the compiled VAE decoder alone, its mid-block attention's residual sum channels_last
+    (as is, = diffusers) or NCHW: ms per decode and the image difference (a lead from run A's profile).
 """
 
 import argparse
@@ -457,6 +459,62 @@ def run_configs(args, pipe, model):
     minsdxl.set_attention("sdpa", model)
 
 
+# ------------------------------------------------------------------------------------------------
+# 5. (--vae-layout) the VAE decoder alone: the mid-block attention's residual sum channels_last (as is,
+# = diffusers) or NCHW; a lead from run A's profile (slow "clone ... group_norm" kernels in the decoder)
+
+
+def vae_layout_section(args, model):
+    import minsdxl.vae as vae_module
+    from minsdxl.attention import attention
+
+    dev, size = args.device, args.size
+    z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(dev, model.vae.dtype)
+    as_is = vae_module.VAEAttention.forward
+
+    def nchw(self, x):  # VAEAttention.forward with the residual sum taking x's (NCHW) layout: same values
+        b, c, h, w = x.shape
+        t = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
+        o = self.to_out[0](attention(self.to_q(t), self.to_k(t), self.to_v(t), 1, backend=self.attention_backend))
+        return x + o.transpose(1, 2).reshape(b, c, h, w)
+
+    log(f"\n5. VAE decoder alone, {model.vae.dtype}, {size}x{size}, compiled (CUDA graphs on CUDA)")
+    rows, images = RESULTS.setdefault("vae_layout", []), []
+    for name, forward in (("channels_last sum (as is)", as_is), ("NCHW sum", nchw)):
+        vae_module.VAEAttention.forward = forward
+        torch._dynamo.reset()
+        try:
+            decoder = model.vae.decoder
+            decoder.compile(mode="reduce-overhead" if dev == "cuda" else None, fullgraph=True)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for _ in range(3):  # compile, record, replay
+                    if dev == "cuda":
+                        torch.compiler.cudagraph_mark_step_begin()
+                    images.append(model.vae.decode(z).float().clone())
+            first = time.perf_counter() - t0
+
+            def run():
+                if dev == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                with torch.no_grad():
+                    model.vae.decode(z)
+
+            ms = wall_ms(run, dev, reps=5, warmup=1)
+            rows.append(
+                dict(config=name, first_s=first, ms=ms, max_abs_vs_first=(images[-1] - images[0]).abs().max().item())
+            )
+            log(f"{name:30} first {first:6.1f} s  {ms:8.2f} ms  max|diff| vs as is {rows[-1]['max_abs_vs_first']:.3g}")
+        except Exception as e:  # report and go on
+            rows.append(dict(config=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            log(f"{name:30} FAILED: {rows[-1]['error']}")
+        finally:
+            vae_module.VAEAttention.forward = as_is
+            model.vae.decoder._compiled_call_impl = None
+            torch._dynamo.reset()
+        save(args)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_bench.json")
@@ -471,6 +529,11 @@ def main():
     ap.add_argument("--all", action="store_true", help="also time minsdxl compiled without CUDA graphs")
     ap.add_argument("--offload", action="store_true", help="also measure model offload's peak memory")
     ap.add_argument("--profile", action="store_true", help="top GPU kernels of each compiled library")
+    ap.add_argument(
+        "--vae-layout",
+        action="store_true",
+        help="also time the compiled VAE decoder with its mid-block attention's sum NCHW instead of channels_last",
+    )
     args = ap.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -495,6 +558,8 @@ def main():
         offload_section(args, pipe, model)
         log(f"   [{time.perf_counter() - t0:.0f} s]")
     run_configs(args, pipe, model)
+    if args.vae_layout:
+        vae_layout_section(args, model)
     log(f"\ndone in {time.perf_counter() - t0:.0f} s")
 
 

@@ -1,4 +1,4 @@
-"""Noise schedules and update rules: Euler, Euler a, DDIM, DPM++ 2M and 2M SDE (Karras), as diffusers computes them.
+"""Noise schedules and update rules: Euler, Euler a, Heun, DDIM, DPM++ 2M and 2M SDE (Karras), as diffusers does.
 
 Each scheduler is built from a diffusers `scheduler_config.json` dict (missing keys take the defaults of the
 matching diffusers class, as `from_config` does) and reproduces that class's timesteps, sigmas and `step`.
@@ -49,7 +49,7 @@ SDXL_SCHEDULER_CONFIG = {
     "use_karras_sigmas": False,
 }
 
-# __init__ defaults shared by the four diffusers classes: what a key missing from the config means
+# __init__ defaults shared by the diffusers classes (Heun's betas aside): what a key missing from the config means
 _COMMON_DEFAULTS = dict(
     num_train_timesteps=1000,
     beta_start=0.0001,
@@ -142,7 +142,7 @@ def cut_timesteps(
 
 
 class Scheduler:
-    """What all four share: config, betas, timestep spacing, the sigma table, step counting, add_noise."""
+    """What all share: config, betas, timestep spacing, the sigma table, step counting, add_noise."""
 
     name = ""
     order = 1  # diffusers' scheduler.order: 2 only for Heun-like schedulers whose timesteps repeat
@@ -205,9 +205,11 @@ class Scheduler:
                 )
             spaced, sigmas = self._schedule(self._spaced_timesteps(num_inference_steps), num_inference_steps)
         else:
-            spaced, sigmas = self._custom(given[0], timesteps if timesteps is not None else sigmas)
-        # "trailing" can space N+1 timesteps for N steps; diffusers still counts N
-        self.num_inference_steps = num_inference_steps or len(spaced)
+            values = timesteps if timesteps is not None else sigmas
+            spaced, sigmas = self._custom(given[0], values)
+            num_inference_steps = len(values) - (given[0] == "sigmas")  # what diffusers counts as the steps
+        # "trailing" can space N+1 timesteps for N steps (and Heun runs 2N-1): diffusers still counts N
+        self.num_inference_steps = num_inference_steps
         self.timesteps = torch.from_numpy(spaced.astype(np.float32))
         self.sigmas = torch.from_numpy(sigmas.astype(np.float32))
         self._precompute()
@@ -388,6 +390,51 @@ class EulerAncestral(EulerDiscrete):
     forced = dict(use_karras_sigmas=False, final_sigmas_type="zero")
 
 
+class HeunDiscrete(EulerDiscrete):
+    """Heun's method (2nd order) on the probability-flow ODE in σ-space (= diffusers HeunDiscreteScheduler):
+    every step but the last is an Euler step followed by its correction with the mean of the two slopes,
+    so N steps run 2N-1 UNet calls over the timesteps t0, t1, t1, ..., t_{N-1}, t_{N-1}."""
+
+    name = "heun"
+    order = 2
+    custom = ("timesteps",)
+    defaults = dict(
+        use_karras_sigmas=False, clip_sample=False, clip_sample_range=1.0, beta_start=0.00085, beta_end=0.012
+    )
+    forced = dict(final_sigmas_type="zero")  # diffusers' Heun always ends at σ = 0
+    fixed = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
+
+    def _schedule(self, timesteps, n):
+        timesteps, sigmas = super()._schedule(timesteps, n)
+        # = set_timesteps: every timestep after the first twice; every σ but the first and the final 0 twice
+        timesteps = np.concatenate([timesteps[:1], timesteps[1:].repeat(2)])
+        return timesteps, np.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]])
+
+    def _start(self, begin):
+        super()._start(begin)
+        self._first = None  # (slope, dt, sample) of a step's Euler half, until its correction
+
+    def step(self, eps, t, x, generator=None):
+        i = self._index(t)
+        self.step_index += 1
+        sigma = self._sigma[i]  # the σ the UNet saw, in both halves
+        if self.v_prediction:
+            x0 = eps * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        else:
+            x0 = x - sigma * eps
+        if self.config["clip_sample"]:
+            r = self.config["clip_sample_range"]
+            x0 = x0.clamp(-r, r)
+        slope = (x - x0) / sigma
+        if self._first is None:  # the Euler half, to the next σ; the last step is only this
+            dt = self._sigma[i + 1] - sigma
+            self._first = (slope, dt, x)
+            return x + slope * dt
+        first_slope, dt, start = self._first  # the correction: from the same start, with the mean slope
+        self._first = None
+        return start + (first_slope + slope) / 2 * dt
+
+
 class DDIM(Scheduler):
     """Deterministic DDIM, eta=0 (= diffusers DDIMScheduler as SDXL pipelines call it)."""
 
@@ -520,6 +567,7 @@ SCHEDULERS = {
     "dpmpp_2m_karras": (DPMSolverMultistep, {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
     "dpmpp_2m_sde": (DPMSolverMultistep, {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"}),
     "dpmpp_2m_sde_karras": (DPMSolverMultistep, {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
+    "heun": (HeunDiscrete, {}),
 }
 A1111_NAMES = {
     "Euler": "euler",
@@ -529,12 +577,14 @@ A1111_NAMES = {
     "DPM++ 2M Karras": "dpmpp_2m_karras",
     "DPM++ 2M SDE": "dpmpp_2m_sde",
     "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
+    "Heun": "heun",
 }
 DIFFUSERS_CLASSES = {
     "EulerDiscreteScheduler": EulerDiscrete,
     "EulerAncestralDiscreteScheduler": EulerAncestral,
     "DDIMScheduler": DDIM,
     "DPMSolverMultistepScheduler": DPMSolverMultistep,
+    "HeunDiscreteScheduler": HeunDiscrete,
 }
 _ALIASES = {**{k: k for k in SCHEDULERS}, **{k.lower(): v for k, v in A1111_NAMES.items()}}
 

@@ -36,6 +36,7 @@ def _with_scheduler(pipe, name):
         "ddim": lambda: diffusers.DDIMScheduler.from_config(cfg),
         "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler.from_config(cfg),
         "dpmpp_2m_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True),
+        "heun": lambda: diffusers.HeunDiscreteScheduler.from_config(cfg),
         "dpmpp_2m_sde_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(
             cfg, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"
         ),
@@ -117,7 +118,7 @@ def test_text2img(models, case):
 
 
 @pytest.mark.parametrize(
-    "scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras"]
+    "scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun"]
 )
 def test_text2img_every_scheduler(models, scheduler):
     pipe, model = models["base"]

@@ -6,6 +6,7 @@ base cut-offs computed by the diffusers pipeline methods themselves. Analytic: f
 ε-prediction is known, so 50 sampling steps must give back the data's mean and variance.
 """
 
+import inspect
 import types
 
 import pytest
@@ -48,6 +49,8 @@ CASES = [
         DPMSolverMultistepScheduler,
         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
     ),
+    ("heun", HeunDiscreteScheduler, {}),
+    ("heun", HeunDiscreteScheduler, {"use_karras_sigmas": True}),
 ]
 CASE_IDS = [
     "euler",
@@ -60,6 +63,8 @@ CASE_IDS = [
     "dpmpp-sigma_min",
     "dpmpp_2m_sde",
     "dpmpp_2m_sde_karras",
+    "heun",
+    "heun-karras",
 ]
 
 
@@ -99,8 +104,9 @@ def denoise(sched, timesteps, x, diffusers, seed=7, inpaint=None):
     out = []
     for i, t in enumerate(timesteps):
         eps = eps_fn(sched.scale_model_input(x, t), t)
-        if diffusers:
-            x = sched.step(eps, t, x, generator=gen, return_dict=False)[0]
+        if diffusers:  # = prepare_extra_step_kwargs: a generator only for the schedulers whose step takes one
+            kw = {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
+            x = sched.step(eps, t, x, **kw, return_dict=False)[0]
         else:
             x = sched.step(eps, t, x, generator=gen)
         if inpaint is not None:
@@ -143,6 +149,7 @@ CUSTOM = [
     ("euler", EulerDiscreteScheduler, {"final_sigmas_type": "sigma_min"}, "timesteps", [999, 500, 1]),
     ("dpmpp_2m", DPMSolverMultistepScheduler, {}, "timesteps", [999, 850.5, 600, 401.25, 200, 20]),
     ("dpmpp_2m", DPMSolverMultistepScheduler, {"final_sigmas_type": "sigma_min"}, "timesteps", [999, 500, 1]),
+    ("heun", HeunDiscreteScheduler, {}, "timesteps", [999, 850.5, 600, 401.25, 200, 20]),
 ]
 
 
@@ -152,7 +159,7 @@ def test_custom_timesteps_and_sigmas_match_diffusers(name, cls, extra, kind, val
     ref, ours = make_pair(name, cls, extra, timestep_spacing=spacing)
     ref.set_timesteps(**{kind: values})
     ours.set_timesteps(**{kind: values})
-    assert ours.num_inference_steps == ref.num_inference_steps == len(ours.timesteps)
+    assert ours.num_inference_steps == ref.num_inference_steps and len(ours.timesteps) == len(ref.timesteps)
     torch.testing.assert_close(ours.timesteps, ref.timesteps.float(), rtol=0, atol=1e-6)
     torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=1e-6, atol=1e-6)
     assert abs(ours.init_noise_sigma - float(ref.init_noise_sigma)) <= 1e-6 * float(ref.init_noise_sigma)
@@ -161,8 +168,9 @@ def test_custom_timesteps_and_sigmas_match_diffusers(name, cls, extra, kind, val
         close(a, b, 1e-5)
     # the img2img / refiner cuts count the custom steps (get_timesteps uses their number)
     ours.set_timesteps(**{kind: values})
-    if ours.num_inference_steps >= 2:
-        assert len(ours.select_timesteps(strength=0.5)) == int(ours.num_inference_steps * 0.5)
+    if ours.num_inference_steps >= 2:  # Heun (order 2) runs each kept step twice but the last
+        kept = int(ours.num_inference_steps * 0.5)
+        assert len(ours.select_timesteps(strength=0.5)) == kept * ours.order - (ours.order - 1)
 
 
 def test_custom_schedules_refused_with_the_reason():
@@ -305,8 +313,8 @@ def test_denoising_start_and_end_match_diffusers(name, cls, extra, spacing):
 
 
 def test_order_two_parity_rule_matches_diffusers():
-    # Our schedulers are all order 1 (as diffusers'); the order-2 rule of get_timesteps is checked on
-    # Heun's duplicated timesteps through the same cut_timesteps our schedulers call.
+    # The order-2 rule of get_timesteps on diffusers' own Heun timesteps, through the same cut_timesteps our
+    # schedulers call (our Heun's flows are in the parity tests above).
     heun = HeunDiscreteScheduler.from_config(SDXL)
     assert heun.order == 2
     fired = False
@@ -370,7 +378,7 @@ N_SAMPLES = 100_000
 # Variance tolerance = the solver's own discretisation bias at 50 steps for this data + 5 Monte-Carlo standard
 # errors of a sample variance (5·sqrt(2/N) = 2.2%). The biases, measured once with 10^6 samples: first-order
 # Euler and DDIM 5.4% low, Euler a (first-order SDE) 10.6%, DPM++ 2M (second order) 1.5%, with Karras 0.3%,
-# DPM++ 2M SDE 0.3%, with Karras 1.0% high.
+# DPM++ 2M SDE 0.3%, with Karras 1.0% high, Heun (second order, 99 UNet calls) 0.06%.
 # A wrong scaling, table entry or noise level shows up as errors of tens of percent or more.
 VAR_TOL = {
     "euler": 0.08,
@@ -380,6 +388,7 @@ VAR_TOL = {
     "dpmpp_2m_karras": 0.03,
     "dpmpp_2m_sde": 0.03,
     "dpmpp_2m_sde_karras": 0.035,
+    "heun": 0.025,
 }
 
 
@@ -404,7 +413,7 @@ def test_sampling_gaussian_data_recovers_its_moments(name, prediction_type):
     # expected: x0 noised to the last sigma (0, except DDIM, which stops at ᾱ of t=0), in the scheduler's
     # parametrisation: x0 + σ·n for Euler's σ-space, (x0 + σ·n)/sqrt(1+σ²) for DDIM and DPM++
     sigma_end = float(s.sigmas[-1])
-    scale = 1.0 if name.startswith("euler") else (1 + sigma_end**2) ** -0.5
+    scale = 1.0 if name.startswith(("euler", "heun")) else (1 + sigma_end**2) ** -0.5
     mean, var = scale * MU, scale**2 * (SD**2 + sigma_end**2)
     # the mean has no discretisation bias here (every update is affine in x - mu): 5 standard errors
     assert ((x.mean(0) - mean).abs() / SD).max() < 5 / N_SAMPLES**0.5
@@ -435,17 +444,19 @@ def test_sdxl_config_is_diffusers_single_file_default_plus_sdxl_values():
         ("DPM++ 2M SDE", S.DPMSolverMultistep, False),
         ("dpmpp_2m_sde_karras", S.DPMSolverMultistep, True),
         ("DPM++ 2M SDE Karras", S.DPMSolverMultistep, True),
+        ("heun", S.HeunDiscrete, False),
+        ("Heun", S.HeunDiscrete, False),
     ],
 )
 def test_names_users_type(name, cls, karras):
     s = S.make_scheduler(name, SDXL)
-    assert type(s) is cls and s.karras is karras and s.order == 1
+    assert type(s) is cls and s.karras is karras and s.order == (2 if cls is S.HeunDiscrete else 1)
     assert getattr(s, "sde", False) is ("SDE" in name.upper())  # the name pins algorithm_type too
     assert S.make_scheduler(s.name, SDXL).config == s.config  # its own name gives it back
     flipped = S.make_scheduler(name, {**SDXL, "use_karras_sigmas": not karras}).karras
     if cls is S.DPMSolverMultistep:
         assert flipped is karras  # the DPM++ names say whether they are Karras
-    elif cls is S.EulerDiscrete:
+    elif cls in (S.EulerDiscrete, S.HeunDiscrete):
         assert flipped is not karras  # Euler takes the config's use_karras_sigmas, as from_config does
 
 
@@ -457,12 +468,24 @@ def test_names_users_type(name, cls, karras):
         (DDIMScheduler, {}),
         (DPMSolverMultistepScheduler, {}),
         (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+        (HeunDiscreteScheduler, {}),
     ],
 )
 def test_none_means_the_configs_class(cls, extra):
     config = dict(cls.from_config({**SDXL, **extra}).config)  # as save_config writes it: every key
     ours = S.make_scheduler(None, config)
     assert type(ours) is S.DIFFUSERS_CLASSES[cls.__name__] and ours.karras is bool(extra)
+
+
+def test_class_defaults_fill_a_sparse_config():
+    # a config naming only the class: the missing keys take that diffusers class's __init__ defaults
+    for cls in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler, HeunDiscreteScheduler):
+        config = {"_class_name": cls.__name__}
+        ref, ours = cls.from_config(config), S.make_scheduler(None, config)
+        ref.set_timesteps(7)
+        ours.set_timesteps(7)
+        torch.testing.assert_close(ours.timesteps, ref.timesteps.float(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, rtol=1e-6, atol=0)
 
 
 def test_missing_config_means_sdxl():
@@ -476,9 +499,9 @@ def test_missing_config_means_sdxl():
 
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="euler_a.*DPM\\+\\+ 2M Karras"):
-        S.make_scheduler("heun", SDXL)
-    with pytest.raises(ValueError, match="HeunDiscreteScheduler.*dpmpp_2m"):
-        S.make_scheduler(None, {**SDXL, "_class_name": "HeunDiscreteScheduler"})
+        S.make_scheduler("lms", SDXL)
+    with pytest.raises(ValueError, match="LMSDiscreteScheduler.*dpmpp_2m"):
+        S.make_scheduler(None, {**SDXL, "_class_name": "LMSDiscreteScheduler"})
     with pytest.raises(TypeError):
         S.make_scheduler(3, SDXL)
 

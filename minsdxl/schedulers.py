@@ -1,4 +1,4 @@
-"""Noise schedules and update rules: Euler, Euler a, Heun, DDIM, DPM++ 2M and 2M SDE (Karras), as diffusers does.
+"""Noise schedules and update rules: Euler, Euler a, Heun, DDIM, DPM++ 2M and 2M SDE, UniPC, as diffusers has them.
 
 Each scheduler is built from a diffusers `scheduler_config.json` dict (missing keys take the defaults of the
 matching diffusers class, as `from_config` does) and reproduces that class's timesteps, sigmas and `step`.
@@ -558,6 +558,106 @@ class DPMSolverMultistep(Scheduler):
         return x_next.to(x0.dtype)
 
 
+class UniPCMultistep(DPMSolverMultistep):
+    """UniPC, 2nd order, B(h) = bh2 (or bh1), x0-prediction (= diffusers UniPCMultistepScheduler): at
+    each step a corrector first refines the sample the last step predicted, using the new model output
+    (UniC), then a predictor steps on (UniP). Timesteps, sigmas and add_noise are DPM-Solver's. The
+    update formulas are computed per step, in diffusers' order and dtypes (fp16 stays fp16)."""
+
+    name = "unipc"
+    custom = ()
+    defaults = dict(
+        use_karras_sigmas=False,
+        final_sigmas_type="zero",
+        lower_order_final=True,
+        solver_type="bh2",
+        disable_corrector=[],
+        timestep_spacing="linspace",
+    )
+    fixed = dict(
+        solver_order=2,
+        predict_x0=True,
+        thresholding=False,
+        solver_p=None,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        use_flow_sigmas=False,
+        use_dynamic_shifting=False,
+    )
+
+    def __init__(self, config=None):
+        Scheduler.__init__(self, config)
+        self.sde = False
+        self.bh1 = _choice(self.config, "solver_type", ("bh1", "bh2")) == "bh1"
+        self.name = "unipc" + "_karras" * self.karras
+
+    def _precompute(self):  # add_noise's levels only: the updates are computed per step
+        alpha = 1 / (self.sigmas**2 + 1) ** 0.5
+        self._keep, self._noise = alpha, self.sigmas * alpha
+
+    def _start(self, begin):
+        super()._start(begin)
+        self._outs, self._last, self._order = [None, None], None, 0  # x0 history, UniP's input, its order
+
+    def _lam(self, k):
+        """(alpha, sigma, lambda) at schedule point k, as diffusers' _sigma_to_alpha_sigma_t computes them."""
+        alpha = 1 / ((self.sigmas[k] ** 2 + 1) ** 0.5)
+        sigma = self.sigmas[k] * alpha
+        return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+    def _bh(self, t, s0, back, order):
+        """The shared part of UniP and UniC from point s0 to t: (alpha_t, sigma_t / sigma_s0, h·phi_1, B(h),
+        rhos, D1), D1 = the slope to the x0 `back` points before s0 (order 2) or None."""
+        alpha_t, sigma_t, lam_t = self._lam(t)
+        _, sigma_s0, lam_s0 = self._lam(s0)
+        h = lam_t - lam_s0
+        hh = -h
+        h_phi_1 = torch.expm1(hh)
+        b_h = hh if self.bh1 else torch.expm1(hh)
+        rks, d1 = [torch.ones(())], None
+        if order == 2:
+            rk = (self._lam(s0 - back)[2] - lam_s0) / h
+            rks.insert(0, rk)
+            d1 = torch.stack([(self._outs[-2] - self._outs[-1]) / rk], dim=1)
+        rks = torch.stack(rks)
+        h_phi_k, factorial, R, b = h_phi_1 / hh - 1, 1, [], []
+        for k in range(1, order + 1):
+            R.append(torch.pow(rks, k - 1))
+            b.append(h_phi_k * factorial / b_h)
+            factorial *= k + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        return alpha_t, sigma_t / sigma_s0, h_phi_1, b_h, torch.stack(R), torch.stack(b), d1
+
+    def _predict(self, x, i, order):  # = multistep_uni_p_bh_update
+        alpha_t, ratio, h_phi_1, b_h, _, _, d1 = self._bh(i + 1, i, 1, order)
+        x_t = ratio * x - alpha_t * h_phi_1 * self._outs[-1]
+        if d1 is not None:
+            x_t = x_t - alpha_t * b_h * torch.einsum("k,bkc...->bc...", torch.ones(1, dtype=x.dtype) * 0.5, d1)
+        return x_t.to(x.dtype)
+
+    def _correct(self, x0_t, last, this, i, order):  # = multistep_uni_c_bh_update
+        alpha_t, ratio, h_phi_1, b_h, R, b, d1 = self._bh(i, i - 1, 1, order)
+        rhos = torch.ones(1, dtype=last.dtype) * 0.5 if order == 1 else torch.linalg.solve(R, b).to(last.dtype)
+        res = torch.einsum("k,bkc...->bc...", rhos[:-1], d1) if d1 is not None else 0
+        x_t = ratio * last - alpha_t * h_phi_1 * self._outs[-1]
+        return (x_t - alpha_t * b_h * (res + rhos[-1] * (x0_t - self._outs[-1]))).to(last.dtype)
+
+    def step(self, eps, t, x, generator=None):  # = UniPCMultistepScheduler.step
+        i = self._index(t)
+        alpha, sigma, _ = self._lam(i)
+        x0 = alpha * x - sigma * eps if self.v_prediction else (x - sigma * eps) / alpha
+        if i > 0 and i - 1 not in self.config["disable_corrector"] and self._last is not None:
+            x = self._correct(x0, self._last, x, i, self._order)
+        self._outs = [self._outs[-1], x0]
+        this_order = min(2, len(self.timesteps) - i) if self.config["lower_order_final"] else 2
+        self._order = min(this_order, self._lower_order_nums + 1)  # 1st order until there is history
+        self._last = x
+        x_next = self._predict(x, i, self._order)
+        self._lower_order_nums = min(self._lower_order_nums + 1, 2)
+        self.step_index += 1
+        return x_next
+
+
 # name -> (class, config overrides). The A1111 names users type map onto these, case-insensitively.
 SCHEDULERS = {
     "euler": (EulerDiscrete, {}),
@@ -568,6 +668,7 @@ SCHEDULERS = {
     "dpmpp_2m_sde": (DPMSolverMultistep, {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"}),
     "dpmpp_2m_sde_karras": (DPMSolverMultistep, {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
     "heun": (HeunDiscrete, {}),
+    "unipc": (UniPCMultistep, {}),
 }
 A1111_NAMES = {
     "Euler": "euler",
@@ -578,6 +679,7 @@ A1111_NAMES = {
     "DPM++ 2M SDE": "dpmpp_2m_sde",
     "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
     "Heun": "heun",
+    "UniPC": "unipc",
 }
 DIFFUSERS_CLASSES = {
     "EulerDiscreteScheduler": EulerDiscrete,
@@ -585,6 +687,7 @@ DIFFUSERS_CLASSES = {
     "DDIMScheduler": DDIM,
     "DPMSolverMultistepScheduler": DPMSolverMultistep,
     "HeunDiscreteScheduler": HeunDiscrete,
+    "UniPCMultistepScheduler": UniPCMultistep,
 }
 _ALIASES = {**{k: k for k in SCHEDULERS}, **{k.lower(): v for k, v in A1111_NAMES.items()}}
 

@@ -37,6 +37,7 @@ def _with_scheduler(pipe, name):
         "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler.from_config(cfg),
         "dpmpp_2m_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True),
         "heun": lambda: diffusers.HeunDiscreteScheduler.from_config(cfg),
+        "unipc": lambda: diffusers.UniPCMultistepScheduler.from_config(cfg),
         "dpmpp_2m_sde_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(
             cfg, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"
         ),
@@ -118,7 +119,7 @@ def test_text2img(models, case):
 
 
 @pytest.mark.parametrize(
-    "scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun"]
+    "scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun", "unipc"]
 )
 def test_text2img_every_scheduler(models, scheduler):
     pipe, model = models["base"]

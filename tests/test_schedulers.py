@@ -17,6 +17,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 from diffusers.loaders.single_file_utils import SCHEDULER_DEFAULT_CONFIG
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
@@ -51,6 +52,10 @@ CASES = [
     ),
     ("heun", HeunDiscreteScheduler, {}),
     ("heun", HeunDiscreteScheduler, {"use_karras_sigmas": True}),
+    ("unipc", UniPCMultistepScheduler, {}),
+    ("unipc", UniPCMultistepScheduler, {"use_karras_sigmas": True}),
+    ("unipc", UniPCMultistepScheduler, {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+    ("unipc", UniPCMultistepScheduler, {"disable_corrector": [0, 2]}),
 ]
 CASE_IDS = [
     "euler",
@@ -65,6 +70,10 @@ CASE_IDS = [
     "dpmpp_2m_sde_karras",
     "heun",
     "heun-karras",
+    "unipc",
+    "unipc-karras",
+    "unipc-bh1-sigma_min",
+    "unipc-no-corrector-at-0-2",
 ]
 
 
@@ -378,7 +387,7 @@ N_SAMPLES = 100_000
 # Variance tolerance = the solver's own discretisation bias at 50 steps for this data + 5 Monte-Carlo standard
 # errors of a sample variance (5·sqrt(2/N) = 2.2%). The biases, measured once with 10^6 samples: first-order
 # Euler and DDIM 5.4% low, Euler a (first-order SDE) 10.6%, DPM++ 2M (second order) 1.5%, with Karras 0.3%,
-# DPM++ 2M SDE 0.3%, with Karras 1.0% high, Heun (second order, 99 UNet calls) 0.06%.
+# DPM++ 2M SDE 0.3%, with Karras 1.0% high, Heun (second order, 99 UNet calls) 0.06%, UniPC 1.7%.
 # A wrong scaling, table entry or noise level shows up as errors of tens of percent or more.
 VAR_TOL = {
     "euler": 0.08,
@@ -389,6 +398,7 @@ VAR_TOL = {
     "dpmpp_2m_sde": 0.03,
     "dpmpp_2m_sde_karras": 0.035,
     "heun": 0.025,
+    "unipc": 0.04,
 }
 
 
@@ -446,6 +456,8 @@ def test_sdxl_config_is_diffusers_single_file_default_plus_sdxl_values():
         ("DPM++ 2M SDE Karras", S.DPMSolverMultistep, True),
         ("heun", S.HeunDiscrete, False),
         ("Heun", S.HeunDiscrete, False),
+        ("unipc", S.UniPCMultistep, False),
+        ("UniPC", S.UniPCMultistep, False),
     ],
 )
 def test_names_users_type(name, cls, karras):
@@ -456,7 +468,7 @@ def test_names_users_type(name, cls, karras):
     flipped = S.make_scheduler(name, {**SDXL, "use_karras_sigmas": not karras}).karras
     if cls is S.DPMSolverMultistep:
         assert flipped is karras  # the DPM++ names say whether they are Karras
-    elif cls in (S.EulerDiscrete, S.HeunDiscrete):
+    elif cls in (S.EulerDiscrete, S.HeunDiscrete, S.UniPCMultistep):
         assert flipped is not karras  # Euler takes the config's use_karras_sigmas, as from_config does
 
 
@@ -469,6 +481,8 @@ def test_names_users_type(name, cls, karras):
         (DPMSolverMultistepScheduler, {}),
         (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
         (HeunDiscreteScheduler, {}),
+        (UniPCMultistepScheduler, {}),
+        (UniPCMultistepScheduler, {"use_karras_sigmas": True}),
     ],
 )
 def test_none_means_the_configs_class(cls, extra):
@@ -479,7 +493,8 @@ def test_none_means_the_configs_class(cls, extra):
 
 def test_class_defaults_fill_a_sparse_config():
     # a config naming only the class: the missing keys take that diffusers class's __init__ defaults
-    for cls in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler, HeunDiscreteScheduler):
+    classes = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler, HeunDiscreteScheduler)
+    for cls in (*classes, DPMSolverMultistepScheduler, UniPCMultistepScheduler):
         config = {"_class_name": cls.__name__}
         ref, ours = cls.from_config(config), S.make_scheduler(None, config)
         ref.set_timesteps(7)

@@ -586,8 +586,7 @@ class UniPCMultistep(DPMSolverMultistep):
     )
 
     def __init__(self, config=None):
-        Scheduler.__init__(self, config)
-        self.sde = False
+        Scheduler.__init__(self, config)  # not DPM-Solver's: no algorithm_type here
         self.bh1 = _choice(self.config, "solver_type", ("bh1", "bh2")) == "bh1"
         self.name = "unipc" + "_karras" * self.karras
 
@@ -605,9 +604,10 @@ class UniPCMultistep(DPMSolverMultistep):
         sigma = self.sigmas[k] * alpha
         return alpha, sigma, torch.log(alpha) - torch.log(sigma)
 
-    def _bh(self, t, s0, back, order):
-        """The shared part of UniP and UniC from point s0 to t: (alpha_t, sigma_t / sigma_s0, h·phi_1, B(h),
-        rhos, D1), D1 = the slope to the x0 `back` points before s0 (order 2) or None."""
+    def _bh(self, t, s0, order):
+        """What UniP and UniC share, from schedule point s0 to t: alpha_t, sigma_t / sigma_s0, h·phi_1(h),
+        B(h), the order conditions R, b, and (order 2) D1, the x0 difference to the point before s0 over
+        its lambda ratio rk, as [B, 1, ...] (else None)."""
         alpha_t, sigma_t, lam_t = self._lam(t)
         _, sigma_s0, lam_s0 = self._lam(s0)
         h = lam_t - lam_s0
@@ -616,7 +616,7 @@ class UniPCMultistep(DPMSolverMultistep):
         b_h = hh if self.bh1 else torch.expm1(hh)
         rks, d1 = [torch.ones(())], None
         if order == 2:
-            rk = (self._lam(s0 - back)[2] - lam_s0) / h
+            rk = (self._lam(s0 - 1)[2] - lam_s0) / h
             rks.insert(0, rk)
             d1 = torch.stack([(self._outs[-2] - self._outs[-1]) / rk], dim=1)
         rks = torch.stack(rks)
@@ -629,14 +629,14 @@ class UniPCMultistep(DPMSolverMultistep):
         return alpha_t, sigma_t / sigma_s0, h_phi_1, b_h, torch.stack(R), torch.stack(b), d1
 
     def _predict(self, x, i, order):  # = multistep_uni_p_bh_update
-        alpha_t, ratio, h_phi_1, b_h, _, _, d1 = self._bh(i + 1, i, 1, order)
+        alpha_t, ratio, h_phi_1, b_h, _, _, d1 = self._bh(i + 1, i, order)
         x_t = ratio * x - alpha_t * h_phi_1 * self._outs[-1]
         if d1 is not None:
             x_t = x_t - alpha_t * b_h * torch.einsum("k,bkc...->bc...", torch.ones(1, dtype=x.dtype) * 0.5, d1)
         return x_t.to(x.dtype)
 
-    def _correct(self, x0_t, last, this, i, order):  # = multistep_uni_c_bh_update
-        alpha_t, ratio, h_phi_1, b_h, R, b, d1 = self._bh(i, i - 1, 1, order)
+    def _correct(self, x0_t, last, i, order):  # = multistep_uni_c_bh_update: `last` redone with x0_t
+        alpha_t, ratio, h_phi_1, b_h, R, b, d1 = self._bh(i, i - 1, order)
         rhos = torch.ones(1, dtype=last.dtype) * 0.5 if order == 1 else torch.linalg.solve(R, b).to(last.dtype)
         res = torch.einsum("k,bkc...->bc...", rhos[:-1], d1) if d1 is not None else 0
         x_t = ratio * last - alpha_t * h_phi_1 * self._outs[-1]
@@ -647,7 +647,7 @@ class UniPCMultistep(DPMSolverMultistep):
         alpha, sigma, _ = self._lam(i)
         x0 = alpha * x - sigma * eps if self.v_prediction else (x - sigma * eps) / alpha
         if i > 0 and i - 1 not in self.config["disable_corrector"] and self._last is not None:
-            x = self._correct(x0, self._last, x, i, self._order)
+            x = self._correct(x0, self._last, i, self._order)
         self._outs = [self._outs[-1], x0]
         this_order = min(2, len(self.timesteps) - i) if self.config["lower_order_final"] else 2
         self._order = min(this_order, self._lower_order_nums + 1)  # 1st order until there is history

@@ -366,14 +366,15 @@ class EulerDiscrete(Scheduler):
     def scale_model_input(self, x, t=None):
         return x / self._in_scale[self._index(t)]
 
+    def _x0(self, eps, x, i):
+        """The denoised sample from the model's ε (or v) at σ_i (Euler's and Heun's pred_original_sample)."""
+        return eps * self._v_out[i] + x / self._v_in[i] if self.v_prediction else x - self._sigma[i] * eps
+
     def step(self, eps, t, x, generator=None):
         i = self._index(t)
         self.step_index += 1
         x = x.float()  # diffusers upcasts the sample and casts the result back
-        if self.v_prediction:
-            x0 = eps * self._v_out[i] + x / self._v_in[i]
-        else:
-            x0 = x - self._sigma[i] * eps
+        x0 = self._x0(eps, x, i)
         x_next = x + (x - x0) / self._sigma[i] * self._dt[i]
         if self.ancestral:  # noise drawn exactly where diffusers draws it, so a shared generator matches
             x_next = x_next + randn(eps.shape, generator, eps.device, eps.dtype) * self._up[i]
@@ -418,10 +419,7 @@ class HeunDiscrete(EulerDiscrete):
         i = self._index(t)
         self.step_index += 1
         sigma = self._sigma[i]  # the σ the UNet saw, in both halves
-        if self.v_prediction:
-            x0 = eps * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-        else:
-            x0 = x - sigma * eps
+        x0 = self._x0(eps, x, i)  # no fp32 upcast here, unlike Euler (= HeunDiscreteScheduler.step)
         if self.config["clip_sample"]:
             r = self.config["clip_sample_range"]
             x0 = x0.clamp(-r, r)
@@ -518,14 +516,27 @@ class DPMSolverMultistep(Scheduler):
         train = self.train_sigmas  # Karras spans the whole training range here, unlike Euler
         return self._sigma_schedule(timesteps, n, (train[0], train[-1]), round_t=True)
 
+    def _vp_tables(self):
+        """alpha, sigma (= _sigma_to_alpha_sigma_t: the sample is alpha·x0 + sigma·noise) and lambda =
+        log(alpha / sigma) at every schedule point; add_noise's levels are alpha and sigma."""
+        s = self.sigmas
+        self._alpha = alpha = 1 / (s**2 + 1) ** 0.5
+        self._sigma = sigma = s * alpha
+        self._lambda = torch.log(alpha) - torch.log(sigma)  # +inf at a final σ of 0
+        self._keep, self._noise = alpha, sigma
+
+    def _x0(self, eps, x, i):  # = convert_model_output (dpmsolver++ / UniPC's predict_x0)
+        return (
+            self._alpha[i] * x - self._sigma[i] * eps
+            if self.v_prediction
+            else (x - self._sigma[i] * eps) / self._alpha[i]
+        )
+
     def _precompute(self):
-        s, cfg, n = self.sigmas, self.config, len(self.timesteps)
-        alpha = 1 / (s**2 + 1) ** 0.5  # _sigma_to_alpha_sigma_t: the sample is alpha·x0 + sigma·noise
-        sigma = s * alpha
-        lam = torch.log(alpha) - torch.log(sigma)  # +inf at a final σ of 0: that step is then 1st order
-        h = lam[1:] - lam[:-1]
-        self._alpha, self._sigma = alpha, sigma
-        self._keep, self._noise = self._alpha, self._sigma
+        cfg, n = self.config, len(self.timesteps)
+        self._vp_tables()
+        alpha, sigma, lam = self._alpha, self._sigma, self._lambda
+        h = lam[1:] - lam[:-1]  # +inf into a final σ of 0: that step is then 1st order
         self._ratio = sigma[1:] / sigma[:-1]
         if self.sde:  # = the "sde-dpmsolver++" branches of dpm_solver_first/second_order_update
             self._ratio = self._ratio * torch.exp(-h)
@@ -542,10 +553,7 @@ class DPMSolverMultistep(Scheduler):
     def step(self, eps, t, x, generator=None):
         i = self._index(t)
         self.step_index += 1
-        if self.v_prediction:
-            x0 = self._alpha[i] * x - self._sigma[i] * eps
-        else:
-            x0 = (x - self._sigma[i] * eps) / self._alpha[i]
+        x0 = self._x0(eps, x, i)
         x = x.float()  # diffusers upcasts only after converting ε to x0
         if self._lower_order_nums < 1 or i == self._first_order_at:
             x_next = self._ratio[i] * x - self._coef[i] * x0
@@ -561,8 +569,9 @@ class DPMSolverMultistep(Scheduler):
 class UniPCMultistep(DPMSolverMultistep):
     """UniPC, 2nd order, B(h) = bh2 (or bh1), x0-prediction (= diffusers UniPCMultistepScheduler): at
     each step a corrector first refines the sample the last step predicted, using the new model output
-    (UniC), then a predictor steps on (UniP). Timesteps, sigmas and add_noise are DPM-Solver's. The
-    update formulas are computed per step, in diffusers' order and dtypes (fp16 stays fp16)."""
+    (UniC), then a predictor steps on (UniP). Timesteps, sigmas, the alpha/sigma/lambda tables, x0 and
+    add_noise are DPM-Solver's. The update formulas are computed per step, in diffusers' order and
+    dtypes (fp16 stays fp16)."""
 
     name = "unipc"
     custom = ()
@@ -590,33 +599,26 @@ class UniPCMultistep(DPMSolverMultistep):
         self.bh1 = _choice(self.config, "solver_type", ("bh1", "bh2")) == "bh1"
         self.name = "unipc" + "_karras" * self.karras
 
-    def _precompute(self):  # add_noise's levels only: the updates are computed per step
-        alpha = 1 / (self.sigmas**2 + 1) ** 0.5
-        self._keep, self._noise = alpha, self.sigmas * alpha
+    def _precompute(self):  # the tables only: the update coefficients are computed per step
+        self._vp_tables()
 
     def _start(self, begin):
         super()._start(begin)
         self._outs, self._last, self._order = [None, None], None, 0  # x0 history, UniP's input, its order
 
-    def _lam(self, k):
-        """(alpha, sigma, lambda) at schedule point k, as diffusers' _sigma_to_alpha_sigma_t computes them."""
-        alpha = 1 / ((self.sigmas[k] ** 2 + 1) ** 0.5)
-        sigma = self.sigmas[k] * alpha
-        return alpha, sigma, torch.log(alpha) - torch.log(sigma)
-
     def _bh(self, t, s0, order):
         """What UniP and UniC share, from schedule point s0 to t: alpha_t, sigma_t / sigma_s0, h·phi_1(h),
         B(h), the order conditions R, b, and (order 2) D1, the x0 difference to the point before s0 over
         its lambda ratio rk, as [B, 1, ...] (else None)."""
-        alpha_t, sigma_t, lam_t = self._lam(t)
-        _, sigma_s0, lam_s0 = self._lam(s0)
-        h = lam_t - lam_s0
+        alpha_t, sigma_t, sigma_s0 = self._alpha[t], self._sigma[t], self._sigma[s0]
+        lam_s0 = self._lambda[s0]
+        h = self._lambda[t] - lam_s0
         hh = -h
         h_phi_1 = torch.expm1(hh)
         b_h = hh if self.bh1 else torch.expm1(hh)
         rks, d1 = [torch.ones(())], None
         if order == 2:
-            rk = (self._lam(s0 - 1)[2] - lam_s0) / h
+            rk = (self._lambda[s0 - 1] - lam_s0) / h
             rks.insert(0, rk)
             d1 = torch.stack([(self._outs[-2] - self._outs[-1]) / rk], dim=1)
         rks = torch.stack(rks)
@@ -644,8 +646,7 @@ class UniPCMultistep(DPMSolverMultistep):
 
     def step(self, eps, t, x, generator=None):  # = UniPCMultistepScheduler.step
         i = self._index(t)
-        alpha, sigma, _ = self._lam(i)
-        x0 = alpha * x - sigma * eps if self.v_prediction else (x - sigma * eps) / alpha
+        x0 = self._x0(eps, x, i)
         if i > 0 and i - 1 not in self.config["disable_corrector"] and self._last is not None:
             x = self._correct(x0, self._last, i, self._order)
         self._outs = [self._outs[-1], x0]

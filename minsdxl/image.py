@@ -79,6 +79,8 @@ def mask_crop_region(mask: PIL.Image.Image, width: int, height: int, pad: int) -
     m = np.asarray(mask.convert("L")) != 0
     h, w = m.shape
     cols, rows = np.flatnonzero(m.any(0)), np.flatnonzero(m.any(1))
+    if not len(cols):
+        raise ValueError("mask_image is all black: padding_mask_crop has no masked region to crop around")
     x1, y1 = max(int(cols[0]) - pad, 0), max(int(rows[0]) - pad, 0)
     x2, y2 = min(int(cols[-1]) + 1 + pad, w), min(int(rows[-1]) + 1 + pad, h)
     ratio = width / height

@@ -1,6 +1,7 @@
 """minsdxl: Stable Diffusion XL in plain PyTorch, numerically equal to diffusers."""
 
 from .checkpoint import SDXL, CheckpointError, load, load_component
+from .lora import delete_adapters, get_active_adapters, load_lora_weights, set_adapters, unload_lora_weights
 from .prompt import encode_prompt, load_textual_inversion
 from .sampler import img2img, inpaint, text2img
 from .schedulers import make_scheduler
@@ -14,6 +15,11 @@ __all__ = [
     "load_component",
     "encode_prompt",
     "load_textual_inversion",
+    "load_lora_weights",
+    "set_adapters",
+    "get_active_adapters",
+    "delete_adapters",
+    "unload_lora_weights",
     "text2img",
     "img2img",
     "inpaint",

@@ -53,6 +53,7 @@ class SDXL:
     add_watermarker: bool | None = None  # None: on when invisible-watermark is installed (as diffusers)
     offload_device: str | None = None  # model offload: components wait on the CPU, run here one at a time
     cuda_graphs: bool = False  # compiled with CUDA graphs (minsdxl.compile(mode="reduce-overhead"))
+    lora: object | None = field(default=None, repr=False)  # minsdxl.lora.LoRAs once an adapter is loaded
 
     def to(self, device=None, dtype=None):
         """Move every component; with fp16 the VAE stays fp32 when its config says force_upcast."""
@@ -148,7 +149,7 @@ def save_safetensors(sd: dict, path, dtype=None) -> None:
     cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t  # noqa: E731
     header, offset = {}, 0
     for k, t in sd.items():
-        out_dtype = cast(t[:0]).dtype if t.numel() else cast(t).dtype
+        out_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype  # = cast(t).dtype
         nbytes = t.numel() * out_dtype.itemsize
         header[k] = {"dtype": names[out_dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes

@@ -109,6 +109,17 @@ def _pair(text: str) -> tuple:
     return int(m.group(1)), int(m.group(2))
 
 
+def _lora_spec(text: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` -> (path, scale); a colon that belongs to the path (C:\\loras\\x) stays in it."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows argparse's defaults and, for flags left to the API, the API's default (from its signature)."""
 
@@ -176,6 +187,10 @@ def build_parser():
     add("--model-config",                          default=None,      help="diffusers folder with the configs of "
                                                                            "a non-SDXL single-file --model")
     add("--vae",                                   default=None,      help="VAE file or folder to use instead")
+    add("--lora", metavar="PATH[:SCALE]", action="append", default=None,
+                                                                      help="a LoRA for the base model (kohya or "
+                                                                           "diffusers .safetensors), SCALE default "
+                                                                           "1; repeat to combine several")
     add("--refiner",                               default=None,      help="SDXL refiner folder or file")
     add("--refiner-config",                        default=None,      help="configs of a non-SDXL single-file refiner")
     add("--refiner-mode",   choices=("switch", "img2img"), default="switch",
@@ -230,7 +245,9 @@ def main(argv=None) -> int:
             source = _read_source(args.from_png)
             # stored values fill the namespace first; argparse then sets only what the command line gives
             stored = {k: v for k, v in source["args"].items() if k not in RUN_ONLY}
+            loras = stored.pop("lora", None)  # an appending flag: --lora given now replaces the stored list
             args = commands["generate"].parse_args(argv, namespace=argparse.Namespace(**stored))
+            args.lora = list(loras) if args.lora is None and loras else args.lora
         return generate(args, source)
     except KeyboardInterrupt:
         print("minsdxl: interrupted", file=sys.stderr)
@@ -330,6 +347,12 @@ def _check(args, mode):
         raise ValueError(f"--refiner-strength must be in (0, 1], got {args.refiner_strength}")
     if args.sampler is not None:
         minsdxl.make_scheduler(args.sampler)  # unknown names raise, listing the valid ones
+    for spec in args.lora or ():
+        path, _ = _lora_spec(spec)
+        if not Path(path).is_file():
+            raise ValueError(
+                f"--lora {spec}: no file {path} (the form is PATH or PATH:SCALE, e.g. style.safetensors:0.8)"
+            )
 
 
 def _read_images(args, mode):
@@ -431,6 +454,15 @@ def _load(args, auto_dtype=False):
     )
     _log(args, f"loaded {args.model} (SDXL {base.kind}) in {time.perf_counter() - t:.1f} s")
     _log(args, f"device {args.device}; " + _dtype_note(base, auto_dtype))
+    if args.lora:
+        t = time.perf_counter()
+        specs = [_lora_spec(x) for x in args.lora]
+        names = []
+        for path, _ in specs:  # named after the file, as A1111's <lora:name:w>
+            names.append(minsdxl.load_lora_weights(base, path, adapter_name=_unique(Path(path).stem, names)))
+        minsdxl.set_adapters(base, names, [w for _, w in specs])
+        args.lora = [f"{Path(p).resolve()}:{w:g}" for p, w in specs]  # absolute, for --from-png
+        _log(args, f"merged {len(names)} LoRA(s) into the base in {time.perf_counter() - t:.1f} s")
     refiner = None
     if args.refiner:
         t = time.perf_counter()
@@ -454,6 +486,14 @@ def _load(args, auto_dtype=False):
         if getattr(args, name) and not (name == "model" and args.model == tiny.NAME):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
     return base, refiner
+
+
+def _unique(name: str, taken: list) -> str:
+    out, k = name, 1
+    while out in taken:
+        k += 1
+        out = f"{name}_{k}"
+    return out
 
 
 def _dtype_note(base, auto: bool) -> str:
@@ -528,6 +568,10 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
         "mode": mode,
         "model": model,
         "vae": _file_info(args.vae) if args.vae else None,
+        "loras": [
+            {**_file_info(path), "name": name, "scale": w}
+            for (path, w), name in zip(map(_lora_spec, args.lora or ()), base.lora.adapters if args.lora else ())
+        ],
         "refiner": _file_info(args.refiner, refiner, args.dtype) if refiner else None,
         "init_image": _file_info(args.init_image) if args.init_image else None,
         "mask": _file_info(args.mask) if args.mask else None,
@@ -548,6 +592,10 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
                     f"the {what.replace('_', ' ')} differs from the one that made {args.from_png} "
                     f"(sha256 {new[:10]}, was {old[:10]}): the image will differ",
                 )
+        old = {x["path"]: x["sha256"] for x in source.get("loras") or ()}
+        for x in about["loras"]:
+            if x["path"] in old and old[x["path"]] != x["sha256"]:
+                _warn(f"the LoRA {x['path']} differs from the one that made {args.from_png}: the image will differ")
         if source.get("version") != minsdxl.__version__:
             _warn(f"{args.from_png} was made by minsdxl {source.get('version')}, this is {minsdxl.__version__}")
     return about
@@ -627,6 +675,8 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
         "VAE hash": about["vae"]["hash"] if about["vae"] else None,
         "VAE": Path(args.vae).stem if args.vae else None,
         "Denoising strength": records[0].get("strength"),
+        # = A1111's extra_generation_params["Lora hashes"] (its <lora:name:w> lives in the prompt text)
+        "Lora hashes": ", ".join(f"{x['name']}: {x['hash']}" for x in about["loras"]) or None,
         "Inpaint area": "Only masked" if args.mask_padding is not None else None,
         "Masked area padding": args.mask_padding,
         # A1111's "Clip skip" counts the layer read from the end (1 = last, 2 = penultimate); diffusers'

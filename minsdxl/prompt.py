@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from . import lora
+
 # ------------------------------------------------------------------------------------------------
 # checks (all before any tokenizing or encoding)
 
@@ -124,6 +126,7 @@ def encode_prompt(
     pooled_prompt_embeds: torch.Tensor | None = None,
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
     device=None,
+    lora_scale: float | None = None,
 ):
     """-> (prompt_embeds [B*n, 77, 2048], negative_prompt_embeds, pooled_prompt_embeds [B*n, 1280],
     negative_pooled_prompt_embeds), n = num_images_per_prompt, each prompt's copies adjacent
@@ -133,7 +136,8 @@ def encode_prompt(
       - `prompt_2` / `negative_prompt_2` (bigG's prompts) default to `prompt` / `negative_prompt`;
       - `negative_prompt=None` gives all-zero negatives when the model's `force_zeros_for_empty_prompt`
         (base: True, refiner: False); otherwise the negative text (None -> "") is encoded;
-      - `clip_skip` k reads layer -(k + 2) for the prompt, never for the negative prompt."""
+      - `clip_skip` k reads layer -(k + 2) for the prompt, never for the negative prompt;
+      - `lora_scale` multiplies the loaded LoRA adapters' weights in both text encoders for this call."""
     # ---- checks, before any heavy work
     pairs = _encoders(model)
     refiner = len(pairs) == 1
@@ -178,22 +182,23 @@ def encode_prompt(
                 stacklevel=2,
             )
 
-    # ---- encode
-    if prompt_embeds is None:
-        prompt_embeds, pooled = _encode(pairs, [prompt, prompt_2], clip_skip)
-        if pooled_prompt_embeds is None:
-            pooled_prompt_embeds = pooled
+    # ---- encode (lora_scale = diffusers' scale_lora_layers on both text encoders for this call)
+    with lora.scaled(model, lora_scale, ("text_encoder", "text_encoder_2")):
+        if prompt_embeds is None:
+            prompt_embeds, pooled = _encode(pairs, [prompt, prompt_2], clip_skip)
+            if pooled_prompt_embeds is None:
+                pooled_prompt_embeds = pooled
 
-    if do_classifier_free_guidance and negative_prompt_embeds is None and zero_negative:
-        negative_prompt_embeds = torch.zeros_like(prompt_embeds)
-        negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
-    elif encode_negative:
-        # diffusers tokenizes the negative to prompt_embeds' length and reads hidden_states[-2] (no clip_skip)
-        negative_prompt_embeds, pooled = _encode(
-            pairs, [negative_prompt, negative_prompt_2], None, max_length=prompt_embeds.shape[1]
-        )
-        if negative_pooled_prompt_embeds is None:
-            negative_pooled_prompt_embeds = pooled
+        if do_classifier_free_guidance and negative_prompt_embeds is None and zero_negative:
+            negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+            negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
+        elif encode_negative:
+            # diffusers tokenizes the negative to prompt_embeds' length and reads hidden_states[-2] (no clip_skip)
+            negative_prompt_embeds, pooled = _encode(
+                pairs, [negative_prompt, negative_prompt_2], None, max_length=prompt_embeds.shape[1]
+            )
+            if negative_pooled_prompt_embeds is None:
+                negative_pooled_prompt_embeds = pooled
 
     # ---- dtype, device, copies per prompt
     device = device if device is not None else model.text_encoder_2.device

@@ -7,6 +7,7 @@ timesteps are cut, how the first latents are made, and what the loop adds per st
 (`_Run`) handed to one loop (`_denoise`).
 """
 
+import functools
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from . import lora
 from .image import (
     apply_watermark,
     mask_crop_region,
@@ -358,6 +360,25 @@ def _spread(x, batch, what):
 # The three public functions
 
 
+def _lora_call(fn):
+    """cross_attention_kwargs={"scale": s}: the loaded LoRA adapters count s times in the text encoders and
+    the UNet for this call (= diffusers' lora_scale; the only key its default attention reads)."""
+
+    @functools.wraps(fn)
+    def call(model, *args, cross_attention_kwargs=None, **kw):
+        extra = sorted(set(cross_attention_kwargs or {}) - {"scale"})
+        if extra:
+            raise ValueError(
+                f"cross_attention_kwargs {extra} are not supported: SDXL's attention takes only 'scale' (the "
+                "LoRA scale); IP-adapter and custom attention processors are not part of minsdxl"
+            )
+        with lora.scaled(model, (cross_attention_kwargs or {}).get("scale")):
+            return fn(model, *args, cross_attention_kwargs=cross_attention_kwargs, **kw)
+
+    return call
+
+
+@_lora_call
 def text2img(
     model,
     prompt=None,
@@ -392,6 +413,7 @@ def text2img(
     callback_on_step_end_tensor_inputs=("latents",),
     seed=None,
     scheduler=None,
+    cross_attention_kwargs=None,
     progress=True,
 ):
     """= StableDiffusionXLPipeline.__call__(...).images. Extra: seed=int (a CPU generator), scheduler=
@@ -439,6 +461,7 @@ def _refine_ids(model, a, height, width, pooled_dim, dtype, batch, cfg):
     return (torch.cat([neg.repeat(batch, 1), ids]) if cfg else ids).to(_device(model))
 
 
+@_lora_call
 def img2img(
     model,
     prompt=None,
@@ -476,6 +499,7 @@ def img2img(
     callback_on_step_end_tensor_inputs=("latents",),
     seed=None,
     scheduler=None,
+    cross_attention_kwargs=None,
     progress=True,
 ):
     """= StableDiffusionXLImg2ImgPipeline.__call__(...).images. `image` may be 4-channel latents (e.g. a
@@ -498,6 +522,7 @@ def img2img(
     return _finish(model, run, a)
 
 
+@_lora_call
 def inpaint(
     model,
     prompt=None,
@@ -540,6 +565,7 @@ def inpaint(
     callback_on_step_end_tensor_inputs=("latents",),
     seed=None,
     scheduler=None,
+    cross_attention_kwargs=None,
     progress=True,
 ):
     """= StableDiffusionXLInpaintPipeline.__call__(...).images. White (>= 0.5) mask pixels are repainted.

@@ -6,7 +6,7 @@ from dataclasses import replace
 import diffusers
 import torch
 
-from minsdxl.checkpoint import text_config_json, unet_config_json, vae_config_json
+from minsdxl.checkpoint import diffusers_to_sgm, text_config_json, unet_config_json, vae_config_json
 from minsdxl.config import TEXT_PRESETS, TextConfig, UNetConfig, VAEConfig
 
 TINY_UNET = UNetConfig(
@@ -235,3 +235,83 @@ def full_size_pipeline(kind: str, dtype=torch.float32, device="cpu", seed: int =
     if kind == "refiner":
         return assemble_pipeline(kind, common)
     return assemble_pipeline(kind, common, parts["text_encoder"], transformers.CLIPTokenizer.from_pretrained(tok_dir))
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA files in each format, random pairs for given layers (test_lora, test_cli)
+
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def lora_layers(model, only=None):
+    """[(component, module name as diffusers/transformers spell it, weight shape)] of every Linear / Conv2d."""
+    out = []
+    for comp in LORA_COMPONENTS:
+        m = getattr(model, comp, None)
+        for name, mod in m.named_modules() if m is not None else ():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and (only is None or only(name)):
+                # transformers' CLIPTextModel names start with text_model. (minsdxl's CLIP-L drops it)
+                as_is = comp == "unet" or name.startswith("text_model.") or name == "text_projection"
+                out.append((comp, name if as_is else f"text_model.{name}", tuple(mod.weight.shape)))
+    return out
+
+
+def random_lora_pairs(layers, rank=4, seed=0):
+    """Random (down, up) per layer, conv LoRAs with the kernel in `down` (kohya LoCon / PEFT)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (comp, name, shape) in enumerate(layers):
+        r = rank + (i % 3 == 0)  # mixed ranks: per-module scale alpha / r must be read per module
+        down = torch.randn(r, shape[1], *shape[2:], generator=g) * 0.1
+        up = torch.randn(shape[0], r, *(1,) * (len(shape) - 2), generator=g) * 0.1
+        out[(comp, name)] = (down, up)
+    return out
+
+
+def _sgm_module_names(model):
+    """diffusers UNet module -> its sgm name (from the checkpoint table, which test_checkpoint holds
+    against diffusers' from_single_file)."""
+    sd = model.unet.state_dict()
+    sgm = diffusers_to_sgm({"unet": sd})
+    return {
+        k.removesuffix(".weight"): s.removeprefix("model.diffusion_model.").removesuffix(".weight")
+        for k, s in zip(sd, sgm)
+        if k.endswith(".weight")
+    }
+
+
+KOHYA_TE = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def kohya_lora(model, pairs, alpha=None, sgm=True) -> dict:
+    names = _sgm_module_names(model) if sgm else {}
+    sd = {}
+    for (comp, name), (down, up) in pairs.items():
+        flat = ("lora_unet_" + names.get(name, name) if comp == "unet" else KOHYA_TE[comp] + name).replace(".", "_")
+        sd[f"{flat}.lora_down.weight"], sd[f"{flat}.lora_up.weight"] = down, up
+        if alpha is not None:
+            sd[f"{flat}.alpha"] = torch.tensor(float(alpha))
+    return sd
+
+
+def peft_lora(pairs) -> dict:
+    sd = {}
+    for (comp, name), (down, up) in pairs.items():
+        sd[f"{comp}.{name}.lora_A.weight"], sd[f"{comp}.{name}.lora_B.weight"] = down, up
+    return sd
+
+
+def old_diffusers_lora(pairs) -> dict:
+    """diffusers' pre-PEFT spellings: attention processors' to_q_lora, `.lora.` and `lora_linear_layer`."""
+    sd = {}
+    for (comp, name), (down, up) in pairs.items():
+        stem, _, leaf = name.rpartition(".")
+        if comp == "unet" and (leaf in ("to_q", "to_k", "to_v") or name.endswith("to_out.0")):
+            base = name.removesuffix(".0").rpartition(".")[0]
+            key = f"{comp}.{base}.processor.{'to_out' if name.endswith('.0') else leaf}_lora"
+        elif comp != "unet" and leaf in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            key = f"{comp}.{stem}.to_{leaf.removesuffix('_proj')}_lora"
+        else:
+            key = f"{comp}.{name}.{'lora' if comp == 'unet' else 'lora_linear_layer'}"
+        sd[f"{key}.down.weight"], sd[f"{key}.up.weight"] = down, up
+    return sd

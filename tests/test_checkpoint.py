@@ -327,3 +327,15 @@ def test_model_index_flags_respected(tiny_base, tmp_path):
     index["force_zeros_for_empty_prompt"] = False
     (tmp_path / "m" / "model_index.json").write_text(json.dumps(index))
     assert minsdxl.load(tmp_path / "m").force_zeros_for_empty_prompt is False
+
+
+def test_save_safetensors_round_trips_scalars_and_dtypes(tmp_path):
+    # 0-dim tensors (a LoRA's alpha) and mixed dtypes, read back by safetensors itself
+    sd = {"alpha": torch.tensor(8.0), "w": torch.randn(3, 2), "ids": torch.arange(4), "half": torch.ones(2).half()}
+    path = tmp_path / "x.safetensors"
+    minsdxl.checkpoint.save_safetensors(sd, path)
+    back = safetensors.torch.load_file(path)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in sd.items())
+    minsdxl.checkpoint.save_safetensors(sd, path, dtype=torch.bfloat16)  # floats cast, integers kept
+    back = safetensors.torch.load_file(path)
+    assert back["alpha"].shape == () and back["alpha"].dtype == torch.bfloat16 and back["ids"].dtype == torch.int64

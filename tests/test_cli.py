@@ -19,7 +19,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from sdxl_testing import component_state_dicts
+from sdxl_testing import component_state_dicts, kohya_lora, lora_layers, peft_lora, random_lora_pairs
 
 import minsdxl
 from minsdxl.checkpoint import diffusers_to_sgm, read_safetensors, save_safetensors
@@ -87,7 +87,13 @@ def paths(tiny_base, tiny_refiner, tiny_inpaint, tmp_path_factory):
     PIL.Image.fromarray(mask).save(root / "mask.png")
     PIL.Image.fromarray(mask[:64]).save(root / "mask_64.png")
     (root / "not_an_image.png").write_text("not a png")
+    model = minsdxl.load(tiny_base[1])  # two LoRAs for it, kohya and diffusers-PEFT keys
+    layers = lora_layers(model, only=lambda n: "attn" in n or "mlp" in n)
+    save_safetensors(kohya_lora(model, random_lora_pairs(layers, seed=1), alpha=2.0), root / "style.safetensors")
+    save_safetensors(peft_lora(random_lora_pairs(layers, seed=2)), root / "detail.safetensors")
     return {
+        "lora_style": root / "style.safetensors",
+        "lora_detail": root / "detail.safetensors",
         "base": tiny_base[1],
         "refiner": tiny_refiner[1],
         "inpaint": tiny_inpaint[1],
@@ -125,7 +131,7 @@ TINY_PROMPT = "a yellow circle at the bottom left on a black background"
 @pytest.fixture(scope="module")
 def runs(paths, tmp_path_factory):
     p = {k: str(v) for k, v in paths.items()}
-    dirs = {name: tmp_path_factory.mktemp(name) for name in ("t2i", "i2i", "switch", "inpaint", "info")}
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("t2i", "i2i", "switch", "inpaint", "info", "lora")}
     first = _run_all(
         {
             "t2i": (["minsdxl", "generate", *T2I_FLAGS, "--model", p["base"], "-s", "5", "-b", "2"], dirs["t2i"]),
@@ -160,6 +166,11 @@ def runs(paths, tmp_path_factory):
             # no --model: the bundled tiny model, and README's first command
             "tiny": (["minsdxl", "-p", TINY_PROMPT, "-s", "3", "-o", "tiny.png", "-q"], dirs["t2i"]),
             "info_tiny": (["minsdxl", "info", "tiny"], dirs["info"]),
+            "lora": (
+                ["minsdxl", *T2I_FLAGS, "--model", p["base"], "-s", "4", "--lora", p["lora_style"] + ":0.7"]
+                + ["--lora", p["lora_detail"], "-o", "lora.png", "-q"],
+                dirs["lora"],
+            ),
         },
         paths["cache"],
     )
@@ -181,6 +192,7 @@ def runs(paths, tmp_path_factory):
                 + ["--model-config", p["base"], "--steps", "3", "-o", "moved.png", "-q"],
                 dirs["t2i"],
             ),
+            "lora_again": (["minsdxl", "--from-png", str(dirs["lora"] / "lora.png"), "-o", "again.png"], dirs["lora"]),
         },
         paths["cache"],
     )
@@ -281,6 +293,26 @@ def test_from_png_with_moved_single_file_model_and_override(runs, api, paths):
     assert meta["minsdxl"]["model"]["sha256"] == hashlib.sha256(paths["single"].read_bytes()).hexdigest()
     expected = minsdxl.text2img(api["single"], **{**T2I, "num_inference_steps": 3}, seed=5, progress=False)[0]
     _same(runs["dirs"]["t2i"] / "moved.png", expected)
+
+
+def test_lora_flags_metadata_and_from_png(runs, api, paths):
+    _ok(runs["lora"])
+    folder = runs["dirs"]["lora"]
+    model = minsdxl.load(paths["base"])
+    minsdxl.load_lora_weights(model, paths["lora_style"], adapter_name="style")
+    minsdxl.load_lora_weights(model, paths["lora_detail"], adapter_name="detail")
+    minsdxl.set_adapters(model, ["style", "detail"], [0.7, 1.0])
+    _same(folder / "lora.png", minsdxl.text2img(model, **T2I, seed=4, progress=False)[0])
+    plain = np.asarray(minsdxl.text2img(api["base"], **T2I, seed=4, progress=False)[0])
+    assert np.abs(_pixels(folder / "lora.png").astype(int) - plain).mean() > 1  # the LoRAs matter
+    meta = read_png_metadata(folder / "lora.png")
+    digest = {n: hashlib.sha256(paths[f"lora_{n}"].read_bytes()).hexdigest() for n in ("style", "detail")}
+    # A1111's "Lora hashes" (what Civitai reads), the adapters named after their files
+    assert meta["infotext"]["Lora hashes"] == f"style: {digest['style'][:10]}, detail: {digest['detail'][:10]}"
+    loras = [(x["name"], x["scale"], x["sha256"], x["path"]) for x in meta["minsdxl"]["loras"]]
+    assert loras == [(n, w, digest[n], str(paths[f"lora_{n}"].resolve())) for n, w in (("style", 0.7), ("detail", 1.0))]
+    _ok(runs["lora_again"])  # --from-png loads the same LoRAs with the same scales
+    assert np.array_equal(_pixels(folder / "again.png"), _pixels(folder / "lora.png"))
 
 
 def test_img2img_then_img2img_refiner(runs, api, paths):
@@ -392,6 +424,8 @@ ERRORS = {
     ),
     "no_overwrite": (["--model", "{base}", *SIZE, "-o", "a_file"], "a_file already exists"),
     "from_png_without_metadata": (["--from-png", "{init}"], "has no minsdxl metadata"),
+    "lora_missing": (["--model", "{base}", "--lora", "nope.safetensors:0.5"], "--lora nope.safetensors:0.5: no file"),
+    "lora_not_a_lora": (["--model", "{base}", *SIZE, "--lora", "{init}"], "unknown weights format"),
     "mask_padding_without_mask": (["--model", "{base}", "-i", "{init}", "--mask-padding", "8"], "pass --mask"),
     "mask_padding_with_switch": (
         ["--model", "{base}", "-i", "{init}", "--mask", "{mask}", "--mask-padding", "8", "--refiner", "{refiner}"],

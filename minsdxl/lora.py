@@ -1,0 +1,417 @@
+"""LoRA adapters, merged into the weights: = diffusers' load_lora_weights / set_adapters /
+delete_adapters / unload_lora_weights, and a call's cross_attention_kwargs={"scale": s}.
+
+A LoRA holds, per Linear or Conv2d it adapts, a pair `down` [r, in(, kh, kw)], `up` [out, r(, 1, 1)]
+and an alpha; the layer's weight becomes W0 + sum over active adapters of weight * alpha / r * up @ down.
+Formats, recognised per key (one file may mix components):
+  kohya / sd-scripts  lora_unet_<module>.lora_down.weight / .lora_up.weight / .alpha, the module named
+                      the sgm way (input_blocks_4_1_...) or diffusers' (down_blocks_1_...), "_" for ".";
+                      lora_te1_ / lora_te_ = CLIP-L, lora_te2_ = bigG (HF names: text_model_encoder_...)
+  diffusers (PEFT)    unet.<module>.lora_A.weight / .lora_B.weight (/ .lora_B.bias), text_encoder(_2).<...>;
+                      alphas from the safetensors header's lora_adapter_metadata (else alpha = r)
+  diffusers (older)   <module>.lora.down/up.weight, attnN.processor.to_q_lora.down/up.weight,
+                      <module>.lora_linear_layer.down/up.weight (keys without a component prefix: the UNet)
+
+Why merged rather than a side branch per layer (PEFT): no cost per step, nothing for torch.compile or
+CUDA graphs to trace, and state_dict() keys stay diffusers'. Why exact: the original of every adapted
+weight is kept, and each change recomputes W0 + sum(...) in fp32 from it, so loading, re-weighting and
+unloading in any order never drift (diffusers' unfuse_lora subtracts, which drifts in half precision).
+Memory: the first adapter that touches a weight gives it a new tensor and keeps the old one on the CPU
+(for a memory-mapped checkpoint, the file's pages: no extra RAM; for a model on a GPU, a CPU copy: no
+extra GPU memory); unloading puts the old tensor back.
+"""
+
+import json
+import re
+import struct
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, _rename, diffusers_topology, read_state_dict, sgm_table
+
+ENCODERS = ("unet", "text_encoder", "text_encoder_2")
+_KOHYA = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te_": "text_encoder", "lora_te2_": "text_encoder_2"}
+# diffusers' key endings (PEFT, then older spellings) -> which part of the pair they hold
+_DIFFUSERS_PARTS = {
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora_B.bias": "bias",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
+    ".alpha": "alpha",
+}
+# attention-processor LoRA: attn1.processor.to_q_lora.down.weight -> attn1.to_q (UNet) / self_attn.q_proj (CLIP)
+_PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+# other adapter kinds, told apart by their key endings
+_UNSUPPORTED = {
+    r"\.hada_\w+$": "LoHa (LyCORIS)",
+    r"\.lokr_\w+$": "LoKr (LyCORIS)",
+    r"\.lora_mid\.weight$": "LoCon with a CP/Tucker middle factor (LyCORIS)",
+    r"\.lora_magnitude_vector(\.weight)?$": "DoRA",
+    r"\.diff(_b)?$": "a full-weight difference (LyCORIS 'full')",
+}
+
+
+@dataclass
+class Pair:
+    """One adapted layer: weight += scale * up @ down (bias += scale * bias, when the LoRA has one)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    bias: torch.Tensor | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.down.shape[0]
+
+    def delta(self, shape, device) -> torch.Tensor:
+        """alpha / r * up @ down in fp32 on `device`, shaped as the weight (a conv's kernel is in `down`)."""
+        up, down = (t.to(device=device, dtype=torch.float32).flatten(1) for t in (self.up, self.down))
+        return (up @ down).mul_(self.scale).view(shape)
+
+
+@dataclass
+class Adapter:
+    name: str
+    pairs: dict  # (component, module name) -> Pair
+    weight: float = 1.0
+    active: bool = True
+    source: str = ""
+
+
+@dataclass
+class LoRAs:
+    """A model's adapters and the original of every weight they touch."""
+
+    adapters: dict = field(default_factory=dict)  # name -> Adapter, in load order
+    originals: dict = field(default_factory=dict)  # (component, parameter name) -> the original tensor
+
+
+def _state(model) -> LoRAs:
+    if getattr(model, "lora", None) is None:
+        model.lora = LoRAs()
+    return model.lora
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a LoRA file into (component, module) -> Pair
+
+
+def _layers(model) -> dict:
+    """(component, module name without "text_model.") -> (the Linear / Conv2d, its name in the model)."""
+    out = {}
+    for comp in ENCODERS:
+        m = getattr(model, comp, None)
+        for name, mod in m.named_modules() if m is not None else ():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+                out[(comp, name.removeprefix("text_model."))] = (mod, name)
+    return out
+
+
+def _kohya_names(model, layers: dict) -> dict:
+    """kohya's flat names -> (component, module): the UNet's in its sgm and its diffusers spelling, the
+    text encoders' in transformers' (text_model.encoder..., text_projection)."""
+    unet = getattr(model, "unet", None)
+    rows = {}
+    if unet is not None:
+        rows = {v: k for k, v in sgm_table(diffusers_topology({"unet": unet.state_dict()})).items() if v}
+    flat = lambda s: s.replace(".", "_")  # noqa: E731
+    out = {}
+    for (comp, name), (_, full) in layers.items():
+        if comp == "unet":
+            out["lora_unet_" + flat(name)] = (comp, name)
+            sgm, _ = _rename(f"unet.{name}.weight", rows)
+            if sgm is not None:
+                sgm = sgm.removeprefix("model.diffusion_model.").removesuffix(".weight")
+                out["lora_unet_" + flat(sgm)] = (comp, name)
+            continue
+        hf = full if full.startswith("text_model.") or full == "text_projection" else "text_model." + full
+        for prefix in (p for p, c in _KOHYA.items() if c == comp):
+            out[prefix + flat(hf)] = (comp, name)
+    return out
+
+
+def _metadata(path) -> dict:
+    """diffusers' lora_adapter_metadata from a .safetensors header ({} when absent)."""
+    if isinstance(path, dict) or Path(path).suffix != ".safetensors":
+        return {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n)).get("__metadata__") or {}
+    raw = meta.get("lora_adapter_metadata")
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _meta_alpha(meta: dict, comp: str, name: str, rank: int) -> float:
+    """alpha for a module from PEFT's LoraConfig fields (r, lora_alpha, alpha_pattern, use_rslora);
+    a pattern matches a module whose name ends with it, as PEFT's get_pattern_key does."""
+    lora_alpha = meta.get(f"{comp}.lora_alpha")
+    if lora_alpha is None:
+        return float(rank)
+    for pattern, a in (meta.get(f"{comp}.alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?({pattern})", name) or re.fullmatch(rf"(.*\.)?({pattern})", "text_model." + name):
+            lora_alpha = a
+            break
+    if meta.get(f"{comp}.use_rslora"):
+        return float(lora_alpha) * rank**0.5  # rsLoRA scales by alpha / sqrt(r): alpha' = alpha * sqrt(r)
+    return float(lora_alpha)
+
+
+def _split(key: str):
+    """A diffusers-format key -> (component, module name, part) or None."""
+    comp, key = "unet", key.removeprefix("base_model.model.")  # a raw PEFT save of the UNet
+    for c in ("text_encoder_2", "text_encoder", "unet"):
+        if key.startswith(c + "."):
+            comp, key = c, key[len(c) + 1 :]
+            break
+    if m := _PROCESSOR.match(key):
+        stem, which, part = m.groups()
+        if comp == "unet":
+            module = f"{stem}.to_{which}" + (".0" if which == "out" else "")
+        else:
+            module = f"{stem}.{which}_proj"
+        return comp, module.removeprefix("text_model."), part
+    for suffix, part in _DIFFUSERS_PARTS.items():
+        if key.endswith(suffix):
+            return comp, key[: -len(suffix)].removeprefix("text_model."), part
+    return None
+
+
+def read_lora(model, lora) -> dict:
+    """A LoRA file (or its state dict) -> {(component, module): Pair}, every name and shape checked
+    against `model` before anything changes."""
+    where = "the LoRA state dict" if isinstance(lora, dict) else str(lora)
+    if isinstance(lora, dict):
+        sd, meta = dict(lora), {}
+    else:
+        if not Path(lora).is_file():
+            raise CheckpointError(f"no LoRA file at {lora}; pass the path of a .safetensors LoRA")
+        sd, meta = read_state_dict(lora), _metadata(lora)
+    for key in sd:
+        for mark, what in _UNSUPPORTED.items():
+            if re.search(mark, key):
+                raise CheckpointError(
+                    f"{where} is {what} (key {key!r}); minsdxl merges plain LoRA (up/down pairs, optional alpha) "
+                    "only. Convert it to a plain LoRA (e.g. with kohya's resize/extract tools) first"
+                )
+    if any(k.endswith(".dora_scale") for k in sd):
+        # = diffusers' StableDiffusionXLLoraLoaderMixin.lora_state_dict: drops them and loads the rest
+        warnings.warn(
+            f"{where} is a DoRA (it has dora_scale keys); as diffusers does for SDXL, the magnitudes are "
+            "ignored and it is applied as a plain LoRA",
+            stacklevel=3,
+        )
+        sd = {k: v for k, v in sd.items() if not k.endswith(".dora_scale")}
+    layers = _layers(model)
+    kohya = None
+    parts, unknown, skipped = {}, [], set()
+    for key, t in sd.items():
+        if key.startswith(tuple(_KOHYA)):
+            kohya = kohya or _kohya_names(model, layers)
+            flat, _, rest = key.partition(".")
+            comp = next(c for p, c in _KOHYA.items() if flat.startswith(p))
+            module = kohya.get(flat, (comp, None))[1]
+            part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(rest)
+        else:
+            comp, module, part = _split(key) or ("unet", None, None)
+        if getattr(model, comp, None) is None:
+            skipped.add(comp)  # e.g. a base LoRA's CLIP-L part on the refiner, which has no CLIP-L
+        elif part is None or (comp, module) not in layers:
+            unknown.append(key)
+        else:
+            parts.setdefault((comp, module), {})[part] = t
+    if unknown:
+        raise CheckpointError(
+            f"{where}: {len(unknown)} key(s) name no layer of this SDXL model, e.g. {unknown[:3]}. It is not an "
+            "SDXL LoRA (an SD 1.x / Flux LoRA cannot be used), or not a LoRA at all"
+        )
+    if not parts:
+        raise CheckpointError(f"{where} holds no LoRA weights for this model (no lora_down/up or lora_A/B keys)")
+    pairs = {}
+    for (comp, module), p in parts.items():
+        if "down" not in p or "up" not in p:
+            raise CheckpointError(f"{where}: {comp}.{module} has {sorted(p)} but needs both down and up weights")
+        down, up, w = p["down"], p["up"], layers[(comp, module)][0].weight
+        r = down.shape[0]
+        ok = up.ndim == down.ndim == w.ndim and up.shape[1] == r and up.shape[0] == w.shape[0]
+        ok = ok and down.shape[1] == w.shape[1] and down.shape[2:] == w.shape[2:] and up.shape[2:] in ((), (1, 1))
+        if not ok:
+            raise CheckpointError(
+                f"{where}: {comp}.{module} has down {tuple(down.shape)} and up {tuple(up.shape)}, which do not fit "
+                f"its weight {tuple(w.shape)}: this LoRA was made for a different model"
+            )
+        bias, layer_bias = p.get("bias"), layers[(comp, module)][0].bias
+        if bias is not None and (layer_bias is None or tuple(bias.shape) != tuple(layer_bias.shape)):
+            raise CheckpointError(
+                f"{where}: {comp}.{module} has a lora_B bias {tuple(bias.shape)}, but the layer's bias is "
+                f"{None if layer_bias is None else tuple(layer_bias.shape)}: this LoRA was made for a different model"
+            )
+        alpha = float(p["alpha"]) if "alpha" in p else _meta_alpha(meta, comp, module, r)
+        pairs[(comp, module)] = Pair(down, up, alpha, bias)
+    if skipped:
+        warnings.warn(f"{where} also adapts {sorted(skipped)}, which this model does not have: skipped", stacklevel=3)
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------
+# Merging
+
+
+@torch.no_grad()
+def _merge(model, keys, multiplier: float = 1.0) -> None:
+    """Recompute the layers `keys` = {(component, module)} from their originals: W0 + sum over the
+    active adapters of multiplier * weight * delta (and the same for a bias a LoRA adapts). A layer no
+    adapter touches any more gets its original tensor back."""
+    state, layers = _state(model), _layers(model)
+    for comp, module in keys:
+        layer = layers[(comp, module)][0]
+        using = [a for a in state.adapters.values() if (comp, module) in a.pairs]
+        for kind in ("weight", "bias"):
+            key, p = (comp, f"{module}.{kind}"), getattr(layer, kind)
+            adapts = using if kind == "weight" else [a for a in using if a.pairs[(comp, module)].bias is not None]
+            if not adapts:
+                if key in state.originals:
+                    p.data = state.originals.pop(key).to(p.device)
+                continue
+            if key not in state.originals:
+                # the original is kept as it is on the CPU (maybe memory-mapped: the file's pages), and moved
+                # there from a GPU, whose memory is the scarce one; the layer gets a new tensor
+                state.originals[key] = p.data if p.device.type == "cpu" else p.data.cpu()
+                p.data = torch.empty_like(p.data)
+            w = state.originals[key].to(device=p.device, dtype=torch.float32, copy=True)
+            for a in (a for a in adapts if a.active and a.weight):
+                pair, s = a.pairs[(comp, module)], multiplier * a.weight
+                if kind == "weight":
+                    w.add_(pair.delta(w.shape, w.device), alpha=s)
+                else:
+                    w.add_(pair.bias.to(device=w.device, dtype=torch.float32), alpha=s * pair.scale)
+            p.data.copy_(w)
+
+
+def _owned(model, pairs) -> None:
+    """A module shared with another model (load(share=...)) may carry only one model's adapters."""
+    for comp in {c for c, _ in pairs}:
+        owner = getattr(getattr(model, comp), "_lora_owner", None)
+        if owner is not None and owner is not _state(model):
+            raise ValueError(
+                f"{comp} is shared with another loaded model that has LoRA adapters on it; load this LoRA "
+                "into that model, or unload_lora_weights() there first"
+            )
+
+
+def _claim(model) -> None:
+    state = _state(model)
+    touched = {c for a in state.adapters.values() for c, _ in a.pairs}
+    for comp in ENCODERS:
+        mod = getattr(model, comp, None)
+        if mod is not None and (comp in touched or getattr(mod, "_lora_owner", None) is state):
+            mod._lora_owner = state if comp in touched else None
+
+
+def load_lora_weights(model, lora, adapter_name: str | None = None, weight: float = 1.0) -> str:
+    """Load a LoRA (a file path or a state dict; kohya, diffusers-PEFT or older diffusers keys) into the
+    UNet and text encoders and merge it with `weight`. As in diffusers, the adapter just loaded is then
+    the only active one: combine several with set_adapters(model, [names], [weights]). Returns its name
+    ("default_0", "default_1", ... unless given, as diffusers names them)."""
+    state = _state(model)
+    if adapter_name is None:
+        adapter_name = f"default_{len(state.adapters)}"
+        while adapter_name in state.adapters:
+            adapter_name += "_"
+    if adapter_name in state.adapters:
+        raise ValueError(
+            f"an adapter named {adapter_name!r} is already loaded; pass another adapter_name= or "
+            "delete_adapters(model, name) first"
+        )
+    _check_weight(weight)
+    pairs = read_lora(model, lora)  # every check before the first change
+    _owned(model, pairs)
+    source = "" if isinstance(lora, dict) else str(lora)
+    for a in state.adapters.values():
+        a.active = False  # = diffusers (PEFT's inject_adapter sets the new adapter as the active one)
+    state.adapters[adapter_name] = Adapter(adapter_name, pairs, float(weight), True, source)
+    _merge(model, {k for a in state.adapters.values() for k in a.pairs})
+    _claim(model)
+    return adapter_name
+
+
+def _check_weight(w):
+    if isinstance(w, dict):
+        raise TypeError("per-component / per-block adapter weights are not supported: pass one number per adapter")
+    if not isinstance(w, (int, float)) or isinstance(w, bool):
+        raise TypeError(f"an adapter weight must be a number, got {w!r}")
+
+
+def _names(model, names) -> list[str]:
+    state = _state(model)
+    names = [names] if isinstance(names, str) else list(names)
+    missing = [n for n in names if n not in state.adapters]
+    if missing:
+        raise ValueError(f"no adapter named {missing[0]!r}; loaded: {list(state.adapters) or 'none'}")
+    return names
+
+
+def set_adapters(model, adapter_names, adapter_weights=None) -> None:
+    """= diffusers' set_adapters: only these adapters are active, with these weights (default 1.0 each)."""
+    names = _names(model, adapter_names)
+    weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"{len(names)} adapter names but {len(weights)} weights: pass one weight per adapter")
+    weights = [1.0 if w is None else w for w in weights]
+    for w in weights:
+        _check_weight(w)
+    state = _state(model)
+    for a in state.adapters.values():
+        a.active = a.name in names
+    for n, w in zip(names, weights):
+        state.adapters[n].weight = float(w)
+    _merge(model, {k for a in state.adapters.values() for k in a.pairs})
+
+
+def get_active_adapters(model) -> list[str]:
+    return [a.name for a in _state(model).adapters.values() if a.active]
+
+
+def delete_adapters(model, adapter_names) -> None:
+    """Remove these adapters; weights they alone touched get their original tensors back."""
+    state = _state(model)
+    keys = set()
+    for n in _names(model, adapter_names):
+        keys |= set(state.adapters.pop(n).pairs)
+    _merge(model, keys)
+    _claim(model)
+
+
+def unload_lora_weights(model) -> None:
+    """Remove every adapter: the model is exactly as loaded again."""
+    delete_adapters(model, list(_state(model).adapters))
+
+
+@contextmanager
+def scaled(model, scale, components=ENCODERS):
+    """Within the block every active adapter counts `scale` times in `components` (= diffusers' lora_scale:
+    a pipeline call's cross_attention_kwargs={"scale": s} for the UNet and text encoders, encode_prompt's
+    lora_scale for the text encoders). Costs two merges of the adapted layers; set_adapters() weights
+    are the way to change it for many calls."""
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
+        raise TypeError(f"a LoRA scale must be a number, got {scale!r}")
+    state = getattr(model, "lora", None)
+    if scale is None or scale == 1.0 or state is None:
+        yield
+        return
+    keys = {k for a in state.adapters.values() for k in a.pairs if k[0] in components}
+    _merge(model, keys, multiplier=float(scale))
+    try:
+        yield
+    finally:
+        _merge(model, keys)

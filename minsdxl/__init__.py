@@ -1,7 +1,15 @@
 """minsdxl: Stable Diffusion XL in plain PyTorch, numerically equal to diffusers."""
 
 from .checkpoint import SDXL, CheckpointError, load, load_component
-from .lora import delete_adapters, get_active_adapters, load_lora_weights, set_adapters, unload_lora_weights
+from .lora import (
+    delete_adapters,
+    disable_lora,
+    enable_lora,
+    get_active_adapters,
+    load_lora_weights,
+    set_adapters,
+    unload_lora_weights,
+)
 from .prompt import encode_prompt, load_textual_inversion
 from .sampler import img2img, inpaint, text2img
 from .schedulers import make_scheduler
@@ -19,6 +27,8 @@ __all__ = [
     "set_adapters",
     "get_active_adapters",
     "delete_adapters",
+    "disable_lora",
+    "enable_lora",
     "unload_lora_weights",
     "text2img",
     "img2img",

@@ -120,6 +120,37 @@ def _lora_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+# A1111 / stable-diffusion.cpp extra-network tags: <lora:NAME> or <lora:NAME:W>
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+
+
+def _loras(args) -> list[tuple[str, float]]:
+    """Every LoRA of the run: --lora PATH[:SCALE] flags, then the prompts' <lora:NAME:W> tags."""
+    specs = []
+    for spec in args.lora or ():
+        path, w = _lora_spec(spec)
+        if not Path(path).is_file():
+            raise ValueError(
+                f"--lora {spec}: no file {path} (the form: PATH or PATH:SCALE, e.g. style.safetensors:0.8)"
+            )
+        specs.append((path, w))
+    for name, w in (tag for text in (args.prompt, args.prompt_2) for tag in _LORA_TAG.findall(text or "")):
+        tag = f"<lora:{name}{':' + w if w else ''}>"
+        if args.lora_dir is None:
+            raise ValueError(f"the prompt has {tag}: pass --lora-dir DIR, the folder holding {name}.safetensors")
+        path = Path(args.lora_dir) / f"{name}.safetensors"
+        if not path.is_file():
+            raise ValueError(f"the prompt's {tag}: no file {path}")
+        try:
+            specs.append((str(path), float(w) if w else 1.0))
+        except ValueError:
+            raise ValueError(
+                f"the prompt's {tag}: the weight must be one number (separate text-encoder and UNet weights "
+                "are not supported)"
+            ) from None
+    return specs
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows argparse's defaults and, for flags left to the API, the API's default (from its signature)."""
 
@@ -187,6 +218,9 @@ def build_parser():
     add("--model-config",                          default=None,      help="diffusers folder with the configs of "
                                                                            "a non-SDXL single-file --model")
     add("--vae",                                   default=None,      help="VAE file or folder to use instead")
+    add("--lora-dir", "--lora-model-dir", metavar="DIR", default=None, help="where <lora:NAME:W> in the prompt "
+                                                                           "finds NAME.safetensors (A1111 / "
+                                                                           "stable-diffusion.cpp)")
     add("--lora", metavar="PATH[:SCALE]", action="append", default=None,
                                                                       help="a LoRA for the base model (kohya or "
                                                                            "diffusers .safetensors), SCALE default "
@@ -212,6 +246,10 @@ def build_parser():
     add("--dtype",           choices=("auto", *DTYPES), default="auto", help="auto: fp16 on CUDA, else fp32")
     add("--device",                                default="auto",    help="cpu, cuda, cuda:N (auto: cuda if any)")
     add("--offload",                   action="store_true",           help="model offload: idle parts wait on the CPU")
+    add("--vae-tiling",                action="store_true",           help="VAE in overlapping tiles above the VAE's "
+                                                                           "sample size (1024 px): less memory, the "
+                                                                           "image changes slightly (diffusers' "
+                                                                           "enable_tiling)")
     add("--no-watermark",              action="store_true",           help="never add SDXL's invisible watermark")
     add("--no-metadata",               action="store_true",           help="write no parameters into the PNG")
     talk.add_argument("-v", "--verbose", action="store_true",         help="timings, dtypes, steps, peak memory")
@@ -347,12 +385,7 @@ def _check(args, mode):
         raise ValueError(f"--refiner-strength must be in (0, 1], got {args.refiner_strength}")
     if args.sampler is not None:
         minsdxl.make_scheduler(args.sampler)  # unknown names raise, listing the valid ones
-    for spec in args.lora or ():
-        path, _ = _lora_spec(spec)
-        if not Path(path).is_file():
-            raise ValueError(
-                f"--lora {spec}: no file {path} (the form is PATH or PATH:SCALE, e.g. style.safetensors:0.8)"
-            )
+    _loras(args)  # missing files and bad weights
 
 
 def _read_images(args, mode):
@@ -454,15 +487,18 @@ def _load(args, auto_dtype=False):
     )
     _log(args, f"loaded {args.model} (SDXL {base.kind}) in {time.perf_counter() - t:.1f} s")
     _log(args, f"device {args.device}; " + _dtype_note(base, auto_dtype))
-    if args.lora:
+    if args.vae_tiling:
+        base.vae.enable_tiling()  # the refiner shares this VAE
+    specs = _loras(args)
+    if specs:
         t = time.perf_counter()
-        specs = [_lora_spec(x) for x in args.lora]
         names = []
         for path, _ in specs:  # named after the file, as A1111's <lora:name:w>
             names.append(minsdxl.load_lora_weights(base, path, adapter_name=_unique(Path(path).stem, names)))
         minsdxl.set_adapters(base, names, [w for _, w in specs])
-        args.lora = [f"{Path(p).resolve()}:{w:g}" for p, w in specs]  # absolute, for --from-png
         _log(args, f"merged {len(names)} LoRA(s) into the base in {time.perf_counter() - t:.1f} s")
+    if args.lora:  # absolute, for --from-png
+        args.lora = [f"{Path(p).resolve()}:{w:g}" for p, w in map(_lora_spec, args.lora)]
     refiner = None
     if args.refiner:
         t = time.perf_counter()
@@ -482,7 +518,7 @@ def _load(args, auto_dtype=False):
             )
         _log(args, f"loaded refiner {args.refiner} in {time.perf_counter() - t:.1f} s (text encoder 2 and VAE shared)")
     # absolute paths in the metadata, so --from-png works from any folder ("tiny" stays a name)
-    for name in ("model", "vae", "refiner", "model_config", "refiner_config", "init_image", "mask"):
+    for name in ("model", "vae", "refiner", "model_config", "refiner_config", "init_image", "mask", "lora_dir"):
         if getattr(args, name) and not (name == "model" and args.model == tiny.NAME):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
     return base, refiner
@@ -513,11 +549,15 @@ def _scheduler_name(sched) -> str:
 
 def _api_kwargs(args, fn, skip=()) -> dict:
     params = inspect.signature(fn).parameters
-    return {
+    kw = {
         kw: getattr(args, dest)
         for dest, kw in API_KWARGS.items()
         if getattr(args, dest) is not None and kw in params and dest not in skip
     }
+    for k in ("prompt", "prompt_2"):  # the tags name LoRAs, not words: A1111 takes them out of the text
+        if k in kw:
+            kw[k] = _LORA_TAG.sub("", kw[k])
+    return kw
 
 
 def _generate_one(args, mode, base, refiner, init, mask, width, height, seed):
@@ -570,7 +610,7 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
         "vae": _file_info(args.vae) if args.vae else None,
         "loras": [
             {**_file_info(path), "name": name, "scale": w}
-            for (path, w), name in zip(map(_lora_spec, args.lora or ()), base.lora.adapters if args.lora else ())
+            for (path, w), name in zip(_loras(args), base.lora.adapters if base.lora else ())
         ],
         "refiner": _file_info(args.refiner, refiner, args.dtype) if refiner else None,
         "init_image": _file_info(args.init_image) if args.init_image else None,

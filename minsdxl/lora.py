@@ -16,9 +16,10 @@ Why merged rather than a side branch per layer (PEFT): no cost per step, nothing
 CUDA graphs to trace, and state_dict() keys stay diffusers'. Why exact: the original of every adapted
 weight is kept, and each change recomputes W0 + sum(...) in fp32 from it, so loading, re-weighting and
 unloading in any order never drift (diffusers' unfuse_lora subtracts, which drifts in half precision).
-Memory: the first adapter that touches a weight gives it a new tensor and keeps the old one on the CPU
-(for a memory-mapped checkpoint, the file's pages: no extra RAM; for a model on a GPU, a CPU copy: no
-extra GPU memory); unloading puts the old tensor back.
+Memory: the original of an adapted weight is kept on the CPU. On the CPU the layer gets a new tensor
+and the loaded one stays untouched (for a memory-mapped checkpoint: the file's pages, no extra RAM);
+on a GPU the original is copied to the CPU and the layer is rewritten in place (no extra GPU memory,
+and CUDA graphs keep their addresses). Unloading puts the original back.
 """
 
 import json
@@ -92,6 +93,7 @@ class LoRAs:
 
     adapters: dict = field(default_factory=dict)  # name -> Adapter, in load order
     originals: dict = field(default_factory=dict)  # (component, parameter name) -> the original tensor
+    enabled: bool = True  # disable_lora() / enable_lora()
 
 
 def _state(model) -> LoRAs:
@@ -187,9 +189,12 @@ def _split(key: str):
     return None
 
 
-def read_lora(model, lora) -> dict:
-    """A LoRA file (or its state dict) -> {(component, module): Pair}, every name and shape checked
-    against `model` before anything changes."""
+def read_lora(model, lora, weight_name: str | None = None) -> dict:
+    """A LoRA file, a folder holding one (weight_name, default diffusers' pytorch_lora_weights.safetensors)
+    or a state dict -> {(component, module): Pair}, every name and shape checked against `model` before
+    anything changes."""
+    if not isinstance(lora, dict) and (Path(lora).is_dir() or weight_name is not None):
+        lora = Path(lora) / (weight_name or "pytorch_lora_weights.safetensors")  # = diffusers' lora_state_dict
     where = "the LoRA state dict" if isinstance(lora, dict) else str(lora)
     if isinstance(lora, dict):
         sd, meta = dict(lora), {}
@@ -281,21 +286,29 @@ def _merge(model, keys, multiplier: float = 1.0) -> None:
             adapts = using if kind == "weight" else [a for a in using if a.pairs[(comp, module)].bias is not None]
             if not adapts:
                 if key in state.originals:
-                    p.data = state.originals.pop(key).to(p.device)
+                    _restore(p, state.originals.pop(key))
                 continue
             if key not in state.originals:
-                # the original is kept as it is on the CPU (maybe memory-mapped: the file's pages), and moved
-                # there from a GPU, whose memory is the scarce one; the layer gets a new tensor
-                state.originals[key] = p.data if p.device.type == "cpu" else p.data.cpu()
-                p.data = torch.empty_like(p.data)
+                if p.device.type == "cpu":  # the original stays untouched (maybe memory-mapped: the file's pages)
+                    state.originals[key] = p.data
+                    p.data = torch.empty_like(p.data)
+                else:  # a CPU copy (GPU memory is the scarce one); writes go in place: CUDA graphs keep addresses
+                    state.originals[key] = p.data.cpu()
             w = state.originals[key].to(device=p.device, dtype=torch.float32, copy=True)
-            for a in (a for a in adapts if a.active and a.weight):
+            for a in (a for a in adapts if a.active and a.weight and state.enabled):
                 pair, s = a.pairs[(comp, module)], multiplier * a.weight
                 if kind == "weight":
                     w.add_(pair.delta(w.shape, w.device), alpha=s)
                 else:
                     w.add_(pair.bias.to(device=w.device, dtype=torch.float32), alpha=s * pair.scale)
             p.data.copy_(w)
+
+
+def _restore(p: torch.nn.Parameter, original: torch.Tensor) -> None:
+    if original.device == p.device and original.dtype == p.dtype:
+        p.data = original  # the very tensor loaded
+    else:
+        p.data.copy_(original)  # on a GPU (or after model.to(...)): in place
 
 
 def _owned(model, pairs) -> None:
@@ -318,11 +331,13 @@ def _claim(model) -> None:
             mod._lora_owner = state if comp in touched else None
 
 
-def load_lora_weights(model, lora, adapter_name: str | None = None, weight: float = 1.0) -> str:
-    """Load a LoRA (a file path or a state dict; kohya, diffusers-PEFT or older diffusers keys) into the
-    UNet and text encoders and merge it with `weight`. As in diffusers, the adapter just loaded is then
-    the only active one: combine several with set_adapters(model, [names], [weights]). Returns its name
-    ("default_0", "default_1", ... unless given, as diffusers names them)."""
+def load_lora_weights(
+    model, lora, adapter_name: str | None = None, weight: float = 1.0, weight_name: str | None = None
+) -> str:
+    """Load a LoRA (a file, a folder with weight_name, or a state dict; kohya, diffusers-PEFT or older
+    diffusers keys) into the UNet and text encoders and merge it with `weight`. As in diffusers, the
+    adapter just loaded is then the only active one: combine several with set_adapters(model, [names],
+    [weights]). Returns its name ("default_0", "default_1", ... unless given, as diffusers names them)."""
     state = _state(model)
     if adapter_name is None:
         adapter_name = f"default_{len(state.adapters)}"
@@ -334,7 +349,7 @@ def load_lora_weights(model, lora, adapter_name: str | None = None, weight: floa
             "delete_adapters(model, name) first"
         )
     _check_weight(weight)
-    pairs = read_lora(model, lora)  # every check before the first change
+    pairs = read_lora(model, lora, weight_name)  # every check before the first change
     _owned(model, pairs)
     source = "" if isinstance(lora, dict) else str(lora)
     for a in state.adapters.values():
@@ -380,6 +395,21 @@ def set_adapters(model, adapter_names, adapter_weights=None) -> None:
 
 def get_active_adapters(model) -> list[str]:
     return [a.name for a in _state(model).adapters.values() if a.active]
+
+
+def disable_lora(model) -> None:
+    """= diffusers' disable_lora: the model runs as loaded, the adapters stay (enable_lora brings them back)."""
+    _enable(model, False)
+
+
+def enable_lora(model) -> None:
+    _enable(model, True)
+
+
+def _enable(model, on: bool) -> None:
+    state = _state(model)
+    state.enabled = on
+    _merge(model, {k for a in state.adapters.values() for k in a.pairs})
 
 
 def delete_adapters(model, adapter_names) -> None:

@@ -154,6 +154,26 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        # diffusers' switches and tile sizes, same names (AutoencoderKL.__init__): tiles of sample_size px
+        self.use_slicing = self.use_tiling = False
+        self.tile_sample_min_size = config.sample_size
+        self.tile_latent_min_size = int(config.sample_size / 2 ** (len(config.block_out_channels) - 1))
+        self.tile_overlap_factor = 0.25
+
+    def enable_tiling(self, use_tiling: bool = True):
+        """Encode / decode images larger than `tile_sample_min_size` (1024 px for SDXL) in overlapping
+        tiles: memory stays that of one tile, the output changes a little (= diffusers' enable_tiling)."""
+        self.use_tiling = use_tiling
+
+    def disable_tiling(self):
+        self.use_tiling = False
+
+    def enable_slicing(self):
+        """Encode / decode a batch one image at a time (= diffusers' enable_slicing)."""
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
 
     @property
     def scaling_factor(self) -> float:
@@ -173,11 +193,52 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x: image in [-1, 1], [B, 3, H, W] -> posterior over unscaled latents [B, 4, H/8, W/8]."""
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        return DiagonalGaussian(self._sliced(self._encode, x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: unscaled latents (latents / scaling_factor) -> image in about [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+        return self._sliced(self._decode, z)
+
+    def _sliced(self, run, x):
+        return torch.cat([run(one) for one in x.split(1)]) if self.use_slicing and x.shape[0] > 1 else run(x)
+
+    def _encode(self, x):
+        run = lambda t: self.quant_conv(self.encoder(t))  # noqa: E731
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            return _tiled(run, x, self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor)
+        return run(x)
+
+    def _decode(self, z):
+        run = lambda t: self.decoder(self.post_quant_conv(t))  # noqa: E731
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            return _tiled(run, z, self.tile_latent_min_size, self.tile_sample_min_size, self.tile_overlap_factor)
+        return run(z)
 
     def forward(self, x, generator=None):
         return self.decode(self.encode(x).sample(generator))
+
+
+def _tiled(run, x, tile: int, tile_out: int, overlap: float) -> torch.Tensor:
+    """= diffusers' AutoencoderKL._tiled_encode / tiled_decode: `run` on tiles of `tile` (the last ones
+    cut short) every tile * (1 - overlap); each output tile blended linearly into the one above, then
+    the one to its left, over tile_out * overlap rows / columns, and cropped to tile_out minus that."""
+    step, blend = int(tile * (1 - overlap)), int(tile_out * overlap)
+    rows = [
+        [run(x[:, :, i : i + tile, j : j + tile]) for j in range(0, x.shape[3], step)]
+        for i in range(0, x.shape[2], step)
+    ]
+    for i, row in enumerate(rows):
+        for j, t in enumerate(row):  # in this order, in place: a tile blends in neighbours already blended
+            if i > 0:
+                _blend(rows[i - 1][j], t, blend, dim=2)
+            if j > 0:
+                _blend(row[j - 1], t, blend, dim=3)
+    keep = tile_out - blend
+    return torch.cat([torch.cat([t[:, :, :keep, :keep] for t in row], dim=3) for row in rows], dim=2)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
+    """b's first `extent` rows (dim=2) or columns (dim=3) := a's last ones faded into b's (= blend_v / blend_h)."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    for y in range(extent):
+        b.select(dim, y).copy_(a.select(dim, y - extent) * (1 - y / extent) + b.select(dim, y) * (y / extent))

@@ -168,7 +168,13 @@ def runs(paths, tmp_path_factory):
             "info_tiny": (["minsdxl", "info", "tiny"], dirs["info"]),
             "lora": (
                 ["minsdxl", *T2I_FLAGS, "--model", p["base"], "-s", "4", "--lora", p["lora_style"] + ":0.7"]
-                + ["--lora", p["lora_detail"], "-o", "lora.png", "-q"],
+                + ["-p", T2I["prompt"] + " <lora:detail:1>", "--lora-dir", str(paths["lora_detail"].parent)]
+                + ["-o", "lora.png", "-q"],
+                dirs["lora"],
+            ),
+            "tiled": (  # the tiny VAE's tiles are 64 px: a 96 px wide image is decoded in 2 x 1 tiles
+                ["minsdxl", "-p", "a cat", "--model", p["base"], "-W", "96", "-H", "64", "--steps", "2", "-s", "8"]
+                + ["--vae-tiling", "-o", "tiled.png", "-q"],
                 dirs["lora"],
             ),
         },
@@ -296,6 +302,8 @@ def test_from_png_with_moved_single_file_model_and_override(runs, api, paths):
 
 
 def test_lora_flags_metadata_and_from_png(runs, api, paths):
+    # --lora style.safetensors:0.7 and an A1111 / stable-diffusion.cpp prompt tag <lora:detail:1> (taken
+    # out of the prompt's text, found in --lora-dir)
     _ok(runs["lora"])
     folder = runs["dirs"]["lora"]
     model = minsdxl.load(paths["base"])
@@ -309,10 +317,22 @@ def test_lora_flags_metadata_and_from_png(runs, api, paths):
     digest = {n: hashlib.sha256(paths[f"lora_{n}"].read_bytes()).hexdigest() for n in ("style", "detail")}
     # A1111's "Lora hashes" (what Civitai reads), the adapters named after their files
     assert meta["infotext"]["Lora hashes"] == f"style: {digest['style'][:10]}, detail: {digest['detail'][:10]}"
+    assert meta["infotext"]["Prompt"] == T2I["prompt"] + " <lora:detail:1>"  # as A1111 writes it
     loras = [(x["name"], x["scale"], x["sha256"], x["path"]) for x in meta["minsdxl"]["loras"]]
     assert loras == [(n, w, digest[n], str(paths[f"lora_{n}"].resolve())) for n, w in (("style", 0.7), ("detail", 1.0))]
     _ok(runs["lora_again"])  # --from-png loads the same LoRAs with the same scales
     assert np.array_equal(_pixels(folder / "again.png"), _pixels(folder / "lora.png"))
+
+
+def test_vae_tiling_flag(runs, paths):
+    _ok(runs["tiled"])
+    model = minsdxl.load(paths["base"])
+    kw = dict(prompt="a cat", width=96, height=64, num_inference_steps=2, seed=8, progress=False)
+    model.vae.enable_tiling()
+    _same(runs["dirs"]["lora"] / "tiled.png", tiled := minsdxl.text2img(model, **kw)[0])
+    model.vae.disable_tiling()
+    assert not np.array_equal(np.asarray(tiled), np.asarray(minsdxl.text2img(model, **kw)[0]))
+    assert read_png_metadata(runs["dirs"]["lora"] / "tiled.png")["minsdxl"]["args"]["vae_tiling"] is True
 
 
 def test_img2img_then_img2img_refiner(runs, api, paths):
@@ -425,6 +445,7 @@ ERRORS = {
     "no_overwrite": (["--model", "{base}", *SIZE, "-o", "a_file"], "a_file already exists"),
     "from_png_without_metadata": (["--from-png", "{init}"], "has no minsdxl metadata"),
     "lora_missing": (["--model", "{base}", "--lora", "nope.safetensors:0.5"], "--lora nope.safetensors:0.5: no file"),
+    "lora_tag_without_dir": (["--model", "{base}", "-p", "a cat <lora:x:0.5>"], "pass --lora-dir DIR"),
     "lora_not_a_lora": (["--model", "{base}", *SIZE, "--lora", "{init}"], "unknown weights format"),
     "mask_padding_without_mask": (["--model", "{base}", "-i", "{init}", "--mask-padding", "8"], "pass --mask"),
     "mask_padding_with_switch": (

@@ -68,7 +68,7 @@ def test_kohya_every_layer_matches_diffusers(clean, tmp_path):
 def test_peft_format_and_metadata_alphas_match_diffusers(clean, tmp_path):
     # diffusers' own format (what its training scripts save): lora_A / lora_B, alphas in the header's
     # lora_adapter_metadata (lora_alpha, one alpha_pattern entry), attention + feed-forward layers only;
-    # CLIP-L's with a lora_B bias (lora_bias=True: every CLIP layer has a bias to merge it into)
+    # CLIP-L's with a lora_B bias (lora_bias=True: every CLIP layer has a bias to merge it into), bigG's rsLoRA
     pipe, model = clean
     pairs = random_lora_pairs(lora_layers(model, only=lambda n: "attn" in n or ".ff." in n or "mlp" in n))
     q = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -81,6 +81,7 @@ def test_peft_format_and_metadata_alphas_match_diffusers(clean, tmp_path):
         meta |= {f"{c}.r": 4, f"{c}.lora_alpha": alpha, f"{c}.target_modules": targets}
         meta[f"{c}.rank_pattern"] = {n: r for n, r in mine.items() if r != 4}
     meta["text_encoder.lora_bias"] = True
+    meta["text_encoder_2.use_rslora"] = True  # scale alpha / sqrt(r)
     sd = peft_lora(pairs)
     g = torch.Generator().manual_seed(3)
     for (c, n), (_, up) in pairs.items():
@@ -124,11 +125,12 @@ def test_adapters_scales_and_unload_match_diffusers(clean, tmp_path):
     pipe, model = clean
     original = {k: (v.data_ptr(), v.clone()) for k, v in _weights(model).items()}
     layers = lora_layers(model)
-    for name, seed in (("a", 1), ("b", 2)):
-        path = tmp_path / f"{name}.safetensors"
+    for name, seed in (("a", 1), ("b", 2)):  # "b" as diffusers saves one: a folder, its default file name
+        path = tmp_path / f"{name}.safetensors" if name == "a" else tmp_path / "b" / "pytorch_lora_weights.safetensors"
+        path.parent.mkdir(exist_ok=True)
         safetensors.torch.save_file(kohya_lora(model, random_lora_pairs(layers, seed=seed), alpha=2.0), path)
-        pipe.load_lora_weights(path, adapter_name=name)
-        minsdxl.load_lora_weights(model, path, adapter_name=name)
+        pipe.load_lora_weights(path.parent if name == "b" else path, adapter_name=name)
+        minsdxl.load_lora_weights(model, path.parent if name == "b" else path, adapter_name=name)
     # diffusers: the adapter loaded last is the only active one
     assert minsdxl.get_active_adapters(model) == pipe.get_active_adapters() == ["b"]
     ref, got = _run(pipe, model)
@@ -151,6 +153,14 @@ def test_adapters_scales_and_unload_match_diffusers(clean, tmp_path):
     minsdxl.set_adapters(model, "b", 0.7)
     ref4, got4 = _run(pipe, model)
     assert rel_err(got4, ref4) <= LATENT_TOL
+    pipe.disable_lora()
+    minsdxl.disable_lora(model)
+    ref5, got5 = _run(pipe, model)
+    assert rel_err(got5, ref5) <= LATENT_TOL and rel_err(ref5, ref4) > 0.01
+    assert all(torch.equal(v, original[k][1]) for k, v in _weights(model).items())  # the weights as loaded
+    pipe.enable_lora()
+    minsdxl.enable_lora(model)
+    assert torch.equal(_run(pipe, model)[1], got4)
     minsdxl.unload_lora_weights(model)
     # exactly as loaded: the very tensors (memory-mapped from the checkpoint) are back, never written to
     assert all(v.data_ptr() == original[k][0] and torch.equal(v, original[k][1]) for k, v in _weights(model).items())
@@ -346,3 +356,17 @@ def test_kohya_names_at_sdxl_shapes_agree_with_diffusers_converter(kind):
     assert all(
         t[1].endswith("attentions.2.conv") and m[1] == "up_blocks.0.upsamplers.0.conv" for t, m in wrong.values()
     )
+
+
+def test_model_moved_to_another_dtype_after_loading(tiny_base):
+    # originals stay as loaded (fp32); a re-merge and the unload write into the bf16 weights in place
+    model = minsdxl.load(tiny_base[1])
+    before = {k: v.clone() for k, v in _weights(model).items()}
+    pairs = random_lora_pairs(lora_layers(model))
+    minsdxl.load_lora_weights(model, kohya_lora(model, pairs, alpha=2.0))
+    merged = {k: v.clone() for k, v in _weights(model).items()}
+    model.to(dtype=torch.bfloat16)
+    minsdxl.set_adapters(model, "default_0", 1.0)
+    assert all(torch.equal(v, merged[k].to(torch.bfloat16)) for k, v in _weights(model).items())
+    minsdxl.unload_lora_weights(model)
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, before[k].to(v.dtype)) for k, v in _weights(model).items())

@@ -37,6 +37,13 @@ def test_public_api():
         "make_scheduler",
         "compile",
         "set_attention",
+        "load_lora_weights",
+        "set_adapters",
+        "get_active_adapters",
+        "delete_adapters",
+        "unload_lora_weights",
+        "disable_lora",
+        "enable_lora",
         "SDXL",
         "CheckpointError",
     ):

@@ -51,3 +51,40 @@ def test_scaling_factor_and_upcast_from_config():
     with torch.device("meta"):
         vae = AutoencoderKL(cfg)
     assert vae.scaling_factor == 0.13025 and vae.force_upcast is True
+
+
+@pytest.mark.parametrize("slicing", [False, True], ids=["batch", "sliced"])
+def test_tiling_and_slicing_match_diffusers(slicing):
+    # tiles of 32 px / 4 latents (the defaults are SDXL's 1024 / 128, checked below): a 56 x 88 image is
+    # 3 x 4 overlapping tiles, the last ones cut short, blended above and left as diffusers does
+    ref, ours = _pair(TINY_VAE, seed=5)
+    for m in (ref, ours):
+        m.enable_tiling()
+        if slicing:
+            m.enable_slicing()
+        m.tile_sample_min_size, m.tile_latent_min_size = 32, 4
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 56, 88, generator=g) * 2 - 1
+    z = torch.randn(2, 4, 7, 11, generator=g)
+    with torch.no_grad():
+        a, b = ref.encode(x).latent_dist, ours.encode(x)
+        assert b.mean.shape == (2, 4, 7, 11)
+        assert rel_err(b.mean, a.mean) <= TOL and rel_err(b.std, a.std) <= TOL
+        got = ours.decode(z)
+        assert got.shape == (2, 3, 56, 88) and rel_err(got, ref.decode(z).sample) <= TOL
+        ours.disable_tiling()
+        assert rel_err(ours.decode(z), got) > 1e-3  # the tiles did change the image
+        ours.disable_slicing()
+        ref.disable_tiling()
+        assert rel_err(ours.decode(z), ref.decode(z).sample) <= TOL
+
+
+def test_tile_sizes_default_to_diffusers():
+    for cfg in (TINY_VAE, VAE_PRESETS["sdxl"]):
+        ref, ours = _pair(cfg, seed=0)
+        assert (ours.tile_sample_min_size, ours.tile_latent_min_size, ours.tile_overlap_factor) == (
+            ref.tile_sample_min_size,
+            ref.tile_latent_min_size,
+            ref.tile_overlap_factor,
+        )
+        assert not ours.use_tiling and not ours.use_slicing

@@ -72,10 +72,11 @@ class Pair:
     def scale(self) -> float:
         return self.alpha / self.down.shape[0]
 
-    def delta(self, shape, device) -> torch.Tensor:
-        """alpha / r * up @ down in fp32 on `device`, shaped as the weight (a conv's kernel is in `down`)."""
-        up, down = (t.to(device=device, dtype=torch.float32).flatten(1) for t in (self.up, self.down))
-        return (up @ down).mul_(self.scale).view(shape)
+    def add_to(self, w: torch.Tensor, alpha: float) -> None:
+        """w += alpha * alpha_lora / r * up @ down, one fused GEMM into a contiguous fp32 weight (a conv's
+        kernel is in `down`: [out, r] @ [r, in * kh * kw])."""
+        up, down = (t.to(device=w.device, dtype=torch.float32).flatten(1) for t in (self.up, self.down))
+        w.view(w.shape[0], -1).addmm_(up, down, alpha=alpha * self.scale)
 
 
 @dataclass
@@ -294,11 +295,11 @@ def _merge(model, keys, multiplier: float = 1.0) -> None:
                     p.data = torch.empty_like(p.data)
                 else:  # a CPU copy (GPU memory is the scarce one); writes go in place: CUDA graphs keep addresses
                     state.originals[key] = p.data.cpu()
-            w = state.originals[key].to(device=p.device, dtype=torch.float32, copy=True)
+            w = state.originals[key].to(p.device, torch.float32, memory_format=torch.contiguous_format, copy=True)
             for a in (a for a in adapts if a.active and a.weight and state.enabled):
                 pair, s = a.pairs[(comp, module)], multiplier * a.weight
                 if kind == "weight":
-                    w.add_(pair.delta(w.shape, w.device), alpha=s)
+                    pair.add_to(w, s)
                 else:
                     w.add_(pair.bias.to(device=w.device, dtype=torch.float32), alpha=s * pair.scale)
             p.data.copy_(w)

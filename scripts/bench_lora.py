@@ -58,6 +58,13 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
+def _anon_gib() -> float:
+    """Anonymous resident memory now (RssAnon): what the process holds beyond file pages, which a
+    memory-mapped checkpoint's untouched weights are (peak RSS counts those too)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:"))) / 2**20
+
+
 def measure(lib: str, work: Path, lora: Path, dtype):
     t0 = time.perf_counter()
     out = {}
@@ -70,6 +77,7 @@ def measure(lib: str, work: Path, lora: Path, dtype):
         before = w.detach().clone()
         out["load_lora_s"] = _timed(lambda: minsdxl.load_lora_weights(m, lora, adapter_name="x"))
         out["ready_s"] = out["load_lora_s"]  # merged: full speed from here
+        out["anon_gib"] = _anon_gib()
         out["reweight_s"] = _timed(lambda: minsdxl.set_adapters(m, "x", 0.5))
         out["unload_s"] = _timed(lambda: minsdxl.unload_lora_weights(m))
         w = m.unet.mid_block.attentions[0].transformer_blocks[0].attn1.to_q.weight
@@ -87,6 +95,7 @@ def measure(lib: str, work: Path, lora: Path, dtype):
         out["reweight_s"] = _timed(lambda: p.set_adapters(["x"], [0.5]))
         out["fuse_s"] = _timed(lambda: p.fuse_lora(lora_scale=1.0))
         out["ready_s"] = out["load_lora_s"] + out["fuse_s"]
+        out["anon_gib"] = _anon_gib()
         out["unload_s"] = _timed(lambda: (p.unfuse_lora(), p.unload_lora_weights()))
         w = p.unet.mid_block.attentions[0].transformer_blocks[0].attn1.to_q
         out["exact_unload"] = bool(torch.equal(getattr(w, "base_layer", w).weight, before))
@@ -119,6 +128,7 @@ def main():
         "reweight_s",
         "unload_s",
         "exact_unload",
+        "anon_gib",
         "peak_rss_gib",
     )
     print(f"{'library':9} " + " ".join(f"{c:>13}" for c in cols))
@@ -132,6 +142,7 @@ def main():
         cells = [f"{r[c]:13.2f}" if isinstance(r.get(c), float) else f"{str(r.get(c, '-')):>13}" for c in cols]
         print(f"{lib:9} " + " ".join(cells), flush=True)
     print("ready_s: LoRA applied and the model at full speed (diffusers: load + fuse_lora; minsdxl merges on load)")
+    print("anon_gib: anonymous memory once ready; peak_rss_gib also counts memory-mapped file pages")
 
 
 if __name__ == "__main__":

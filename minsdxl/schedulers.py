@@ -476,6 +476,64 @@ class DDIM(Scheduler):
         return self._sqrt_a_prev[i] * x0 + self._dir[i] * eps
 
 
+class LCM(DDIM):
+    """Latent Consistency Model sampling (= diffusers LCMScheduler), for LCM-LoRA and LCM-distilled UNets:
+    each step maps x_t to the consistency function's output, c_skip * x_t + c_out * x0 (x0 as in DDIM),
+    and, but on the last step of the schedule, noises it afresh to the next timestep. The timesteps are
+    `num_inference_steps` evenly spaced indices into the distillation schedule of original_inference_steps
+    (50: 999, 979, ..., 19); timestep_spacing does not apply."""
+
+    name = "lcm"
+    custom = ("timesteps",)
+    defaults = dict(
+        original_inference_steps=50,
+        clip_sample=False,
+        clip_sample_range=1.0,
+        set_alpha_to_one=True,
+        timestep_scaling=10.0,
+        timestep_spacing="leading",
+    )
+
+    def _spaced_timesteps(self, n):
+        T, steps = self.config["num_train_timesteps"], self.config["original_inference_steps"]
+        if n > steps:
+            raise ValueError(
+                f"the lcm scheduler runs at most original_inference_steps={steps} steps (a subset of the schedule "
+                f"it was distilled on), got num_inference_steps={n}; LCM needs only 2-8"
+            )
+        origin = (np.arange(1, steps + 1) * (T // steps) - 1)[::-1]
+        return origin[np.floor(np.linspace(0, steps, num=n, endpoint=False)).astype(np.int64)].astype(np.float32)
+
+    def _schedule(self, timesteps, n):
+        if np.any(np.diff(timesteps) >= 0):
+            raise ValueError(f"lcm timesteps must be in descending order, got {timesteps.tolist()}")
+        return super()._schedule(timesteps, n)
+
+    def _precompute(self):
+        super()._precompute()
+        t = self.timesteps.long()
+        a = self.alphas_cumprod[t]
+        # = LCMScheduler.step: the next timestep's ᾱ (the last step's own: it adds no noise), all float32
+        self._a, self._a_next = a, torch.cat([a[1:], a[-1:]])
+        scaled = t * self.config["timestep_scaling"]  # = get_scalings_for_boundary_condition_discrete
+        self._c_skip = 0.25 / (scaled**2 + 0.25)  # sigma_data = 0.5
+        self._c_out = scaled / (scaled**2 + 0.25) ** 0.5
+
+    def step(self, eps, t, x, generator=None):
+        i = self._index(t)
+        self.step_index += 1
+        a, a_next = self._a[i], self._a_next[i]
+        b, b_next = 1 - a, 1 - a_next
+        x0 = a.sqrt() * x - b.sqrt() * eps if self.v_prediction else (x - b.sqrt() * eps) / a.sqrt()
+        if self.config["clip_sample"]:
+            r = self.config["clip_sample_range"]
+            x0 = x0.clamp(-r, r)
+        denoised = self._c_out[i] * x0 + self._c_skip[i] * x
+        if i == self.num_inference_steps - 1:  # = diffusers: by the step counter, not the end of a cut run
+            return denoised
+        return a_next.sqrt() * denoised + b_next.sqrt() * randn(eps.shape, generator, eps.device, denoised.dtype)
+
+
 class DPMSolverMultistep(Scheduler):
     """DPM-Solver++ 2M, midpoint (= diffusers DPMSolverMultistepScheduler, solver_order 2): a 2nd-order
     multistep update on x0-predictions, 1st order at the first step after a (re)start and at the end as
@@ -670,6 +728,7 @@ SCHEDULERS = {
     "dpmpp_2m_sde_karras": (DPMSolverMultistep, {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
     "heun": (HeunDiscrete, {}),
     "unipc": (UniPCMultistep, {}),
+    "lcm": (LCM, {}),
 }
 A1111_NAMES = {
     "Euler": "euler",
@@ -681,6 +740,7 @@ A1111_NAMES = {
     "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
     "Heun": "heun",
     "UniPC": "unipc",
+    "LCM": "lcm",
 }
 DIFFUSERS_CLASSES = {
     "EulerDiscreteScheduler": EulerDiscrete,
@@ -689,6 +749,7 @@ DIFFUSERS_CLASSES = {
     "DPMSolverMultistepScheduler": DPMSolverMultistep,
     "HeunDiscreteScheduler": HeunDiscrete,
     "UniPCMultistepScheduler": UniPCMultistep,
+    "LCMScheduler": LCM,
 }
 _ALIASES = {**{k: k for k in SCHEDULERS}, **{k.lower(): v for k, v in A1111_NAMES.items()}}
 

@@ -38,6 +38,7 @@ def _with_scheduler(pipe, name):
         "dpmpp_2m_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True),
         "heun": lambda: diffusers.HeunDiscreteScheduler.from_config(cfg),
         "unipc": lambda: diffusers.UniPCMultistepScheduler.from_config(cfg),
+        "lcm": lambda: diffusers.LCMScheduler.from_config(cfg),
         "dpmpp_2m_sde_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(
             cfg, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"
         ),
@@ -119,7 +120,8 @@ def test_text2img(models, case):
 
 
 @pytest.mark.parametrize(
-    "scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun", "unipc"]
+    "scheduler",
+    ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun", "unipc", "lcm"],
 )
 def test_text2img_every_scheduler(models, scheduler):
     pipe, model = models["base"]

@@ -764,10 +764,86 @@ def _peak_memory(device: str) -> str:
 
 
 def info(args) -> int:
-    """Print what a checkpoint is; exit 1 when a component would not load."""
-    report = describe_checkpoint(checkpoint.resolve(args.path), args.config)
+    """Print what a checkpoint (or a LoRA) is; exit 1 when a component would not load (the LoRA fits no SDXL)."""
+    path = checkpoint.resolve(args.path)
+    if _is_lora(path):
+        report = describe_lora(path)
+        print(json.dumps(report, indent=2) if args.json else _format_lora(report))
+        return 0 if any(f["fits"] for f in report["models"].values()) else 1
+    report = describe_checkpoint(path, args.config)
     print(json.dumps(report, indent=2) if args.json else _format_info(report))
     return 1 if any(c.get("problem") for c in report["components"].values()) else 0
+
+
+def _is_lora(path: Path) -> bool:
+    if not path.is_file() or path.suffix != ".safetensors":
+        return False
+    keys = checkpoint.read_safetensors(path)
+    return bool(keys) and all(re.search(r"(lora|\.alpha$|dora_scale|hada_|lokr_)", k) for k in keys)
+
+
+def describe_lora(path) -> dict:
+    """A LoRA file: key format, layers and ranks per component, alphas, and whether it fits an SDXL base and
+    an SDXL refiner (checked as load_lora_weights would, against models built on the meta device)."""
+    import warnings
+
+    from minsdxl import lora
+    from minsdxl.config import TEXT_PRESETS, UNET_PRESETS
+    from minsdxl.text_encoder import CLIPTextModel, CLIPTextModelWithProjection
+    from minsdxl.unet import UNet2DConditionModel
+
+    keys = list(checkpoint.read_safetensors(path))
+    kohya = [k for k in keys if k.startswith(("lora_unet_", "lora_te"))]
+    sgm = any(re.match(r"lora_unet_(input|middle|output)_block", k) for k in kohya)
+    layout = "kohya (sgm UNet names)" if sgm else "kohya (diffusers UNet names)" if kohya else "diffusers"
+    report = {"path": str(path), "layout": layout, "tensors": len(keys), "metadata": bool(lora._metadata(path))}
+    report["models"] = {}
+    for kind in ("base", "refiner"):
+        with torch.device("meta"):
+            model = checkpoint.SDXL(
+                unet=UNet2DConditionModel(UNET_PRESETS[kind]),
+                text_encoder=CLIPTextModel(TEXT_PRESETS["clip_l"]) if kind == "base" else None,
+                text_encoder_2=CLIPTextModelWithProjection(TEXT_PRESETS["bigg"]),
+                kind=kind,
+            )
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pairs = lora.read_lora(model, path)
+        except checkpoint.CheckpointError as e:
+            report["models"][kind] = {"fits": False, "problem": str(e).removeprefix(f"{path}: ")}
+            continue
+        layers = {}
+        for (comp, _), pair in pairs.items():
+            c = layers.setdefault(comp, {"layers": 0, "ranks": set(), "alphas": set()})
+            c["layers"] += 1
+            c["ranks"].add(pair.down.shape[0])
+            c["alphas"].add(pair.alpha)
+        report["models"][kind] = {
+            "fits": True,
+            "components": {
+                c: {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()} for c, d in layers.items()
+            },
+            "notes": [str(w.message).removeprefix(f"{path} ") for w in caught],
+        }
+    return report
+
+
+def _format_lora(r: dict) -> str:
+    lines = [
+        f"{r['path']}: LoRA, {r['layout']} keys, {r['tensors']} tensors"
+        + (", with diffusers metadata" if r["metadata"] else "")
+    ]
+    for kind, m in r["models"].items():
+        if not m["fits"]:
+            lines.append(f"  SDXL {kind}: does not fit: {m['problem']}")
+            continue
+        lines.append(f"  SDXL {kind}: fits")
+        for comp, c in m["components"].items():
+            ranks, alphas = ", ".join(map(str, c["ranks"])), ", ".join(f"{a:g}" for a in c["alphas"])
+            lines.append(f"    {comp:<16}{c['layers']:>5} layers, rank {ranks}, alpha {alphas}")
+        lines += [f"    note: {n}" for n in m["notes"]]
+    return "\n".join(lines)
 
 
 def _meta_builders():

@@ -238,8 +238,9 @@ def read_lora(model, lora, weight_name: str | None = None) -> dict:
             parts.setdefault((comp, module), {})[part] = t
     if unknown:
         raise CheckpointError(
-            f"{where}: {len(unknown)} key(s) name no layer of this SDXL model, e.g. {unknown[:3]}. It is not an "
-            "SDXL LoRA (an SD 1.x / Flux LoRA cannot be used), or not a LoRA at all"
+            f"{where}: {len(unknown)} key(s) name no layer of this SDXL {getattr(model, 'kind', '')} model, e.g. "
+            f"{unknown[:3]}. A LoRA fits the model it was trained for (an SDXL base LoRA does not fit the refiner; "
+            "SD 1.x and Flux LoRAs fit no SDXL), or this is not a LoRA at all"
         )
     if not parts:
         raise CheckpointError(f"{where} holds no LoRA weights for this model (no lora_down/up or lora_A/B keys)")

@@ -260,7 +260,7 @@ def test_bad_loras_are_refused_before_any_change(tiny_base, tmp_path):
         (biased, "has a lora_B bias .* but the layer's bias is None"),
         ({**good, k0: good[k0][:, :-1]}, "do not fit its weight .*made for a different model"),
         ({**good, "lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)},
-         "name no layer of this SDXL model"),
+         "name no layer of this SDXL base model"),
         ({k: v for k, v in good.items() if k != k0.replace("down", "up")}, "needs both down and up"),
         ({"lora_unet_input_blocks_4_1_proj_in.hada_w1_a": torch.zeros(4, 4)}, "LoHa"),
         ({"unet.conv_in.lora_magnitude_vector": torch.zeros(4)}, "DoRA"),
@@ -370,3 +370,35 @@ def test_model_moved_to_another_dtype_after_loading(tiny_base):
     assert all(torch.equal(v, merged[k].to(torch.bfloat16)) for k, v in _weights(model).items())
     minsdxl.unload_lora_weights(model)
     assert all(v.dtype == torch.bfloat16 and torch.equal(v, before[k].to(v.dtype)) for k, v in _weights(model).items())
+
+
+def test_info_tells_which_sdxl_a_lora_fits(tmp_path, capsys):
+    # `minsdxl info lora.safetensors`: format, layers / ranks / alphas per component, and whether it fits
+    # the real SDXL base and refiner (names and shapes checked as load_lora_weights would, on meta models)
+    from minsdxl.checkpoint import SDXL
+    from minsdxl.cli import main
+    from minsdxl.config import TEXT_PRESETS, UNET_PRESETS
+    from minsdxl.text_encoder import CLIPTextModel, CLIPTextModelWithProjection
+    from minsdxl.unet import UNet2DConditionModel
+
+    with torch.device("meta"):
+        base = SDXL(
+            unet=UNet2DConditionModel(UNET_PRESETS["base"]),
+            text_encoder=CLIPTextModel(TEXT_PRESETS["clip_l"]),
+            text_encoder_2=CLIPTextModelWithProjection(TEXT_PRESETS["bigg"]),
+        )
+    layers = lora_layers(base, only=lambda n: "attn" in n)
+    path = tmp_path / "sdxl_lora.safetensors"
+    safetensors.torch.save_file(kohya_lora(base, random_lora_pairs(layers, rank=1), alpha=0.5), path)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA, kohya (sgm UNet names) keys" in out and "SDXL base: fits" in out
+    n = {c: sum(1 for cc, _, _ in layers if cc == c) for c in ("unet", "text_encoder", "text_encoder_2")}
+    assert f"unet              {n['unet']:>3} layers, rank 1, 2, alpha 0.5" in out
+    assert f"text_encoder_2    {n['text_encoder_2']:>3} layers" in out
+    assert "SDXL refiner: does not fit" in out and "does not fit the refiner" in out
+    small = tmp_path / "tiny_lora.safetensors"  # made for another model (the tiny one): fits no SDXL, exit 1
+    tiny = minsdxl.load("tiny")
+    safetensors.torch.save_file(kohya_lora(tiny, random_lora_pairs(lora_layers(tiny))), small)
+    assert main(["info", str(small), "--json"]) == 1
+    assert not any(m["fits"] for m in json.loads(capsys.readouterr().out)["models"].values())

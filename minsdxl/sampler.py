@@ -166,7 +166,7 @@ def _scheduler(model, a) -> Scheduler:
     name = a["scheduler"]
     if not isinstance(name, Scheduler):
         name = make_scheduler(name if name is not None else getattr(model, "scheduler", None), model.scheduler_config)
-    if a["eta"] and isinstance(name, DDIM):
+    if a["eta"] and type(name) is DDIM:  # the other schedulers' steps take no eta: ignored, as in diffusers
         raise ValueError("eta > 0 (stochastic DDIM) is not supported; use eta=0.0 or the 'euler_a' scheduler")
     # = retrieve_timesteps: custom timesteps or sigmas replace num_inference_steps (their count is the steps)
     custom = a["timesteps"] is not None or a["sigmas"] is not None

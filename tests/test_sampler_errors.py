@@ -43,6 +43,8 @@ MASK = PIL.Image.new("L", (64, 64), 255)
         (dict(prompt=3), r"prompt"),
         (dict(latents=torch.zeros(1, 4, 5, 5)), r"latents have shape \(1, 4, 5, 5\); this call needs \(1, 4, 8, 8\)"),
         (dict(generator=torch.Generator(), seed=1), r"either generator= or seed="),
+        (dict(scheduler="ddim", eta=0.5), r"eta > 0 \(stochastic DDIM\) is not supported"),
+        (dict(cross_attention_kwargs={"scale": 0.5, "ip_adapter_masks": 1}), r"\['ip_adapter_masks'\] are not"),
     ],
 )
 def test_text2img_errors(base, monkeypatch, kwargs, match):
@@ -50,6 +52,13 @@ def test_text2img_errors(base, monkeypatch, kwargs, match):
     kw = {"prompt": "a cat", "height": 64, "width": 64, "progress": False, **kwargs}
     with pytest.raises((ValueError, TypeError), match=match):
         minsdxl.text2img(base, **kw)
+
+
+def test_eta_only_matters_to_ddim(base):
+    # = diffusers' prepare_extra_step_kwargs: eta reaches only schedulers whose step takes it; LCM's does not
+    kw = dict(prompt="a cat", height=64, width=64, num_inference_steps=2, scheduler="lcm", output_type="latent")
+    with_eta = minsdxl.text2img(base, **kw, eta=0.5, seed=0, progress=False)
+    assert torch.equal(with_eta, minsdxl.text2img(base, **kw, seed=0, progress=False))
 
 
 @pytest.mark.parametrize(

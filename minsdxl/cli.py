@@ -59,6 +59,7 @@ API_KWARGS = {
     "aesthetic_score": "aesthetic_score",
     "negative_aesthetic_score": "negative_aesthetic_score",
     "clip_skip": "clip_skip",
+    "eta": "eta",
 }
 # flags that say where and how a run runs, not what it makes: not stored for --from-png (a PNG made
 # on a GPU replays on a CPU), and ignored where an older file stored them
@@ -201,6 +202,8 @@ def build_parser():
     add("--sampler",                               default=None,      help=f"{', '.join(SCHEDULERS)} or A1111's "
                                                    f"{', '.join(A1111_NAMES)} (default: the model's)")
     add("--strength",                  type=float, default=None,      help="img2img/inpaint: how much to change")
+    add("--eta",                       type=float, default=None,      help="--sampler tcd: its gamma in [0, 1] "
+                                                                           "(0.3 is TCD's usual)")
     add("-i", "--init-image",                      default=None,      help="start from this image (img2img)")
     add("--mask",                                  default=None,      help="with -i: repaint its white part")
     add("--mask-padding", metavar="N", type=int,   default=None,      help="inpaint only the box around the mask, "
@@ -715,6 +718,7 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
         "VAE hash": about["vae"]["hash"] if about["vae"] else None,
         "VAE": Path(args.vae).stem if args.vae else None,
         "Denoising strength": records[0].get("strength"),
+        "Eta": args.eta or None,  # = A1111: written when not the default
         # = A1111's extra_generation_params["Lora hashes"] (its <lora:name:w> lives in the prompt text)
         "Lora hashes": ", ".join(f"{x['name']}: {x['hash']}" for x in about["loras"]) or None,
         "Inpaint area": "Only masked" if args.mask_padding is not None else None,

@@ -49,6 +49,7 @@ class _Run:
     mask: torch.Tensor | None = None  # 9-channel UNet extra input (CFG-doubled)
     masked_image_latents: torch.Tensor | None = None
     blend: tuple | None = None  # 4-channel inpaint: (image_latents, noise, mask)
+    eta: float = 0.0  # for a scheduler whose step takes it (TCD)
 
     @property
     def cfg(self) -> bool:
@@ -91,7 +92,7 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
             eps = uncond + run.guidance_scale * (text - uncond)
             if run.guidance_rescale > 0.0:
                 eps = rescale_noise_cfg(eps, text, run.guidance_rescale)
-        x = s.step(eps, t, x, generator=run.generator)
+        x = s.step(eps, t, x, generator=run.generator, **({"eta": run.eta} if s.takes_eta else {}))
         if run.blend is not None:  # = inpaint __call__: keep the unmasked part on the image's noisy path
             image_latents, noise, mask = run.blend
             known = s.add_noise(image_latents, noise, run.timesteps[i + 1]) if i < n - 1 else image_latents
@@ -264,6 +265,7 @@ class _Setup:
             a["guidance_scale"],
             a["guidance_rescale"],
             self.generator,
+            eta=a["eta"],
         )
 
 

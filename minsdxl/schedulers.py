@@ -152,6 +152,7 @@ class Scheduler:
     extra_point = 0  # DPM-Solver spaces N+1 points and drops the last
     custom: tuple = ()  # which custom schedules this diffusers class's set_timesteps takes
     integer_timesteps = False  # DDIM and DPM-Solver round "linspace" timesteps to integers
+    takes_eta = False  # step(..., eta=): the pipelines pass their eta to such a step (prepare_extra_step_kwargs)
 
     def __init__(self, config: dict | None = None):
         cfg = {**_COMMON_DEFAULTS, **self.defaults, **(config or SDXL_SCHEDULER_CONFIG), **self.forced}
@@ -534,6 +535,35 @@ class LCM(DDIM):
         return a_next.sqrt() * denoised + b_next.sqrt() * randn(eps.shape, generator, eps.device, denoised.dtype)
 
 
+class TCD(LCM):
+    """Trajectory Consistency Distillation sampling (= diffusers TCDScheduler), for TCD-LoRA / Hyper-SD: from
+    x_t, the model's x0 and ε give the sample at the earlier timestep s = floor((1 - eta) * t_next); for
+    eta > 0 (TCD's gamma; a pipeline call's eta=, 0 by default) that is noised forward to t_next, but on the
+    schedule's last step. Timesteps as LCM's."""
+
+    name = "tcd"
+    takes_eta = True
+
+    def step(self, eps, t, x, generator=None, eta=0.3):  # = TCDScheduler.step's default eta
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta (TCD's gamma) must be in [0, 1], got {eta!r}")
+        i = self._index(t)
+        self.step_index += 1
+        ac, ts = self.alphas_cumprod, self.timesteps.long()
+        t_next = ts[i + 1] if i + 1 < len(ts) else torch.tensor(0)
+        a, a_next, a_s = ac[ts[i]], ac[t_next], ac[torch.floor((1 - eta) * t_next).long()]
+        b, b_s = 1 - a, 1 - a_s
+        if self.v_prediction:  # ** 0.5 here, .sqrt() below, as TCDScheduler.step writes them
+            x0, eps = a**0.5 * x - b**0.5 * eps, a**0.5 * eps + b**0.5 * x
+        else:
+            x0 = (x - b.sqrt() * eps) / a.sqrt()
+        noised = a_s.sqrt() * x0 + b_s.sqrt() * eps
+        if eta == 0 or i == self.num_inference_steps - 1:
+            return noised
+        noise = randn(eps.shape, generator, eps.device, noised.dtype)
+        return (a_next / a_s).sqrt() * noised + (1 - a_next / a_s).sqrt() * noise
+
+
 class DPMSolverMultistep(Scheduler):
     """DPM-Solver++ 2M, midpoint (= diffusers DPMSolverMultistepScheduler, solver_order 2): a 2nd-order
     multistep update on x0-predictions, 1st order at the first step after a (re)start and at the end as
@@ -729,6 +759,7 @@ SCHEDULERS = {
     "heun": (HeunDiscrete, {}),
     "unipc": (UniPCMultistep, {}),
     "lcm": (LCM, {}),
+    "tcd": (TCD, {}),
 }
 A1111_NAMES = {
     "Euler": "euler",
@@ -741,6 +772,7 @@ A1111_NAMES = {
     "Heun": "heun",
     "UniPC": "unipc",
     "LCM": "lcm",
+    "TCD": "tcd",
 }
 DIFFUSERS_CLASSES = {
     "EulerDiscreteScheduler": EulerDiscrete,
@@ -750,6 +782,7 @@ DIFFUSERS_CLASSES = {
     "HeunDiscreteScheduler": HeunDiscrete,
     "UniPCMultistepScheduler": UniPCMultistep,
     "LCMScheduler": LCM,
+    "TCDScheduler": TCD,
 }
 _ALIASES = {**{k: k for k in SCHEDULERS}, **{k.lower(): v for k, v in A1111_NAMES.items()}}
 

@@ -172,9 +172,9 @@ def runs(paths, tmp_path_factory):
                 + ["-o", "lora.png", "-q"],
                 dirs["lora"],
             ),
-            "tiled": (  # the tiny VAE's tiles are 64 px: a 96 px wide image is decoded in 2 x 1 tiles
+            "tiled": (  # the tiny VAE's tiles are 64 px: a 96 px wide image is decoded in 2 x 1 tiles; TCD, eta
                 ["minsdxl", "-p", "a cat", "--model", p["base"], "-W", "96", "-H", "64", "--steps", "2", "-s", "8"]
-                + ["--vae-tiling", "-o", "tiled.png", "-q"],
+                + ["--vae-tiling", "--sampler", "tcd", "--eta", "0.3", "-o", "tiled.png", "-q"],
                 dirs["lora"],
             ),
         },
@@ -324,15 +324,18 @@ def test_lora_flags_metadata_and_from_png(runs, api, paths):
     assert np.array_equal(_pixels(folder / "again.png"), _pixels(folder / "lora.png"))
 
 
-def test_vae_tiling_flag(runs, paths):
+def test_vae_tiling_and_eta_flags(runs, paths):
     _ok(runs["tiled"])
     model = minsdxl.load(paths["base"])
     kw = dict(prompt="a cat", width=96, height=64, num_inference_steps=2, seed=8, progress=False)
+    kw |= dict(scheduler="tcd", eta=0.3)
     model.vae.enable_tiling()
     _same(runs["dirs"]["lora"] / "tiled.png", tiled := minsdxl.text2img(model, **kw)[0])
     model.vae.disable_tiling()
     assert not np.array_equal(np.asarray(tiled), np.asarray(minsdxl.text2img(model, **kw)[0]))
-    assert read_png_metadata(runs["dirs"]["lora"] / "tiled.png")["minsdxl"]["args"]["vae_tiling"] is True
+    meta = read_png_metadata(runs["dirs"]["lora"] / "tiled.png")
+    assert meta["minsdxl"]["args"]["vae_tiling"] is True
+    assert {"Sampler": "TCD", "Eta": "0.3"}.items() <= meta["infotext"].items()
 
 
 def test_img2img_then_img2img_refiner(runs, api, paths):

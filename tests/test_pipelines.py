@@ -39,6 +39,7 @@ def _with_scheduler(pipe, name):
         "heun": lambda: diffusers.HeunDiscreteScheduler.from_config(cfg),
         "unipc": lambda: diffusers.UniPCMultistepScheduler.from_config(cfg),
         "lcm": lambda: diffusers.LCMScheduler.from_config(cfg),
+        "tcd": lambda: diffusers.TCDScheduler.from_config(cfg),
         "dpmpp_2m_sde_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(
             cfg, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"
         ),
@@ -121,13 +122,22 @@ def test_text2img(models, case):
 
 @pytest.mark.parametrize(
     "scheduler",
-    ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun", "unipc", "lcm"],
+    ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun", "unipc", "lcm", "tcd"],
 )
 def test_text2img_every_scheduler(models, scheduler):
     pipe, model = models["base"]
     _assert_close(
         *_run_both(pipe, model, minsdxl.text2img, scheduler=scheduler, prompt="a cat", num_inference_steps=4, **SIZE)
     )
+
+
+def test_tcd_takes_the_calls_eta(models):
+    # = prepare_extra_step_kwargs: a pipeline passes its eta to TCD's step (its gamma; 0 by default)
+    pipe, model = models["base"]
+    kw = dict(scheduler="tcd", prompt="a cat", num_inference_steps=4, **SIZE)
+    ref, got = _run_both(pipe, model, minsdxl.text2img, eta=0.3, **kw)
+    _assert_close(ref, got)
+    assert rel_err(got, _run_both(pipe, model, minsdxl.text2img, **kw)[1]) > 1e-3  # eta changed the path
 
 
 def test_text2img_images_and_seed(models):

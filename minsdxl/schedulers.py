@@ -434,6 +434,62 @@ class HeunDiscrete(EulerDiscrete):
         return start + (first_slope + slope) / 2 * dt
 
 
+class KDPM2(HeunDiscrete):
+    """DPM-Solver-2, "DPM2" (= diffusers KDPM2DiscreteScheduler): every step but the last is an Euler step to
+    the geometric midpoint σ_mid = sqrt(σ_i σ_{i+1}), then the whole step with the slope found there; the UNet
+    runs at t0, t_mid1, t1, t_mid2, ..., t_{N-1} (2N-1 calls); the last step is Euler's to σ = 0."""
+
+    name = "dpm2"
+    custom = ()
+    defaults = dict(use_karras_sigmas=False)
+    forced = dict(final_sigmas_type="zero")
+    fixed = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
+
+    def __init__(self, config: dict | None = None):
+        super().__init__(config)
+        self.name = "dpm2" + "_karras" * self.karras
+
+    def _schedule(self, timesteps, n):
+        interp = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
+        t, sigmas = self._sigma_schedule(timesteps, n, (interp[-1], interp[0]), round_t=True)
+        s = torch.from_numpy(sigmas.astype(np.float32))
+        mid = s.log().lerp(s.roll(1).log(), 0.5).exp()  # = set_timesteps' sigmas_interpol, float32 (mid[0] = 0)
+        # one 0-d float32 tensor at a time against float32 torch log σ, as set_timesteps calls _sigma_to_t:
+        # numpy then computes in float32 where a float64 array would round differently (1 ulp of t)
+        log_train = torch.from_numpy(np.log(self.train_sigmas))
+        t_mid = np.array([np.asarray(_sigma_to_t(m, log_train)).item() for m in mid])
+        self._mid = torch.cat([mid[:1], mid[1:].repeat_interleave(2), mid[-1:]])
+        # = set_timesteps: t0, then each midpoint's timestep before its step's own; σ (final 0 too) doubled
+        timesteps = np.concatenate([t[:1], np.stack([t_mid[1:-1], t[1:]], axis=-1).reshape(-1)])
+        return timesteps, torch.cat([s[:1], s[1:].repeat_interleave(2), s[-1:]]).numpy()
+
+    def _precompute(self):
+        super()._precompute()
+        self._mid_scale = (self._mid**2 + 1) ** 0.5
+
+    def scale_model_input(self, x, t=None):
+        i = self._index(t)
+        return x / (self._in_scale[i] if self._first is None else self._mid_scale[i])
+
+    def step(self, eps, t, x, generator=None):
+        i = self._index(t)
+        self.step_index += 1
+        first = self._first is None
+        # = KDPM2DiscreteScheduler.step: (σ, σ_mid, σ_next) of this step, read from either half's index
+        sigma, mid, nxt = (
+            (self._sigma[i], self._mid[i + 1], self._sigma[i + 1])
+            if first
+            else (self._sigma[i - 1], self._mid[i], self._sigma[i])
+        )
+        s_in = sigma if first else mid  # the σ the UNet saw
+        x0 = eps * (-s_in / (s_in**2 + 1) ** 0.5) + x / (s_in**2 + 1) if self.v_prediction else x - s_in * eps
+        if first:  # to the midpoint; the last step is only this, to σ_mid = 0
+            self._first = x
+            return x + (x - x0) / sigma * (mid - sigma)
+        start, self._first = self._first, None
+        return start + (x - x0) / mid * (nxt - sigma)
+
+
 class DDIM(Scheduler):
     """Deterministic DDIM, eta=0 (= diffusers DDIMScheduler as SDXL pipelines call it)."""
 
@@ -757,6 +813,8 @@ SCHEDULERS = {
     "dpmpp_2m_sde": (DPMSolverMultistep, {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"}),
     "dpmpp_2m_sde_karras": (DPMSolverMultistep, {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
     "heun": (HeunDiscrete, {}),
+    "dpm2": (KDPM2, {"use_karras_sigmas": False}),
+    "dpm2_karras": (KDPM2, {"use_karras_sigmas": True}),
     "unipc": (UniPCMultistep, {}),
     "lcm": (LCM, {}),
     "tcd": (TCD, {}),
@@ -770,6 +828,8 @@ A1111_NAMES = {
     "DPM++ 2M SDE": "dpmpp_2m_sde",
     "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
     "Heun": "heun",
+    "DPM2": "dpm2",
+    "DPM2 Karras": "dpm2_karras",
     "UniPC": "unipc",
     "LCM": "lcm",
     "TCD": "tcd",
@@ -780,6 +840,7 @@ DIFFUSERS_CLASSES = {
     "DDIMScheduler": DDIM,
     "DPMSolverMultistepScheduler": DPMSolverMultistep,
     "HeunDiscreteScheduler": HeunDiscrete,
+    "KDPM2DiscreteScheduler": KDPM2,
     "UniPCMultistepScheduler": UniPCMultistep,
     "LCMScheduler": LCM,
     "TCDScheduler": TCD,

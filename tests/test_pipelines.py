@@ -38,6 +38,7 @@ def _with_scheduler(pipe, name):
         "dpmpp_2m_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True),
         "heun": lambda: diffusers.HeunDiscreteScheduler.from_config(cfg),
         "unipc": lambda: diffusers.UniPCMultistepScheduler.from_config(cfg),
+        "dpm2_karras": lambda: diffusers.KDPM2DiscreteScheduler.from_config(cfg, use_karras_sigmas=True),
         "lcm": lambda: diffusers.LCMScheduler.from_config(cfg),
         "tcd": lambda: diffusers.TCDScheduler.from_config(cfg),
         "dpmpp_2m_sde_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(
@@ -122,7 +123,19 @@ def test_text2img(models, case):
 
 @pytest.mark.parametrize(
     "scheduler",
-    ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun", "unipc", "lcm", "tcd"],
+    [
+        "euler",
+        "euler_a",
+        "ddim",
+        "dpmpp_2m",
+        "dpmpp_2m_karras",
+        "dpmpp_2m_sde_karras",
+        "heun",
+        "unipc",
+        "dpm2_karras",
+        "lcm",
+        "tcd",
+    ],
 )
 def test_text2img_every_scheduler(models, scheduler):
     pipe, model = models["base"]

@@ -501,7 +501,7 @@ def _load(args, auto_dtype=False):
         minsdxl.set_adapters(base, names, [w for _, w in specs])
         _log(args, f"merged {len(names)} LoRA(s) into the base in {time.perf_counter() - t:.1f} s")
     if args.lora:  # absolute, for --from-png
-        args.lora = [f"{Path(p).resolve()}:{w:g}" for p, w in map(_lora_spec, args.lora)]
+        args.lora = [f"{Path(p).resolve()}:{w!r}" for p, w in map(_lora_spec, args.lora)]  # exact on replay
     refiner = None
     if args.refiner:
         t = time.perf_counter()

@@ -23,6 +23,7 @@ and CUDA graphs keep their addresses). Unloading puts the original back.
 """
 
 import json
+import os
 import re
 import struct
 import warnings
@@ -190,19 +191,39 @@ def _split(key: str):
     return None
 
 
+def _lora_file(path: Path, weight_name: str | None) -> Path:
+    """= diffusers' lora_state_dict for local paths: a file as it is (weight_name unused); in a folder,
+    weight_name, else its pytorch_lora_weights.safetensors, else its one .safetensors (_best_guess_weight_name;
+    where diffusers would pick the first of several in directory order, minsdxl asks for weight_name)."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"no LoRA file at {path}; pass the path of a .safetensors LoRA (or its folder)")
+    if weight_name is not None:
+        if not (path / weight_name).is_file():
+            raise CheckpointError(f"no {weight_name} in {path}; its files: {sorted(os.listdir(path))}")
+        return path / weight_name
+    files = sorted(
+        f
+        for f in os.listdir(path)
+        if f.endswith(".safetensors") and not any(s in f for s in ("scheduler", "optimizer", "checkpoint"))
+    )
+    files = [f for f in files if f.endswith("pytorch_lora_weights.safetensors")] or files
+    if len(files) != 1:
+        which = f"several .safetensors files {files}" if files else "no .safetensors LoRA"
+        raise CheckpointError(f"{path} holds {which}: pass the file itself, or weight_name=")
+    return path / files[0]
+
+
 def read_lora(model, lora, weight_name: str | None = None) -> dict:
     """A LoRA file, a folder holding one (weight_name, default diffusers' pytorch_lora_weights.safetensors)
     or a state dict -> {(component, module): Pair}, every name and shape checked against `model` before
     anything changes."""
-    if not isinstance(lora, dict) and (Path(lora).is_dir() or weight_name is not None):
-        lora = Path(lora) / (weight_name or "pytorch_lora_weights.safetensors")  # = diffusers' lora_state_dict
-    where = "the LoRA state dict" if isinstance(lora, dict) else str(lora)
     if isinstance(lora, dict):
-        sd, meta = dict(lora), {}
+        where, sd, meta = "the LoRA state dict", dict(lora), {}
     else:
-        if not Path(lora).is_file():
-            raise CheckpointError(f"no LoRA file at {lora}; pass the path of a .safetensors LoRA")
-        sd, meta = read_state_dict(lora), _metadata(lora)
+        lora = _lora_file(Path(lora), weight_name)
+        where, sd, meta = str(lora), read_state_dict(lora), _metadata(lora)
     for key in sd:
         for mark, what in _UNSUPPORTED.items():
             if re.search(mark, key):
@@ -248,9 +269,13 @@ def read_lora(model, lora, weight_name: str | None = None) -> dict:
     for (comp, module), p in parts.items():
         if "down" not in p or "up" not in p:
             raise CheckpointError(f"{where}: {comp}.{module} has {sorted(p)} but needs both down and up weights")
+        bad = {k: type(t).__name__ for k, t in p.items() if not isinstance(t, torch.Tensor)}
+        if bad or p.get("alpha", torch.ones(1)).numel() != 1:
+            what = f"non-tensor values {bad}" if bad else f"an alpha of shape {tuple(p['alpha'].shape)}"
+            raise CheckpointError(f"{where}: {comp}.{module} has {what}; the file is damaged or not a LoRA")
         down, up, w = p["down"], p["up"], layers[(comp, module)][0].weight
-        r = down.shape[0]
-        ok = up.ndim == down.ndim == w.ndim and up.shape[1] == r and up.shape[0] == w.shape[0]
+        r = down.shape[0] if down.ndim else 0
+        ok = up.ndim == down.ndim == w.ndim and r > 0 and up.shape[1] == r and up.shape[0] == w.shape[0]
         ok = ok and down.shape[1] == w.shape[1] and down.shape[2:] == w.shape[2:] and up.shape[2:] in ((), (1, 1))
         if not ok:
             raise CheckpointError(
@@ -275,11 +300,12 @@ def read_lora(model, lora, weight_name: str | None = None) -> dict:
 
 
 @torch.no_grad()
-def _merge(model, keys, multiplier: float = 1.0) -> None:
+def _merge(model, keys, multiplier: float = 1.0, state: LoRAs | None = None) -> None:
     """Recompute the layers `keys` = {(component, module)} from their originals: W0 + sum over the
     active adapters of multiplier * weight * delta (and the same for a bias a LoRA adapts). A layer no
-    adapter touches any more gets its original tensor back."""
-    state, layers = _state(model), _layers(model)
+    adapter touches any more gets its original tensor back. `state`: the adapters' owner (default: the
+    model's own; another model's for a module shared with it)."""
+    state, layers = state or _state(model), _layers(model)
     for comp, module in keys:
         layer = layers[(comp, module)][0]
         using = [a for a in state.adapters.values() if (comp, module) in a.pairs]
@@ -415,11 +441,20 @@ def _enable(model, on: bool) -> None:
 
 
 def delete_adapters(model, adapter_names) -> None:
-    """Remove these adapters; weights they alone touched get their original tensors back."""
+    """Remove these adapters; weights they alone touched get their original tensors back. As in diffusers
+    (PEFT's delete_adapter): when no active adapter is left but others are loaded, the first of those by
+    name becomes active, with a warning; with none left, a disable_lora() is forgotten."""
     state = _state(model)
     keys = set()
     for n in _names(model, adapter_names):
         keys |= set(state.adapters.pop(n).pairs)
+    if state.adapters and not any(a.active for a in state.adapters.values()):
+        first = sorted(state.adapters)[0]
+        warnings.warn(f"the active LoRA adapter was deleted; {first!r} is active now (as in diffusers)", stacklevel=2)
+        state.adapters[first].active = True
+        keys |= set(state.adapters[first].pairs)
+    if not state.adapters:
+        state.enabled = True  # diffusers' disabled flag lives on the adapter layers, which are gone
     _merge(model, keys)
     _claim(model)
 
@@ -434,16 +469,25 @@ def scaled(model, scale, components=ENCODERS):
     """Within the block every active adapter counts `scale` times in `components` (= diffusers' lora_scale:
     a pipeline call's cross_attention_kwargs={"scale": s} for the UNet and text encoders, encode_prompt's
     lora_scale for the text encoders). Costs two merges of the adapted layers; set_adapters() weights
-    are the way to change it for many calls."""
+    are the way to change it for many calls. One deliberate difference: after a call with scale 0, diffusers'
+    unscale_lora_layers sets every active adapter's weight to 1, forgetting set_adapters; here they stay."""
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
         raise TypeError(f"a LoRA scale must be a number, got {scale!r}")
-    state = getattr(model, "lora", None)
-    if scale is None or scale == 1.0 or state is None:
+    if scale is None or scale == 1.0:
         yield
         return
-    keys = {k for a in state.adapters.values() for k in a.pairs if k[0] in components}
-    _merge(model, keys, multiplier=float(scale))
+    # the adapters on these components, whoever loaded them: a refiner loaded with share=base runs the
+    # base's LoRA in the text_encoder_2 they share (diffusers scales that module too)
+    owners = {}
+    for comp in components:
+        state = getattr(getattr(model, comp, None), "_lora_owner", None)
+        if state is not None:
+            keys = owners.setdefault(id(state), (state, set()))[1]
+            keys |= {k for a in state.adapters.values() for k in a.pairs if k[0] == comp}
+    for state, keys in owners.values():
+        _merge(model, keys, multiplier=float(scale), state=state)
     try:
         yield
     finally:
-        _merge(model, keys)
+        for state, keys in owners.values():
+            _merge(model, keys, state=state)

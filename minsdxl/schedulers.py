@@ -563,7 +563,7 @@ class LCM(DDIM):
 
     def _schedule(self, timesteps, n):
         if np.any(np.diff(timesteps) >= 0):
-            raise ValueError(f"lcm timesteps must be in descending order, got {timesteps.tolist()}")
+            raise ValueError(f"{self.name} timesteps must be in descending order, got {timesteps.tolist()}")
         return super()._schedule(timesteps, n)
 
     def _precompute(self):

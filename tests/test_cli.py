@@ -167,7 +167,7 @@ def runs(paths, tmp_path_factory):
             "tiny": (["minsdxl", "-p", TINY_PROMPT, "-s", "3", "-o", "tiny.png", "-q"], dirs["t2i"]),
             "info_tiny": (["minsdxl", "info", "tiny"], dirs["info"]),
             "lora": (
-                ["minsdxl", *T2I_FLAGS, "--model", p["base"], "-s", "4", "--lora", p["lora_style"] + ":0.7"]
+                ["minsdxl", *T2I_FLAGS, "--model", p["base"], "-s", "4", "--lora", p["lora_style"] + ":0.123456789"]
                 + ["-p", T2I["prompt"] + " <lora:detail:1>", "--lora-dir", str(paths["lora_detail"].parent)]
                 + ["-o", "lora.png", "-q"],
                 dirs["lora"],
@@ -302,14 +302,14 @@ def test_from_png_with_moved_single_file_model_and_override(runs, api, paths):
 
 
 def test_lora_flags_metadata_and_from_png(runs, api, paths):
-    # --lora style.safetensors:0.7 and an A1111 / stable-diffusion.cpp prompt tag <lora:detail:1> (taken
-    # out of the prompt's text, found in --lora-dir)
+    # --lora style.safetensors:0.123456789 (stored exactly for --from-png) and an A1111 / stable-diffusion.cpp
+    # prompt tag <lora:detail:1> (taken out of the prompt's text, found in --lora-dir)
     _ok(runs["lora"])
     folder = runs["dirs"]["lora"]
     model = minsdxl.load(paths["base"])
     minsdxl.load_lora_weights(model, paths["lora_style"], adapter_name="style")
     minsdxl.load_lora_weights(model, paths["lora_detail"], adapter_name="detail")
-    minsdxl.set_adapters(model, ["style", "detail"], [0.7, 1.0])
+    minsdxl.set_adapters(model, ["style", "detail"], [0.123456789, 1.0])
     _same(folder / "lora.png", minsdxl.text2img(model, **T2I, seed=4, progress=False)[0])
     plain = np.asarray(minsdxl.text2img(api["base"], **T2I, seed=4, progress=False)[0])
     assert np.abs(_pixels(folder / "lora.png").astype(int) - plain).mean() > 1  # the LoRAs matter
@@ -319,7 +319,11 @@ def test_lora_flags_metadata_and_from_png(runs, api, paths):
     assert meta["infotext"]["Lora hashes"] == f"style: {digest['style'][:10]}, detail: {digest['detail'][:10]}"
     assert meta["infotext"]["Prompt"] == T2I["prompt"] + " <lora:detail:1>"  # as A1111 writes it
     loras = [(x["name"], x["scale"], x["sha256"], x["path"]) for x in meta["minsdxl"]["loras"]]
-    assert loras == [(n, w, digest[n], str(paths[f"lora_{n}"].resolve())) for n, w in (("style", 0.7), ("detail", 1.0))]
+    expected = [
+        (n, w, digest[n], str(paths[f"lora_{n}"].resolve())) for n, w in (("style", 0.123456789), ("detail", 1.0))
+    ]
+    assert loras == expected
+    assert meta["minsdxl"]["args"]["lora"] == [f"{paths['lora_style'].resolve()}:0.123456789"]
     _ok(runs["lora_again"])  # --from-png loads the same LoRAs with the same scales
     assert np.array_equal(_pixels(folder / "again.png"), _pixels(folder / "lora.png"))
 

@@ -37,6 +37,10 @@ def clean(both):
     pipe, model = both
     pipe.unload_lora_weights()
     minsdxl.unload_lora_weights(model)
+    # diffusers' encode_prompt(lora_scale=s) leaves pipe._lora_scale = s, and every later load_lora_weights
+    # scales text-encoder LoRAs by it (lora_pipeline.py: lora_scale=self.lora_scale); minsdxl keeps no such
+    # state. Reset it so one test's call does not change the next test's reference
+    pipe.__dict__.pop("_lora_scale", None)
 
 
 def _run(pipe, model, seed=0, **kw):
@@ -266,12 +270,28 @@ def test_bad_loras_are_refused_before_any_change(tiny_base, tmp_path):
         ({"unet.conv_in.lora_magnitude_vector": torch.zeros(4)}, "DoRA"),
         ({"something.else": torch.zeros(1)}, "name no layer"),
         ({}, "holds no LoRA weights"),
+        ({**good, k0: torch.tensor(1.0)}, "do not fit its weight"),  # 0-dim
+        ({**good, k0: good[k0].tolist()}, r"non-tensor values \{'down': 'list'\}"),
+        ({**good, k0.replace("lora_down.weight", "alpha"): torch.ones(2)}, r"an alpha of shape \(2,\)"),
     ]  # fmt: skip
     for sd, message in cases:
         with pytest.raises(CheckpointError, match=message):
             minsdxl.load_lora_weights(model, sd)
     with pytest.raises(CheckpointError, match="no LoRA file at"):
         minsdxl.load_lora_weights(model, tmp_path / "missing.safetensors")
+    # folders as diffusers reads them: its one .safetensors, whatever its name; weight_name picks among several
+    folder = tmp_path / "lora_folder"
+    folder.mkdir()
+    safetensors.torch.save_file(good, folder / "my_style.safetensors")
+    assert set(minsdxl.lora.read_lora(model, folder)) == set(minsdxl.lora.read_lora(model, good))
+    assert minsdxl.lora.read_lora(model, folder / "my_style.safetensors", weight_name="unused.safetensors")
+    safetensors.torch.save_file(good, folder / "other.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"several .safetensors files \['my_style.safetensors', 'other.safetensors'\]"
+    ):
+        minsdxl.load_lora_weights(model, folder)
+    with pytest.raises(CheckpointError, match="no missing.safetensors in"):
+        minsdxl.load_lora_weights(model, folder, weight_name="missing.safetensors")
     assert all(torch.equal(v, before[k]) for k, v in _weights(model).items())
     assert minsdxl.get_active_adapters(model) == []
     minsdxl.load_lora_weights(model, good, adapter_name="s")
@@ -402,3 +422,52 @@ def test_info_tells_which_sdxl_a_lora_fits(tmp_path, capsys):
     safetensors.torch.save_file(kohya_lora(tiny, random_lora_pairs(lora_layers(tiny))), small)
     assert main(["info", str(small), "--json"]) == 1
     assert not any(m["fits"] for m in json.loads(capsys.readouterr().out)["models"].values())
+
+
+def test_deleting_the_active_adapter_and_unloading_a_disabled_lora_match_diffusers(clean, tmp_path):
+    pipe, model = clean
+    layers = lora_layers(model)
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        safetensors.torch.save_file(
+            kohya_lora(model, random_lora_pairs(layers, seed=seed), alpha=2.0), tmp_path / f"{name}.safetensors"
+        )
+    for name in ("b", "a"):  # "a" is active
+        pipe.load_lora_weights(tmp_path / f"{name}.safetensors", adapter_name=name)
+        minsdxl.load_lora_weights(model, tmp_path / f"{name}.safetensors", adapter_name=name)
+    pipe.delete_adapters("a")  # PEFT: no active adapter left, so the first remaining one by name is
+    with pytest.warns(UserWarning, match="'b' is active now"):
+        minsdxl.delete_adapters(model, "a")
+    assert minsdxl.get_active_adapters(model) == pipe.get_active_adapters() == ["b"]
+    ref, got = _run(pipe, model)
+    assert rel_err(got, ref) <= LATENT_TOL
+    # disable, unload: the next LoRA is on again (diffusers' disabled flag went with the adapter layers)
+    pipe.disable_lora()
+    minsdxl.disable_lora(model)
+    pipe.unload_lora_weights()
+    minsdxl.unload_lora_weights(model)
+    pipe.load_lora_weights(tmp_path / "c.safetensors", adapter_name="c")
+    minsdxl.load_lora_weights(model, tmp_path / "c.safetensors", adapter_name="c")
+    ref2, got2 = _run(pipe, model)
+    assert rel_err(got2, ref2) <= LATENT_TOL and rel_err(ref2, ref) > 0.05
+
+
+def test_refiner_lora_scale_reaches_the_text_encoder_it_shares(tiny_base, tiny_refiner):
+    # a base LoRA on bigG, which a refiner loaded with share=base runs too: encode_prompt(lora_scale=) on the
+    # refiner scales it there as diffusers' scale_lora_layers(self.text_encoder_2) does
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_base[1])
+    ref_refiner = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_refiner[1])
+    ref_refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+        **{**ref_refiner.components, "text_encoder_2": pipe.text_encoder_2}
+    )
+    base = minsdxl.load(tiny_base[1])
+    refiner = minsdxl.load(tiny_refiner[1], share=base)
+    lora = kohya_lora(base, random_lora_pairs(lora_layers(base, only=lambda n: "mlp" in n)), alpha=2.0)
+    lora = {k: v for k, v in lora.items() if k.startswith("lora_te2_")}
+    pipe.load_lora_weights(lora.copy())
+    minsdxl.load_lora_weights(base, lora)
+    for scale in (None, 0.3):
+        ref = ref_refiner.encode_prompt("a cat", negative_prompt="dog", lora_scale=scale)
+        got = minsdxl.encode_prompt(refiner, "a cat", negative_prompt="dog", lora_scale=scale)
+        assert all(rel_err(g, r) <= 1e-5 for g, r in zip(got, ref) if r is not None)
+    full = minsdxl.encode_prompt(refiner, "a cat")[0]
+    assert rel_err(minsdxl.encode_prompt(refiner, "a cat", lora_scale=0.3)[0], full) > 1e-3

@@ -96,10 +96,8 @@ _ST_DTYPES = {
 }
 
 
-def read_safetensors(path) -> dict:
-    """Memory-map a .safetensors file: tensors are views of one private file mapping (pages are read
-    on first touch and shared with the page cache), validated against the file size first."""
-    path = str(path)
+def _safetensors_header(path) -> tuple[dict, int]:
+    """(the JSON header, its length in bytes) of a .safetensors file, checked against the file size."""
     size = os.path.getsize(path)
     broken = f"{path} is truncated or not a safetensors file"
     with open(path, "rb") as f:
@@ -110,9 +108,23 @@ def read_safetensors(path) -> dict:
         if n > size - 8 or n > 100_000_000:
             raise CheckpointError(f"{broken}: its header claims {n} bytes but the file has {size}; re-download it")
         try:
-            header = json.loads(f.read(n))
+            return json.loads(f.read(n)), n
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{broken}: the header is not valid JSON ({e}); re-download it") from None
+
+
+def safetensors_metadata(path) -> dict:
+    """The string-to-string `__metadata__` of a .safetensors file ({} when it has none)."""
+    return _safetensors_header(str(path))[0].get("__metadata__") or {}
+
+
+def read_safetensors(path) -> dict:
+    """Memory-map a .safetensors file: tensors are views of one private file mapping (pages are read
+    on first touch and shared with the page cache), validated against the file size first."""
+    path = str(path)
+    size = os.path.getsize(path)
+    broken = f"{path} is truncated or not a safetensors file"
+    header, n = _safetensors_header(path)
     header.pop("__metadata__", None)
     data_start, data_size = 8 + n, size - 8 - n
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size) if size else None
@@ -146,10 +158,11 @@ def save_safetensors(sd: dict, path, dtype=None) -> None:
     """Write a .safetensors file one tensor at a time (cast to `dtype` on the way if given), so
     saving needs no second copy of the weights in memory. Written to a temporary name, then renamed."""
     names = {v: k for k, v in _ST_DTYPES.items()}
-    cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t  # noqa: E731
+    stored = lambda t: dtype if dtype is not None and t.is_floating_point() else t.dtype  # noqa: E731
+    cast = lambda t: t.to(stored(t))  # noqa: E731
     header, offset = {}, 0
     for k, t in sd.items():
-        out_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype  # = cast(t).dtype
+        out_dtype = stored(t)
         nbytes = t.numel() * out_dtype.itemsize
         header[k] = {"dtype": names[out_dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -433,9 +446,14 @@ def sgm_to_diffusers(sd: dict) -> tuple[dict, list]:
     return out, unmapped
 
 
+def diffusers_table(components: dict) -> dict:
+    """sgm_table inverted (diffusers prefix or key -> sgm), for the topology of diffusers-named state dicts."""
+    return {v: k for k, v in sgm_table(diffusers_topology(components)).items() if v is not None}
+
+
 def diffusers_to_sgm(components: dict) -> dict:
     """The inverse: {component: diffusers-named state dict} -> one sgm single-file state dict."""
-    rows = {v: k for k, v in sgm_table(diffusers_topology(components)).items() if v is not None}
+    rows = diffusers_table(components)
     out = {}
     for comp, sd in components.items():
         if sd is None:

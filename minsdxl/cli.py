@@ -786,15 +786,28 @@ def _is_lora(path: Path) -> bool:
     return bool(keys) and all(re.search(r"(lora|\.alpha$|dora_scale|hada_|lokr_)", k) for k in keys)
 
 
+def meta_sdxl(kind: str):
+    """The real SDXL base or refiner (UNet, text encoders; no VAE) built on the meta device: every name and
+    shape, no weights."""
+    from minsdxl.config import TEXT_PRESETS, UNET_PRESETS
+    from minsdxl.text_encoder import CLIPTextModel, CLIPTextModelWithProjection
+    from minsdxl.unet import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return checkpoint.SDXL(
+            unet=UNet2DConditionModel(UNET_PRESETS[kind]),
+            text_encoder=CLIPTextModel(TEXT_PRESETS["clip_l"]) if kind == "base" else None,
+            text_encoder_2=CLIPTextModelWithProjection(TEXT_PRESETS["bigg"]),
+            kind=kind,
+        )
+
+
 def describe_lora(path) -> dict:
     """A LoRA file: key format, layers and ranks per component, alphas, and whether it fits an SDXL base and
     an SDXL refiner (checked as load_lora_weights would, against models built on the meta device)."""
     import warnings
 
     from minsdxl import lora
-    from minsdxl.config import TEXT_PRESETS, UNET_PRESETS
-    from minsdxl.text_encoder import CLIPTextModel, CLIPTextModelWithProjection
-    from minsdxl.unet import UNet2DConditionModel
 
     keys = list(checkpoint.read_safetensors(path))
     kohya = [k for k in keys if k.startswith(("lora_unet_", "lora_te"))]
@@ -803,17 +816,10 @@ def describe_lora(path) -> dict:
     report = {"path": str(path), "layout": layout, "tensors": len(keys), "metadata": bool(lora._metadata(path))}
     report["models"] = {}
     for kind in ("base", "refiner"):
-        with torch.device("meta"):
-            model = checkpoint.SDXL(
-                unet=UNet2DConditionModel(UNET_PRESETS[kind]),
-                text_encoder=CLIPTextModel(TEXT_PRESETS["clip_l"]) if kind == "base" else None,
-                text_encoder_2=CLIPTextModelWithProjection(TEXT_PRESETS["bigg"]),
-                kind=kind,
-            )
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                pairs = lora.read_lora(model, path)
+                pairs = lora.read_lora(meta_sdxl(kind), path)
         except checkpoint.CheckpointError as e:
             report["models"][kind] = {"fits": False, "problem": str(e).removeprefix(f"{path}: ")}
             continue

@@ -25,7 +25,6 @@ and CUDA graphs keep their addresses). Unloading puts the original back.
 import json
 import os
 import re
-import struct
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, _rename, diffusers_topology, read_state_dict, sgm_table
+from .checkpoint import CheckpointError, _rename, diffusers_table, read_state_dict, safetensors_metadata
 
 ENCODERS = ("unet", "text_encoder", "text_encoder_2")
 _KOHYA = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te_": "text_encoder", "lora_te2_": "text_encoder_2"}
@@ -123,9 +122,7 @@ def _kohya_names(model, layers: dict) -> dict:
     """kohya's flat names -> (component, module): the UNet's in its sgm and its diffusers spelling, the
     text encoders' in transformers' (text_model.encoder..., text_projection)."""
     unet = getattr(model, "unet", None)
-    rows = {}
-    if unet is not None:
-        rows = {v: k for k, v in sgm_table(diffusers_topology({"unet": unet.state_dict()})).items() if v}
+    rows = diffusers_table({"unet": unet.state_dict()}) if unet is not None else {}
     flat = lambda s: s.replace(".", "_")  # noqa: E731
     out = {}
     for (comp, name), (_, full) in layers.items():
@@ -146,10 +143,7 @@ def _metadata(path) -> dict:
     """diffusers' lora_adapter_metadata from a .safetensors header ({} when absent)."""
     if isinstance(path, dict) or Path(path).suffix != ".safetensors":
         return {}
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        meta = json.loads(f.read(n)).get("__metadata__") or {}
-    raw = meta.get("lora_adapter_metadata")
+    raw = safetensors_metadata(path).get("lora_adapter_metadata")
     try:
         return json.loads(raw) if raw else {}
     except json.JSONDecodeError:

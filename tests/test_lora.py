@@ -343,18 +343,11 @@ def test_kohya_names_at_sdxl_shapes_agree_with_diffusers_converter(kind):
         _maybe_map_sgm_blocks_to_diffusers,
     )
 
-    from minsdxl.checkpoint import SDXL
-    from minsdxl.config import TEXT_PRESETS, UNET_PRESETS
+    from minsdxl.cli import meta_sdxl
+    from minsdxl.config import UNET_PRESETS
     from minsdxl.lora import _kohya_names, _layers, _split
-    from minsdxl.text_encoder import CLIPTextModel, CLIPTextModelWithProjection
-    from minsdxl.unet import UNet2DConditionModel
 
-    with torch.device("meta"):
-        model = SDXL(
-            unet=UNet2DConditionModel(UNET_PRESETS[kind]),
-            text_encoder=CLIPTextModel(TEXT_PRESETS["clip_l"]) if kind == "base" else None,
-            text_encoder_2=CLIPTextModelWithProjection(TEXT_PRESETS["bigg"]),
-        )
+    model = meta_sdxl(kind)
     one = torch.zeros(1)
     sd = kohya_lora(model, {(c, n): (one, one) for c, n, _ in lora_layers(model)}, alpha=1.0)
     ours = _kohya_names(model, _layers(model))
@@ -395,18 +388,9 @@ def test_model_moved_to_another_dtype_after_loading(tiny_base):
 def test_info_tells_which_sdxl_a_lora_fits(tmp_path, capsys):
     # `minsdxl info lora.safetensors`: format, layers / ranks / alphas per component, and whether it fits
     # the real SDXL base and refiner (names and shapes checked as load_lora_weights would, on meta models)
-    from minsdxl.checkpoint import SDXL
-    from minsdxl.cli import main
-    from minsdxl.config import TEXT_PRESETS, UNET_PRESETS
-    from minsdxl.text_encoder import CLIPTextModel, CLIPTextModelWithProjection
-    from minsdxl.unet import UNet2DConditionModel
+    from minsdxl.cli import main, meta_sdxl
 
-    with torch.device("meta"):
-        base = SDXL(
-            unet=UNet2DConditionModel(UNET_PRESETS["base"]),
-            text_encoder=CLIPTextModel(TEXT_PRESETS["clip_l"]),
-            text_encoder_2=CLIPTextModelWithProjection(TEXT_PRESETS["bigg"]),
-        )
+    base = meta_sdxl("base")
     layers = lora_layers(base, only=lambda n: "attn" in n)
     path = tmp_path / "sdxl_lora.safetensors"
     safetensors.torch.save_file(kohya_lora(base, random_lora_pairs(layers, rank=1), alpha=0.5), path)

@@ -38,9 +38,10 @@ def get_backend() -> str:
 
 def _triton_fits(q, k) -> bool:
     """The kernel's envelope; anything else (e.g. the VAE's single 512-wide head) takes SDPA.
-    In GPU time the kernel beats SDPA's flash backend at every SDXL shape (H200, docs/performance.md),
-    but each call costs ~0.1 ms to launch: it pays under CUDA graphs (minsdxl.compile's default on
-    CUDA); called eagerly on short sequences it is slower than SDPA (no length check here: "triton"
+    In GPU time the kernel beats SDPA's flash backend at every SDXL shape (H100, H200); against cuDNN's
+    (torch's default on Hopper) it wins with 77 keys, ties at 1024 and loses at 4096 (docs/performance.md).
+    Each call costs ~0.1 ms to launch: it pays under CUDA graphs (minsdxl.compile's default on CUDA);
+    called eagerly on short sequences it is slower than SDPA (no length check here: "triton"
     means the kernel wherever it fits)."""
     on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return (

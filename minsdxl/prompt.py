@@ -99,13 +99,19 @@ def expand_textual_inversion(prompt: str, tokenizer) -> str:
     return prompt
 
 
-def _encode(pairs, prompt_lists, clip_skip, max_length=77):
-    """Concatenated hidden states of every encoder [B, 77, sum of widths] and bigG's pooled output."""
+def _encode(pairs, prompt_lists, clip_skip, max_length=77, cuda_graphs=False):
+    """Concatenated hidden states of every encoder [B, 77, sum of widths] and bigG's pooled output.
+    cuda_graphs: the encoders were compiled with CUDA graphs (minsdxl.compile), whose outputs live in
+    buffers the next replay overwrites: each call starts a new graph step and its outputs are copied."""
     hidden, pooled = [], None
     for prompts, (tokenizer, encoder) in zip(prompt_lists, pairs):
         prompts = [expand_textual_inversion(p, tokenizer) for p in prompts]
         ids = tokenizer(prompts, max_length=max_length)  # warns, quoting what a >77-token prompt loses
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         h, p = encoder(ids.to(encoder.device), clip_skip=clip_skip)
+        if cuda_graphs:
+            h, p = h.clone(), None if p is None else p.clone()
         hidden.append(h)
         if p is not None:  # only bigG has a (projected) pooled output: SDXL's "final text encoder"
             pooled = p
@@ -183,9 +189,10 @@ def encode_prompt(
             )
 
     # ---- encode (lora_scale = diffusers' scale_lora_layers on both text encoders for this call)
+    graphs = getattr(model, "cuda_graphs", False)
     with lora.scaled(model, lora_scale, ("text_encoder", "text_encoder_2")):
         if prompt_embeds is None:
-            prompt_embeds, pooled = _encode(pairs, [prompt, prompt_2], clip_skip)
+            prompt_embeds, pooled = _encode(pairs, [prompt, prompt_2], clip_skip, cuda_graphs=graphs)
             if pooled_prompt_embeds is None:
                 pooled_prompt_embeds = pooled
 
@@ -195,7 +202,7 @@ def encode_prompt(
         elif encode_negative:
             # diffusers tokenizes the negative to prompt_embeds' length and reads hidden_states[-2] (no clip_skip)
             negative_prompt_embeds, pooled = _encode(
-                pairs, [negative_prompt, negative_prompt_2], None, max_length=prompt_embeds.shape[1]
+                pairs, [negative_prompt, negative_prompt_2], None, prompt_embeds.shape[1], graphs
             )
             if negative_pooled_prompt_embeds is None:
                 negative_pooled_prompt_embeds = pooled

@@ -7,6 +7,9 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
  1. kernel correctness vs fp32 SDPA (fp16, bf16) at SDXL's attention shapes, both Triton kernels (TMA
     descriptors and pointers), and their speed vs SDPA's flash backend: GPU time from CUDA-graph replays
     (no launch overhead) and per call as launched (with it).
+ 1b. GEMM fusion leads: GPU time of q, k, v as three GEMMs vs one, and of GEGLU's projection with its
+    compiled gelu * mul vs the projection alone, at SDXL's two transformer widths, times the layers at
+    each: what fused QKV / a GEGLU epilogue could save per UNet step at most;
  2. parity: minsdxl vs diffusers final latents, same weights and seed (relative max difference);
  3. (--offload) peak GPU memory of one image with and without model offload, both libraries;
  4. full-size random SDXL base, bf16, CFG, end to end (text encoders + N steps + VAE decode) and ms per
@@ -19,12 +22,13 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
     with eager text encoders); graphs compiled during the timed run (must be 0);
     --profile writes the top GPU kernels of diffusers + torch.compile and of minsdxl.compile's defaults
     to <out dir>/profile_*.txt.
- 5. (--vae-layout) the compiled VAE decoder alone, its mid-block attention's residual sum channels_last
-    (as is, = diffusers) or NCHW: ms per decode and the image difference (a lead from run A's profile).
+    --lora: a random LoRA on every layer loaded into minsdxl.compile's defaults (weights written in place
+    under CUDA graphs) and unloaded: output changed, no new graphs, compiled vs eager, bit-equal after.
 """
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -36,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # test helpers: random weights, tiny configs, tokenizer folders
 
 RESULTS: dict = {}
+FIRST_IMAGE: list = []  # the first timed row's image, the reference of the later rows
 ATTENTION_SHAPES = [(2, 10, 4096, 4096, 64), (2, 10, 4096, 77, 64), (2, 20, 1024, 1024, 64), (2, 20, 1024, 77, 64)]
 
 
@@ -165,6 +170,60 @@ def fall_back_if_broken(rows) -> None:
     if any("tma_error" in r for r in rows):
         flash_attn._TMA = False
         log("   the TMA kernel failed: minsdxl's Triton attention uses the pointer kernel in this run")
+
+
+# ------------------------------------------------------------------------------------------------
+# 1b. GEMM fusion leads (the issue's "fused QKV / GEGLU, where profiling shows it pays"): what each
+# could save per UNet step at most, from the GPU time of the GEMMs as the compiled UNet runs them
+
+# (tokens per image, channels, transformer layers at that level) for SDXL base at 1024^2, CFG = batch 2
+UNET_LEVELS = [(4096, 640, 10), (1024, 1280, 60)]
+
+
+def gemm_leads(args):
+    import torch.nn.functional as F
+
+    dev = args.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    levels = UNET_LEVELS if not args.tiny else [(64, 32, 2)]
+    log("\n1b. GEMM fusion leads, GPU ms per layer (CUDA-graph replays); saved ms/step = layers x gap")
+    log(
+        f"{'tokens x2, C':14} {'q,k,v apart':>11} {'qkv fused':>10} {'saved/step':>10} "
+        f"{'proj+geglu':>10} {'proj alone':>10} {'saved/step':>10}"
+    )
+    rows = []
+
+    def geglu(x, w, b):  # diffusers' GEGLU: proj to 2 * inner, then hidden * gelu(gate); compiled as in the UNet
+        h, gate = F.linear(x, w, b).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+    geglu_compiled = torch.compile(geglu, fullgraph=True, dynamic=False)
+    for tokens, c, layers in levels:
+        x = torch.randn(2 * tokens, c, device=dev, dtype=dtype)
+        wq, wk, wv = (torch.randn(c, c, device=dev, dtype=dtype) * c**-0.5 for _ in range(3))
+        wqkv = torch.cat([wq, wk, wv])
+        w1 = torch.randn(8 * c, c, device=dev, dtype=dtype) * c**-0.5  # inner = 4c, proj to 2 * inner
+        b1 = torch.zeros(8 * c, device=dev, dtype=dtype)
+        row = dict(tokens=tokens, channels=c, layers=layers)
+        try:
+            row["qkv_apart_ms"] = gpu_ms(lambda: (x @ wq.T, x @ wk.T, x @ wv.T), dev)  # noqa: B023
+            row["qkv_fused_ms"] = gpu_ms(lambda: x @ wqkv.T, dev)  # noqa: B023
+            row["geglu_ms"] = gpu_ms(lambda: geglu_compiled(x, w1, b1), dev)  # noqa: B023
+            row["proj_alone_ms"] = gpu_ms(lambda: F.linear(x, w1, b1), dev)  # noqa: B023  an epilogue's floor
+            row["qkv_saved_ms_per_step"] = layers * (row["qkv_apart_ms"] - row["qkv_fused_ms"])
+            row["geglu_saved_ms_per_step_at_most"] = layers * (row["geglu_ms"] - row["proj_alone_ms"])
+            log(
+                f"{str((tokens, c)):14} {row['qkv_apart_ms']:11.4f} {row['qkv_fused_ms']:10.4f} "
+                f"{row['qkv_saved_ms_per_step']:10.3f} {row['geglu_ms']:10.4f} {row['proj_alone_ms']:10.4f} "
+                f"{row['geglu_saved_ms_per_step_at_most']:10.3f}"
+            )
+        except Exception as e:  # a failure is a result
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            log(f"{str((tokens, c)):14} FAILED: {row['error']}")
+        rows.append(row)
+        RESULTS["gemm_leads"] = rows
+        save(args)
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,9 +427,8 @@ def run_configs(args, pipe, model):
         f"{'peak GiB':>9} {'new graphs':>10} {'levels vs 1st':>13}"
     )
     rows = RESULTS.setdefault("sdxl", [])
-    first_image = None
     for name, which, backend, mode, text_encoders in configs:
-        if args.only and not any(o in name for o in args.only):
+        if args.only and not any(re.search(o, name) for o in args.only):  # regular expressions
             continue
         if args.skip_compile and mode is not False:
             continue
@@ -425,12 +483,12 @@ def run_configs(args, pipe, model):
                 before_steps_ms=before_ms,
                 after_steps_ms=after_ms,
                 # same seed and weights: how far compiled / CUDA-graph / Triton output is from the first row's
-                mean_abs_levels_vs_first=image_levels(image, first_image),
+                mean_abs_levels_vs_first=image_levels(image, FIRST_IMAGE[0] if FIRST_IMAGE else None),
                 peak_gib=peak_gib(dev),
                 new_graphs_in_timed_run=unique_graphs() - graphs,
             )
             rows.append(row)
-            first_image = image if first_image is None else first_image
+            FIRST_IMAGE[:] = FIRST_IMAGE or [image]
             log(
                 f"{name:44} {first:11.1f} {step_ms:8.1f} {end_s:12.3f} {before_ms:9.1f} {after_ms:8.1f} "
                 f"{row['peak_gib']:9.2f} {row['new_graphs_in_timed_run']:10d} "
@@ -439,6 +497,8 @@ def run_configs(args, pipe, model):
             save(args)
             if args.profile and mode in (None, "auto"):
                 profile(args, which, pipe, model, kw, which)
+            if args.lora and which == "minsdxl" and mode == "auto" and text_encoders:
+                lora_check(args, model, kw)
         except Exception as e:  # report and go on to the next config
             rows.append(dict(config=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
             log(f"{name:44} FAILED: {rows[-1]['error']}")
@@ -459,60 +519,66 @@ def run_configs(args, pipe, model):
     minsdxl.set_attention("sdpa", model)
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. (--vae-layout) the VAE decoder alone: the mid-block attention's residual sum channels_last (as is,
-# = diffusers) or NCHW; a lead from run A's profile (slow "clone ... group_norm" kernels in the decoder)
+def lora_check(args, model, kw):
+    """(--lora) A LoRA loaded into a model that minsdxl.compile has compiled with CUDA graphs (the weights
+    are written in place on a GPU): the output must change, without new graphs, match eager with the same
+    LoRA as closely as compiled matches eager without it, and be bit-equal again after unloading."""
+    from sdxl_testing import kohya_lora, lora_layers, random_lora_pairs
 
+    import minsdxl
 
-def vae_layout_section(args, model):
-    import minsdxl.vae as vae_module
-    from minsdxl.attention import attention
+    dev = args.device
+    small = {**kw, "num_inference_steps": 4, "output_type": "latent"}
+    parts = [model.unet, model.vae.decoder, model.text_encoder, model.text_encoder_2]
 
-    dev, size = args.device, args.size
-    z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(dev, model.vae.dtype)
-    as_is = vae_module.VAEAttention.forward
+    def latents():
+        out = minsdxl.text2img(model, **small, seed=0, progress=False).float().clone()
+        sync(dev)
+        return out
 
-    def nchw(self, x):  # VAEAttention.forward with the residual sum taking x's (NCHW) layout: same values
-        b, c, h, w = x.shape
-        t = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
-        o = self.to_out[0](attention(self.to_q(t), self.to_k(t), self.to_v(t), 1, backend=self.attention_backend))
-        return x + o.transpose(1, 2).reshape(b, c, h, w)
-
-    log(f"\n5. VAE decoder alone, {model.vae.dtype}, {size}x{size}, compiled (CUDA graphs on CUDA)")
-    rows, images = RESULTS.setdefault("vae_layout", []), []
-    for name, forward in (("channels_last sum (as is)", as_is), ("NCHW sum", nchw)):
-        vae_module.VAEAttention.forward = forward
-        torch._dynamo.reset()
+    def eager(fn):  # the same model without its compiled code (kept aside and put back)
+        kept, graphs = [m._compiled_call_impl for m in parts], model.cuda_graphs
+        for m in parts:
+            m._compiled_call_impl = None
+        model.cuda_graphs = False
         try:
-            decoder = model.vae.decoder
-            decoder.compile(mode="reduce-overhead" if dev == "cuda" else None, fullgraph=True)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                for _ in range(3):  # compile, record, replay
-                    if dev == "cuda":
-                        torch.compiler.cudagraph_mark_step_begin()
-                    images.append(model.vae.decode(z).float().clone())
-            first = time.perf_counter() - t0
-
-            def run():
-                if dev == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()
-                with torch.no_grad():
-                    model.vae.decode(z)
-
-            ms = wall_ms(run, dev, reps=5, warmup=1)
-            rows.append(
-                dict(config=name, first_s=first, ms=ms, max_abs_vs_first=(images[-1] - images[0]).abs().max().item())
-            )
-            log(f"{name:30} first {first:6.1f} s  {ms:8.2f} ms  max|diff| vs as is {rows[-1]['max_abs_vs_first']:.3g}")
-        except Exception as e:  # report and go on
-            rows.append(dict(config=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
-            log(f"{name:30} FAILED: {rows[-1]['error']}")
+            return fn()
         finally:
-            vae_module.VAEAttention.forward = as_is
-            model.vae.decoder._compiled_call_impl = None
-            torch._dynamo.reset()
-        save(args)
+            for m, k in zip(parts, kept):
+                m._compiled_call_impl = k
+            model.cuda_graphs = graphs
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    res = {}
+    try:
+        sd = kohya_lora(model, random_lora_pairs(lora_layers(model), rank=4), alpha=4)
+        base, graphs = latents(), unique_graphs()
+        base_eager = eager(latents)
+        t0 = time.perf_counter()
+        minsdxl.load_lora_weights(model, sd)
+        sync(dev)
+        res["layers"], res["load_s"] = len(sd) // 3, time.perf_counter() - t0
+        with_lora = latents()
+        with_lora_eager = eager(latents)
+        res["new_graphs"] = unique_graphs() - graphs
+        res["lora_changes_output_rel"] = rel(with_lora, base)
+        res["compiled_vs_eager_rel_with_lora"] = rel(with_lora, with_lora_eager)
+        res["compiled_vs_eager_rel_without"] = rel(base, base_eager)
+        t0 = time.perf_counter()
+        minsdxl.unload_lora_weights(model)
+        sync(dev)
+        res["unload_s"] = time.perf_counter() - t0
+        res["bit_equal_after_unload"] = bool(torch.equal(latents(), base))
+        log(f"   LoRA on minsdxl.compile's defaults (4 steps, latents): {res}")
+    except Exception as e:  # report and go on
+        res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        log(f"   LoRA check FAILED: {res['error']}")
+        if minsdxl.get_active_adapters(model):
+            minsdxl.unload_lora_weights(model)
+    RESULTS["lora_under_cudagraphs"] = res
+    save(args)
 
 
 def main():
@@ -525,14 +591,19 @@ def main():
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-parity", action="store_true")
-    ap.add_argument("--only", nargs="*", help="config names to time (default: all but the ablation)")
+    ap.add_argument("--skip-gemm", action="store_true", help="skip the GEMM fusion leads (1b)")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        help="configs to time: regular expressions searched in their names (default: all but ablations)",
+    )
     ap.add_argument("--all", action="store_true", help="also time minsdxl compiled without CUDA graphs")
     ap.add_argument("--offload", action="store_true", help="also measure model offload's peak memory")
     ap.add_argument("--profile", action="store_true", help="top GPU kernels of each compiled library")
     ap.add_argument(
-        "--vae-layout",
+        "--lora",
         action="store_true",
-        help="also time the compiled VAE decoder with its mid-block attention's sum NCHW instead of channels_last",
+        help="load and unload a random LoRA into minsdxl.compile's defaults (CUDA graphs): in place, no new graphs",
     )
     args = ap.parse_args()
     if args.device == "cuda":
@@ -545,6 +616,8 @@ def main():
     t0 = time.perf_counter()
     if not args.skip_attention:
         fall_back_if_broken(attention_section(args))
+    if not args.skip_gemm:
+        gemm_leads(args)
         log(f"   [{time.perf_counter() - t0:.0f} s]")
     pipe, model = build(args)
     dtype = next(pipe.unet.parameters()).dtype
@@ -558,8 +631,6 @@ def main():
         offload_section(args, pipe, model)
         log(f"   [{time.perf_counter() - t0:.0f} s]")
     run_configs(args, pipe, model)
-    if args.vae_layout:
-        vae_layout_section(args, model)
     log(f"\ndone in {time.perf_counter() - t0:.0f} s")
 
 

@@ -191,6 +191,9 @@ def minsdxl_from_pipe(pipe):
         scheduler_config=dict(pipe.scheduler.config),
         force_zeros_for_empty_prompt=pipe.config.get("force_zeros_for_empty_prompt", True),
         requires_aesthetics_score=pipe.config.get("requires_aesthetics_score", False),
+        # the pipeline's watermark setting (diffusers keeps it as `watermark`, None when off): PIL
+        # images >= 256 wide differ by a few levels otherwise
+        add_watermarker=getattr(pipe, "watermark", None) is not None,
     )
     if te is not None:
         model.text_encoder = build_text_encoder(te.state_dict(), False, dtype, device, te.config.to_dict())

@@ -95,3 +95,34 @@ def test_compiled_text_encoders_match_eager(tiny_base):
     assert kept.unet._compiled_call_impl is not None
     assert kept.text_encoder._compiled_call_impl is None and kept.text_encoder_2._compiled_call_impl is None
     assert model.text_encoder_2._compiled_call_impl is not None
+
+
+def test_cuda_graph_text_encoders_outputs_are_copied(tiny_base, monkeypatch):
+    # Under CUDA graphs each replay writes its outputs into the same static buffers, so the prompt's
+    # pooled embedding (returned as is) was overwritten by the negative prompt's encoding: a GPU run
+    # failed with "accessing tensor output of CUDAGraphs that has been overwritten". Simulated here:
+    # encoders whose outputs live in one buffer per encoder; each call must start a new graph step
+    # (cudagraph_mark_step_begin) and copy its outputs before the next call reuses the buffers.
+    eager = minsdxl.load(tiny_base[1])
+    model = minsdxl.load(tiny_base[1])
+    model.cuda_graphs = True
+    events = []
+    for name in ("text_encoder", "text_encoder_2"):
+        enc, buffers = getattr(model, name), {}
+
+        def static_forward(*args, forward=enc.forward, buffers=buffers, name=name, **kw):
+            events.append(name)
+            outs = forward(*args, **kw)
+            for i, o in enumerate(outs):
+                if o is not None:
+                    buffers.setdefault(i, torch.empty_like(o)).copy_(o)
+            return tuple(None if o is None else buffers[i] for i, o in enumerate(outs))
+
+        monkeypatch.setattr(enc, "forward", static_forward)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("step"))
+    kw = dict(prompt="a red circle", negative_prompt="green")
+    got, ref = minsdxl.encode_prompt(model, **kw), minsdxl.encode_prompt(eager, **kw)
+    assert events == ["step", "text_encoder", "step", "text_encoder_2"] * 2
+    for g, r in zip(got, ref):
+        assert torch.equal(g, r)
+    assert not torch.equal(got[2], got[3])  # the pooled prompt is not the negative's

@@ -441,13 +441,13 @@ class KDPM2(HeunDiscrete):
 
     name = "dpm2"
     custom = ()
-    defaults = dict(use_karras_sigmas=False)
+    defaults = dict(use_karras_sigmas=False, beta_start=0.00085, beta_end=0.012)
     forced = dict(final_sigmas_type="zero")
     fixed = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
 
     def __init__(self, config: dict | None = None):
         super().__init__(config)
-        self.name = "dpm2" + "_karras" * self.karras
+        self.name = type(self).name + "_karras" * self.karras
 
     def _schedule(self, timesteps, n):
         interp = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
@@ -487,7 +487,44 @@ class KDPM2(HeunDiscrete):
             self._first = x
             return x + (x - x0) / sigma * (mid - sigma)
         start, self._first = self._first, None
-        return start + (x - x0) / mid * (nxt - sigma)
+        return self._whole_step(start, (x - x0) / mid, sigma, nxt, i, eps, generator)
+
+    def _whole_step(self, start, slope, sigma, nxt, i, eps, generator):
+        """The step from its start with the midpoint's slope."""
+        return start + slope * (nxt - sigma)
+
+
+class KDPM2Ancestral(KDPM2):
+    """DPM2 a (= diffusers KDPM2AncestralDiscreteScheduler): DPM2 aimed at Euler a's σ_down, the geometric
+    midpoint taken between σ_i and σ_down, and σ_up of fresh noise added after each step's second half
+    (drawn where diffusers draws it, so a shared generator matches); the last step is Euler's to σ = 0."""
+
+    name = "dpm2_a"
+
+    def _schedule(self, timesteps, n):
+        interp = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
+        t, sigmas = self._sigma_schedule(timesteps, n, (interp[-1], interp[0]), round_t=True)
+        s = torch.from_numpy(sigmas.astype(np.float32))  # = set_timesteps, in float32 torch as there
+        nxt = torch.cat([s[1:], s.new_zeros(1)])
+        up = (nxt**2 * (s**2 - nxt**2) / s**2) ** 0.5  # the last entry (0/0) is never read
+        down = (nxt**2 - up**2) ** 0.5
+        down[-1] = 0.0
+        mid = s.log().lerp(down.log(), 0.5).exp()
+        mid[-2:] = 0.0
+        log_train = torch.from_numpy(np.log(self.train_sigmas))
+        t_mid = np.array([np.asarray(_sigma_to_t(m, log_train)).item() for m in mid[:-2]])  # as in KDPM2
+
+        def per_call(x):  # diffusers' tables, one entry per UNet call, read at a second half's index - 1:
+            d = torch.cat([x[:1], x[1:].repeat_interleave(2), x[-1:]])  # shifted so [i] serves the call at i
+            return torch.cat([d[:1], d[:-1]])
+
+        self._mid, self._up, self._down = per_call(mid), per_call(up), per_call(down)
+        timesteps = np.concatenate([t[:1], np.stack([t_mid, t[1:]], axis=-1).reshape(-1)])
+        return timesteps, torch.cat([s[:1], s[1:].repeat_interleave(2), s[-1:]]).numpy()
+
+    def _whole_step(self, start, slope, sigma, nxt, i, eps, generator):
+        x = start + slope * (self._down[i] - sigma)
+        return x + randn(eps.shape, generator, eps.device, eps.dtype) * self._up[i]
 
 
 class DDIM(Scheduler):
@@ -815,6 +852,8 @@ SCHEDULERS = {
     "heun": (HeunDiscrete, {}),
     "dpm2": (KDPM2, {"use_karras_sigmas": False}),
     "dpm2_karras": (KDPM2, {"use_karras_sigmas": True}),
+    "dpm2_a": (KDPM2Ancestral, {"use_karras_sigmas": False}),
+    "dpm2_a_karras": (KDPM2Ancestral, {"use_karras_sigmas": True}),
     "unipc": (UniPCMultistep, {}),
     "lcm": (LCM, {}),
     "tcd": (TCD, {}),
@@ -830,6 +869,8 @@ A1111_NAMES = {
     "Heun": "heun",
     "DPM2": "dpm2",
     "DPM2 Karras": "dpm2_karras",
+    "DPM2 a": "dpm2_a",
+    "DPM2 a Karras": "dpm2_a_karras",
     "UniPC": "unipc",
     "LCM": "lcm",
     "TCD": "tcd",
@@ -841,6 +882,7 @@ DIFFUSERS_CLASSES = {
     "DPMSolverMultistepScheduler": DPMSolverMultistep,
     "HeunDiscreteScheduler": HeunDiscrete,
     "KDPM2DiscreteScheduler": KDPM2,
+    "KDPM2AncestralDiscreteScheduler": KDPM2Ancestral,
     "UniPCMultistepScheduler": UniPCMultistep,
     "LCMScheduler": LCM,
     "TCDScheduler": TCD,

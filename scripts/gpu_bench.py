@@ -18,8 +18,9 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
     PIL images), the image's mean |difference| in 8-bit levels from the first timed row's (same seed), for
     minsdxl eager, diffusers eager (SDPA), diffusers + torch.compile, minsdxl.compile's defaults on CUDA
     (CUDA graphs + Triton attention, text encoders compiled too), and last diffusers + torch.compile
-    with CUDA graphs (--all: also minsdxl compiled + Triton without CUDA graphs, and minsdxl's defaults
-    with eager text encoders); graphs compiled during the timed run (must be 0);
+    with CUDA graphs (--all: also minsdxl compiled + Triton without CUDA graphs, minsdxl's defaults
+    with eager text encoders, and with the UNet's self-attention on SDPA, cuDNN on Hopper); graphs
+    compiled during the timed run (must be 0);
     --profile writes the top GPU kernels of diffusers + torch.compile and of minsdxl.compile's defaults
     to <out dir>/profile_*.txt.
     --lora: a random LoRA on every layer loaded into minsdxl.compile's defaults (weights written in place
@@ -421,6 +422,8 @@ def run_configs(args, pipe, model):
         # H200 run A: 40.1 ms/step; and the "before ms" of the text encoders compiled or not
         configs.insert(2, ("minsdxl compile+triton, no graphs", "minsdxl", "triton", None, True))
         configs.append(("minsdxl compile defaults, eager text encoders", "minsdxl", "auto", "auto", False))
+        # the H100 attention table: cuDNN (SDPA's default on Hopper) beats Triton at 4096 keys, not at 77
+        configs.append(("minsdxl compile defaults, SDPA self-attention", "minsdxl", "auto+sdpa-self", "auto", True))
     log(f"\n4. SDXL base, {model.unet.dtype}, {size}x{size}, {steps} steps, CFG (batch 2 per UNet call), device {dev}")
     log(
         f"{'config':44} {'first run s':>11} {'ms/step':>8} {'end-to-end s':>12} {'before ms':>9} {'after ms':>8} "
@@ -433,11 +436,17 @@ def run_configs(args, pipe, model):
         if args.skip_compile and mode is not False:
             continue
         try:
-            minsdxl.set_attention(backend if backend and backend != "auto" else "sdpa", model)
+            minsdxl.set_attention(backend if backend and not backend.startswith("auto") else "sdpa", model)
             if mode is not False:
                 torch._dynamo.reset()
                 if which == "minsdxl":
-                    minsdxl.compile(model, mode=mode, attention_backend=backend, text_encoders=text_encoders)
+                    minsdxl.compile(
+                        model, mode=mode, attention_backend=backend.split("+")[0], text_encoders=text_encoders
+                    )
+                    if backend.endswith("+sdpa-self"):  # traced at the first call: set before it
+                        for n, m in model.unet.named_modules():
+                            if n.endswith(".attn1"):
+                                m.attention_backend = "sdpa"
                 else:
                     pipe.unet.compile(fullgraph=True, mode=mode)
                     pipe.vae.decoder.compile(fullgraph=True, mode=mode)
@@ -497,7 +506,7 @@ def run_configs(args, pipe, model):
             save(args)
             if args.profile and mode in (None, "auto"):
                 profile(args, which, pipe, model, kw, which)
-            if args.lora and which == "minsdxl" and mode == "auto" and text_encoders:
+            if args.lora and which == "minsdxl" and backend == "auto" and text_encoders:
                 lora_check(args, model, kw)
         except Exception as e:  # report and go on to the next config
             rows.append(dict(config=name, error=f"{type(e).__name__}: {str(e)[:500]}"))

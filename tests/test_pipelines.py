@@ -39,6 +39,7 @@ def _with_scheduler(pipe, name):
         "heun": lambda: diffusers.HeunDiscreteScheduler.from_config(cfg),
         "unipc": lambda: diffusers.UniPCMultistepScheduler.from_config(cfg),
         "dpm2_karras": lambda: diffusers.KDPM2DiscreteScheduler.from_config(cfg, use_karras_sigmas=True),
+        "dpm2_a": lambda: diffusers.KDPM2AncestralDiscreteScheduler.from_config(cfg),
         "lcm": lambda: diffusers.LCMScheduler.from_config(cfg),
         "tcd": lambda: diffusers.TCDScheduler.from_config(cfg),
         "dpmpp_2m_sde_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(
@@ -133,6 +134,7 @@ def test_text2img(models, case):
         "heun",
         "unipc",
         "dpm2_karras",
+        "dpm2_a",
         "lcm",
         "tcd",
     ],

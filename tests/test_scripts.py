@@ -27,6 +27,7 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
         "minsdxl compile defaults (cudagraphs+triton)",
         "diffusers compile+cudagraphs",
         "minsdxl compile defaults, eager text encoders",
+        "minsdxl compile defaults, SDPA self-attention",
     ]
     for name, r in rows.items():
         assert "error" not in r, (name, r["error"])

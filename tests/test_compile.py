@@ -1,6 +1,8 @@
 """minsdxl.compile on CPU: fullgraph torch.compile of the UNet and VAE decoder equals eager, and
 later steps and calls reuse the compiled code (a recompile is an error here)."""
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 import torch._dynamo
@@ -97,32 +99,97 @@ def test_compiled_text_encoders_match_eager(tiny_base):
     assert model.text_encoder_2._compiled_call_impl is not None
 
 
-def test_cuda_graph_text_encoders_outputs_are_copied(tiny_base, monkeypatch):
-    # Under CUDA graphs each replay writes its outputs into the same static buffers, so the prompt's
-    # pooled embedding (returned as is) was overwritten by the negative prompt's encoding: a GPU run
-    # failed with "accessing tensor output of CUDAGraphs that has been overwritten". Simulated here:
-    # encoders whose outputs live in one buffer per encoder; each call must start a new graph step
-    # (cudagraph_mark_step_begin) and copy its outputs before the next call reuses the buffers.
-    eager = minsdxl.load(tiny_base[1])
-    model = minsdxl.load(tiny_base[1])
-    model.cuda_graphs = True
-    events = []
-    for name in ("text_encoder", "text_encoder_2"):
-        enc, buffers = getattr(model, name), {}
+SIZE = dict(height=64, width=64)
 
-        def static_forward(*args, forward=enc.forward, buffers=buffers, name=name, **kw):
-            events.append(name)
-            outs = forward(*args, **kw)
-            for i, o in enumerate(outs):
-                if o is not None:
-                    buffers.setdefault(i, torch.empty_like(o)).copy_(o)
-            return tuple(None if o is None else buffers[i] for i, o in enumerate(outs))
 
-        monkeypatch.setattr(enc, "forward", static_forward)
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("step"))
-    kw = dict(prompt="a red circle", negative_prompt="green")
-    got, ref = minsdxl.encode_prompt(model, **kw), minsdxl.encode_prompt(eager, **kw)
-    assert events == ["step", "text_encoder", "step", "text_encoder_2"] * 2
-    for g, r in zip(got, ref):
-        assert torch.equal(g, r)
-    assert not torch.equal(got[2], got[3])  # the pooled prompt is not the negative's
+class _GraphBuffers:
+    """CUDA graphs' output rule, simulated on the CPU: each compiled part writes its outputs into its own
+    static buffers, which a replay or a new graph step (cudagraph_mark_step_begin) may overwrite. Here every
+    earlier output is filled with NaN at each step and at each compiled call (stricter than torch, whose
+    graphs of one step keep each other's outputs). Code that uses an output after that (the compiled text
+    encoders' pooled embedding did, found on an H100, where torch raises) gets NaN instead of eager's."""
+
+    def __init__(self, models, monkeypatch):
+        self.events, self.live, wrapped = [], [], set()
+        monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", self.step)
+        for model in models:
+            parts = {name: getattr(model, name, None) for name in ("unet", "text_encoder", "text_encoder_2")}
+            for name, module in {**parts, "vae.decoder": model.vae.decoder}.items():
+                if module is not None and id(module) not in wrapped:  # a refiner shares the base's te2 and VAE
+                    wrapped.add(id(module))
+                    self.wrap(module, name, monkeypatch)
+            model.cuda_graphs = True
+
+    def step(self):
+        self.events.append("step")
+        self.poison()
+
+    def poison(self):
+        for b in self.live:
+            b.fill_(float("nan"))
+
+    def wrap(self, module, name, monkeypatch):
+        forward = module.forward
+
+        def replay(*args, **kwargs):
+            self.events.append(name)
+            self.poison()
+            outs = forward(*args, **kwargs)
+            single = torch.is_tensor(outs)
+            statics = [None if o is None else o.detach().clone() for o in ((outs,) if single else outs)]
+            self.live += [b for b in statics if b is not None]
+            return statics[0] if single else tuple(statics)
+
+        monkeypatch.setattr(module, "forward", replay)
+
+
+def test_cuda_graph_outputs_are_used_before_they_are_overwritten(tiny_base, tiny_refiner, tiny_inpaint, monkeypatch):
+    # every pipeline with model.cuda_graphs set (as minsdxl.compile sets it on CUDA) under the simulated
+    # buffer reuse gives eager's output exactly: the sampler marks each step and the prompt encoder each call
+    # and copies its outputs (text2img with an encoded negative, img2img, inpaint, the base -> refiner handoff)
+    kw = dict(prompt="a red circle", negative_prompt="green", progress=False, seed=0)
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((64, 64))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:40] = 255
+    runs = {
+        "text2img": (
+            tiny_base,
+            None,
+            lambda m, r: minsdxl.text2img(m, **kw, **SIZE, num_inference_steps=3, output_type="pt"),
+        ),
+        "img2img": (
+            tiny_base,
+            None,
+            lambda m, r: minsdxl.img2img(m, **kw, image=image, strength=0.6, output_type="pt"),
+        ),
+        "inpaint": (
+            tiny_inpaint,
+            None,
+            lambda m, r: minsdxl.inpaint(m, **kw, image=image, mask_image=PIL.Image.fromarray(mask), output_type="pt"),
+        ),
+        "handoff": (
+            tiny_base,
+            tiny_refiner,
+            lambda m, r: minsdxl.img2img(
+                r,
+                **kw,
+                image=minsdxl.text2img(m, **kw, **SIZE, num_inference_steps=4, denoising_end=0.5, output_type="latent"),
+                num_inference_steps=4,
+                denoising_start=0.5,
+                output_type="pt",
+            ),
+        ),
+    }
+    for name, (base, refiner, run) in runs.items():
+        eager = minsdxl.load(base[1])
+        ref = run(eager, refiner and minsdxl.load(refiner[1], share=eager))
+        with monkeypatch.context() as mp:
+            model = minsdxl.load(base[1])
+            ref_model = refiner and minsdxl.load(refiner[1], share=model)
+            graphs = _GraphBuffers([m for m in (model, ref_model) if m is not None], mp)
+            got = run(model, ref_model)
+        assert torch.isfinite(got).all() and torch.equal(got, ref), name
+        assert graphs.events[:4] == ["step", "text_encoder", "step", "text_encoder_2"], name
+        # each UNet and text-encoder call starts a graph step (the VAE decoder follows the last UNet step's)
+        calls = [i for i, e in enumerate(graphs.events) if e in ("unet", "text_encoder", "text_encoder_2")]
+        assert calls and all(graphs.events[i - 1] == "step" for i in calls), (name, graphs.events)

@@ -449,19 +449,30 @@ class KDPM2(HeunDiscrete):
         super().__init__(config)
         self.name = type(self).name + "_karras" * self.karras
 
-    def _schedule(self, timesteps, n):
+    def _sigmas(self, timesteps, n):
+        """(timesteps, float32 torch σ with the final 0) as both DPM2 classes' set_timesteps start."""
         interp = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
         t, sigmas = self._sigma_schedule(timesteps, n, (interp[-1], interp[0]), round_t=True)
-        s = torch.from_numpy(sigmas.astype(np.float32))
-        mid = s.log().lerp(s.roll(1).log(), 0.5).exp()  # = set_timesteps' sigmas_interpol, float32 (mid[0] = 0)
-        # one 0-d float32 tensor at a time against float32 torch log σ, as set_timesteps calls _sigma_to_t:
-        # numpy then computes in float32 where a float64 array would round differently (1 ulp of t)
+        return t, torch.from_numpy(sigmas.astype(np.float32))
+
+    def _midpoint_timesteps(self, mid, t):
+        """t0, then each step's midpoint timestep before its own (= set_timesteps' interleaving). The
+        midpoints' go one 0-d float32 tensor at a time against float32 torch log σ, as set_timesteps calls
+        _sigma_to_t: numpy then computes in float32 where a float64 array would round differently (1 ulp)."""
         log_train = torch.from_numpy(np.log(self.train_sigmas))
         t_mid = np.array([np.asarray(_sigma_to_t(m, log_train)).item() for m in mid])
-        self._mid = torch.cat([mid[:1], mid[1:].repeat_interleave(2), mid[-1:]])
-        # = set_timesteps: t0, then each midpoint's timestep before its step's own; σ (final 0 too) doubled
-        timesteps = np.concatenate([t[:1], np.stack([t_mid[1:-1], t[1:]], axis=-1).reshape(-1)])
-        return timesteps, torch.cat([s[:1], s[1:].repeat_interleave(2), s[-1:]]).numpy()
+        return np.concatenate([t[:1], np.stack([t_mid, t[1:]], axis=-1).reshape(-1)])
+
+    @staticmethod
+    def _per_call(x):
+        """A per-step table as diffusers holds it per UNet call: the first entry once, the others twice."""
+        return torch.cat([x[:1], x[1:].repeat_interleave(2), x[-1:]])
+
+    def _schedule(self, timesteps, n):
+        t, s = self._sigmas(timesteps, n)
+        mid = s.log().lerp(s.roll(1).log(), 0.5).exp()  # = set_timesteps' sigmas_interpol, float32 (mid[0] = 0)
+        self._mid = self._per_call(mid)
+        return self._midpoint_timesteps(mid[1:-1], t), self._per_call(s).numpy()
 
     def _precompute(self):
         super()._precompute()
@@ -502,25 +513,20 @@ class KDPM2Ancestral(KDPM2):
     name = "dpm2_a"
 
     def _schedule(self, timesteps, n):
-        interp = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
-        t, sigmas = self._sigma_schedule(timesteps, n, (interp[-1], interp[0]), round_t=True)
-        s = torch.from_numpy(sigmas.astype(np.float32))  # = set_timesteps, in float32 torch as there
+        t, s = self._sigmas(timesteps, n)  # float32 torch, as set_timesteps computes these
         nxt = torch.cat([s[1:], s.new_zeros(1)])
         up = (nxt**2 * (s**2 - nxt**2) / s**2) ** 0.5  # the last entry (0/0) is never read
         down = (nxt**2 - up**2) ** 0.5
         down[-1] = 0.0
         mid = s.log().lerp(down.log(), 0.5).exp()
         mid[-2:] = 0.0
-        log_train = torch.from_numpy(np.log(self.train_sigmas))
-        t_mid = np.array([np.asarray(_sigma_to_t(m, log_train)).item() for m in mid[:-2]])  # as in KDPM2
 
-        def per_call(x):  # diffusers' tables, one entry per UNet call, read at a second half's index - 1:
-            d = torch.cat([x[:1], x[1:].repeat_interleave(2), x[-1:]])  # shifted so [i] serves the call at i
+        def shifted(x):  # diffusers reads these at a second half's index - 1: shifted so [i] serves call i
+            d = self._per_call(x)
             return torch.cat([d[:1], d[:-1]])
 
-        self._mid, self._up, self._down = per_call(mid), per_call(up), per_call(down)
-        timesteps = np.concatenate([t[:1], np.stack([t_mid, t[1:]], axis=-1).reshape(-1)])
-        return timesteps, torch.cat([s[:1], s[1:].repeat_interleave(2), s[-1:]]).numpy()
+        self._mid, self._up, self._down = shifted(mid), shifted(up), shifted(down)
+        return self._midpoint_timesteps(mid[:-2], t), self._per_call(s).numpy()
 
     def _whole_step(self, start, slope, sigma, nxt, i, eps, generator):
         x = start + slope * (self._down[i] - sigma)

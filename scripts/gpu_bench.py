@@ -41,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # test helpers: random weights, tiny configs, tokenizer folders
 
 RESULTS: dict = {}
-FIRST_IMAGE: list = []  # the first timed row's image, the reference of the later rows
 ATTENTION_SHAPES = [(2, 10, 4096, 4096, 64), (2, 10, 4096, 77, 64), (2, 20, 1024, 1024, 64), (2, 20, 1024, 77, 64)]
 
 
@@ -430,6 +429,7 @@ def run_configs(args, pipe, model):
         f"{'peak GiB':>9} {'new graphs':>10} {'levels vs 1st':>13}"
     )
     rows = RESULTS.setdefault("sdxl", [])
+    first_image = None
     for name, which, backend, mode, text_encoders in configs:
         if args.only and not any(re.search(o, name) for o in args.only):  # regular expressions
             continue
@@ -492,12 +492,12 @@ def run_configs(args, pipe, model):
                 before_steps_ms=before_ms,
                 after_steps_ms=after_ms,
                 # same seed and weights: how far compiled / CUDA-graph / Triton output is from the first row's
-                mean_abs_levels_vs_first=image_levels(image, FIRST_IMAGE[0] if FIRST_IMAGE else None),
+                mean_abs_levels_vs_first=image_levels(image, first_image),
                 peak_gib=peak_gib(dev),
                 new_graphs_in_timed_run=unique_graphs() - graphs,
             )
             rows.append(row)
-            FIRST_IMAGE[:] = FIRST_IMAGE or [image]
+            first_image = image if first_image is None else first_image
             log(
                 f"{name:44} {first:11.1f} {step_ms:8.1f} {end_s:12.3f} {before_ms:9.1f} {after_ms:8.1f} "
                 f"{row['peak_gib']:9.2f} {row['new_graphs_in_timed_run']:10d} "
@@ -515,17 +515,15 @@ def run_configs(args, pipe, model):
         finally:
             if mode is not False:  # back to eager for the next config
                 torch._dynamo.reset()
-                for m in (
-                    model.unet,
-                    model.vae.decoder,
-                    model.text_encoder,
-                    model.text_encoder_2,
-                    pipe.unet,
-                    pipe.vae.decoder,
-                ):
+                for m in (*compiled_parts(model), pipe.unet, pipe.vae.decoder):
                     m._compiled_call_impl = None
                 model.cuda_graphs = False
     minsdxl.set_attention("sdpa", model)
+
+
+def compiled_parts(model) -> list:
+    """What minsdxl.compile compiles (its defaults)."""
+    return [model.unet, model.vae.decoder, model.text_encoder, model.text_encoder_2]
 
 
 def lora_check(args, model, kw):
@@ -538,7 +536,7 @@ def lora_check(args, model, kw):
 
     dev = args.device
     small = {**kw, "num_inference_steps": 4, "output_type": "latent"}
-    parts = [model.unet, model.vae.decoder, model.text_encoder, model.text_encoder_2]
+    parts = compiled_parts(model)
 
     def latents():
         out = minsdxl.text2img(model, **small, seed=0, progress=False).float().clone()
@@ -606,7 +604,7 @@ def main():
         nargs="*",
         help="configs to time: regular expressions searched in their names (default: all but ablations)",
     )
-    ap.add_argument("--all", action="store_true", help="also time minsdxl compiled without CUDA graphs")
+    ap.add_argument("--all", action="store_true", help="also time the ablation rows (see 4. above)")
     ap.add_argument("--offload", action="store_true", help="also measure model offload's peak memory")
     ap.add_argument("--profile", action="store_true", help="top GPU kernels of each compiled library")
     ap.add_argument(

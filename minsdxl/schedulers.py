@@ -1,4 +1,5 @@
-"""Noise schedules and update rules: Euler, Euler a, Heun, DDIM, DPM++ 2M and 2M SDE, UniPC, as diffusers has them.
+"""Noise schedules and update rules as diffusers has them: Euler, Euler a, Heun, DPM2 (a), LMS, DDIM, DPM++ 2M and
+2M SDE, UniPC, LCM, TCD.
 
 Each scheduler is built from a diffusers `scheduler_config.json` dict (missing keys take the defaults of the
 matching diffusers class, as `from_config` does) and reproduces that class's timesteps, sigmas and `step`.
@@ -16,7 +17,8 @@ Like diffusers once a pipeline called `set_begin_index`, a scheduler counts its 
 looked up (a GPU `t` costs no host sync); a CPU `t` is checked against the step the scheduler is at.
 All per-step scalars are precomputed in `set_timesteps` as float32 CPU tables; `step` indexes them, so each
 scalar is a CPU 0-d tensor exactly as in diffusers (this matters in fp16: in `c * x` PyTorch rounds a 0-d
-tensor `c` to fp16 first but not a Python float) and nothing in `step` waits on the GPU.
+tensor `c` to fp16 first but not a Python float) and nothing in `step` waits on the GPU. LMS's weights are
+Python floats, as diffusers' are, computed in `step` from the CPU σ table.
 
 Euler and Euler a keep the sample as x0 + σ·noise (k-diffusion's σ-space); DDIM and DPM++ keep it as
 √ᾱ·x0 + √(1-ᾱ)·noise, which is why their `init_noise_sigma` is 1 and `scale_model_input` is the identity.
@@ -533,6 +535,65 @@ class KDPM2Ancestral(KDPM2):
         return x + randn(eps.shape, generator, eps.device, eps.dtype) * self._up[i]
 
 
+class LMSDiscrete(EulerDiscrete):
+    """Linear multistep, "LMS" (= diffusers LMSDiscreteScheduler, k-diffusion's sample_lms): the step from
+    σ_i to σ_{i+1} integrates the polynomial in σ through the slopes (x - x0)/σ of the last `order` (4) steps.
+    Sigmas, timesteps, init_noise_sigma, scale_model_input, x0 and add_noise are Euler's; no fp32 upcast."""
+
+    name = "lms"
+    custom = ()
+    defaults = dict(use_karras_sigmas=False)
+    # diffusers' LMS always ends at σ = 0, and its _convert_to_karras reads no sigma_min / sigma_max
+    forced = dict(final_sigmas_type="zero", sigma_min=None, sigma_max=None)
+    fixed = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
+
+    def __init__(self, config: dict | None = None):
+        super().__init__(config)
+        self.name = "lms" + "_karras" * self.karras
+
+    def _precompute(self):
+        super()._precompute()
+        self._sigma_list = self.sigmas.tolist()  # float32 values as Python floats, for the coefficients
+
+    def _start(self, begin):
+        super()._start(begin)
+        self._derivatives = []  # the slopes of the steps run so far, newest last (diffusers' `derivatives`)
+
+    def _coefficients(self, i, order):
+        """The weight of each of the last `order` slopes, newest first: the integral from σ_i to σ_{i+1} of
+        the Lagrange basis polynomial that is 1 at that slope's σ and 0 at the others' (= get_lms_coefficient
+        for current_order 0..order-1). diffusers integrates numerically (scipy's quad, the integrand in float32
+        since its σ are float32 tensors: 1e-7 to 1e-6 off); here exactly, in u = τ - σ_i, where the expanded
+        polynomial's terms all have one sign on [0, σ_{i+1} - σ_i], so none cancel."""
+        s = self._sigma_list
+        d, h = [s[i - k] - s[i] for k in range(order)], s[i + 1] - s[i]
+        out = []
+        for j in range(order):
+            poly, den = [1.0], 1.0  # Π_{k≠j} (u - d_k), lowest power first, and Π_{k≠j} (d_j - d_k)
+            for k in range(order):
+                if k != j:
+                    poly = [a - d[k] * b for a, b in zip([0.0, *poly], [*poly, 0.0])]
+                    den *= d[j] - d[k]
+            if den == 0:  # diffusers divides by 0 here and returns NaN latents
+                raise ValueError(
+                    f"the {self.name} scheduler's sigmas {s[i - order + 1 : i + 1]} repeat a value (as 1000 'leading'"
+                    " steps do), so no polynomial passes through its slopes; use fewer steps or another spacing"
+                )
+            out.append(sum(c * h ** (m + 1) / (m + 1) for m, c in enumerate(poly)) / den)
+        return out
+
+    def step(self, eps, t, x, generator=None, order=4):  # = LMSDiscreteScheduler.step's default order
+        i = self._index(t)
+        # the order follows the step index, not the slopes kept: a run started mid-schedule (img2img) weights
+        # its first slope by the order-4 polynomial's coefficient, as diffusers does (zip stops at the slopes)
+        coeffs = self._coefficients(i, min(i + 1, order))  # Python floats, as diffusers' (matters in fp16)
+        self.step_index += 1
+        self._derivatives.append((x - self._x0(eps, x, i)) / self._sigma[i])
+        if len(self._derivatives) > order:  # one out per step, as diffusers pops
+            self._derivatives.pop(0)
+        return x + sum(c * d for c, d in zip(coeffs, reversed(self._derivatives)))
+
+
 class DDIM(Scheduler):
     """Deterministic DDIM, eta=0 (= diffusers DDIMScheduler as SDXL pipelines call it)."""
 
@@ -860,6 +921,8 @@ SCHEDULERS = {
     "dpm2_karras": (KDPM2, {"use_karras_sigmas": True}),
     "dpm2_a": (KDPM2Ancestral, {"use_karras_sigmas": False}),
     "dpm2_a_karras": (KDPM2Ancestral, {"use_karras_sigmas": True}),
+    "lms": (LMSDiscrete, {"use_karras_sigmas": False}),
+    "lms_karras": (LMSDiscrete, {"use_karras_sigmas": True}),
     "unipc": (UniPCMultistep, {}),
     "lcm": (LCM, {}),
     "tcd": (TCD, {}),
@@ -877,6 +940,8 @@ A1111_NAMES = {
     "DPM2 Karras": "dpm2_karras",
     "DPM2 a": "dpm2_a",
     "DPM2 a Karras": "dpm2_a_karras",
+    "LMS": "lms",
+    "LMS Karras": "lms_karras",
     "UniPC": "unipc",
     "LCM": "lcm",
     "TCD": "tcd",
@@ -889,6 +954,7 @@ DIFFUSERS_CLASSES = {
     "HeunDiscreteScheduler": HeunDiscrete,
     "KDPM2DiscreteScheduler": KDPM2,
     "KDPM2AncestralDiscreteScheduler": KDPM2Ancestral,
+    "LMSDiscreteScheduler": LMSDiscrete,
     "UniPCMultistepScheduler": UniPCMultistep,
     "LCMScheduler": LCM,
     "TCDScheduler": TCD,
@@ -901,7 +967,8 @@ def make_scheduler(name: str | None = None, config: dict | None = None) -> Sched
     `_class_name` names. The config is a diffusers scheduler_config.json dict; None or {} means SDXL's
     (a single-file checkpoint carries none, and diffusers' bare class defaults are not SDXL's betas).
     "euler"/"euler_a"/"ddim" take the config as it is (as diffusers' from_config); the DPM++ names pin
-    use_karras_sigmas and algorithm_type (SDE or not) to what they say."""
+    use_karras_sigmas and algorithm_type (SDE or not) to what they say, the DPM2 and LMS names
+    use_karras_sigmas."""
     config = dict(config or SDXL_SCHEDULER_CONFIG)
     if name is None:
         cls_name = config.get("_class_name", "EulerDiscreteScheduler")

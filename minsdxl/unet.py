@@ -88,8 +88,16 @@ class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, 2 * inner)
+        # minsdxl.compile(model, fused_geglu=True): proj and h * gelu(gate) as one Triton GEMM where it runs
+        self.fused = False
 
     def forward(self, x):
+        w = self.proj.weight
+        if self.fused and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):  # no backward
+            from minsdxl.kernels import geglu_gemm
+
+            if geglu_gemm.fits(x, w):
+                return geglu_gemm.geglu(x, w, self.proj.bias)
         h, gate = self.proj(x).chunk(2, dim=-1)
         return h * F.gelu(gate)
 

@@ -9,7 +9,8 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
     (no launch overhead) and per call as launched (with it).
  1b. GEMM fusion leads: GPU time of q, k, v as three GEMMs vs one, and of GEGLU's projection with its
     compiled gelu * mul vs the projection alone, at SDXL's two transformer widths, times the layers at
-    each: what fused QKV / a GEGLU epilogue could save per UNet step at most;
+    each: what fused QKV / a GEGLU epilogue could save per UNet step at most; and what minsdxl's Triton
+    GEGLU GEMM (minsdxl.kernels.geglu_gemm, the epilogue fused) takes and saves, with its error;
  2. parity: minsdxl vs diffusers final latents, same weights and seed (relative max difference);
  3. (--offload) peak GPU memory of one image with and without model offload, both libraries;
  4. full-size random SDXL base, bf16, CFG, end to end (text encoders + N steps + VAE decode) and ms per
@@ -19,7 +20,8 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
     minsdxl eager, diffusers eager (SDPA), diffusers + torch.compile, minsdxl.compile's defaults on CUDA
     (CUDA graphs + Triton attention, text encoders compiled too), and last diffusers + torch.compile
     with CUDA graphs (--all: also minsdxl compiled + Triton without CUDA graphs, minsdxl's defaults
-    with eager text encoders, and with the UNet's self-attention on SDPA, cuDNN on Hopper); graphs
+    with eager text encoders, with the UNet's self-attention on SDPA (cuDNN on Hopper), and with
+    fused_geglu=True); graphs
     compiled during the timed run (must be 0);
     --profile writes the top GPU kernels of diffusers + torch.compile and of minsdxl.compile's defaults
     to <out dir>/profile_*.txt.
@@ -183,13 +185,19 @@ UNET_LEVELS = [(4096, 640, 10), (1024, 1280, 60)]
 def gemm_leads(args):
     import torch.nn.functional as F
 
+    from minsdxl.kernels import geglu_gemm
+
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     levels = UNET_LEVELS if not args.tiny else [(64, 32, 2)]
-    log("\n1b. GEMM fusion leads, GPU ms per layer (CUDA-graph replays); saved ms/step = layers x gap")
+    log(
+        "\n1b. GEMM fusion leads, GPU ms per layer (CUDA-graph replays); saved ms/step = layers x gap; "
+        "triton geglu: minsdxl's GEGLU GEMM (saved vs proj+geglu, rel err vs it)"
+    )
     log(
         f"{'tokens x2, C':14} {'q,k,v apart':>11} {'qkv fused':>10} {'saved/step':>10} "
-        f"{'proj+geglu':>10} {'proj alone':>10} {'saved/step':>10}"
+        f"{'proj+geglu':>10} {'proj alone':>10} {'saved/step':>10} {'triton geglu':>12} {'rel err':>8} "
+        f"{'saved/step':>10}"
     )
     rows = []
 
@@ -212,10 +220,18 @@ def gemm_leads(args):
             row["proj_alone_ms"] = gpu_ms(lambda: F.linear(x, w1, b1), dev)  # noqa: B023  an epilogue's floor
             row["qkv_saved_ms_per_step"] = layers * (row["qkv_apart_ms"] - row["qkv_fused_ms"])
             row["geglu_saved_ms_per_step_at_most"] = layers * (row["geglu_ms"] - row["proj_alone_ms"])
+            # minsdxl.compile(fused_geglu=True)'s kernel: the same GEGLU as one GEMM with the epilogue
+            ref = geglu_compiled(x, w1, b1).float()
+            row["triton_geglu_rel_err"] = (
+                (geglu_gemm.geglu(x, w1, b1).float() - ref).abs().max() / ref.abs().max()
+            ).item()
+            row["triton_geglu_ms"] = gpu_ms(lambda: geglu_gemm.geglu(x, w1, b1), dev)  # noqa: B023
+            row["triton_geglu_saved_ms_per_step"] = layers * (row["geglu_ms"] - row["triton_geglu_ms"])
             log(
                 f"{str((tokens, c)):14} {row['qkv_apart_ms']:11.4f} {row['qkv_fused_ms']:10.4f} "
                 f"{row['qkv_saved_ms_per_step']:10.3f} {row['geglu_ms']:10.4f} {row['proj_alone_ms']:10.4f} "
-                f"{row['geglu_saved_ms_per_step_at_most']:10.3f}"
+                f"{row['geglu_saved_ms_per_step_at_most']:10.3f} {row['triton_geglu_ms']:12.4f} "
+                f"{row['triton_geglu_rel_err']:8.1e} {row['triton_geglu_saved_ms_per_step']:10.3f}"
             )
         except Exception as e:  # a failure is a result
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -408,21 +424,35 @@ def run_configs(args, pipe, model):
         guidance_scale=5.0,
     )
     # name, library, attention backend, compile mode (False: eager; "auto": minsdxl.compile's defaults),
-    # minsdxl's text encoders compiled too
+    # minsdxl.compile's keywords (text_encoders: compile them too; fused_geglu) and "sdpa_self" (the UNet's
+    # self-attention on SDPA, set after compile, before the first call traces it)
+    defaults = dict(text_encoders=True)
     configs = [
-        ("minsdxl eager (sdpa)", "minsdxl", "sdpa", False, False),
-        ("diffusers eager (sdpa)", "diffusers", None, False, False),
-        ("diffusers compile", "diffusers", None, None, False),
-        ("minsdxl compile defaults (cudagraphs+triton)", "minsdxl", "auto", "auto", True),
+        ("minsdxl eager (sdpa)", "minsdxl", "sdpa", False, {}),
+        ("diffusers eager (sdpa)", "diffusers", None, False, {}),
+        ("diffusers compile", "diffusers", None, None, {}),
+        ("minsdxl compile defaults (cudagraphs+triton)", "minsdxl", "auto", "auto", defaults),
         # not the issue's baseline (that is plain torch.compile), but the fair question for CUDA graphs
-        ("diffusers compile+cudagraphs", "diffusers", None, "reduce-overhead", False),
+        ("diffusers compile+cudagraphs", "diffusers", None, "reduce-overhead", {}),
     ]
     if args.all or args.only:  # ablations, ~100 s of compiling each: not by default
         # H200 run A: 40.1 ms/step; and the "before ms" of the text encoders compiled or not
-        configs.insert(2, ("minsdxl compile+triton, no graphs", "minsdxl", "triton", None, True))
-        configs.append(("minsdxl compile defaults, eager text encoders", "minsdxl", "auto", "auto", False))
+        configs.insert(2, ("minsdxl compile+triton, no graphs", "minsdxl", "triton", None, defaults))
+        configs.append(("minsdxl compile defaults, eager text encoders", "minsdxl", "auto", "auto", {}))
         # the H100 attention table: cuDNN (SDPA's default on Hopper) beats Triton at 4096 keys, not at 77
-        configs.append(("minsdxl compile defaults, SDPA self-attention", "minsdxl", "auto+sdpa-self", "auto", True))
+        configs.append(
+            (
+                "minsdxl compile defaults, SDPA self-attention",
+                "minsdxl",
+                "auto",
+                "auto",
+                {**defaults, "sdpa_self": True},
+            )
+        )
+        # the GEMM lead of 1b: GEGLU's projection and h * gelu(gate) as one Triton GEMM
+        configs.append(
+            ("minsdxl compile defaults, fused GEGLU", "minsdxl", "auto", "auto", {**defaults, "fused_geglu": True})
+        )
     log(f"\n4. SDXL base, {model.unet.dtype}, {size}x{size}, {steps} steps, CFG (batch 2 per UNet call), device {dev}")
     log(
         f"{'config':44} {'first run s':>11} {'ms/step':>8} {'end-to-end s':>12} {'before ms':>9} {'after ms':>8} "
@@ -430,20 +460,19 @@ def run_configs(args, pipe, model):
     )
     rows = RESULTS.setdefault("sdxl", [])
     first_image = None
-    for name, which, backend, mode, text_encoders in configs:
+    for name, which, backend, mode, options in configs:
         if args.only and not any(re.search(o, name) for o in args.only):  # regular expressions
             continue
         if args.skip_compile and mode is not False:
             continue
         try:
-            minsdxl.set_attention(backend if backend and not backend.startswith("auto") else "sdpa", model)
+            minsdxl.set_attention(backend if backend and backend != "auto" else "sdpa", model)
             if mode is not False:
                 torch._dynamo.reset()
                 if which == "minsdxl":
-                    minsdxl.compile(
-                        model, mode=mode, attention_backend=backend.split("+")[0], text_encoders=text_encoders
-                    )
-                    if backend.endswith("+sdpa-self"):  # traced at the first call: set before it
+                    keywords = {"text_encoders": False, **{k: v for k, v in options.items() if k != "sdpa_self"}}
+                    minsdxl.compile(model, mode=mode, attention_backend=backend, **keywords)
+                    if options.get("sdpa_self"):  # traced at the first call: set before it
                         for n, m in model.unet.named_modules():
                             if n.endswith(".attn1"):
                                 m.attention_backend = "sdpa"
@@ -506,7 +535,7 @@ def run_configs(args, pipe, model):
             save(args)
             if args.profile and mode in (None, "auto"):
                 profile(args, which, pipe, model, kw, which)
-            if args.lora and which == "minsdxl" and backend == "auto" and text_encoders:
+            if args.lora and which == "minsdxl" and backend == "auto" and options == defaults:
                 lora_check(args, model, kw)
         except Exception as e:  # report and go on to the next config
             rows.append(dict(config=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
@@ -518,6 +547,9 @@ def run_configs(args, pipe, model):
                 for m in (*compiled_parts(model), pipe.unet, pipe.vae.decoder):
                     m._compiled_call_impl = None
                 model.cuda_graphs = False
+                for m in model.unet.modules():
+                    if hasattr(m, "fused"):  # GEGLU: fused_geglu off again
+                        m.fused = False
     minsdxl.set_attention("sdpa", model)
 
 

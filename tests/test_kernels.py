@@ -1,4 +1,5 @@
-"""minsdxl.kernels.flash_attention vs torch's scaled_dot_product_attention, on CPU in Triton's interpreter.
+"""minsdxl.kernels on CPU in Triton's interpreter: flash_attention vs torch's scaled_dot_product_attention,
+geglu (GEGLU as one GEMM) vs diffusers' GEGLU formula.
 
 TRITON_INTERPRET=1 must be set before triton.language is first imported (@triton.jit picks the
 interpreter at decoration time), hence the environment line above the imports; in a pytest run whose
@@ -19,7 +20,7 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from minsdxl import attention as attention_module  # noqa: E402
-from minsdxl.kernels import flash_attention, flash_attn  # noqa: E402
+from minsdxl.kernels import flash_attention, flash_attn, geglu, geglu_gemm  # noqa: E402
 
 if not (flash_attn._INTERPRET and isinstance(tl.zeros, InterpretedFunction)):
     raise RuntimeError(
@@ -187,11 +188,18 @@ from triton.compiler import ASTSource
 from minsdxl.kernels.flash_attn import _CONFIGS, _TMA_CONFIGS, _attn_fwd, _attn_fwd_tma
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+from minsdxl.kernels.geglu_gemm import _CONFIGS as _GEGLU_CONFIGS, _geglu_fwd
+
 cases = [(_attn_fwd, "bf16", 64, _CONFIGS[2]), (_attn_fwd, "fp16", 80, _CONFIGS[1])]
 cases += [(_attn_fwd_tma, "bf16", 64, c) for c in _TMA_CONFIGS] + [(_attn_fwd_tma, "fp16", 80, _TMA_CONFIGS[0])]
+cases += [(_geglu_fwd, "bf16", None, c) for c in _GEGLU_CONFIGS]
 for fn, dtype, d, config in cases:
-    consts = dict(HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), DOT_PRECISION="tf32", **config.kwargs)
-    types = {"Q": "*" + dtype, "K": "*" + dtype, "V": "*" + dtype, "O": "*" + dtype, "qk_scale": "fp32"}
+    if fn is _geglu_fwd:
+        consts = dict(HAS_BIAS=True, DOT_PRECISION="tf32", **config.kwargs)
+        types = {n: "*" + dtype for n in ("X", "W", "Bias", "O")}
+    else:
+        consts = dict(HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), DOT_PRECISION="tf32", **config.kwargs)
+        types = {n: "*" + dtype for n in ("Q", "K", "V", "O")} | {"qk_scale": "fp32"}
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     constexprs = {(i,): consts[n] for i, n in enumerate(fn.arg_names) if n in consts}
     kernel = triton.compile(
@@ -201,7 +209,7 @@ for fn, dtype, d, config in cases:
     )
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx, "no Hopper tensor-core instructions"
-    if fn is _attn_fwd_tma:
+    if fn is not _attn_fwd:
         assert "cp.async.bulk.tensor" in ptx, "no TMA copies"
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(ptx)
@@ -213,14 +221,15 @@ for fn, dtype, d, config in cases:
 
 
 def test_compiles_for_hopper():
-    # both kernels compile for sm_90 with wgmma; the TMA one with TMA copies and, at every autotuning
-    # config for head dim 64 (ptxas's report), no register spills: the reason it exists
+    # the attention kernels compile for sm_90 with wgmma; the TMA one with TMA copies and, at every
+    # autotuning config for head dim 64 (ptxas's report), no register spills: the reason it exists. The
+    # GEGLU GEMM likewise at every config (two [BLOCK_M, BLOCK_N] fp32 accumulators: up to 220 registers)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
-    assert run.stdout.count("compiled") == 3 + len(flash_attn._TMA_CONFIGS)
+    assert run.stdout.count("compiled") == 3 + len(flash_attn._TMA_CONFIGS) + len(geglu_gemm._CONFIGS)
 
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -245,3 +254,113 @@ def test_bad_inputs(q_shape, k_shape, dtype, error, match):
     q, k = torch.zeros(q_shape, dtype=dtype), torch.zeros(k_shape, dtype=dtype)
     with pytest.raises(error, match=match):
         flash_attention(q, k, k)
+
+
+# ------------------------------------------------------------------------------------------------
+# geglu: GEGLU.proj and h * gelu(gate) as one GEMM
+
+
+def _geglu_ref(x, w, b):  # diffusers' GEGLU.forward
+    h, gate = F.linear(x, w, b).chunk(2, dim=-1)
+    return h * F.gelu(gate)
+
+
+def _geglu_inputs(m: int, k: int, n: int, bias: bool = True, dtype=torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(2 * n, k, generator=gen) * k**-0.5  # unit-scale outputs, as a trained proj gives
+    b = torch.randn(2 * n, generator=gen) if bias else None
+    return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+
+
+def _geglu_poisoned(x, w, b):
+    """The kernel writing into a NaN-filled output: an element it fails to write fails the comparison."""
+    out = torch.full((x.shape[0], w.shape[0] // 2), float("nan"), dtype=x.dtype)
+    geglu_gemm._launch(x, w, b, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "m, k, n, bias",
+    [
+        (2 * 77, 1280, 5120, True),  # SDXL's 1280-wide feed-forward (inner 5120), few tokens
+        (2 * 1000, 64, 256, True),  # many row blocks, ragged last one
+        (130, 96, 48, False),  # K not a multiple of BLOCK_K, N smaller than BLOCK_N, no bias
+    ],
+)
+@pytest.mark.parametrize("persistent", [False, True], ids=["tile-per-program", "persistent"])
+def test_geglu_matches_pytorch(m, k, n, bias, persistent, monkeypatch):
+    # persistent: 3 programs in the interpreter (a GPU: one per SM), each walking several tiles
+    monkeypatch.setitem(geglu_gemm._INTERPRET_BLOCKS, "PERSISTENT", persistent)
+    x, w, b = _geglu_inputs(m, k, n, bias)
+    got, ref = _geglu_poisoned(x, w, b), _geglu_ref(x, w, b)
+    # fp32 both sides (ieee dots): other summation order, and math.erf (the interpreter's) vs torch's erf
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_geglu_fp16():
+    x, w, b = _geglu_inputs(200, 64, 128, dtype=torch.float16, seed=1)
+    got = _geglu_poisoned(x, w, b)
+    ref = _geglu_ref(x.float(), w.float(), b.float())
+    # eager fp16 rounds h and gate before the product, the kernel rounds once at the store: ~1 ulp of 1e-3
+    torch.testing.assert_close(got.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_geglu_layouts():
+    # [B, L, C] tokens (the UNet's) as a view; a layout TMA cannot describe (transposed) is copied first
+    x, w, b = _geglu_inputs(2 * 70, 64, 128, seed=2)
+    tokens = x.view(2, 70, 64)
+    assert geglu_gemm.fits(tokens, w)
+    torch.testing.assert_close(geglu(tokens, w, b), _geglu_ref(tokens, w, b), atol=ATOL, rtol=RTOL)
+    xt = x.T.contiguous().T  # [M, K] with K strided
+    torch.testing.assert_close(geglu(xt, w, b), _geglu_ref(xt, w, b), atol=ATOL, rtol=RTOL)
+    assert geglu(x[:0], w, b).shape == (0, 128)
+
+
+def test_geglu_fits(monkeypatch):
+    x, w, b = _geglu_inputs(8, 64, 128)
+    assert geglu_gemm.fits(x, w)
+    assert not geglu_gemm.fits(torch.randn(8, 6), torch.randn(2 * 128, 6))  # rows of 24 bytes
+    # output rows of 48 bytes fit, of 52 not
+    assert geglu_gemm.fits(x, torch.randn(2 * 12, 64)) and not geglu_gemm.fits(x, torch.randn(2 * 13, 64))
+    # layouts a descriptor cannot describe are copied inside the op: still the right answer
+    for w_odd in (w.T.contiguous().T, torch.randn(2 * 128 * 64 + 1)[1:].view(2 * 128, 64)):  # strided, 4 bytes off
+        assert not geglu_gemm._describable(w_odd) and geglu_gemm.fits(x, w_odd)
+        torch.testing.assert_close(geglu(x, w_odd, b), _geglu_ref(x, w_odd, b), atol=ATOL, rtol=RTOL)
+    monkeypatch.setattr(geglu_gemm, "_INTERPRET", False)
+    assert not geglu_gemm.fits(x, w)  # CPU tensors need the interpreter
+    with pytest.raises(ValueError, match="CUDA GPU.*TRITON_INTERPRET=1"):
+        geglu(x, w)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, b_shape, dtype, error, match",
+    [
+        ((4, 64), (129, 64), None, torch.float32, ValueError, r"\[2N, K\]"),
+        ((4, 64), (128, 32), None, torch.float32, ValueError, "K = x's last dim 64"),
+        ((4, 64), (128, 64), (64,), torch.float32, ValueError, r"bias must be \[128\]"),
+        ((4, 64), (128,), None, torch.float32, ValueError, "expected x"),
+        ((4, 64), (128, 64), None, torch.float64, TypeError, "dtype"),
+    ],
+)
+def test_geglu_bad_inputs(x_shape, w_shape, b_shape, dtype, error, match):
+    x, w = torch.zeros(x_shape, dtype=dtype), torch.zeros(w_shape, dtype=dtype)
+    b = None if b_shape is None else torch.zeros(b_shape, dtype=dtype)
+    with pytest.raises(error, match=match):
+        geglu(x, w, b)
+
+
+def test_geglu_mixed_dtypes_and_devices():
+    with pytest.raises(TypeError, match="got torch.float32, torch.float16"):
+        geglu(torch.zeros(4, 64), torch.zeros(128, 64, dtype=torch.float16))
+    with pytest.raises(ValueError, match="on cpu, meta"):
+        geglu(torch.zeros(4, 64), torch.zeros(128, 64, device="meta"))
+
+
+def test_geglu_torch_compile_and_opcheck():
+    x, w, b = _geglu_inputs(40, 32, 64, seed=3)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: geglu(x * 2, w, b).sum(-1), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), _geglu_ref(x * 2, w, b).sum(-1), atol=1e-4, rtol=RTOL)
+    torch.library.opcheck(torch.ops.minsdxl.geglu.default, (x, w, b))
+    torch.library.opcheck(torch.ops.minsdxl.geglu.default, (x.view(4, 10, 32), w, None))

@@ -40,6 +40,8 @@ def _with_scheduler(pipe, name):
         "unipc": lambda: diffusers.UniPCMultistepScheduler.from_config(cfg),
         "dpm2_karras": lambda: diffusers.KDPM2DiscreteScheduler.from_config(cfg, use_karras_sigmas=True),
         "dpm2_a": lambda: diffusers.KDPM2AncestralDiscreteScheduler.from_config(cfg),
+        "lms": lambda: diffusers.LMSDiscreteScheduler.from_config(cfg),
+        "lms_karras": lambda: diffusers.LMSDiscreteScheduler.from_config(cfg, use_karras_sigmas=True),
         "lcm": lambda: diffusers.LCMScheduler.from_config(cfg),
         "tcd": lambda: diffusers.TCDScheduler.from_config(cfg),
         "dpmpp_2m_sde_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(
@@ -135,6 +137,8 @@ def test_text2img(models, case):
         "unipc",
         "dpm2_karras",
         "dpm2_a",
+        "lms",
+        "lms_karras",
         "lcm",
         "tcd",
     ],

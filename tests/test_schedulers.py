@@ -20,6 +20,7 @@ from diffusers import (
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LCMScheduler,
+    LMSDiscreteScheduler,
     TCDScheduler,
     UniPCMultistepScheduler,
 )
@@ -64,6 +65,12 @@ CASES = [
     ("dpm2_karras", KDPM2DiscreteScheduler, {"use_karras_sigmas": True}),
     ("dpm2_a", KDPM2AncestralDiscreteScheduler, {}),
     ("dpm2_a_karras", KDPM2AncestralDiscreteScheduler, {"use_karras_sigmas": True}),
+    # LMS: not bit-equal, its weights differ from diffusers' by ~1e-7 (see test_lms_coefficients_match_diffusers);
+    # trajectories measured ≤ 7.5e-7 apart in fp32, equal in fp16 at 6 steps (1-ulp flips from 10 steps on)
+    ("lms", LMSDiscreteScheduler, {}),
+    ("lms_karras", LMSDiscreteScheduler, {"use_karras_sigmas": True}),
+    # diffusers' LMS (unlike Euler) spans its Karras sigmas over the spaced σ whatever sigma_min / sigma_max say
+    ("lms_karras", LMSDiscreteScheduler, {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
     ("lcm", LCMScheduler, {}),
     ("tcd", TCDScheduler, {}),  # its step's default eta (gamma) 0.3: the stochastic path
 ]
@@ -88,6 +95,9 @@ CASE_IDS = [
     "dpm2_karras",
     "dpm2_a",
     "dpm2_a_karras",
+    "lms",
+    "lms_karras",
+    "lms_karras-ignores-sigma_range",
     "lcm",
     "tcd",
 ]
@@ -210,7 +220,7 @@ def test_custom_schedules_refused_with_the_reason():
         s.set_timesteps(10, timesteps=[999, 500])
     with pytest.raises(ValueError, match="exactly one of"):
         s.set_timesteps()
-    for name in ("euler_a", "ddim"):  # diffusers' classes take neither
+    for name in ("euler_a", "ddim", "lms"):  # diffusers' classes take neither
         with pytest.raises(ValueError, match=rf"the {name} scheduler takes no custom sigmas .* \['euler'\]"):
             S.make_scheduler(name, SDXL).set_timesteps(sigmas=AYS_SDXL)
     with pytest.raises(ValueError, match=r"takes no custom sigmas .* \['euler'\]"):
@@ -401,6 +411,66 @@ def test_pipeline_flows_match_diffusers(name, cls, extra, spacing):
         close(a, b, 1e-5)
 
 
+# ------------------------------------------------------------------------------------------------- LMS
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", ["lms", "lms_karras"])
+def test_lms_coefficients_match_diffusers(name, spacing):
+    # diffusers integrates each Lagrange basis polynomial numerically (scipy's quad), its integrand in float32
+    # as its σ are float32 tensors: its coefficients carry that rounding (measured: ≤ 3.8e-7 relative up to
+    # 50 steps, 1.1e-6 at 100, 1.7e-6 at 200). Given the same σ in float64 its quad is exact to float64
+    # rounding, as our exact integral is: measured ≤ 8.7e-16 apart (3.8e-15 at 200 steps).
+    ref, ours = make_pair(
+        name, LMSDiscreteScheduler, {"use_karras_sigmas": name == "lms_karras"}, timestep_spacing=spacing
+    )
+    for n in (1, 2, 3, 7, 20, 50):
+        ref.set_timesteps(n)
+        ours.set_timesteps(n)
+        sigmas = ref.sigmas
+        for i in range(n):
+            for order in range(1, min(i + 1, 4) + 1):
+                got = ours._coefficients(i, order)
+                stock = [ref.get_lms_coefficient(order, i, j) for j in range(order)]
+                ref.sigmas = sigmas.double()
+                exact = [ref.get_lms_coefficient(order, i, j) for j in range(order)]
+                ref.sigmas = sigmas
+                for g, e, s in zip(got, exact, stock, strict=True):
+                    assert abs(g - e) <= 1e-12 * abs(e), (n, i, order, g, e)
+                    assert abs(g - s) <= 1e-6 * abs(s), (n, i, order, g, s)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 5])
+def test_lms_step_order_matches_diffusers(order):
+    # step's `order` (4 by default, which the pipelines use): how many slopes it keeps and fits
+    ref, ours = make_pair("lms", LMSDiscreteScheduler, {})
+    ref.set_timesteps(12)
+    ours.set_timesteps(12)
+    x = y = latents(5, float(ref.init_noise_sigma))
+    for t in ours.timesteps:
+        y = ref.step(eps_fn(ref.scale_model_input(y, t), t), t, y, order=order).prev_sample
+        x = ours.step(eps_fn(ours.scale_model_input(x, t), t), t, x, order=order)
+        close(x, y, 1e-5)
+
+
+def test_lms_refuses_repeated_sigmas():
+    # 1000 "leading" steps (steps_offset 1) start at t = 1000 and 999, both σ_train[999]: no polynomial
+    # passes through two slopes at one σ. diffusers divides by zero there and returns NaN latents; we say why.
+    ref, ours = make_pair("lms", LMSDiscreteScheduler, {})
+    ref.set_timesteps(1000)
+    ours.set_timesteps(1000)
+    assert ours.sigmas[0] == ours.sigmas[1]
+    x = y = latents(4, float(ref.init_noise_sigma))
+    for t in ref.timesteps[:2]:
+        y = ref.step(eps_fn(ref.scale_model_input(y, t), t), t, y).prev_sample
+    assert not y.isfinite().any()
+    t0, t1 = ours.timesteps[:2]
+    x = ours.step(eps_fn(ours.scale_model_input(x, t0), t0), t0, x)  # σ_0 to σ_1: a step of length 0
+    with pytest.raises(ValueError, match="repeat a value"):
+        ours.step(eps_fn(ours.scale_model_input(x, t1), t1), t1, x)
+    ours.set_timesteps(1000)
+    ts = ours.select_timesteps(strength=0.5)  # img2img from step 500 never reaches them
+    assert len(denoise(ours, ts[:5], latents(4), diffusers=False)) == 5
+
+
 # ------------------------------------------------------------------------------------ analytic check
 # Data: two independent channels x0 ~ N(mu, sd²). At noise level σ (x = x0 + σ·n in σ-space) the exact
 # ε-prediction is E[n | x] = σ (x - mu) / (sd² + σ²); v = α·ε - σα·E[x0 | x] with α = 1/sqrt(1+σ²).
@@ -410,7 +480,8 @@ N_SAMPLES = 100_000
 # errors of a sample variance (5·sqrt(2/N) = 2.2%). The biases, measured once with 10^6 samples: first-order
 # Euler and DDIM 5.4% low, Euler a (first-order SDE) 10.6%, DPM++ 2M (second order) 1.5%, with Karras 0.3%,
 # DPM++ 2M SDE 0.3%, with Karras 1.0% high, Heun (second order, 99 UNet calls) 0.06%, UniPC 1.7%, DPM2 0.26%,
-# with Karras 0.04%, DPM2 a 1.5% high, with Karras 0.75%.
+# with Karras 0.04%, DPM2 a 1.5% high, with Karras 0.75%, LMS (fourth order) 0.12% low, with Karras 0.10% (both
+# within the 0.14% standard error of 10^6 samples).
 # A wrong scaling, table entry or noise level shows up as errors of tens of percent or more.
 # LCM and TCD are not here: they sample for consistency-distilled models, and with this exact ε (whose x0 is
 # the posterior mean E[x0|x]) the variance comes out low (measured: LCM 0.31 / 1.33 instead of 1 / 4 at 4
@@ -429,6 +500,8 @@ VAR_TOL = {
     "dpm2_karras": 0.025,
     "dpm2_a": 0.04,
     "dpm2_a_karras": 0.03,
+    "lms": 0.025,
+    "lms_karras": 0.025,
 }
 
 
@@ -455,7 +528,7 @@ def test_sampling_gaussian_data_recovers_its_moments(name, prediction_type):
     # expected: x0 noised to the last sigma (0, except DDIM, which stops at ᾱ of t=0), in the scheduler's
     # parametrisation: x0 + σ·n for Euler's σ-space, (x0 + σ·n)/sqrt(1+σ²) for DDIM and DPM++
     sigma_end = float(s.sigmas[-1])
-    scale = 1.0 if name.startswith(("euler", "heun", "dpm2")) else (1 + sigma_end**2) ** -0.5
+    scale = 1.0 if name.startswith(("euler", "heun", "dpm2", "lms")) else (1 + sigma_end**2) ** -0.5
     mean, var = scale * MU, scale**2 * (SD**2 + sigma_end**2)
     # the mean has no discretisation bias here (every update is affine in x - mu): 5 standard errors
     assert ((x.mean(0) - mean).abs() / SD).max() < 5 / N_SAMPLES**0.5
@@ -498,6 +571,10 @@ def test_sdxl_config_is_diffusers_single_file_default_plus_sdxl_values():
         ("DPM2 a", S.KDPM2Ancestral, False),
         ("dpm2_a_karras", S.KDPM2Ancestral, True),
         ("DPM2 a Karras", S.KDPM2Ancestral, True),
+        ("lms", S.LMSDiscrete, False),
+        ("LMS", S.LMSDiscrete, False),
+        ("lms_karras", S.LMSDiscrete, True),
+        ("LMS Karras", S.LMSDiscrete, True),
         ("lcm", S.LCM, False),
         ("LCM", S.LCM, False),
         ("tcd", S.TCD, False),
@@ -510,8 +587,8 @@ def test_names_users_type(name, cls, karras):
     assert getattr(s, "sde", False) is ("SDE" in name.upper())  # the name pins algorithm_type too
     assert S.make_scheduler(s.name, SDXL).config == s.config  # its own name gives it back
     flipped = S.make_scheduler(name, {**SDXL, "use_karras_sigmas": not karras}).karras
-    if cls in (S.DPMSolverMultistep, S.KDPM2, S.KDPM2Ancestral):
-        assert flipped is karras  # the DPM++ and DPM2 names say whether they are Karras
+    if cls in (S.DPMSolverMultistep, S.KDPM2, S.KDPM2Ancestral, S.LMSDiscrete):
+        assert flipped is karras  # the DPM++, DPM2 and LMS names say whether they are Karras
     elif cls in (S.EulerDiscrete, S.HeunDiscrete, S.UniPCMultistep):
         assert flipped is not karras  # Euler takes the config's use_karras_sigmas, as from_config does
 
@@ -529,6 +606,8 @@ def test_names_users_type(name, cls, karras):
         (UniPCMultistepScheduler, {"use_karras_sigmas": True}),
         (KDPM2DiscreteScheduler, {}),
         (KDPM2AncestralDiscreteScheduler, {"use_karras_sigmas": True}),
+        (LMSDiscreteScheduler, {}),
+        (LMSDiscreteScheduler, {"use_karras_sigmas": True}),
     ],
 )
 def test_none_means_the_configs_class(cls, extra):
@@ -539,7 +618,13 @@ def test_none_means_the_configs_class(cls, extra):
 
 def test_class_defaults_fill_a_sparse_config():
     # a config naming only the class: the missing keys take that diffusers class's __init__ defaults
-    classes = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler, HeunDiscreteScheduler)
+    classes = (
+        EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler,
+        DDIMScheduler,
+        HeunDiscreteScheduler,
+        LMSDiscreteScheduler,
+    )
     dpm2 = (KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)  # their betas default to 0.00085..0.012
     for cls in (*classes, DPMSolverMultistepScheduler, UniPCMultistepScheduler, *dpm2):
         config = {"_class_name": cls.__name__}
@@ -561,9 +646,9 @@ def test_missing_config_means_sdxl():
 
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="euler_a.*DPM\\+\\+ 2M Karras"):
-        S.make_scheduler("lms", SDXL)
-    with pytest.raises(ValueError, match="LMSDiscreteScheduler.*dpmpp_2m"):
-        S.make_scheduler(None, {**SDXL, "_class_name": "LMSDiscreteScheduler"})
+        S.make_scheduler("plms", SDXL)
+    with pytest.raises(ValueError, match="PNDMScheduler.*dpmpp_2m"):
+        S.make_scheduler(None, {**SDXL, "_class_name": "PNDMScheduler"})
     with pytest.raises(TypeError):
         S.make_scheduler(3, SDXL)
 

@@ -28,6 +28,7 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
         "diffusers compile+cudagraphs",
         "minsdxl compile defaults, eager text encoders",
         "minsdxl compile defaults, SDPA self-attention",
+        "minsdxl compile defaults, fused GEGLU",
     ]
     for name, r in rows.items():
         assert "error" not in r, (name, r["error"])
@@ -36,8 +37,9 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     # same seed, fp32: every row draws the first row's image (a mean of a few rounding flips at most)
     assert rows["minsdxl eager (sdpa)"]["mean_abs_levels_vs_first"] is None
     assert all(r["mean_abs_levels_vs_first"] < 0.01 for r in list(rows.values())[1:])
-    # the GEMM fusion leads ran (their sizes shrink with --tiny)
+    # the GEMM fusion leads ran (their sizes shrink with --tiny), minsdxl's GEGLU GEMM too (fp32 on CPU)
     assert all("error" not in r and r["qkv_fused_ms"] > 0 and r["proj_alone_ms"] > 0 for r in res["gemm_leads"])
+    assert all(r["triton_geglu_ms"] > 0 and r["triton_geglu_rel_err"] <= 1e-5 for r in res["gemm_leads"])
     # a LoRA loaded into the compiled model: used (output changed), no recompiles, compiled = eager with it
     # (fp32 inductor reordering), and unloading gives the very output of before
     lora = res["lora_under_cudagraphs"]

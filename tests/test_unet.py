@@ -7,6 +7,7 @@ gives ~1e-7 relative differences; 1e-5 leaves room for that and nothing else.
 
 import gc
 import hashlib
+import types
 from dataclasses import replace
 
 import diffusers
@@ -22,9 +23,10 @@ from sdxl_testing import (
     rel_err,
 )
 
+import minsdxl
 from minsdxl.checkpoint import diffusers_to_sgm, load_component, save_safetensors
 from minsdxl.config import UNET_PRESETS
-from minsdxl.unet import UNet2DConditionModel
+from minsdxl.unet import GEGLU, UNet2DConditionModel
 
 TOL = 1e-5
 
@@ -98,6 +100,44 @@ def test_tiny_unet_with_triton_attention_matches_diffusers(tma, monkeypatch):
     # level 1: 1 layer x (2 down + 3 up blocks), level 2: 2 x (2 + 3), mid: 2
     assert len(calls) == len(layers) == 2 * (1 * 5 + 2 * 5 + 2)
     assert {s[-2] for s in calls} >= {77, 8 * 6, 4 * 3}  # cross-attention keys and both token counts
+
+
+def test_tiny_unet_with_fused_geglu_matches_diffusers(monkeypatch):
+    # minsdxl.compile(model, fused_geglu=True)'s GEMM in Triton's interpreter inside a whole UNet, judged by
+    # diffusers' UNet on the same weights; then traced by torch.compile(fullgraph=True) through GEGLU's
+    # dispatch and the custom op (aot_eager: dynamo, the fake impl and functionalization, no C++ build)
+    from minsdxl.kernels import geglu_gemm
+
+    calls = []
+    launch = geglu_gemm._launch
+    monkeypatch.setattr(geglu_gemm, "_launch", lambda *a: calls.append(tuple(a[0].shape)) or launch(*a))
+    ref, ours = _pair(TINY_UNET, random_state_dict(diffusers_unet_config_model(TINY_UNET), seed=2))
+    vae = types.SimpleNamespace(decoder=torch.nn.Identity())
+    model = types.SimpleNamespace(unet=ours, vae=vae, text_encoder=None, text_encoder_2=None)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)  # the flags only, here
+    minsdxl.compile(model, attention_backend=None, fused_geglu=True)
+    layers = [m for m in ours.modules() if isinstance(m, GEGLU)]
+    assert len(layers) == 17 and all(m.fused for m in layers)
+    _check(ref, ours, TINY_UNET, 2, 16, 12, torch.tensor([500.0, 1.0]), seed=3)
+    # every feed-forward of the 17 transformer layers went through the kernel once, at both token counts
+    assert len(calls) == 17 and {c[0] for c in calls} == {2 * 8 * 6, 2 * 4 * 3}
+    # one transformer block compiled (the whole UNet would only add ~17 s of tracing): = the block unfused
+    block = ours.mid_block.attentions[0].transformer_blocks[0]
+    tokens = torch.randn(2, 12, block.norm1.normalized_shape[0], generator=torch.Generator().manual_seed(4))
+    ctx = torch.randn(2, 77, TINY_UNET.cross_attention_dim, generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            got = torch.compile(block, fullgraph=True, backend="aot_eager")(tokens, ctx)
+            assert len(calls) == 18  # the compiled block ran the kernel
+            block.ff.net[0].fused = False
+            want = block(tokens, ctx)
+    finally:
+        torch._dynamo.reset()
+    assert rel_err(got, want) <= TOL
+    monkeypatch.setattr(minsdxl.speed.importlib.util, "find_spec", lambda name: None)  # no triton installed
+    with pytest.raises(ImportError, match=r"fused_geglu=True\) needs triton"):
+        minsdxl.compile(model, attention_backend=None, fused_geglu=True)
 
 
 def diffusers_unet_config_model(cfg):

@@ -333,6 +333,15 @@ def test_geglu_fits(monkeypatch):
         geglu(x, w)
 
 
+def test_geglu_without_tma_computes_pytorchs(monkeypatch):
+    # a GPU before Hopper (no TMA descriptors): the op runs diffusers' formula in PyTorch, not the kernel
+    monkeypatch.setattr(geglu_gemm, "_has_tma", lambda device: False)
+    monkeypatch.setattr(geglu_gemm, "_launch", lambda *a: pytest.fail("the kernel ran without TMA"))
+    x, w, b = _geglu_inputs(2 * 35, 64, 128, seed=6)
+    tokens = x.view(2, 35, 64)
+    assert torch.equal(geglu(tokens, w, b), _geglu_ref(tokens, w, b))
+
+
 @pytest.mark.parametrize(
     "x_shape, w_shape, b_shape, dtype, error, match",
     [

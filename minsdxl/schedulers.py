@@ -155,6 +155,7 @@ class Scheduler:
     custom: tuple = ()  # which custom schedules this diffusers class's set_timesteps takes
     integer_timesteps = False  # DDIM and DPM-Solver round "linspace" timesteps to integers
     takes_eta = False  # step(..., eta=): the pipelines pass their eta to such a step (prepare_extra_step_kwargs)
+    karras_in_name = False  # the instance's name says "_karras" when its sigmas are (dpm2_karras, lms_karras)
 
     def __init__(self, config: dict | None = None):
         cfg = {**_COMMON_DEFAULTS, **self.defaults, **(config or SDXL_SCHEDULER_CONFIG), **self.forced}
@@ -180,6 +181,8 @@ class Scheduler:
         # σ of each training timestep, float32 as diffusers computes it
         self.train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         self.karras = "use_karras_sigmas" in self.defaults and bool(cfg["use_karras_sigmas"])
+        if self.karras_in_name:
+            self.name = type(self).name + "_karras" * self.karras
         self.v_prediction = cfg["prediction_type"] == "v_prediction"
         self.timesteps = self.sigmas = self.num_inference_steps = None
         self.init_noise_sigma = 1.0
@@ -446,10 +449,7 @@ class KDPM2(HeunDiscrete):
     defaults = dict(use_karras_sigmas=False, beta_start=0.00085, beta_end=0.012)
     forced = dict(final_sigmas_type="zero")
     fixed = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
-
-    def __init__(self, config: dict | None = None):
-        super().__init__(config)
-        self.name = type(self).name + "_karras" * self.karras
+    karras_in_name = True
 
     def _sigmas(self, timesteps, n):
         """(timesteps, float32 torch σ with the final 0) as both DPM2 classes' set_timesteps start."""
@@ -546,10 +546,7 @@ class LMSDiscrete(EulerDiscrete):
     # diffusers' LMS always ends at σ = 0, and its _convert_to_karras reads no sigma_min / sigma_max
     forced = dict(final_sigmas_type="zero", sigma_min=None, sigma_max=None)
     fixed = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
-
-    def __init__(self, config: dict | None = None):
-        super().__init__(config)
-        self.name = "lms" + "_karras" * self.karras
+    karras_in_name = True
 
     def _precompute(self):
         super()._precompute()
@@ -822,6 +819,7 @@ class UniPCMultistep(DPMSolverMultistep):
     dtypes (fp16 stays fp16)."""
 
     name = "unipc"
+    karras_in_name = True
     custom = ()
     defaults = dict(
         use_karras_sigmas=False,
@@ -845,7 +843,6 @@ class UniPCMultistep(DPMSolverMultistep):
     def __init__(self, config=None):
         Scheduler.__init__(self, config)  # not DPM-Solver's: no algorithm_type here
         self.bh1 = _choice(self.config, "solver_type", ("bh1", "bh2")) == "bh1"
-        self.name = "unipc" + "_karras" * self.karras
 
     def _precompute(self):  # the tables only: the update coefficients are computed per step
         self._vp_tables()

@@ -37,11 +37,7 @@ def compile(
         attention_backend = "triton" if fast else None
     if attention_backend is not None:
         set_attention(attention_backend, model)
-    if fused_geglu and importlib.util.find_spec("triton") is None:
-        raise ImportError("minsdxl.compile(fused_geglu=True) needs triton: pip install triton (or minsdxl[kernels])")
-    for m in model.unet.modules():
-        if isinstance(m, GEGLU):
-            m.fused = fused_geglu
+    set_fused_geglu(model, fused_geglu)
     parts = [model.unet, model.vae.decoder]
     # eager, the text encoders launch ~15 small kernels per layer (43 layers for SDXL base) for one
     # [1, 77] prompt: host-bound on a GPU, where compiled and replayed as a CUDA graph they are not
@@ -67,3 +63,16 @@ def set_attention(backend: str, model=None) -> None:
         for m in component.modules() if component is not None else ():
             if hasattr(m, "attention_backend"):
                 m.attention_backend = backend
+
+
+def set_fused_geglu(model, fused: bool) -> None:
+    """Turn the Triton GEGLU GEMM on or off for every feed-forward of the model's UNet (each GEGLU's `fused`;
+    compile(fused_geglu=...) calls this; eager, it runs the kernel too)."""
+    if fused and importlib.util.find_spec("triton") is None:
+        raise ImportError(
+            "set_fused_geglu(model, True) or minsdxl.compile(fused_geglu=True) needs triton: pip install triton "
+            "(or minsdxl[kernels])"
+        )
+    for m in model.unet.modules():
+        if isinstance(m, GEGLU):
+            m.fused = fused

@@ -547,9 +547,7 @@ def run_configs(args, pipe, model):
                 for m in (*compiled_parts(model), pipe.unet, pipe.vae.decoder):
                     m._compiled_call_impl = None
                 model.cuda_graphs = False
-                for m in model.unet.modules():
-                    if hasattr(m, "fused"):  # GEGLU: fused_geglu off again
-                        m.fused = False
+                minsdxl.speed.set_fused_geglu(model, False)
     minsdxl.set_attention("sdpa", model)
 
 

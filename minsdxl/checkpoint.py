@@ -21,10 +21,13 @@ from . import text_encoder as te
 from .config import (
     UNetConfig,
     VAEConfig,
+    VisionConfig,
     text_config_from_state_dict,
     unet_config_from_state_dict,
     vae_config_from_state_dict,
+    vision_config_from_state_dict,
 )
+from .image_encoder import CLIPVisionModelWithProjection
 from .schedulers import SDXL_SCHEDULER_CONFIG
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
@@ -54,10 +57,11 @@ class SDXL:
     offload_device: str | None = None  # model offload: components wait on the CPU, run here one at a time
     cuda_graphs: bool = False  # compiled with CUDA graphs (minsdxl.compile(mode="reduce-overhead"))
     lora: object | None = field(default=None, repr=False)  # minsdxl.lora.LoRAs once an adapter is loaded
+    image_encoder: torch.nn.Module | None = None  # CLIP vision tower, loaded with an IP-Adapter (minsdxl.ip_adapter)
 
     def to(self, device=None, dtype=None):
         """Move every component; with fp16 the VAE stays fp32 when its config says force_upcast."""
-        for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        for name in ("unet", "text_encoder", "text_encoder_2", "vae", "image_encoder"):
             m = getattr(self, name)
             if m is not None:
                 m.to(device=device, dtype=_vae_dtype(m.config, dtype) if name == "vae" else dtype)
@@ -539,6 +543,22 @@ def build_text_encoder(sd, with_projection: bool, dtype=torch.float32, device="c
     return _build(te.build_text_encoder, cfg, sd, "text encoder", dtype, device)
 
 
+def build_image_encoder(sd, dtype=torch.float32, device="cpu", config_json=None) -> CLIPVisionModelWithProjection:
+    """IP-Adapter's CLIP image encoder from a transformers CLIPVisionModelWithProjection state dict.
+    config_json: its config.json, for what shapes cannot tell (heads, activation, eps)."""
+    sd = {k: v for k, v in sd.items() if k != "vision_model.embeddings.position_ids"}  # a buffer we don't keep
+    if "vision_model.embeddings.patch_embedding.weight" not in sd:
+        text = any(k.endswith("embeddings.token_embedding.weight") for k in sd)
+        what = "a CLIP text encoder, not" if text else "not"
+        raise CheckpointError(
+            f"these weights are {what} a CLIP image encoder (no vision_model.embeddings.patch_embedding.weight); "
+            "IP-Adapter's image encoder is a transformers CLIPVisionModelWithProjection, e.g. the image_encoder "
+            "folder of h94/IP-Adapter (models/ for ViT-H, sdxl_models/ for ViT-bigG)"
+        )
+    cfg = vision_config_from_state_dict(sd, _vision_base(config_json))
+    return _build(CLIPVisionModelWithProjection, cfg, sd, "image encoder", dtype, device)
+
+
 def _legacy_vae(key):
     for a, b in LEGACY_VAE_ATTN.items():
         key = key.replace(f"attentions.0.{a}", f"attentions.0.{b}")
@@ -561,6 +581,14 @@ def _unet_base(cj):
         sample_size=cj.get("sample_size", 128),
         addition_time_embed_dim=cj.get("addition_time_embed_dim", 256),
     )
+
+
+def _vision_base(cj):
+    """The parts of a transformers clip_vision_model config.json that shapes cannot tell."""
+    if not cj:
+        return None
+    keep = ("num_attention_heads", "hidden_act", "layer_norm_eps", "image_size")
+    return VisionConfig(**{k: cj[k] for k in keep if k in cj})
 
 
 def _vae_base(cj):
@@ -717,7 +745,40 @@ def load_component(path, dtype=torch.float32, device="cpu", variant=None, config
         return build_unet(sd, dtype, device, cj)
     if any(k.endswith("embeddings.token_embedding.weight") for k in sd):
         return build_text_encoder(sd, "text_projection.weight" in sd, dtype, device, cj)
+    if "vision_model.embeddings.patch_embedding.weight" in sd:
+        return build_image_encoder(sd, dtype, device, cj)
     raise CheckpointError(f"{p}: cannot tell which SDXL component these weights are (no VAE, UNet or CLIP keys)")
+
+
+def load_image_encoder(folder, dtype=torch.float32, device="cpu") -> CLIPVisionModelWithProjection:
+    """IP-Adapter's image encoder from a transformers folder (config.json + model.safetensors, or
+    model.fp16.safetensors / pytorch_model.bin), e.g. h94/IP-Adapter's models/image_encoder (ViT-H,
+    which ships both model.safetensors and pytorch_model.bin) or sdxl_models/image_encoder (ViT-bigG)."""
+    p = Path(folder)
+    if not p.is_dir():
+        raise CheckpointError(
+            f"no such folder: {folder}. Pass an image encoder folder (config.json + model.safetensors), e.g. "
+            "h94/IP-Adapter's models/image_encoder or sdxl_models/image_encoder, downloaded first"
+        )
+    if not (p / "config.json").is_file() and (p / "image_encoder").is_dir():
+        raise CheckpointError(
+            f"{p} holds no image encoder itself; pass its image_encoder folder: {p / 'image_encoder'}"
+        )
+    try:
+        weights = _weights_file(p, "model", None, dtype)
+    except CheckpointError:  # transformers' older file name
+        weights = next(
+            (p / n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (p / n).is_file()), None
+        )
+        if weights is None:
+            raise CheckpointError(
+                f"no weights in {p}: expected model.safetensors (or model.fp16.safetensors, pytorch_model.bin), "
+                "as transformers writes an image encoder folder"
+            ) from None
+    try:
+        return build_image_encoder(read_state_dict(weights), dtype, device, _json(p / "config.json"))
+    except CheckpointError as e:
+        raise CheckpointError(f"{weights}: {e}") from None
 
 
 def load(
@@ -925,6 +986,11 @@ def save(model: SDXL, folder, dtype=None, variant: str | None = None) -> Path:
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} exists; minsdxl.checkpoint.save writes a new folder (remove it first)")
+    if getattr(model.unet, "encoder_hid_proj", None) is not None:
+        raise ValueError(
+            "an IP-Adapter is loaded; an SDXL folder has no place for its weights: minsdxl.unload_ip_adapter(model) "
+            "first (and load it again after saving)"
+        )
     tmp = folder.with_name(folder.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     encoders = ("text_encoder", "text_encoder_2") if model.text_encoder is not None else ("text_encoder_2",)

@@ -228,6 +228,15 @@ def build_parser():
                                                                       help="a LoRA for the base model (kohya or "
                                                                            "diffusers .safetensors), SCALE default "
                                                                            "1; repeat to combine several")
+    add("--ip-adapter", metavar="FILE",            default=None,      help="an IP-Adapter for the base model (e.g. "
+                                                                           "ip-adapter_sdxl.safetensors): "
+                                                                           "--ip-adapter-image is the image prompt")
+    add("--ip-adapter-image", metavar="IMAGE",     default=None,      help="the image prompt for --ip-adapter")
+    add("--ip-adapter-scale",          type=float, default=None,      help="how much the image prompt counts "
+                                                                           "(default 1; 0.5 is a common mix)")
+    add("--image-encoder", metavar="DIR",          default=None,      help="--ip-adapter's CLIP image encoder "
+                                                                           "folder (default: image_encoder next "
+                                                                           "to the adapter file)")
     add("--refiner",                               default=None,      help="SDXL refiner folder or file")
     add("--refiner-config",                        default=None,      help="configs of a non-SDXL single-file refiner")
     add("--refiner-mode",   choices=("switch", "img2img"), default="switch",
@@ -326,6 +335,7 @@ def generate(args, source=None) -> int:
             f"(its sha256 began {source.get('model', {}).get('hash')})"
         )
     init, mask, width, height = _read_images(args, mode)
+    image_prompt = _open(args.ip_adapter_image, "IP-Adapter image") if args.ip_adapter_image else None
     if args.seed is None or args.seed < 0:
         args.seed = secrets.randbelow(2**32)
     seeds = [args.seed + k for k in range(args.batch)]
@@ -347,7 +357,7 @@ def generate(args, source=None) -> int:
 
     for k, (seed, path) in enumerate(zip(seeds, paths)):
         t = time.perf_counter()
-        image, calls, steps = _generate_one(args, mode, base, refiner, init, mask, width, height, seed)
+        image, calls, steps = _generate_one(args, mode, base, refiner, init, mask, image_prompt, width, height, seed)
         _log(args, f"image {k + 1}/{len(seeds)}: {' + '.join(steps)} steps in {time.perf_counter() - t:.1f} s")
         text = {} if about is None else _metadata(args, about, image, calls, seed, k)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +399,12 @@ def _check(args, mode):
     if args.sampler is not None:
         minsdxl.make_scheduler(args.sampler)  # unknown names raise, listing the valid ones
     _loras(args)  # missing files and bad weights
+    if bool(args.ip_adapter) != bool(args.ip_adapter_image):
+        raise ValueError("--ip-adapter FILE and --ip-adapter-image IMAGE go together: pass both")
+    if (args.ip_adapter_scale is not None or args.image_encoder) and not args.ip_adapter:
+        raise ValueError("--ip-adapter-scale and --image-encoder apply to an --ip-adapter: pass one")
+    if args.ip_adapter and not Path(args.ip_adapter).is_file():
+        raise ValueError(f"--ip-adapter {args.ip_adapter}: no such file (e.g. sdxl_models/ip-adapter_sdxl.safetensors)")
 
 
 def _read_images(args, mode):
@@ -500,6 +516,13 @@ def _load(args, auto_dtype=False):
             names.append(minsdxl.load_lora_weights(base, path, adapter_name=_unique(Path(path).stem, names)))
         minsdxl.set_adapters(base, names, [w for _, w in specs])
         _log(args, f"merged {len(names)} LoRA(s) into the base in {time.perf_counter() - t:.1f} s")
+    if args.ip_adapter:
+        t = time.perf_counter()
+        encoder = str(Path(args.image_encoder).resolve()) if args.image_encoder else "image_encoder"
+        minsdxl.load_ip_adapter(base, args.ip_adapter, image_encoder_folder=encoder)
+        if args.ip_adapter_scale is not None:
+            minsdxl.set_ip_adapter_scale(base, args.ip_adapter_scale)
+        _log(args, f"loaded the IP-Adapter {args.ip_adapter} and its image encoder in {time.perf_counter() - t:.1f} s")
     if args.lora:  # absolute, for --from-png
         args.lora = [f"{Path(p).resolve()}:{w!r}" for p, w in map(_lora_spec, args.lora)]  # exact on replay
     refiner = None
@@ -521,7 +544,8 @@ def _load(args, auto_dtype=False):
             )
         _log(args, f"loaded refiner {args.refiner} in {time.perf_counter() - t:.1f} s (text encoder 2 and VAE shared)")
     # absolute paths in the metadata, so --from-png works from any folder ("tiny" stays a name)
-    for name in ("model", "vae", "refiner", "model_config", "refiner_config", "init_image", "mask", "lora_dir"):
+    files = ("model", "vae", "refiner", "model_config", "refiner_config", "init_image", "mask", "lora_dir")
+    for name in (*files, "ip_adapter", "ip_adapter_image", "image_encoder"):
         if getattr(args, name) and not (name == "model" and args.model == tiny.NAME):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
     return base, refiner
@@ -563,7 +587,7 @@ def _api_kwargs(args, fn, skip=()) -> dict:
     return kw
 
 
-def _generate_one(args, mode, base, refiner, init, mask, width, height, seed):
+def _generate_one(args, mode, base, refiner, init, mask, image_prompt, width, height, seed):
     """One image: the base call (+ the refiner call). Returns (PIL image, [(function, kwargs)], steps run)."""
     common = dict(seed=seed, scheduler=args.sampler, progress=not args.quiet)
     steps = []  # per call, counted by the step callback (-v only)
@@ -578,6 +602,8 @@ def _generate_one(args, mode, base, refiner, init, mask, width, height, seed):
         kw["image"] = init
     if mode == "inpaint":
         kw.update(mask_image=mask, width=width, height=height)
+    if image_prompt is not None:  # the base's adapter; the refiner has none
+        kw["ip_adapter_image"] = image_prompt
     switch = refiner is not None and args.refiner_mode == "switch"
     if switch:  # = diffusers' ensemble of expert denoisers: the base stops at the switch, noisy latents out
         kw.update(denoising_end=args.refiner_switch, output_type="latent")
@@ -618,6 +644,8 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
         "refiner": _file_info(args.refiner, refiner, args.dtype) if refiner else None,
         "init_image": _file_info(args.init_image) if args.init_image else None,
         "mask": _file_info(args.mask) if args.mask else None,
+        "ip_adapter": _file_info(args.ip_adapter) if args.ip_adapter else None,
+        "ip_adapter_image": _file_info(args.ip_adapter_image) if args.ip_adapter_image else None,
         "scheduler": {"name": args.sampler, "a1111": _a1111_name(args.sampler), "config": sched.config},
         "dtypes": {
             c: str(getattr(base, c).dtype).removeprefix("torch.")
@@ -628,7 +656,7 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
     }
     _log(args, f"hashed the model files in {time.perf_counter() - t:.1f} s (sha256 {model['sha256'][:10]})")
     if source is not None:  # --from-png: say when the result cannot be the same image
-        for what in ("model", "refiner", "vae", "init_image", "mask"):
+        for what in ("model", "refiner", "vae", "init_image", "mask", "ip_adapter", "ip_adapter_image"):
             old, new = (source.get(what) or {}).get("sha256"), (about[what] or {}).get("sha256")
             if old and new and old != new:
                 _warn(
@@ -682,7 +710,7 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
     """The two PNG text chunks of one image: A1111's `parameters` and the `minsdxl` JSON."""
     stored = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     stored["seed"] = seed  # this image's own seed: --from-png makes this one image
-    base_images = {"image": args.init_image, "mask_image": args.mask}
+    base_images = {"image": args.init_image, "mask_image": args.mask, "ip_adapter_image": args.ip_adapter_image}
     refiner_images = {
         "image": "the base call's " + ("latents" if args.refiner_mode == "switch" else "image"),
         "mask_image": args.mask,

@@ -1,6 +1,7 @@
 """Model configs as small dataclasses, the SDXL presets, and inference of a config from the shapes
 of a state dict in diffusers' key names (never from a path or a YAML file)."""
 
+import math
 from dataclasses import dataclass, replace
 
 
@@ -53,6 +54,26 @@ class TextConfig:
     pad_token_id: int = 49407
 
 
+@dataclass(frozen=True)
+class VisionConfig:
+    """A CLIP vision tower (IP-Adapter's image encoder). Defaults: OpenCLIP ViT-H/14."""
+
+    hidden_size: int = 1280
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    intermediate_size: int = 5120
+    image_size: int = 224
+    patch_size: int = 14
+    projection_dim: int = 1024
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    num_channels: int = 3
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1  # the patches plus the class token
+
+
 UNET_PRESETS = {
     "base": UNetConfig(),
     "refiner": UNetConfig(
@@ -76,6 +97,13 @@ TEXT_PRESETS = {
         projection_dim=1280,
         pad_token_id=0,
     ),
+}
+# IP-Adapter's two image encoders (h94/IP-Adapter; the same numbers as its config.json files):
+# models/image_encoder (OpenCLIP ViT-H/14: SD 1.5 adapters and the SDXL "vit-h" / Plus ones) and
+# sdxl_models/image_encoder (OpenCLIP ViT-bigG/14: the plain SDXL adapter). Both 224 px, exact gelu.
+VISION_PRESETS = {
+    "vit_h": VisionConfig(),
+    "vit_bigg": VisionConfig(hidden_size=1664, num_hidden_layers=48, intermediate_size=8192, projection_dim=1280),
 }
 
 
@@ -155,14 +183,49 @@ def text_config_from_state_dict(sd, base: TextConfig | None = None) -> TextConfi
     )
 
 
+def vision_config_from_state_dict(sd, base: VisionConfig | None = None) -> VisionConfig:
+    """Infer a VisionConfig from a CLIPVisionModelWithProjection state dict (transformers' keys).
+
+    Width, depth, MLP size, patch size, channels, projection size and the image size (from the number
+    of positions) are in the shapes. Head count, activation and LayerNorm eps are not: they come from
+    `base` (what the folder's config.json says), else from the preset of the same width, else 16 heads
+    and exact gelu: every OpenCLIP tower from ViT-L up has 16 heads (head size 64 for ViT-L/14, 80 for
+    ViT-H/14, 104 for ViT-bigG/14) and gelu. OpenAI's own towers (quick_gelu; ViT-B: 12 heads) need
+    their config.json."""
+    p = "vision_model."
+    if f"{p}embeddings.patch_embedding.weight" not in sd:
+        raise ValueError(f"not a CLIP vision model: {p}embeddings.patch_embedding.weight is missing")
+    patch = sd[f"{p}embeddings.patch_embedding.weight"]  # [hidden, channels, patch, patch]
+    hidden, channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[-1]
+    if base is None:
+        base = next((c for c in VISION_PRESETS.values() if c.hidden_size == hidden), VisionConfig())
+    grid = math.isqrt(sd[f"{p}embeddings.position_embedding.weight"].shape[0] - 1)
+    # the config's own image_size when it gives the same patch grid (e.g. 225 px with 14 px patches)
+    image_size = base.image_size if base.image_size // patch_size == grid else grid * patch_size
+    proj = sd.get("visual_projection.weight")
+    return replace(
+        base,
+        hidden_size=hidden,
+        num_hidden_layers=_count(list(sd), f"{p}encoder.layers."),
+        intermediate_size=sd[f"{p}encoder.layers.0.mlp.fc1.weight"].shape[0],
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=base.projection_dim if proj is None else proj.shape[0],  # no projection: _build says so
+        num_channels=channels,
+    )
+
+
 __all__ = [
     "UNetConfig",
     "VAEConfig",
     "TextConfig",
+    "VisionConfig",
     "UNET_PRESETS",
     "VAE_PRESETS",
     "TEXT_PRESETS",
+    "VISION_PRESETS",
     "unet_config_from_state_dict",
     "vae_config_from_state_dict",
     "text_config_from_state_dict",
+    "vision_config_from_state_dict",
 ]

@@ -16,7 +16,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from . import lora
+from . import ip_adapter, lora
 from .image import (
     apply_watermark,
     mask_crop_region,
@@ -50,6 +50,7 @@ class _Run:
     masked_image_latents: torch.Tensor | None = None
     blend: tuple | None = None  # 4-channel inpaint: (image_latents, noise, mask)
     eta: float = 0.0  # for a scheduler whose step takes it (TCD)
+    image_embeds: list | None = None  # IP-Adapter image prompt, one tensor per adapter (CFG-doubled)
 
     @property
     def cfg(self) -> bool:
@@ -76,7 +77,7 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
     }
     n = len(run.timesteps)
     t_unet = run.timesteps.to(x.device)  # once, not a host-to-device copy per step
-    projected = None  # (embeds, their version, project_context(embeds)): the prompt's k, v for every step
+    projected = None  # (embeds, their version, project_context(embeds)): the prompt's (and image's) k, v
     for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="denoising", leave=False)):
         if getattr(model, "cuda_graphs", False):  # last step's UNet output buffers may be reused now
             torch.compiler.cudagraph_mark_step_begin()
@@ -85,7 +86,7 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
             x_in = torch.cat([x_in, state["mask"], state["masked_image_latents"]], dim=1)
         embeds = state["prompt_embeds"]  # projected again only when a callback replaced or modified them
         if projected is None or projected[0] is not embeds or projected[1] != embeds._version:
-            projected = (embeds, embeds._version, model.unet.project_context(embeds))
+            projected = (embeds, embeds._version, model.unet.project_context(embeds, run.image_embeds))
         eps = model.unet(x_in, t_unet[i], projected[2], state["add_text_embeds"], state["add_time_ids"])
         if run.cfg:
             uncond, text = eps.chunk(2)
@@ -157,6 +158,7 @@ def _check_common(model, a, mode):
     start, end = a.get("denoising_start"), a.get("denoising_end")
     if start is not None and end is not None and start >= end:
         raise ValueError(f"denoising_start={start} must be below denoising_end={end}")
+    ip_adapter.check_inputs(model, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
 
 
 def _generator(a):
@@ -240,6 +242,7 @@ class _Setup:
     generator: object
     embeds: tuple  # (prompt, negative, pooled, negative pooled) as encode_prompt returns them
     cfg: bool
+    image_embeds: list | None  # the IP-Adapter image prompt (ip_adapter.image_embeds)
 
     @property
     def batch(self):
@@ -266,6 +269,7 @@ class _Setup:
             a["guidance_rescale"],
             self.generator,
             eta=a["eta"],
+            image_embeds=self.image_embeds,
         )
 
 
@@ -273,7 +277,18 @@ def _setup(model, a, strength=1.0, denoising_start=None) -> _Setup:
     cfg = a["guidance_scale"] > 1.0
     sched = _scheduler(model, a)
     timesteps = sched.select_timesteps(strength, denoising_start, a["denoising_end"])
-    return _Setup(sched, timesteps, _generator(a), _prompts(model, a, cfg), cfg)
+    embeds = _prompts(model, a, cfg)
+    with _on_device(model, "image_encoder"):
+        images = ip_adapter.image_embeds(
+            model,
+            a["ip_adapter_image"],
+            a["ip_adapter_image_embeds"],
+            a["num_images_per_prompt"],
+            cfg,
+            embeds[0].shape[0],
+            _device(model),
+        )
+    return _Setup(sched, timesteps, _generator(a), embeds, cfg, images)
 
 
 def _time_ids(model, ids, neg_ids, pooled_dim, dtype):
@@ -372,7 +387,7 @@ def _lora_call(fn):
         if extra:
             raise ValueError(
                 f"cross_attention_kwargs {extra} are not supported: SDXL's attention takes only 'scale' (the "
-                "LoRA scale); IP-adapter and custom attention processors are not part of minsdxl"
+                "LoRA scale); custom attention processors and IP-Adapter masks are not part of minsdxl"
             )
         with lora.scaled(model, (cross_attention_kwargs or {}).get("scale")):
             return fn(model, *args, cross_attention_kwargs=cross_attention_kwargs, **kw)
@@ -402,6 +417,8 @@ def text2img(
     negative_prompt_embeds=None,
     pooled_prompt_embeds=None,
     negative_pooled_prompt_embeds=None,
+    ip_adapter_image=None,
+    ip_adapter_image_embeds=None,
     output_type="pil",
     guidance_rescale=0.0,
     original_size=None,
@@ -486,6 +503,8 @@ def img2img(
     negative_prompt_embeds=None,
     pooled_prompt_embeds=None,
     negative_pooled_prompt_embeds=None,
+    ip_adapter_image=None,
+    ip_adapter_image_embeds=None,
     output_type="pil",
     guidance_rescale=0.0,
     original_size=None,
@@ -552,6 +571,8 @@ def inpaint(
     negative_prompt_embeds=None,
     pooled_prompt_embeds=None,
     negative_pooled_prompt_embeds=None,
+    ip_adapter_image=None,
+    ip_adapter_image_embeds=None,
     output_type="pil",
     guidance_rescale=0.0,
     original_size=None,

@@ -52,13 +52,14 @@ def compile(
 
 def set_attention(backend: str, model=None) -> None:
     """Select the attention: "sdpa" (default), "math", or "triton". With a model, for every attention
-    layer of that model (UNet, VAE, text encoders) only (a module it shares with another model through
-    load(share=...) is one object: both see the change); without, the process default."""
+    layer of that model (UNet, VAE, text encoders, IP-Adapter image encoder) only (a module it shares
+    with another model through load(share=...) is one object: both see the change); without, the
+    process default."""
     attention.check_backend(backend)
     if model is None:
         attention.set_backend(backend)
         return
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder"):
         component = getattr(model, name, None)
         for m in component.modules() if component is not None else ():
             if hasattr(m, "attention_backend"):

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
-from .config import TextConfig
+from .config import TextConfig, VisionConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -43,8 +43,12 @@ class CLIPTextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding.weight[:n]
 
 
+# The transformer layers below also make the vision tower (image_encoder.py): any config with
+# hidden_size, num_attention_heads, intermediate_size, hidden_act and layer_norm_eps.
+
+
 class CLIPAttention(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig | VisionConfig):
         super().__init__()
         d = config.hidden_size
         self.heads = config.num_attention_heads
@@ -54,13 +58,13 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.attention_backend: str | None = None  # None: minsdxl.attention's process default
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         o = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask, self.attention_backend)
         return self.out_proj(o)
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig | VisionConfig):
         super().__init__()
         if config.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unknown hidden_act {config.hidden_act!r}; choose one of {', '.join(ACTIVATIONS)}")
@@ -73,20 +77,20 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig | VisionConfig):
         super().__init__()
         self.self_attn = CLIPAttention(config)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig | VisionConfig):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
 

@@ -55,24 +55,32 @@ class ResnetBlock2D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with diffusers' names; cross-attention when `kv_dim` differs from `dim`."""
+    """Multi-head attention with diffusers' names; cross-attention when `kv_dim` differs from `dim`.
+    `inner` (default dim) and `out_bias` as diffusers' Attention(dim_head * heads, out_bias) for the
+    IP-Adapter Plus resampler."""
 
-    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, bias: bool = False):
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, bias: bool = False, inner=None, out_bias=True):
         super().__init__()
+        inner = inner or dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=bias)
-        self.to_k = nn.Linear(kv_dim or dim, dim, bias=bias)
-        self.to_v = nn.Linear(kv_dim or dim, dim, bias=bias)
+        self.to_q = nn.Linear(dim, inner, bias=bias)
+        self.to_k = nn.Linear(kv_dim or dim, inner, bias=bias)
+        self.to_v = nn.Linear(kv_dim or dim, inner, bias=bias)
         # to_out[1] is diffusers' Dropout(0.0): kept so the key is `to_out.0.weight`
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=out_bias), nn.Dropout(0.0)])
         self.attention_backend: str | None = None  # None: minsdxl.attention's process default
+        # an attn2's IP-Adapter image k/v projections (minsdxl.ip_adapter.IPAdapterLayer) once loaded; named
+        # `processor` so the keys are diffusers' IPAdapterAttnProcessor2_0's (attn2.processor.to_k_ip.0.weight)
+        self.processor = None
 
     def forward(self, x, context=None):
-        """context: None (self-attention), the tokens to attend to, or (k, v, zeros) already projected
-        by this layer (UNet2DConditionModel.project_context): k, v of all but the first `zeros` rows
-        of the batch, whose prompt tokens are all zeros."""
+        """context: None (self-attention), the tokens to attend to, or (k, v, zeros, ip) already
+        projected by this layer (UNet2DConditionModel.project_context): k, v of all but the first
+        `zeros` rows of the batch, whose prompt tokens are all zeros; ip: one (k, v, scale) per
+        IP-Adapter image prompt, each attended to by the same queries and added, scaled."""
+        ip = ()
         if isinstance(context, tuple):
-            k, v, zeros = context
+            k, v, zeros, ip = context
         else:
             context = x if context is None else context
             k, v, zeros = self.to_k(context), self.to_v(context), 0
@@ -80,7 +88,11 @@ class Attention(nn.Module):
             bias = self.to_out[0].bias.expand(zeros, *x.shape[1:])
             if zeros == len(x):
                 return bias.clone()
-        o = self.to_out[0](attention(self.to_q(x[zeros:]), k, v, self.heads, backend=self.attention_backend))
+        q = self.to_q(x[zeros:])
+        o = attention(q, k, v, self.heads, backend=self.attention_backend)
+        for k_ip, v_ip, scale in ip:  # = IPAdapterAttnProcessor2_0: text attention + scale * image attention
+            o = o + scale * attention(q, k_ip, v_ip, self.heads, backend=self.attention_backend)
+        o = self.to_out[0](o)
         return torch.cat([bias, o]) if zeros else o
 
 
@@ -262,6 +274,9 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self.num_cross_attentions = len(self.cross_attentions())
+        # IP-Adapters' image projections (minsdxl.ip_adapter.MultiIPAdapterImageProjection) once loaded:
+        # diffusers' attribute name, so the keys are encoder_hid_proj.image_projection_layers.N.*
+        self.encoder_hid_proj = None
 
     @property
     def dtype(self):
@@ -275,37 +290,52 @@ class UNet2DConditionModel(nn.Module):
         """Every attn2, in the order forward runs them (module registration order is forward order)."""
         return [m.attn2 for m in self.modules() if isinstance(m, BasicTransformerBlock)]
 
-    def project_context(self, encoder_hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Each cross-attention's (to_k, to_v, zeros) of the prompt tokens. The prompt is the same at
+    def project_context(self, encoder_hidden_states: torch.Tensor, image_embeds=None) -> list[tuple]:
+        """Each cross-attention's (to_k, to_v, zeros, ip) of the prompt tokens. The prompt is the same at
         every denoising step, so the sampler projects it once and passes this list as
         encoder_hidden_states: SDXL base runs 140 small GEMMs per step fewer (~0.8 ms of a 32 ms step
         in an H200 profile).
         zeros: how many leading rows of the batch have all-zero tokens (CFG's negative half, which
         comes first, when force_zeros_for_empty_prompt). Their k, v are left out: bias-free to_k/to_v
         make them 0, so each attn2 gives exactly its to_out bias there, without to_q, attention or to_out
-        (4.1 % of a 512x512 CFG step's FLOPs, 3.7 % at 1024x1024; bit-identical to computing it)."""
+        (4.1 % of a 512x512 CFG step's FLOPs, 3.7 % at 1024x1024; bit-identical to computing it).
+        image_embeds: with IP-Adapters loaded, one tensor per adapter as diffusers' added_cond_kwargs
+        ["image_embeds"] ([B, images, dim] or [B, images, tokens, dim]); `ip` then holds each layer's
+        (k, v, scale) of the projected image tokens, and no rows are left out (an empty prompt still
+        sees the image)."""
         e = encoder_hidden_states
+        tokens = None
+        if image_embeds is not None:
+            if self.encoder_hid_proj is None:
+                raise ValueError("image_embeds were given but no IP-Adapter is loaded: minsdxl.load_ip_adapter first")
+            tokens = self.encoder_hid_proj(image_embeds)
         zero = (e == 0).flatten(1).all(1).tolist()
-        lead = next((i for i, z in enumerate(zero) if not z), len(zero))
+        lead = next((i for i, z in enumerate(zero) if not z), len(zero)) if tokens is None else 0
         out = []
         for a in self.cross_attentions():
             n = lead if a.to_k.bias is None and a.to_v.bias is None else 0
-            out.append((a.to_k(e[n:]), a.to_v(e[n:]), n))
+            ip = a.processor.project(tokens) if tokens is not None and a.processor is not None else ()
+            out.append((a.to_k(e[n:]), a.to_v(e[n:]), n, ip))
         return out
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids) -> torch.Tensor:
+    def forward(
+        self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, image_embeds=None
+    ) -> torch.Tensor:
         """sample [B, C, h, w]; timestep float or tensor (scalar or [B]); encoder_hidden_states
         [B, 77, context] (or project_context's list of it); text_embeds (pooled) [B, 1280]; time_ids
-        [B, 6] (base) or [B, 5] (refiner)."""
+        [B, 6] (base) or [B, 5] (refiner); image_embeds: IP-Adapter image embeddings (see
+        project_context), with a tensor encoder_hidden_states."""
         b = sample.shape[0]
+        if image_embeds is not None and isinstance(encoder_hidden_states, torch.Tensor):
+            encoder_hidden_states = self.project_context(encoder_hidden_states, image_embeds)
         if isinstance(encoder_hidden_states, torch.Tensor):
             contexts = [encoder_hidden_states] * self.num_cross_attentions
         else:
             contexts = [tuple(c) for c in encoder_hidden_states]
-            fits = all(len(c) == 3 and len(c[0]) + c[2] == b for c in contexts)
+            fits = all(len(c) == 4 and len(c[0]) + c[2] == b for c in contexts)
             if len(contexts) != self.num_cross_attentions or not fits:
                 raise ValueError(
-                    f"encoder_hidden_states: got a list of {len(contexts)}; this UNet needs one (k, v, zeros) "
+                    f"encoder_hidden_states: got a list of {len(contexts)}; this UNet needs one (k, v, zeros, ip) "
                     f"for each of its {self.num_cross_attentions} cross-attention layers, for a batch of {b}: "
                     "make it with this UNet's project_context from the prompt tokens of that batch"
                 )

@@ -7,7 +7,7 @@ import diffusers
 import torch
 
 from minsdxl.checkpoint import diffusers_to_sgm, text_config_json, unet_config_json, vae_config_json
-from minsdxl.config import TEXT_PRESETS, TextConfig, UNetConfig, VAEConfig
+from minsdxl.config import TEXT_PRESETS, TextConfig, UNetConfig, VAEConfig, VisionConfig
 
 TINY_UNET = UNetConfig(
     block_out_channels=(32, 64, 64),
@@ -33,6 +33,27 @@ TINY_REFINER = replace(
 def pooled_dim(cfg: UNetConfig) -> int:
     """Width of the pooled text embedding the UNet expects: bigG's 1280, or 32 in the tiny configs."""
     return 1280 if cfg.addition_time_embed_dim == 256 else 32
+
+
+# a tiny CLIP vision tower (IP-Adapter's image encoder): 8x8 patches of 4 px, 65 tokens, projection 24
+TINY_VISION = VisionConfig(
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=48,
+    image_size=32,
+    patch_size=4,
+    projection_dim=24,
+)
+
+
+def hf_vision_config(cfg: VisionConfig):
+    """transformers' CLIPVisionConfig for one of our VisionConfigs (the field names are the same)."""
+    import dataclasses
+
+    import transformers
+
+    return transformers.CLIPVisionConfig(**dataclasses.asdict(cfg))
 
 
 TINY_VAE = VAEConfig(block_out_channels=(8, 16, 32, 32), norm_num_groups=4, sample_size=64)
@@ -318,3 +339,72 @@ def old_diffusers_lora(pairs) -> dict:
             key = f"{comp}.{name}.{'lora' if comp == 'unet' else 'lora_linear_layer'}"
         sd[f"{key}.down.weight"], sd[f"{key}.up.weight"] = down, up
     return sd
+
+
+# ------------------------------------------------------------------------------------------------
+# IP-Adapter files in the original layout (h94/IP-Adapter; diffusers converts them on load), random
+# weights for a diffusers UNet (test_ip_adapter, test_cli)
+
+
+def _normal(g, *shape):
+    return torch.randn(shape, generator=g) * (shape[-1] ** -0.5 if len(shape) > 1 else 0.1)
+
+
+def _norm(g, n, prefix):
+    return {
+        f"{prefix}weight": 1 + 0.1 * torch.randn(n, generator=g),
+        f"{prefix}bias": 0.1 * torch.randn(n, generator=g),
+    }
+
+
+def _ip_layers(unet, g):
+    """The original layout's k/v weights: diffusers numbers the cross-attentions 1, 3, 5, ... in its
+    attn_processors order (read here from diffusers' UNet, independently of minsdxl's ordering)."""
+    names = [k.removesuffix(".processor") for k in unet.attn_processors if k.endswith("attn2.processor")]
+    cross = unet.config.cross_attention_dim
+    out = {}
+    for j, name in enumerate(names):
+        dim = unet.get_submodule(name).to_q.out_features
+        for kv in "kv":
+            out[f"{2 * j + 1}.to_{kv}_ip.weight"] = _normal(g, dim, cross)
+    return out
+
+
+def plain_adapter(unet, seed=0, embed_dim=TINY_VISION.projection_dim):
+    g, cross = torch.Generator().manual_seed(seed), unet.config.cross_attention_dim
+    proj = {
+        "proj.weight": _normal(g, 4 * cross, embed_dim),
+        "proj.bias": _normal(g, 4 * cross),
+        **_norm(g, cross, "norm."),
+    }
+    return {"image_proj": proj, "ip_adapter": _ip_layers(unet, g)}
+
+
+def plus_adapter(unet, seed=1, width=128, embed_dim=TINY_VISION.hidden_size):
+    """width: the resampler's (128 = two of the 64-wide heads diffusers assumes); embed_dim: the image
+    encoder's hidden size."""
+    g, w, cross = torch.Generator().manual_seed(seed), width, unet.config.cross_attention_dim
+    proj = {
+        "latents": torch.randn(1, 16, w, generator=g) / w**0.5,
+        "proj_in.weight": _normal(g, w, embed_dim),
+        "proj_in.bias": _normal(g, w),
+        "proj_out.weight": _normal(g, cross, w),
+        "proj_out.bias": _normal(g, cross),
+        **_norm(g, cross, "norm_out."),
+    }
+    for i in range(4):  # diffusers builds the resampler with depth 4 and ff ratio 4
+        p = f"layers.{i}."
+        proj |= _norm(g, w, p + "0.norm1.") | _norm(g, w, p + "0.norm2.") | _norm(g, w, p + "1.0.")
+        proj |= {
+            p + "0.to_q.weight": _normal(g, w, w),
+            p + "0.to_kv.weight": _normal(g, 2 * w, w),
+            p + "0.to_out.weight": _normal(g, w, w),
+            p + "1.1.weight": _normal(g, 4 * w, w),
+            p + "1.3.weight": _normal(g, w, 4 * w),
+        }
+    return {"image_proj": proj, "ip_adapter": _ip_layers(unet, g)}
+
+
+def flat_ip_adapter(sd):
+    """The nested {"image_proj": ..., "ip_adapter": ...} as the .safetensors files key it."""
+    return {f"{part}.{k}": v for part in ("image_proj", "ip_adapter") for k, v in sd[part].items()}

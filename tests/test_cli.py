@@ -19,7 +19,18 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from sdxl_testing import component_state_dicts, kohya_lora, lora_layers, peft_lora, random_lora_pairs
+from sdxl_testing import (
+    TINY_VISION,
+    component_state_dicts,
+    flat_ip_adapter,
+    hf_vision_config,
+    kohya_lora,
+    lora_layers,
+    peft_lora,
+    plain_adapter,
+    random_lora_pairs,
+    random_state_dict,
+)
 
 import minsdxl
 from minsdxl.checkpoint import diffusers_to_sgm, read_safetensors, save_safetensors
@@ -91,7 +102,17 @@ def paths(tiny_base, tiny_refiner, tiny_inpaint, tmp_path_factory):
     layers = lora_layers(model, only=lambda n: "attn" in n or "mlp" in n)
     save_safetensors(kohya_lora(model, random_lora_pairs(layers, seed=1), alpha=2.0), root / "style.safetensors")
     save_safetensors(peft_lora(random_lora_pairs(layers, seed=2)), root / "detail.safetensors")
+    # an IP-Adapter with its image encoder beside it (the layout of h94/IP-Adapter's sdxl_models/)
+    import transformers
+
+    save_safetensors(flat_ip_adapter(plain_adapter(tiny_base[0].unet)), root / "ip-adapter.safetensors")
+    vision = transformers.CLIPVisionModelWithProjection(hf_vision_config(TINY_VISION))
+    vision.load_state_dict(random_state_dict(vision, 7))
+    vision.save_pretrained(root / "image_encoder")
+    PIL.Image.fromarray(rng.integers(0, 256, (29, 40, 3), dtype=np.uint8)).save(root / "style.png")
     return {
+        "ip_adapter": root / "ip-adapter.safetensors",
+        "ip_image": root / "style.png",
         "lora_style": root / "style.safetensors",
         "lora_detail": root / "detail.safetensors",
         "base": tiny_base[1],
@@ -172,6 +193,11 @@ def runs(paths, tmp_path_factory):
                 + ["-o", "lora.png", "-q"],
                 dirs["lora"],
             ),
+            "ip": (
+                ["minsdxl", *T2I_FLAGS, "--model", p["base"], "-s", "6", "--ip-adapter", p["ip_adapter"]]
+                + ["--ip-adapter-image", p["ip_image"], "--ip-adapter-scale", "0.7", "-o", "ip.png", "-q"],
+                dirs["lora"],
+            ),
             "tiled": (  # the tiny VAE's tiles are 64 px: a 96 px wide image is decoded in 2 x 1 tiles; TCD, eta
                 ["minsdxl", "-p", "a cat", "--model", p["base"], "-W", "96", "-H", "64", "--steps", "2", "-s", "8"]
                 + ["--vae-tiling", "--sampler", "tcd", "--eta", "0.3", "-o", "tiled.png", "-q"],
@@ -199,6 +225,7 @@ def runs(paths, tmp_path_factory):
                 dirs["t2i"],
             ),
             "lora_again": (["minsdxl", "--from-png", str(dirs["lora"] / "lora.png"), "-o", "again.png"], dirs["lora"]),
+            "ip_again": (["minsdxl", "--from-png", str(dirs["lora"] / "ip.png"), "-o", "ip_again.png"], dirs["lora"]),
         },
         paths["cache"],
     )
@@ -328,6 +355,25 @@ def test_lora_flags_metadata_and_from_png(runs, api, paths):
     assert np.array_equal(_pixels(folder / "again.png"), _pixels(folder / "lora.png"))
 
 
+def test_ip_adapter_flags_metadata_and_from_png(runs, api, paths):
+    _ok(runs["ip"])
+    folder = runs["dirs"]["lora"]
+    model = minsdxl.load(paths["base"])
+    minsdxl.load_ip_adapter(model, paths["ip_adapter"])  # finds image_encoder/ beside the file, as the CLI
+    minsdxl.set_ip_adapter_scale(model, 0.7)
+    style = PIL.Image.open(paths["ip_image"])
+    _same(folder / "ip.png", minsdxl.text2img(model, **T2I, seed=6, ip_adapter_image=style, progress=False)[0])
+    plain = np.asarray(minsdxl.text2img(api["base"], **T2I, seed=6, progress=False)[0])
+    assert np.abs(_pixels(folder / "ip.png").astype(int) - plain).mean() > 1  # the image prompt matters
+    meta = read_png_metadata(folder / "ip.png")["minsdxl"]
+    assert meta["ip_adapter"]["sha256"] == hashlib.sha256(paths["ip_adapter"].read_bytes()).hexdigest()
+    assert meta["ip_adapter_image"]["sha256"] == hashlib.sha256(paths["ip_image"].read_bytes()).hexdigest()
+    assert meta["calls"][0]["kwargs"]["ip_adapter_image"] == str(paths["ip_image"].resolve())
+    assert meta["args"]["ip_adapter_scale"] == 0.7
+    _ok(runs["ip_again"])  # --from-png loads the adapter and the image prompt again
+    assert np.array_equal(_pixels(folder / "ip_again.png"), _pixels(folder / "ip.png"))
+
+
 def test_vae_tiling_and_eta_flags(runs, paths):
     _ok(runs["tiled"])
     model = minsdxl.load(paths["base"])
@@ -454,6 +500,7 @@ ERRORS = {
     "lora_missing": (["--model", "{base}", "--lora", "nope.safetensors:0.5"], "--lora nope.safetensors:0.5: no file"),
     "lora_tag_without_dir": (["--model", "{base}", "-p", "a cat <lora:x:0.5>"], "pass --lora-dir DIR"),
     "lora_not_a_lora": (["--model", "{base}", *SIZE, "--lora", "{init}"], "unknown weights format"),
+    "ip_adapter_without_image": (["--model", "{base}", "--ip-adapter", "{ip_adapter}"], "pass both"),
     "mask_padding_without_mask": (["--model", "{base}", "-i", "{init}", "--mask-padding", "8"], "pass --mask"),
     "mask_padding_with_switch": (
         ["--model", "{base}", "-i", "{init}", "--mask", "{mask}", "--mask-padding", "8", "--refiner", "{refiner}"],

@@ -182,7 +182,7 @@ def test_projected_context_equals_the_prompt_tokens():
         a = ours(x, 321.0, ctx, text, ids)
         assert torch.equal(ours(x, 321.0, kv, text, ids), a)
         assert not torch.equal(ours(x, 321.0, kv[1:] + kv[:1], text, ids), a)
-        with pytest.raises(ValueError, match="list of 16; this UNet needs one .k, v, zeros. for each of its 17"):
+        with pytest.raises(ValueError, match="list of 16; this UNet needs one .k, v, zeros, ip. for each of its 17"):
             ours(x, 321.0, kv[1:], text, ids)
         with pytest.raises(ValueError, match="for a batch of 3: make it with this UNet's project_context"):
             ours(torch.cat([x, x[:1]]), 321.0, kv, torch.cat([text, text[:1]]), torch.cat([ids, ids[:1]]))
@@ -204,7 +204,7 @@ def test_all_zero_prompts_skip_cross_attention_with_the_same_output(zeros):
     hooks = [a.to_q.register_forward_pre_hook(count) for a in ours.cross_attentions()]
     with torch.no_grad():
         kv = ours.project_context(ctx)
-        assert {n for _, _, n in kv} == {zeros} and {len(k) for k, _, _ in kv} == {3 - zeros}
+        assert {n for _, _, n, _ in kv} == {zeros} and {len(k) for k, _, _, _ in kv} == {3 - zeros}
         got = ours(x, 321.0, kv, text, ids)
         assert rows == ([3 - zeros] * 17 if zeros < 3 else [])  # the zero rows never reach to_q
         for h in hooks:

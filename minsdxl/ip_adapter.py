@@ -1,0 +1,483 @@
+"""IP-Adapter (Ye et al., arXiv:2308.06721): an image as a prompt. A CLIP image encoder embeds the
+image, a small projection turns the embedding into a few "image tokens" in the text tokens' width, and
+every UNet cross-attention attends to them with its own k/v projections (to_k_ip, to_v_ip), adding
+`scale` times that attention to the text attention's output before to_out.
+
+Numerics and names are diffusers' (loaders/unet.py _load_ip_adapter_weights, IPAdapterAttnProcessor2_0,
+ImageProjection, IPAdapterPlusImageProjection, the pipelines' encode_image and
+prepare_ip_adapter_image_embeds), so after `load_ip_adapter` the UNet's state_dict keys equal diffusers'
+(`encoder_hid_proj.image_projection_layers.N.*`, `...attn2.processor.to_k_ip.N.weight`). Two kinds of
+adapter file exist for SDXL, both handled: ip-adapter_sdxl(_vit-h) (ImageProjection: the pooled,
+projected image embedding -> 4 tokens) and ip-adapter-plus(-face)_sdxl_vit-h (a perceiver resampler
+over the encoder's penultimate hidden states -> 16 tokens). FaceID and full-face adapters are refused.
+"""
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, _build, read_state_dict
+from .unet import Attention
+
+# ------------------------------------------------------------------------------------------------
+# The image projections (keys = diffusers')
+
+
+class ImageProjection(nn.Module):
+    """ip-adapter_sdxl: image_embeds [B, D] -> [B, tokens, cross_attention_dim]."""
+
+    hidden_states = False  # reads the encoder's projected image_embeds, not its hidden states
+
+    def __init__(self, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4):
+        super().__init__()
+        self.num_image_text_embeds = num_tokens
+        self.image_embeds = nn.Linear(image_embed_dim, num_tokens * cross_attention_dim)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, x):
+        x = self.image_embeds(x.to(self.image_embeds.weight.dtype))
+        return self.norm(x.reshape(x.shape[0], self.num_image_text_embeds, -1))
+
+
+class _GELU(nn.Module):
+    """diffusers' GELU activation module: proj, then exact gelu (key net.0.proj)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner, bias=False)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x))
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.net = nn.ModuleList([_GELU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim, bias=False)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class ResamplerBlock(nn.Module):
+    """= diffusers IPAdapterPlusImageProjectionBlock: the latents attend to [image tokens, latents]."""
+
+    def __init__(self, dim: int, heads: int, ff_inner: int):
+        super().__init__()
+        self.ln0 = nn.LayerNorm(dim)
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, inner=heads * 64, out_bias=False)
+        self.ff = nn.Sequential(nn.LayerNorm(dim), _FeedForward(dim, ff_inner))
+
+    def forward(self, x, latents):
+        q = self.ln1(latents)
+        latents = self.attn(q, torch.cat([self.ln0(x), q], dim=-2)) + latents
+        return self.ff(latents) + latents
+
+
+class IPAdapterPlusImageProjection(nn.Module):
+    """ip-adapter-plus: the encoder's penultimate hidden states [B, 257, width] -> [B, queries, output dim]
+    through `depth` perceiver blocks over learned latents (diffusers' names; sizes read off the weights)."""
+
+    hidden_states = True
+
+    def __init__(self, embed_dims, output_dims, hidden_dims, depth, heads, num_queries, ff_inner):
+        super().__init__()
+        self.latents = nn.Parameter(torch.zeros(1, num_queries, hidden_dims))
+        self.proj_in = nn.Linear(embed_dims, hidden_dims)
+        self.proj_out = nn.Linear(hidden_dims, output_dims)
+        self.norm_out = nn.LayerNorm(output_dims)
+        self.layers = nn.ModuleList(ResamplerBlock(hidden_dims, heads, ff_inner) for _ in range(depth))
+
+    @property
+    def num_image_text_embeds(self) -> int:
+        return self.latents.shape[1]
+
+    def forward(self, x):
+        latents = self.latents.repeat(x.shape[0], 1, 1)
+        x = self.proj_in(x)
+        for block in self.layers:
+            latents = block(x, latents)
+        return self.norm_out(self.proj_out(latents))
+
+
+class MultiIPAdapterImageProjection(nn.Module):
+    """The UNet's `encoder_hid_proj` with adapters loaded: one projection per adapter."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.image_projection_layers = nn.ModuleList(layers)
+
+    def forward(self, image_embeds: list) -> list:
+        """One [B, images, dim] (or [B, images, tokens, dim]) per adapter -> [B, images, tokens, width] each."""
+        if not isinstance(image_embeds, (list, tuple)) or len(image_embeds) != len(self.image_projection_layers):
+            n = len(image_embeds) if isinstance(image_embeds, (list, tuple)) else "a tensor"
+            raise ValueError(
+                f"image_embeds: got {n}, need a list of one tensor per loaded IP-Adapter "
+                f"({len(self.image_projection_layers)})"
+            )
+        out = []
+        for e, proj in zip(image_embeds, self.image_projection_layers):
+            b, n = e.shape[:2]
+            y = proj(e.reshape(b * n, *e.shape[2:]))
+            out.append(y.reshape(b, n, *y.shape[1:]))
+        return out
+
+
+class IPAdapterLayer(nn.Module):
+    """One cross-attention's image k/v projections, one pair per adapter, and the adapters' scales
+    (diffusers' IPAdapterAttnProcessor2_0 state; it sits at attn2.processor)."""
+
+    def __init__(self, dim: int, context_dim: int, adapters: int):
+        super().__init__()
+        self.to_k_ip = nn.ModuleList(nn.Linear(context_dim, dim, bias=False) for _ in range(adapters))
+        self.to_v_ip = nn.ModuleList(nn.Linear(context_dim, dim, bias=False) for _ in range(adapters))
+        self.scale = [1.0] * adapters
+
+    def project(self, tokens: list) -> tuple:
+        """Each adapter's image tokens [B, images, tokens, width] -> (k, v, scale) for Attention: all the
+        images' tokens of one adapter are attended to together (diffusers views them as one sequence). An
+        adapter with scale 0 is left out, as diffusers skips it."""
+        out = []
+        for t, s, to_k, to_v in zip(tokens, self.scale, self.to_k_ip, self.to_v_ip):
+            if s != 0:
+                t = t.flatten(1, -2)
+                out.append((to_k(t), to_v(t), s))
+        return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading an adapter file (the original IP-Adapter layout) into diffusers' names
+
+# the original Resampler's names -> IPAdapterPlusImageProjection's (= diffusers
+# _convert_ip_adapter_image_proj_to_diffusers); to_kv is split into to_k, to_v
+_PLUS_NAMES = (
+    (r"layers\.(\d+)\.0\.norm1\.", r"layers.\1.ln0."),
+    (r"layers\.(\d+)\.0\.norm2\.", r"layers.\1.ln1."),
+    (r"layers\.(\d+)\.0\.to_(q|kv)\.", r"layers.\1.attn.to_\2."),
+    (r"layers\.(\d+)\.0\.to_out\.", r"layers.\1.attn.to_out.0."),
+    (r"layers\.(\d+)\.1\.0\.", r"layers.\1.ff.0."),
+    (r"layers\.(\d+)\.1\.1\.", r"layers.\1.ff.1.net.0.proj."),
+    (r"layers\.(\d+)\.1\.3\.", r"layers.\1.ff.1.net.2."),
+)
+_UNSUPPORTED = {
+    "proj.3.weight": "an IP-Adapter full-face (SD 1.5) file",
+    "perceiver_resampler.proj_in.weight": "an IP-Adapter FaceID Plus file (it needs insightface face embeddings)",
+    "norm.weight": "an IP-Adapter FaceID file (it needs insightface face embeddings)",
+}
+
+
+def _split(sd: dict, name: str) -> tuple[dict, dict]:
+    """A file's tensors -> (image_proj, ip_adapter): nested dicts (the original .bin) or flat
+    `image_proj.*` / `ip_adapter.*` keys (the .safetensors files)."""
+    if isinstance(sd.get("image_proj"), dict) and isinstance(sd.get("ip_adapter"), dict):
+        return sd["image_proj"], sd["ip_adapter"]
+    parts = ({}, {})
+    for k, v in sd.items():
+        for i, prefix in enumerate(("image_proj.", "ip_adapter.")):
+            if k.startswith(prefix):
+                parts[i][k[len(prefix) :]] = v
+    if not (parts[0] and parts[1]):
+        raise CheckpointError(
+            f"{name} is not an IP-Adapter file: it has no image_proj.* and ip_adapter.* weights (an IP-Adapter "
+            "is e.g. h94/IP-Adapter's sdxl_models/ip-adapter_sdxl.safetensors)"
+        )
+    return parts
+
+
+def _projection(p: dict, name: str, dtype, device) -> nn.Module:
+    """The adapter's image projection, its kind and sizes read off the weights' shapes."""
+    for key, what in _UNSUPPORTED.items():
+        if key in p and "proj.weight" not in p:
+            raise CheckpointError(f"{name} is {what}; minsdxl supports the IP-Adapter and IP-Adapter Plus kinds")
+    if "proj.weight" in p:  # 4 tokens, as diffusers assumes for this kind
+        sd = {("image_embeds." + k[5:] if k.startswith("proj.") else k): v for k, v in p.items()}
+        w = sd["image_embeds.weight"]
+        make = lambda _: ImageProjection(w.shape[1], w.shape[0] // 4)  # noqa: E731
+    elif "latents" in p and "proj_in.weight" in p:
+        sd = {}
+        for k, v in p.items():
+            for pattern, repl in _PLUS_NAMES:
+                k = re.sub("^" + pattern, repl, k)
+            if ".to_kv." in k:
+                sd[k.replace(".to_kv.", ".to_k.")], sd[k.replace(".to_kv.", ".to_v.")] = v.chunk(2)
+            else:
+                sd[k] = v
+        depth = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
+        sizes = dict(
+            embed_dims=sd["proj_in.weight"].shape[1],
+            output_dims=sd["proj_out.weight"].shape[0],
+            hidden_dims=sd["latents"].shape[2],
+            depth=depth,
+            heads=sd["layers.0.attn.to_q.weight"].shape[0] // 64 if depth else 1,  # 64-wide heads, as diffusers
+            num_queries=sd["latents"].shape[1],
+            ff_inner=sd["layers.0.ff.1.net.0.proj.weight"].shape[0] if depth else 1,
+        )
+        make = lambda _: IPAdapterPlusImageProjection(**sizes)  # noqa: E731
+    else:
+        raise CheckpointError(f"{name}: its image_proj weights are not an IP-Adapter projection minsdxl knows")
+    return _build(make, None, sd, "IP-Adapter image projection", dtype, device)
+
+
+def _cross_attentions(unet) -> list:
+    """[(name, attn2)] in diffusers' attn_processors order, which numbers an adapter file's layers:
+    down blocks, then up blocks, then the mid block (UNet2DConditionModel registers mid_block last)."""
+    group = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+    named = [(n, m) for n, m in unet.named_modules() if n.endswith(".attn2")]
+    return sorted(named, key=lambda nm: group[nm[0].split(".")[0]])
+
+
+def _read(source, subfolder, weight_name) -> tuple[dict, str]:
+    if isinstance(source, dict):
+        return source, "the state dict"
+    path = Path(source) / (subfolder or "")
+    if weight_name:
+        path = path / weight_name
+    elif path.is_dir():
+        raise ValueError(f"{path} is a folder: pass weight_name= (e.g. 'ip-adapter_sdxl.safetensors')")
+    if not path.is_file():
+        raise CheckpointError(
+            f"no IP-Adapter file at {path}. minsdxl never downloads: fetch it first, e.g. `huggingface-cli download "
+            "h94/IP-Adapter --include 'sdxl_models/*' --local-dir IP-Adapter`"
+        )
+    return read_state_dict(path), str(path)
+
+
+def _as_list(x, n):
+    x = list(x) if isinstance(x, (list, tuple)) else [x]
+    return x * n if len(x) == 1 else x
+
+
+def load_ip_adapter(
+    model, pretrained_model_name_or_path_or_dict, subfolder=None, weight_name=None, image_encoder_folder="image_encoder"
+) -> None:
+    """= diffusers' pipeline.load_ip_adapter for local files: one adapter, or several (lists of paths,
+    subfolders, weight names). A path is a folder (with subfolder / weight_name, as on the Hub), a file,
+    or a state dict. Loading replaces adapters loaded before. The CLIP image encoder is loaded too,
+    unless the model has one: from `image_encoder_folder` under the subfolder (a name without "/") or
+    under the path (with "/", e.g. "models/image_encoder" for h94/IP-Adapter's ViT-H adapters), or an
+    absolute path; None loads none (then pass ip_adapter_image_embeds=). Weights take the UNet's dtype
+    and device. Raises before changing the model if anything does not fit."""
+    from .checkpoint import load_image_encoder
+
+    unet = model.unet
+    names = _as_list(weight_name, 1)
+    sources = _as_list(pretrained_model_name_or_path_or_dict, len(names))
+    subfolders = _as_list(subfolder, len(names))
+    if not len(sources) == len(subfolders) == len(names):
+        raise ValueError("weight_name, subfolder and the paths must be lists of the same length (or single values)")
+    dtype, device = unet.dtype, unet.device
+    attns = _cross_attentions(unet)
+    projections, layers = [], [dict() for _ in attns]
+    for source, sub, weight in zip(sources, subfolders, names):
+        sd, name = _read(source, sub, weight)
+        proj_sd, ip_sd = _split(sd, name)
+        proj = _projection(proj_sd, name, dtype, device)
+        width = (proj.norm_out if proj.hidden_states else proj.norm).normalized_shape[0]
+        if width != unet.config.cross_attention_dim:
+            raise CheckpointError(
+                f"{name} makes {width}-wide image tokens but this UNet's cross-attention takes "
+                f"{unet.config.cross_attention_dim}: it is an adapter for another model (SD 1.5: 768, SDXL: 2048)"
+            )
+        expected = {f"{2 * j + 1}.to_{kv}_ip.weight" for j in range(len(attns)) for kv in "kv"}
+        if set(ip_sd) != expected:
+            found = len({k.split(".")[0] for k in ip_sd})
+            raise CheckpointError(
+                f"{name} has image k/v weights for {found} cross-attention layers but this UNet has "
+                f"{len(attns)} (SDXL base: 70, SD 1.5: 16): it is not an adapter for this model"
+            )
+        for j, (_, attn) in enumerate(attns):
+            for kv in "kv":
+                w = ip_sd[f"{2 * j + 1}.to_{kv}_ip.weight"]
+                if tuple(w.shape) != (attn.to_q.out_features, width):
+                    raise CheckpointError(
+                        f"{name}: {2 * j + 1}.to_{kv}_ip.weight has shape {tuple(w.shape)}, this UNet's layer needs "
+                        f"{(attn.to_q.out_features, width)}"
+                    )
+                layers[j][f"to_{kv}_ip.{len(projections)}.weight"] = w
+        projections.append(proj)
+
+    encoder = model.image_encoder
+    if encoder is None and image_encoder_folder is not None:
+        if isinstance(sources[0], dict):
+            raise ValueError("the image encoder cannot be found from a state dict: pass image_encoder_folder=None")
+        folder = Path(image_encoder_folder)
+        if not folder.is_absolute():
+            root = Path(sources[0]) if Path(sources[0]).is_dir() else Path(sources[0]).parent
+            folder = root / folder if "/" in image_encoder_folder else root / (subfolders[0] or "") / folder
+        encoder = load_image_encoder(folder, dtype, device)
+    for proj, name in zip(projections, names):
+        if encoder is not None:
+            wants = encoder.config.hidden_size if proj.hidden_states else encoder.config.projection_dim
+            gets = proj.proj_in.in_features if proj.hidden_states else proj.image_embeds.in_features
+            if wants != gets:
+                raise CheckpointError(
+                    f"IP-Adapter {name or ''} reads {gets}-wide image features but the image encoder gives {wants}: "
+                    "ip-adapter_sdxl needs sdxl_models/image_encoder (ViT-bigG), the *_vit-h adapters "
+                    "models/image_encoder (ViT-H)"
+                )
+
+    # everything fits: install
+    model.image_encoder = encoder
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(projections)
+    ctx = unet.config.cross_attention_dim
+    for (_, attn), sd in zip(attns, layers):
+        with torch.device("meta"):  # no throwaway init of ~340 M weights (SDXL base)
+            layer = IPAdapterLayer(attn.to_q.out_features, ctx, len(projections))
+        layer.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, assign=True)
+        attn.processor = layer.eval().requires_grad_(False)
+
+
+def unload_ip_adapter(model) -> None:
+    """= diffusers' unload_ip_adapter: drop the image encoder, the projections and every image k/v."""
+    model.image_encoder = None
+    model.unet.encoder_hid_proj = None
+    for _, attn in _cross_attentions(model.unet):
+        attn.processor = None
+
+
+def _loaded(model) -> list:
+    layers = [(n, a.processor) for n, a in _cross_attentions(model.unet) if a.processor is not None]
+    if not layers:
+        raise ValueError("no IP-Adapter is loaded: minsdxl.load_ip_adapter(model, ...) first")
+    return layers
+
+
+def set_ip_adapter_scale(model, scale) -> None:
+    """= diffusers' set_ip_adapter_scale. `scale`: a number for every layer; a dict per block
+    (InstantStyle: {"up": {"block_0": [0.0, 1.0, 0.0]}} = style only; blocks left out get 0, a block's
+    value is a number or one per attention in it); or a list of those, one per loaded adapter. One
+    value is used for every adapter (diffusers refuses it with several loaded)."""
+    layers = _loaded(model)
+    n = len(layers[0][1].scale)
+    scales = scale if isinstance(scale, list) else [scale]
+    if len(scales) not in (1, n):
+        raise ValueError(f"got {len(scales)} scales for {n} loaded IP-Adapters: pass one, or one per adapter")
+    per_layer = [_layer_scales(s, model.unet) for s in scales]
+    for name, layer in layers:
+        prefix = ".".join(name.split(".")[:4]) if name.startswith(("down", "up")) else "mid_block"
+        for i in range(n):
+            s = per_layer[i if len(per_layer) > 1 else 0]
+            layer.scale[i] = s[prefix] if isinstance(s, dict) else s
+
+
+def _layer_scales(scale, unet):
+    """A number as it is; a block dict -> {"down_blocks.1.attentions.0": s, ..., "mid_block": s} for
+    every attention (= diffusers _maybe_expand_lora_scales with default 0)."""
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return float(scale)
+    if not isinstance(scale, dict):
+        raise TypeError(f"an IP-Adapter scale is a number or a dict of blocks, got {scale!r}")
+    unknown = set(scale) - {"down", "mid", "up"}
+    if unknown:
+        raise ValueError(f"IP-Adapter scale keys are 'down', 'mid', 'up'; got {sorted(unknown)}")
+    mid = scale.get("mid", 0.0)
+    if isinstance(mid, list):
+        if len(mid) != 1:
+            raise ValueError(f"the mid block has one attention: give one scale, got {mid}")
+        mid = mid[0]
+    out = {"mid_block": float(mid)}
+    for part in ("down", "up"):
+        blocks = {
+            f"block_{i}": len(b.attentions) for i, b in enumerate(getattr(unet, f"{part}_blocks")) if b.attentions
+        }
+        given = scale.get(part, 0.0)
+        given = given if isinstance(given, dict) else dict.fromkeys(blocks, given)
+        if set(given) - set(blocks):
+            raise ValueError(
+                f"{part} blocks with attention are {sorted(blocks)}; got {sorted(set(given) - set(blocks))}"
+            )
+        for block, count in blocks.items():
+            s = given.get(block, 0.0)
+            s = s * count if isinstance(s, list) and len(s) == 1 else s if isinstance(s, list) else [s] * count
+            if len(s) != count:
+                raise ValueError(f"{part}.{block} has {count} attentions: give one scale or {count}, got {len(s)}")
+            for j, v in enumerate(s):
+                out[f"{part}_blocks.{block[6:]}.attentions.{j}"] = float(v)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The image prompt's embeddings for one sampler call
+
+
+def encode_image(model, image, hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """= the pipelines' encode_image (num_images_per_prompt=1): (embeds, negative embeds) of one
+    adapter's image(s). A tensor is taken as CLIP pixel values as it is; anything else goes through
+    CLIPImageProcessor's resize / crop / normalize. The negative is the encoder's hidden states of an
+    all-zero image for Plus adapters, zeros for the others."""
+    from .image_encoder import preprocess
+
+    enc = model.image_encoder
+    if not isinstance(image, torch.Tensor):
+        image = preprocess(image, enc.config.image_size)
+    image = image.to(device=enc.device, dtype=enc.dtype)
+    if hidden_states:
+        return enc.penultimate(image), enc.penultimate(torch.zeros_like(image))
+    e = enc(image)
+    return e, torch.zeros_like(e)
+
+
+def check_inputs(model, image, embeds) -> None:
+    """The sampler's checks of ip_adapter_image / ip_adapter_image_embeds, before any heavy work."""
+    if image is None and embeds is None:
+        return
+    if image is not None and embeds is not None:
+        raise ValueError("pass either ip_adapter_image= or ip_adapter_image_embeds=, not both")
+    proj = model.unet.encoder_hid_proj
+    if proj is None:
+        raise ValueError("ip_adapter_image needs an IP-Adapter: call minsdxl.load_ip_adapter(model, ...) first")
+    n = len(proj.image_projection_layers)
+    given = image if embeds is None else embeds
+    count = len(given) if isinstance(given, list) else 1
+    if count != n:
+        what = "ip_adapter_image" if embeds is None else "ip_adapter_image_embeds"
+        raise ValueError(
+            f"{what} has {count} entries for {n} loaded IP-Adapters: give one per adapter (several images for "
+            "one adapter go in a nested list: [[image_a, image_b]])"
+        )
+    if embeds is None and model.image_encoder is None:
+        raise ValueError(
+            "no image encoder is loaded (load_ip_adapter(..., image_encoder_folder=None)): pass "
+            "ip_adapter_image_embeds= instead, or load the adapter with its image encoder"
+        )
+    if embeds is not None:
+        if not isinstance(embeds, list):
+            raise ValueError(f"ip_adapter_image_embeds must be a list of tensors, got {type(embeds).__name__}")
+        for e in embeds:
+            if not isinstance(e, torch.Tensor) or e.ndim not in (3, 4):
+                raise ValueError("ip_adapter_image_embeds must be a list of 3D or 4D tensors (one per adapter)")
+
+
+def image_embeds(model, image, embeds, num_images_per_prompt: int, cfg: bool, batch: int, device) -> list | None:
+    """= prepare_ip_adapter_image_embeds: one tensor per adapter, [negative, positive] rows under CFG,
+    each half `batch` rows. diffusers makes num_images_per_prompt rows per half, which fits one prompt;
+    with several prompts one image prompt is spread over all of them here (diffusers' processor would
+    regroup its tokens across rows)."""
+    if image is None and embeds is None:
+        return None
+    layers = model.unet.encoder_hid_proj.image_projection_layers
+    if embeds is None:
+        image = image if isinstance(image, list) else [image]  # = diffusers: one entry per adapter
+        pairs = [encode_image(model, im, layer.hidden_states) for im, layer in zip(image, layers)]
+        pos, neg = [p[None] for p, _ in pairs], [n[None] for _, n in pairs]
+    elif cfg:
+        neg, pos = zip(*(e.chunk(2) for e in embeds))
+    else:
+        pos, neg = embeds, [None] * len(embeds)
+    out = []
+    for p, n in zip(pos, neg):
+        halves = [torch.cat([x] * num_images_per_prompt) for x in ([n, p] if cfg else [p])]
+        rows = halves[0].shape[0]
+        if rows != batch:
+            if rows != num_images_per_prompt:
+                raise ValueError(
+                    f"ip_adapter_image_embeds give {rows // num_images_per_prompt} image rows per guidance half for "
+                    f"{batch // num_images_per_prompt} prompts: give 1 or one per prompt"
+                )
+            halves = [h[:1].expand(batch, *h.shape[1:]) for h in halves]
+        out.append(torch.cat(halves).to(device))
+    return out

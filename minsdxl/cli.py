@@ -110,6 +110,17 @@ def _pair(text: str) -> tuple:
     return int(m.group(1)), int(m.group(2))
 
 
+def _freeu(text: str) -> tuple:
+    """`S1,S2,B1,B2` -> the four FreeU factors (UNet2DConditionModel.enable_freeu's order)."""
+    try:
+        factors = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        factors = ()
+    if len(factors) != 4:
+        raise argparse.ArgumentTypeError(f"expected S1,S2,B1,B2 such as 0.9,0.2,1.3,1.4 (SDXL's), got {text!r}")
+    return factors
+
+
 def _lora_spec(text: str) -> tuple[str, float]:
     """`PATH[:SCALE]` -> (path, scale); a colon that belongs to the path (C:\\loras\\x) stays in it."""
     path, sep, scale = text.rpartition(":")
@@ -258,6 +269,8 @@ def build_parser():
     add("--dtype",           choices=("auto", *DTYPES), default="auto", help="auto: fp16 on CUDA, else fp32")
     add("--device",                                default="auto",    help="cpu, cuda, cuda:N (auto: cuda if any)")
     add("--offload",                   action="store_true",           help="model offload: idle parts wait on the CPU")
+    add("--freeu", metavar="S1,S2,B1,B2", type=_freeu, default=None, help="FreeU on the base UNet: skip and "
+                                                                           "backbone factors (SDXL: 0.9,0.2,1.3,1.4)")
     add("--vae-tiling",                action="store_true",           help="VAE in overlapping tiles above the VAE's "
                                                                            "sample size (1024 px): less memory, the "
                                                                            "image changes slightly (diffusers' "
@@ -508,6 +521,8 @@ def _load(args, auto_dtype=False):
     _log(args, f"device {args.device}; " + _dtype_note(base, auto_dtype))
     if args.vae_tiling:
         base.vae.enable_tiling()  # the refiner shares this VAE
+    if args.freeu:
+        base.unet.enable_freeu(*args.freeu)
     specs = _loras(args)
     if specs:
         t = time.perf_counter()

@@ -208,6 +208,15 @@ class DownBlock(nn.Module):
         return x
 
 
+def fourier_filter(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """FreeU's skip filter (= diffusers fourier_filter, threshold 1): the 2x2 lowest spatial frequencies
+    (centred by fftshift) times `scale`, in fp32 (no bf16 FFT; fp16's complex32 is unstable)."""
+    f = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
+    h, w = f.shape[-2] // 2, f.shape[-1] // 2
+    f[..., h - 1 : h + 1, w - 1 : w + 1] *= scale  # = diffusers' x_freq * mask: the other entries times 1.0
+    return torch.fft.ifftn(torch.fft.ifftshift(f, dim=(-2, -1)), dim=(-2, -1)).real.to(x.dtype)
+
+
 class UpBlock(nn.Module):
     """One decoder level: `layers_per_block + 1` x (concat skip, resnet [+ transformer]), then x2."""
 
@@ -226,10 +235,17 @@ class UpBlock(nn.Module):
             else None
         )
         self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if upsample else None
+        self.freeu: tuple[float, float] | None = None  # (b, s): UNet2DConditionModel.enable_freeu
 
     def forward(self, x, emb, contexts, skips: list):
         for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), emb)
+            skip = skips.pop()
+            if self.freeu is not None:  # = diffusers apply_freeu: backbone half amplified, skip's lows damped
+                b, s = self.freeu
+                half = x.shape[1] // 2
+                x = torch.cat([x[:, :half] * b, x[:, half:]], dim=1)
+                skip = fourier_filter(skip, s)
+            x = resnet(torch.cat([x, skip], dim=1), emb)
             if self.attentions is not None:
                 x = self.attentions[j](x, contexts)
         if self.upsamplers is not None:
@@ -285,6 +301,19 @@ class UNet2DConditionModel(nn.Module):
     @property
     def device(self):
         return self.conv_in.weight.device
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (arXiv:2309.11497; = diffusers' UNet2DConditionModel.enable_freeu): in the first two
+        decoder levels, the first half of the backbone's channels times b1 / b2 and the skip features'
+        lowest frequencies times s1 / s2. SDXL values from the FreeU authors: s1=0.9, s2=0.2, b1=1.3,
+        b2=1.4 (alt. 0.6, 0.4, 1.1, 1.2). As in diffusers, any factor of 0 leaves FreeU off."""
+        on = bool(s1 and s2 and b1 and b2)  # = diffusers' is_freeu_enabled: the four attributes' truthiness
+        for i, block in enumerate(self.up_blocks):
+            block.freeu = ((b1, s1), (b2, s2))[i] if on and i < 2 else None
+
+    def disable_freeu(self) -> None:
+        for block in self.up_blocks:
+            block.freeu = None
 
     def cross_attentions(self) -> list[Attention]:
         """Every attn2, in the order forward runs them (module registration order is forward order)."""

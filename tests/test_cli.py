@@ -195,7 +195,8 @@ def runs(paths, tmp_path_factory):
             ),
             "ip": (
                 ["minsdxl", *T2I_FLAGS, "--model", p["base"], "-s", "6", "--ip-adapter", p["ip_adapter"]]
-                + ["--ip-adapter-image", p["ip_image"], "--ip-adapter-scale", "0.7", "-o", "ip.png", "-q"],
+                + ["--ip-adapter-image", p["ip_image"], "--ip-adapter-scale", "0.7", "-o", "ip.png", "-q"]
+                + ["--freeu", "0.9,0.2,1.3,1.4"],
                 dirs["lora"],
             ),
             "tiled": (  # the tiny VAE's tiles are 64 px: a 96 px wide image is decoded in 2 x 1 tiles; TCD, eta
@@ -355,21 +356,25 @@ def test_lora_flags_metadata_and_from_png(runs, api, paths):
     assert np.array_equal(_pixels(folder / "again.png"), _pixels(folder / "lora.png"))
 
 
-def test_ip_adapter_flags_metadata_and_from_png(runs, api, paths):
+def test_ip_adapter_and_freeu_flags_metadata_and_from_png(runs, api, paths):
     _ok(runs["ip"])
     folder = runs["dirs"]["lora"]
     model = minsdxl.load(paths["base"])
     minsdxl.load_ip_adapter(model, paths["ip_adapter"])  # finds image_encoder/ beside the file, as the CLI
     minsdxl.set_ip_adapter_scale(model, 0.7)
+    model.unet.enable_freeu(0.9, 0.2, 1.3, 1.4)
     style = PIL.Image.open(paths["ip_image"])
     _same(folder / "ip.png", minsdxl.text2img(model, **T2I, seed=6, ip_adapter_image=style, progress=False)[0])
+    model.unet.disable_freeu()
+    no_freeu = np.asarray(minsdxl.text2img(model, **T2I, seed=6, ip_adapter_image=style, progress=False)[0])
+    assert np.abs(_pixels(folder / "ip.png").astype(int) - no_freeu).mean() > 1  # FreeU matters
     plain = np.asarray(minsdxl.text2img(api["base"], **T2I, seed=6, progress=False)[0])
-    assert np.abs(_pixels(folder / "ip.png").astype(int) - plain).mean() > 1  # the image prompt matters
+    assert np.abs(no_freeu.astype(int) - plain).mean() > 1  # the image prompt matters
     meta = read_png_metadata(folder / "ip.png")["minsdxl"]
     assert meta["ip_adapter"]["sha256"] == hashlib.sha256(paths["ip_adapter"].read_bytes()).hexdigest()
     assert meta["ip_adapter_image"]["sha256"] == hashlib.sha256(paths["ip_image"].read_bytes()).hexdigest()
     assert meta["calls"][0]["kwargs"]["ip_adapter_image"] == str(paths["ip_image"].resolve())
-    assert meta["args"]["ip_adapter_scale"] == 0.7
+    assert meta["args"]["ip_adapter_scale"] == 0.7 and meta["args"]["freeu"] == [0.9, 0.2, 1.3, 1.4]
     _ok(runs["ip_again"])  # --from-png loads the adapter and the image prompt again
     assert np.array_equal(_pixels(folder / "ip_again.png"), _pixels(folder / "ip.png"))
 

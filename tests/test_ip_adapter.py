@@ -271,3 +271,17 @@ def test_full_size_ip_adapter_plus_matches_diffusers():
     assert rel_err(plain, want) > 1e-3  # the image tokens matter
     del ref, model, sd
     gc.collect()
+
+
+def test_model_offload_moves_the_image_encoder_while_it_runs(repo):
+    """load(offload=True): the image encoder waits on the CPU like the other components and visits the
+    device once per call (here "cpu:0", to tell the move apart); the result is unchanged."""
+    _, model = _both(repo, PLUS)
+    kw = dict(prompt="a cat", num_inference_steps=2, height=64, width=64, seed=0, output_type="latent", progress=False)
+    want = minsdxl.text2img(model, ip_adapter_image=_image(12), **kw)
+    model.offload_device = "cpu:0"
+    moves, real_to = [], model.image_encoder.to
+    model.image_encoder.to = lambda *a, **k: moves.append(str(a[0])) or real_to(*a, **k)
+    got = minsdxl.text2img(model, ip_adapter_image=_image(12), **kw)
+    assert moves == ["cpu:0"] and model.image_encoder.device == torch.device("cpu")
+    assert rel_err(got, want) <= 1e-5  # the move copies weights into new buffers: last-bit changes at most

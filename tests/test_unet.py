@@ -273,3 +273,30 @@ def test_full_size_unet_matches_diffusers_and_single_file(variant, tmp_path):
     unet = load_component(path, dtype=torch.float16)  # no config: head size, groups etc. from shapes
     assert unet.config == replace(cfg, sample_size=unet.config.sample_size)
     assert _digests(unet.state_dict()) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_freeu_matches_diffusers(dtype):
+    """enable_freeu (SDXL's recommended factors) = diffusers' enable_freeu: the first two decoder levels'
+    backbone halves and skip filters, at power-of-2 and other latent sizes (diffusers' FFT upcast
+    branches); bf16 through the fp32 FFT. disable_freeu restores the plain output bit for bit, and a
+    factor of 0 leaves FreeU off as in diffusers."""
+    cfg = TINY_UNET
+    ref, ours = _pair(cfg, random_state_dict(diffusers_unet_config_model(cfg), seed=5, dtype=dtype))
+    plain = {}
+    for h, w in ((16, 16), (16, 12)):
+        x, ctx, text, ids = (t.to(dtype) for t in _inputs(cfg, 2, h, w, 1))
+        plain[h, w] = ours(x, 400.0, ctx, text, ids)
+        ref.enable_freeu(s1=0.9, s2=0.2, b1=1.3, b2=1.4)
+        ours.enable_freeu(s1=0.9, s2=0.2, b1=1.3, b2=1.4)
+        expected = ref(x, 400.0, ctx, added_cond_kwargs={"text_embeds": text, "time_ids": ids}).sample
+        got = ours(x, 400.0, ctx, text, ids)
+        # measured 0.0 in both dtypes; bf16's bound is the plain bf16 UNet's (without FreeU it differs from
+        # diffusers by up to 1.1e-2 at 16x12 here: one bf16 rounding per op, in another association order)
+        assert rel_err(got, expected) <= (TOL if dtype == torch.float32 else 2e-2)
+        assert rel_err(got, plain[h, w]) > 1e-2  # FreeU changes the output
+        ours.disable_freeu()
+        ref.disable_freeu()
+        assert torch.equal(ours(x, 400.0, ctx, text, ids), plain[h, w])
+    ours.enable_freeu(s1=0.0, s2=0.2, b1=1.3, b2=1.4)
+    assert torch.equal(ours(x, 400.0, ctx, text, ids), plain[16, 12])

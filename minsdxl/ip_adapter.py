@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, _build, read_state_dict
+from .checkpoint import CheckpointError, _build, load_image_encoder, read_state_dict
+from .image_encoder import preprocess
 from .unet import Attention
 
 # ------------------------------------------------------------------------------------------------
@@ -261,8 +262,6 @@ def load_ip_adapter(
     under the path (with "/", e.g. "models/image_encoder" for h94/IP-Adapter's ViT-H adapters), or an
     absolute path; None loads none (then pass ip_adapter_image_embeds=). Weights take the UNet's dtype
     and device. Raises before changing the model if anything does not fit."""
-    from .checkpoint import load_image_encoder
-
     unet = model.unet
     names = _as_list(weight_name, 1)
     sources = _as_list(pretrained_model_name_or_path_or_dict, len(names))
@@ -409,8 +408,6 @@ def encode_image(model, image, hidden_states: bool) -> tuple[torch.Tensor, torch
     adapter's image(s). A tensor is taken as CLIP pixel values as it is; anything else goes through
     CLIPImageProcessor's resize / crop / normalize. The negative is the encoder's hidden states of an
     all-zero image for Plus adapters, zeros for the others."""
-    from .image_encoder import preprocess
-
     enc = model.image_encoder
     if not isinstance(image, torch.Tensor):
         image = preprocess(image, enc.config.image_size)

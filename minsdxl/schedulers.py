@@ -1,5 +1,5 @@
-"""Noise schedules and update rules as diffusers has them: Euler, Euler a, Heun, DPM2 (a), LMS, DDIM, DPM++ 2M and
-2M SDE, UniPC, LCM, TCD.
+"""Noise schedules and update rules as diffusers has them: Euler, Euler a, Heun, DPM2 (a), LMS, DDIM, DPM++ 2M,
+3M and their SDE variants, UniPC, LCM, TCD.
 
 Each scheduler is built from a diffusers `scheduler_config.json` dict (missing keys take the defaults of the
 matching diffusers class, as `from_config` does) and reproduces that class's timesteps, sigmas and `step`.
@@ -300,7 +300,6 @@ class Scheduler:
     # --- stepping -----------------------------------------------------------------------------------------
     def _start(self, begin):
         self.step_index = self.begin_index = begin
-        self._prev_x0, self._lower_order_nums = None, 0  # DPM-Solver's history
 
     def _require_timesteps(self):
         if self.timesteps is None:
@@ -722,24 +721,28 @@ class TCD(LCM):
 
 
 class DPMSolverMultistep(Scheduler):
-    """DPM-Solver++ 2M, midpoint (= diffusers DPMSolverMultistepScheduler, solver_order 2): a 2nd-order
-    multistep update on x0-predictions, 1st order at the first step after a (re)start and at the end as
-    `lower_order_final` / `final_sigmas_type` / `euler_at_final` say. algorithm_type "sde-dpmsolver++"
-    (DPM++ 2M SDE): the same update on the SDE, each step shrinking the sample by another e^-h and adding
-    fresh noise of σ_t·sqrt(1 - e^-2h), drawn from the generator where diffusers' step draws it."""
+    """DPM-Solver++ (= diffusers DPMSolverMultistepScheduler): multistep updates on x0-predictions of
+    order solver_order: 2 (DPM++ 2M), 3 (DPM++ 3M) or 1 (DPM-Solver-1, DDIM's update), lowered at the first
+    steps after a (re)start, where the earlier steps' x0s are missing, and at the end as `lower_order_final`
+    / `final_sigmas_type` / `euler_at_final` say; solver_type "midpoint" or "heun" picks the 2nd-order
+    update. algorithm_type "sde-dpmsolver++" (DPM++ 2M / 3M SDE): the same updates on the SDE, each step
+    shrinking the sample by another e^-h and adding fresh noise of σ_t·sqrt(1 - e^-2h), drawn from the
+    generator where diffusers' step draws it. A1111's and ComfyUI's "DPM++ 3M SDE" (k-diffusion's
+    sample_dpmpp_3m_sde) draw Brownian-tree noise, which no diffusers scheduler reproduces: DPM++ 3M SDE
+    here is diffusers' solver_order=3 with "sde-dpmsolver++", the same images as diffusers gives."""
 
     name = "dpmpp_2m"
     custom = ("timesteps",)
     defaults = dict(
         use_karras_sigmas=False,
         final_sigmas_type="zero",
+        solver_order=2,
+        solver_type="midpoint",
         lower_order_final=True,
         euler_at_final=False,
         algorithm_type="dpmsolver++",
     )
     fixed = dict(
-        solver_order=2,
-        solver_type="midpoint",
         thresholding=False,
         variance_type=None,
         lambda_min_clipped=-math.inf,
@@ -754,8 +757,14 @@ class DPMSolverMultistep(Scheduler):
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.sde = _choice(self.config, "algorithm_type", ("dpmsolver++", "sde-dpmsolver++")) == "sde-dpmsolver++"
-        self.name = "dpmpp_2m" + "_sde" * self.sde + "_karras" * self.karras
+        cfg = self.config
+        self.sde = _choice(cfg, "algorithm_type", ("dpmsolver++", "sde-dpmsolver++")) == "sde-dpmsolver++"
+        self.solver_order = int(_choice(cfg, "solver_order", (1, 2, 3)))
+        if cfg["solver_type"] in ("logrho", "bh1", "bh2"):  # DEIS's and UniPC's: diffusers' __init__ sets midpoint
+            cfg["solver_type"] = "midpoint"
+        _choice(cfg, "solver_type", ("midpoint", "heun"))
+        # solver_order 1 has no SCHEDULERS entry: its name "dpmpp_1m" only describes it
+        self.name = f"dpmpp_{self.solver_order}m" + "_sde" * self.sde + "_karras" * self.karras
 
     def _schedule(self, timesteps, n):
         train = self.train_sigmas  # Karras spans the whole training range here, unlike Euler
@@ -778,36 +787,69 @@ class DPMSolverMultistep(Scheduler):
         )
 
     def _precompute(self):
+        """Per step i (from point i to i+1): x_next = ratio·x - c0·D0 - c1·D1 - c2·D2 (+ noise), D0 the x0,
+        D1 and D2 its differences to the last steps' x0s (see step). The c are negated where diffusers adds
+        the term, which rounds the same (= dpm_solver_first_order_update, multistep_dpm_solver_second_order_
+        update, multistep_dpm_solver_third_order_update, "dpmsolver++" and "sde-dpmsolver++" branches)."""
         cfg, n = self.config, len(self.timesteps)
         self._vp_tables()
-        alpha, sigma, lam = self._alpha, self._sigma, self._lambda
+        alpha, sigma, lam = self._alpha[1:], self._sigma, self._lambda
         h = lam[1:] - lam[:-1]  # +inf into a final σ of 0: that step is then 1st order
         self._ratio = sigma[1:] / sigma[:-1]
-        if self.sde:  # = the "sde-dpmsolver++" branches of dpm_solver_first/second_order_update
+        if self.sde:
+            e = torch.exp(-2.0 * h)
             self._ratio = self._ratio * torch.exp(-h)
-            coef = -(alpha[1:] * (1 - torch.exp(-2.0 * h)))
-            self._noise_scale = sigma[1:] * torch.sqrt(1.0 - torch.exp(-2 * h))
+            c0 = -(alpha * (1 - e))
+            c1 = -(alpha * ((1.0 - e) / (-2.0 * h) + 1.0))
+            # diffusers' "- 0.5", kept for parity: the ODE's term (2h for h) and k-diffusion's sample_dpmpp_3m_sde
+            # have "+ 0.5" (50 steps on Gaussian data give 21% too much variance, 0.8% with +0.5: tests' VAR_TOL)
+            c2 = -(alpha * ((1.0 - e - 2.0 * h) / (2.0 * h) ** 2 - 0.5))
+            self._noise_scale = sigma[1:] * torch.sqrt(1.0 - e)
         else:
-            coef = alpha[1:] * (torch.exp(-h) - 1.0)
-        self._coef, self._half_coef = coef, 0.5 * coef
-        r0 = (lam[1:-1] - lam[:-2]) / h[1:]  # step-size ratio h_0/h of the 2nd-order update (none at step 0)
-        self._inv_r0 = torch.cat([torch.tensor([math.nan]), 1.0 / r0])
+            e = torch.exp(-h)
+            c0 = alpha * (e - 1.0)
+            c1 = -(alpha * ((e - 1.0) / h + 1.0))
+            c2 = alpha * ((e - 1.0 + h) / h**2 - 0.5)
+        self._c0, self._c1, self._c2 = c0, c1, c2
+        # the 2nd-order update's D1 term: midpoint's is half of c0, heun's the 3rd order's c1
+        self._c1_second = 0.5 * c0 if cfg["solver_type"] == "midpoint" else c1
+        # step-size ratios r0 = h_0/h, r1 = h_1/h to the one and two steps before (none at steps 0, 1)
+        nan = torch.tensor([math.nan, math.nan])
+        r0, r1 = torch.cat([nan[:1], h[:-1] / h[1:]]), torch.cat([nan, h[:-2] / h[2:]])
+        self._inv_r0, self._inv_r1 = 1.0 / r0, 1.0 / r1
+        self._r0_share, self._inv_r01 = r0 / (r0 + r1), 1.0 / (r0 + r1)
+        # the highest order each step may take (= step's lower_order_final and lower_order_second); the
+        # first steps after a (re)start take less, as lower_order_nums counts
         short = cfg["lower_order_final"] and n < 15
-        self._first_order_at = n - 1 if (cfg["euler_at_final"] or short or cfg["final_sigmas_type"] == "zero") else -1
+        self._max_order = [self.solver_order] * n
+        if short and n >= 2:
+            self._max_order[-2] = min(self.solver_order, 2)
+        if cfg["euler_at_final"] or short or cfg["final_sigmas_type"] == "zero":
+            self._max_order[-1] = 1
 
-    def step(self, eps, t, x, generator=None):
+    def _start(self, begin):
+        super()._start(begin)
+        self._x0s, self._lower_order_nums = [], 0  # the last steps' x0s (newest last), how many count
+
+    def step(self, eps, t, x, generator=None):  # = DPMSolverMultistepScheduler.step
         i = self._index(t)
         self.step_index += 1
         x0 = self._x0(eps, x, i)
-        x = x.float()  # diffusers upcasts only after converting ε to x0
-        if self._lower_order_nums < 1 or i == self._first_order_at:
-            x_next = self._ratio[i] * x - self._coef[i] * x0
-        else:
-            d1 = self._inv_r0[i] * (x0 - self._prev_x0)
-            x_next = self._ratio[i] * x - self._coef[i] * x0 - self._half_coef[i] * d1
+        x = x.float()  # diffusers upcasts only after converting ε to x0: x0 and its differences keep its dtype
+        order = min(self._max_order[i], self._lower_order_nums + 1)
+        x_next = self._ratio[i] * x - self._c0[i] * x0
+        if order == 2:
+            x_next = x_next - self._c1_second[i] * (self._inv_r0[i] * (x0 - self._x0s[-1]))
+        elif order == 3:
+            m1, m2 = self._x0s[-1], self._x0s[-2]
+            d1_0, d1_1 = self._inv_r0[i] * (x0 - m1), self._inv_r1[i] * (m1 - m2)
+            d1 = d1_0 + self._r0_share[i] * (d1_0 - d1_1)
+            d2 = self._inv_r01[i] * (d1_0 - d1_1)
+            x_next = x_next - self._c1[i] * d1 - self._c2[i] * d2
         if self.sde:  # fp32 noise, one draw per step (also the last, whose σ_t of 0 makes it count for nothing)
             x_next = x_next + self._noise_scale[i] * randn(eps.shape, generator, eps.device, torch.float32)
-        self._prev_x0, self._lower_order_nums = x0, min(self._lower_order_nums + 1, 2)
+        self._x0s = [*self._x0s[-1:], x0]
+        self._lower_order_nums = min(self._lower_order_nums + 1, self.solver_order)
         return x_next.to(x0.dtype)
 
 
@@ -904,15 +946,24 @@ class UniPCMultistep(DPMSolverMultistep):
         return x_next
 
 
+def _dpm(order, karras, algorithm):
+    """What a DPM++ name pins: its order (2M, 3M), Karras sigmas or not, SDE or not."""
+    return {"solver_order": order, "use_karras_sigmas": karras, "algorithm_type": algorithm}
+
+
 # name -> (class, config overrides). The A1111 names users type map onto these, case-insensitively.
 SCHEDULERS = {
     "euler": (EulerDiscrete, {}),
     "euler_a": (EulerAncestral, {}),
     "ddim": (DDIM, {}),
-    "dpmpp_2m": (DPMSolverMultistep, {"use_karras_sigmas": False, "algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_karras": (DPMSolverMultistep, {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_sde": (DPMSolverMultistep, {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"}),
-    "dpmpp_2m_sde_karras": (DPMSolverMultistep, {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m": (DPMSolverMultistep, _dpm(2, False, "dpmsolver++")),
+    "dpmpp_2m_karras": (DPMSolverMultistep, _dpm(2, True, "dpmsolver++")),
+    "dpmpp_2m_sde": (DPMSolverMultistep, _dpm(2, False, "sde-dpmsolver++")),
+    "dpmpp_2m_sde_karras": (DPMSolverMultistep, _dpm(2, True, "sde-dpmsolver++")),
+    "dpmpp_3m": (DPMSolverMultistep, _dpm(3, False, "dpmsolver++")),
+    "dpmpp_3m_karras": (DPMSolverMultistep, _dpm(3, True, "dpmsolver++")),
+    "dpmpp_3m_sde": (DPMSolverMultistep, _dpm(3, False, "sde-dpmsolver++")),
+    "dpmpp_3m_sde_karras": (DPMSolverMultistep, _dpm(3, True, "sde-dpmsolver++")),
     "heun": (HeunDiscrete, {}),
     "dpm2": (KDPM2, {"use_karras_sigmas": False}),
     "dpm2_karras": (KDPM2, {"use_karras_sigmas": True}),
@@ -932,6 +983,8 @@ A1111_NAMES = {
     "DPM++ 2M Karras": "dpmpp_2m_karras",
     "DPM++ 2M SDE": "dpmpp_2m_sde",
     "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
+    "DPM++ 3M SDE": "dpmpp_3m_sde",  # A1111 has no 3M without SDE
+    "DPM++ 3M SDE Karras": "dpmpp_3m_sde_karras",
     "Heun": "heun",
     "DPM2": "dpm2",
     "DPM2 Karras": "dpm2_karras",
@@ -964,8 +1017,8 @@ def make_scheduler(name: str | None = None, config: dict | None = None) -> Sched
     `_class_name` names. The config is a diffusers scheduler_config.json dict; None or {} means SDXL's
     (a single-file checkpoint carries none, and diffusers' bare class defaults are not SDXL's betas).
     "euler"/"euler_a"/"ddim" take the config as it is (as diffusers' from_config); the DPM++ names pin
-    use_karras_sigmas and algorithm_type (SDE or not) to what they say, the DPM2 and LMS names
-    use_karras_sigmas."""
+    solver_order (2M, 3M), use_karras_sigmas and algorithm_type (SDE or not) to what they say, the DPM2
+    and LMS names use_karras_sigmas."""
     config = dict(config or SDXL_SCHEDULER_CONFIG)
     if name is None:
         cls_name = config.get("_class_name", "EulerDiscreteScheduler")

@@ -55,6 +55,34 @@ CASES = [
         DPMSolverMultistepScheduler,
         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
     ),
+    ("dpmpp_3m", DPMSolverMultistepScheduler, {"solver_order": 3}),
+    ("dpmpp_3m_karras", DPMSolverMultistepScheduler, {"solver_order": 3, "use_karras_sigmas": True}),
+    ("dpmpp_3m_sde", DPMSolverMultistepScheduler, {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
+    (
+        "dpmpp_3m_sde_karras",
+        DPMSolverMultistepScheduler,
+        {"solver_order": 3, "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    # 3M's last step is 3rd order too from 15 steps on; with lower_order_final off, also in shorter runs
+    ("dpmpp_3m", DPMSolverMultistepScheduler, {"solver_order": 3, "final_sigmas_type": "sigma_min"}),
+    (
+        "dpmpp_3m_sde",
+        DPMSolverMultistepScheduler,
+        {
+            "solver_order": 3,
+            "algorithm_type": "sde-dpmsolver++",
+            "lower_order_final": False,
+            "final_sigmas_type": "sigma_min",
+        },
+    ),
+    (
+        "dpmpp_3m",
+        DPMSolverMultistepScheduler,
+        {"solver_order": 3, "solver_type": "heun", "final_sigmas_type": "sigma_min", "euler_at_final": True},
+    ),
+    ("dpmpp_2m_sde", DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
+    # solver_order 1 has no name: a config naming the class
+    (None, DPMSolverMultistepScheduler, {"_class_name": "DPMSolverMultistepScheduler", "solver_order": 1}),
     ("heun", HeunDiscreteScheduler, {}),
     ("heun", HeunDiscreteScheduler, {"use_karras_sigmas": True}),
     ("unipc", UniPCMultistepScheduler, {}),
@@ -85,6 +113,15 @@ CASE_IDS = [
     "dpmpp-sigma_min",
     "dpmpp_2m_sde",
     "dpmpp_2m_sde_karras",
+    "dpmpp_3m",
+    "dpmpp_3m_karras",
+    "dpmpp_3m_sde",
+    "dpmpp_3m_sde_karras",
+    "dpmpp_3m-sigma_min",
+    "dpmpp_3m_sde-no-lower_order_final",
+    "dpmpp_3m-heun-euler_at_final",
+    "dpmpp_2m_sde-heun",
+    "dpmpp-order-1",
     "heun",
     "heun-karras",
     "unipc",
@@ -244,7 +281,9 @@ def test_custom_schedules_refused_with_the_reason():
 @pytest.mark.parametrize("name,cls,extra", CASES, ids=CASE_IDS)
 def test_trajectory_matches_diffusers(name, cls, extra, spacing, prediction_type):
     ref, ours = make_pair(name, cls, extra, timestep_spacing=spacing, prediction_type=prediction_type)
-    for n in (1, 2, 7, 20):  # 1 and 2 hit DPM++'s first/last-order special cases; 20 ≥ lower_order_final's 15
+    # 1 and 2 hit DPM++'s first/last-order special cases, 7 3M's lowered orders at both ends; 20 ≥ the 15
+    # steps from which lower_order_final no longer applies
+    for n in (1, 2, 7, 20):
         ref.set_timesteps(n)
         ours.set_timesteps(n)
         x = latents(n, float(ref.init_noise_sigma))
@@ -481,7 +520,9 @@ N_SAMPLES = 100_000
 # Euler and DDIM 5.4% low, Euler a (first-order SDE) 10.6%, DPM++ 2M (second order) 1.5%, with Karras 0.3%,
 # DPM++ 2M SDE 0.3%, with Karras 1.0% high, Heun (second order, 99 UNet calls) 0.06%, UniPC 1.7%, DPM2 0.26%,
 # with Karras 0.04%, DPM2 a 1.5% high, with Karras 0.75%, LMS (fourth order) 0.12% low, with Karras 0.10% (both
-# within the 0.14% standard error of 10^6 samples).
+# within the 0.14% standard error of 10^6 samples), DPM++ 3M 1.9% low, with Karras 0.01%. DPM++ 3M SDE: 21% high,
+# with Karras 7.1%, from diffusers' formula (its 3rd-order D2 term has -0.5 where k-diffusion's 3M SDE and the
+# ODE's term have +0.5); with +0.5 the same run measures 0.8%. Ours is diffusers' (bit for bit, above).
 # A wrong scaling, table entry or noise level shows up as errors of tens of percent or more.
 # LCM and TCD are not here: they sample for consistency-distilled models, and with this exact ε (whose x0 is
 # the posterior mean E[x0|x]) the variance comes out low (measured: LCM 0.31 / 1.33 instead of 1 / 4 at 4
@@ -494,6 +535,10 @@ VAR_TOL = {
     "dpmpp_2m_karras": 0.03,
     "dpmpp_2m_sde": 0.03,
     "dpmpp_2m_sde_karras": 0.035,
+    "dpmpp_3m": 0.045,
+    "dpmpp_3m_karras": 0.025,
+    "dpmpp_3m_sde": 0.24,
+    "dpmpp_3m_sde_karras": 0.095,
     "heun": 0.025,
     "unipc": 0.04,
     "dpm2": 0.025,
@@ -559,6 +604,12 @@ def test_sdxl_config_is_diffusers_single_file_default_plus_sdxl_values():
         ("DPM++ 2M SDE", S.DPMSolverMultistep, False),
         ("dpmpp_2m_sde_karras", S.DPMSolverMultistep, True),
         ("DPM++ 2M SDE Karras", S.DPMSolverMultistep, True),
+        ("dpmpp_3m", S.DPMSolverMultistep, False),
+        ("dpmpp_3m_karras", S.DPMSolverMultistep, True),
+        ("dpmpp_3m_sde", S.DPMSolverMultistep, False),
+        ("DPM++ 3M SDE", S.DPMSolverMultistep, False),
+        ("dpmpp_3m_sde_karras", S.DPMSolverMultistep, True),
+        ("DPM++ 3M SDE Karras", S.DPMSolverMultistep, True),
         ("heun", S.HeunDiscrete, False),
         ("Heun", S.HeunDiscrete, False),
         ("unipc", S.UniPCMultistep, False),
@@ -587,6 +638,9 @@ def test_names_users_type(name, cls, karras):
     assert getattr(s, "sde", False) is ("SDE" in name.upper())  # the name pins algorithm_type too
     assert S.make_scheduler(s.name, SDXL).config == s.config  # its own name gives it back
     flipped = S.make_scheduler(name, {**SDXL, "use_karras_sigmas": not karras}).karras
+    if cls is S.DPMSolverMultistep:  # the name pins the order too, whatever the config says
+        order = 3 if "3M" in name.upper() else 2
+        assert s.solver_order == order and S.make_scheduler(name, {**SDXL, "solver_order": 1}).solver_order == order
     if cls in (S.DPMSolverMultistep, S.KDPM2, S.KDPM2Ancestral, S.LMSDiscrete):
         assert flipped is karras  # the DPM++, DPM2 and LMS names say whether they are Karras
     elif cls in (S.EulerDiscrete, S.HeunDiscrete, S.UniPCMultistep):
@@ -601,6 +655,11 @@ def test_names_users_type(name, cls, karras):
         (DDIMScheduler, {}),
         (DPMSolverMultistepScheduler, {}),
         (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+        (DPMSolverMultistepScheduler, {"solver_order": 3}),
+        (
+            DPMSolverMultistepScheduler,
+            {"solver_order": 3, "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+        ),
         (HeunDiscreteScheduler, {}),
         (UniPCMultistepScheduler, {}),
         (UniPCMultistepScheduler, {"use_karras_sigmas": True}),
@@ -613,7 +672,9 @@ def test_names_users_type(name, cls, karras):
 def test_none_means_the_configs_class(cls, extra):
     config = dict(cls.from_config({**SDXL, **extra}).config)  # as save_config writes it: every key
     ours = S.make_scheduler(None, config)
-    assert type(ours) is S.DIFFUSERS_CLASSES[cls.__name__] and ours.karras is bool(extra)
+    assert type(ours) is S.DIFFUSERS_CLASSES[cls.__name__] and ours.karras is extra.get("use_karras_sigmas", False)
+    if cls is DPMSolverMultistepScheduler:  # its name says what the config does (its order too)
+        assert S.make_scheduler(ours.name, config).config == ours.config
 
 
 def test_class_defaults_fill_a_sparse_config():
@@ -663,8 +724,7 @@ def test_unknown_names_list_the_valid_ones():
         ("euler", "interpolation_type", "log_linear"),
         ("euler", "final_sigmas_type", "one"),
         ("ddim", "thresholding", True),
-        ("dpmpp_2m", "solver_order", 3),
-        ("dpmpp_2m", "solver_type", "heun"),
+        ("dpmpp_2m", "solver_type", "taylor"),
     ],
 )
 def test_unsupported_config_values_are_named(name, key, value):
@@ -677,6 +737,26 @@ def test_config_values_minsdxl_cannot_honour_are_refused_for_none_too():
     with pytest.raises(ValueError, match="algorithm_type"):
         S.make_scheduler(None, {**dpm, "algorithm_type": "sde-dpmsolver"})
     assert S.make_scheduler(None, {**dpm, "algorithm_type": "sde-dpmsolver++"}).name == "dpmpp_2m_sde"
+    with pytest.raises(ValueError, match="solver_order"):
+        S.make_scheduler(None, {**dpm, "solver_order": 4})
+    assert S.make_scheduler(None, {**dpm, "solver_order": 3}).name == "dpmpp_3m"
+
+
+def test_each_scheduler_is_found_by_its_name():
+    # the CLI stores a scheduler's name as the first SCHEDULERS entry whose class and overrides fit it: a
+    # config's solver_order 3 must not pass for 2M (the 2M names pin solver_order 2 for that)
+    dpm3 = {**SDXL, "_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}
+    made = [S.make_scheduler(name, SDXL) for name in S.SCHEDULERS] + [S.make_scheduler(None, dpm3)]
+    for s in made:
+        fits = [n for n, (c, o) in S.SCHEDULERS.items() if type(s) is c and o.items() <= s.config.items()]
+        assert fits[0] == s.name and S.make_scheduler(s.name, s.config).config == s.config
+
+
+def test_dpm_solver_takes_unipc_and_deis_solver_types_as_midpoint():
+    # a UniPC model's config (solver_type "bh2") with a DPM++ name: diffusers' __init__ sets midpoint
+    config = dict(UniPCMultistepScheduler.from_config(SDXL).config)
+    ref, ours = DPMSolverMultistepScheduler.from_config(config), S.make_scheduler("dpmpp_2m", config)
+    assert ours.config["solver_type"] == ref.config.solver_type == "midpoint"
 
 
 # ---------------------------------------------------------------------------------------------- bad input

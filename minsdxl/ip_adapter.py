@@ -12,7 +12,9 @@ projected image embedding -> 4 tokens) and ip-adapter-plus(-face)_sdxl_vit-h (a 
 over the encoder's penultimate hidden states -> 16 tokens). FaceID and full-face adapters are refused.
 """
 
+import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, _build, load_image_encoder, read_state_dict
+from .image import to_tensor
 from .image_encoder import preprocess
 from .unet import Attention
 
@@ -138,16 +141,59 @@ class IPAdapterLayer(nn.Module):
         self.to_v_ip = nn.ModuleList(nn.Linear(context_dim, dim, bias=False) for _ in range(adapters))
         self.scale = [1.0] * adapters
 
-    def project(self, tokens: list) -> tuple:
-        """Each adapter's image tokens [B, images, tokens, width] -> (k, v, scale) for Attention: all the
-        images' tokens of one adapter are attended to together (diffusers views them as one sequence). An
-        adapter with scale 0 is left out, as diffusers skips it."""
+    def project(self, tokens: list, masks=None) -> tuple:
+        """Each adapter's image tokens [B, images, tokens, width] -> (k, v, scale, mask) for Attention
+        (= IPAdapterAttnProcessor2_0). Without a mask all of an adapter's images' tokens are attended to
+        together (diffusers views them as one sequence); with a mask ([1, images, H, W]) each image
+        separately, its output kept inside its region, with its own scale when the adapter's scale is a
+        list. An adapter whose scales are all 0 is left out, as diffusers skips it."""
         out = []
-        for t, s, to_k, to_v in zip(tokens, self.scale, self.to_k_ip, self.to_v_ip):
-            if s != 0:
+        for a, (t, s, to_k, to_v) in enumerate(zip(tokens, self.scale, self.to_k_ip, self.to_v_ip)):
+            mask = None if masks is None else masks[a]
+            if all(x == 0 for x in (s if isinstance(s, list) else [s])):
+                continue
+            if mask is None:
                 t = t.flatten(1, -2)
-                out.append((to_k(t), to_v(t), s))
+                out.append((to_k(t), to_v(t), s, None))
+                continue
+            for i, si in enumerate(s if isinstance(s, list) else [s] * t.shape[1]):
+                out.append((to_k(t[:, i]), to_v(t[:, i]), si, RegionMask(mask[:, i])))
         return tuple(out)
+
+
+class RegionMask:
+    """One image prompt's region, [1, H, W] in {0, 1}, resized to an attention's query grid when
+    called (= IPAdapterMaskProcessor.downsample): the grid's height from the number of queries and the
+    mask's aspect ratio, bicubic, flattened, padded or cut to the queries (with diffusers' warning)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        """[B, queries, width] queries -> [B, queries, 1] weights in q's dtype."""
+        batch, n = q.shape[:2]
+        h, w = self.mask.shape[1:]
+        mh = int(math.sqrt(n / (w / h)))
+        mh = mh + int(n % mh != 0)
+        m = F.interpolate(self.mask[None], size=(mh, n // mh), mode="bicubic")[0]
+        m = m.repeat(batch, 1, 1) if m.shape[0] < batch else m
+        m = m.reshape(m.shape[0], -1)
+        if m.shape[1] != n:
+            warnings.warn(
+                "The aspect ratio of the mask does not match the aspect ratio of the output image. "
+                "Please update your masks or adjust the output size for optimal performance.",
+                UserWarning,
+                stacklevel=2,
+            )
+            m = F.pad(m, (0, n - m.shape[1])) if m.shape[1] < n else m[:, :n]
+        return m[:, :, None].to(dtype=q.dtype, device=q.device)
+
+
+def preprocess_masks(masks, height: int, width: int) -> torch.Tensor:
+    """IP-Adapter region masks (PIL images, arrays or tensors; white = the image prompt's region) ->
+    [n, 1, height, width] in {0, 1} (= diffusers' IPAdapterMaskProcessor().preprocess). For one adapter
+    with n images pass `[m.reshape(1, n, height, width)]` as cross_attention_kwargs["ip_adapter_masks"]."""
+    return to_tensor(masks, height, width, mask=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,8 +394,9 @@ def _loaded(model) -> list:
 def set_ip_adapter_scale(model, scale) -> None:
     """= diffusers' set_ip_adapter_scale. `scale`: a number for every layer; a dict per block
     (InstantStyle: {"up": {"block_0": [0.0, 1.0, 0.0]}} = style only; blocks left out get 0, a block's
-    value is a number or one per attention in it); or a list of those, one per loaded adapter. One
-    value is used for every adapter (diffusers refuses it with several loaded)."""
+    value is a number or one per attention in it); a list of numbers, one per image of a masked image
+    prompt ([[0.7, 0.4]] for one adapter); or a list of those, one per loaded adapter. One value is used
+    for every adapter (diffusers refuses it with several loaded)."""
     layers = _loaded(model)
     n = len(layers[0][1].scale)
     scales = scale if isinstance(scale, list) else [scale]
@@ -360,16 +407,20 @@ def set_ip_adapter_scale(model, scale) -> None:
         prefix = ".".join(name.split(".")[:4]) if name.startswith(("down", "up")) else "mid_block"
         for i in range(n):
             s = per_layer[i if len(per_layer) > 1 else 0]
-            layer.scale[i] = s[prefix] if isinstance(s, dict) else s
+            layer.scale[i] = s[prefix] if isinstance(s, dict) else list(s) if isinstance(s, list) else s
 
 
 def _layer_scales(scale, unet):
-    """A number as it is; a block dict -> {"down_blocks.1.attentions.0": s, ..., "mid_block": s} for
-    every attention (= diffusers _maybe_expand_lora_scales with default 0)."""
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+    """A number as it is; a list of numbers (one per image, for masked image prompts) as it is; a block
+    dict -> {"down_blocks.1.attentions.0": s, ..., "mid_block": s} for every attention (= diffusers
+    _maybe_expand_lora_scales with default 0)."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    if number(scale):
         return float(scale)
+    if isinstance(scale, list) and scale and all(map(number, scale)):
+        return [float(x) for x in scale]
     if not isinstance(scale, dict):
-        raise TypeError(f"an IP-Adapter scale is a number or a dict of blocks, got {scale!r}")
+        raise TypeError(f"an IP-Adapter scale is a number, a list of numbers or a dict of blocks, got {scale!r}")
     unknown = set(scale) - {"down", "mid", "up"}
     if unknown:
         raise ValueError(f"IP-Adapter scale keys are 'down', 'mid', 'up'; got {sorted(unknown)}")
@@ -449,6 +500,43 @@ def check_inputs(model, image, embeds) -> None:
                 raise ValueError("ip_adapter_image_embeds must be a list of 3D or 4D tensors (one per adapter)")
 
 
+def check_masks(model, masks, image, embeds) -> list | None:
+    """cross_attention_kwargs["ip_adapter_masks"] -> one [1, images, H, W] tensor (or None) per adapter
+    (diffusers' older form, one [adapters, 1, H, W] tensor, is taken too); checked before heavy work."""
+    if masks is None:
+        return None
+    if image is None and embeds is None:
+        raise ValueError("ip_adapter_masks place image prompts: pass ip_adapter_image= (or ip_adapter_image_embeds=)")
+    if isinstance(masks, torch.Tensor):
+        masks = list(masks.unsqueeze(1))
+    n = len(model.unet.encoder_hid_proj.image_projection_layers)
+    if not isinstance(masks, list) or len(masks) != n:
+        raise ValueError(f"ip_adapter_masks must be a list of one mask tensor (or None) per loaded IP-Adapter ({n})")
+    for m in masks:
+        if m is not None and (not isinstance(m, torch.Tensor) or m.ndim != 4 or m.shape[0] != 1):
+            raise ValueError(
+                "each of ip_adapter_masks is a [1, images, height, width] tensor: make them with "
+                "minsdxl.ip_adapter.preprocess_masks(masks, height, width).reshape(1, -1, height, width)"
+            )
+    return masks
+
+
+def _check_masks_fit(model, embeds: list, masks) -> None:
+    """Masks name one region per image of their adapter, and per-image scales need masks."""
+    scales = next(a.processor.scale for _, a in _cross_attentions(model.unet) if a.processor is not None)
+    for i, (e, s) in enumerate(zip(embeds, scales)):
+        mask = None if masks is None else masks[i]
+        if mask is None and isinstance(s, list):
+            raise ValueError(
+                f"IP-Adapter {i} has one scale per image ({s}), which needs a region per image: pass "
+                "cross_attention_kwargs={'ip_adapter_masks': ...}, or set one number with set_ip_adapter_scale"
+            )
+        if mask is not None and mask.shape[1] != e.shape[1]:
+            raise ValueError(f"ip_adapter_masks[{i}] has {mask.shape[1]} masks for {e.shape[1]} images of adapter {i}")
+        if mask is not None and isinstance(s, list) and len(s) != mask.shape[1]:
+            raise ValueError(f"IP-Adapter {i} has {len(s)} scales for {mask.shape[1]} masked images")
+
+
 def image_embeds(model, image, embeds, num_images_per_prompt: int, cfg: bool, batch: int, device) -> list | None:
     """= prepare_ip_adapter_image_embeds: one tensor per adapter, [negative, positive] rows under CFG,
     each half `batch` rows. diffusers makes num_images_per_prompt rows per half, which fits one prompt;
@@ -478,3 +566,12 @@ def image_embeds(model, image, embeds, num_images_per_prompt: int, cfg: bool, ba
             halves = [h[:1].expand(batch, *h.shape[1:]) for h in halves]
         out.append(torch.cat(halves).to(device))
     return out
+
+
+def image_prompt(model, image, embeds, masks, num_images_per_prompt: int, cfg: bool, batch: int, device):
+    """The sampler's (image_embeds, masks) for a call: image_embeds' list and the masks on the device."""
+    out = image_embeds(model, image, embeds, num_images_per_prompt, cfg, batch, device)
+    if out is None:
+        return None, None
+    _check_masks_fit(model, out, masks)
+    return out, None if masks is None else [None if m is None else m.to(device, torch.float32) for m in masks]

@@ -51,6 +51,7 @@ class _Run:
     blend: tuple | None = None  # 4-channel inpaint: (image_latents, noise, mask)
     eta: float = 0.0  # for a scheduler whose step takes it (TCD)
     image_embeds: list | None = None  # IP-Adapter image prompt, one tensor per adapter (CFG-doubled)
+    image_masks: list | None = None  # their regions (cross_attention_kwargs["ip_adapter_masks"])
 
     @property
     def cfg(self) -> bool:
@@ -86,7 +87,8 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
             x_in = torch.cat([x_in, state["mask"], state["masked_image_latents"]], dim=1)
         embeds = state["prompt_embeds"]  # projected again only when a callback replaced or modified them
         if projected is None or projected[0] is not embeds or projected[1] != embeds._version:
-            projected = (embeds, embeds._version, model.unet.project_context(embeds, run.image_embeds))
+            context = model.unet.project_context(embeds, run.image_embeds, run.image_masks)
+            projected = (embeds, embeds._version, context)
         eps = model.unet(x_in, t_unet[i], projected[2], state["add_text_embeds"], state["add_time_ids"])
         if run.cfg:
             uncond, text = eps.chunk(2)
@@ -159,6 +161,8 @@ def _check_common(model, a, mode):
     if start is not None and end is not None and start >= end:
         raise ValueError(f"denoising_start={start} must be below denoising_end={end}")
     ip_adapter.check_inputs(model, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
+    masks = (a["cross_attention_kwargs"] or {}).get("ip_adapter_masks")
+    a["ip_adapter_masks"] = ip_adapter.check_masks(model, masks, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
 
 
 def _generator(a):
@@ -242,7 +246,8 @@ class _Setup:
     generator: object
     embeds: tuple  # (prompt, negative, pooled, negative pooled) as encode_prompt returns them
     cfg: bool
-    image_embeds: list | None  # the IP-Adapter image prompt (ip_adapter.image_embeds)
+    image_embeds: list | None  # the IP-Adapter image prompt (ip_adapter.image_prompt)
+    image_masks: list | None
 
     @property
     def batch(self):
@@ -270,6 +275,7 @@ class _Setup:
             self.generator,
             eta=a["eta"],
             image_embeds=self.image_embeds,
+            image_masks=self.image_masks,
         )
 
 
@@ -279,16 +285,17 @@ def _setup(model, a, strength=1.0, denoising_start=None) -> _Setup:
     timesteps = sched.select_timesteps(strength, denoising_start, a["denoising_end"])
     embeds = _prompts(model, a, cfg)
     with _on_device(model, "image_encoder"):
-        images = ip_adapter.image_embeds(
+        images, masks = ip_adapter.image_prompt(
             model,
             a["ip_adapter_image"],
             a["ip_adapter_image_embeds"],
+            a["ip_adapter_masks"],
             a["num_images_per_prompt"],
             cfg,
             embeds[0].shape[0],
             _device(model),
         )
-    return _Setup(sched, timesteps, _generator(a), embeds, cfg, images)
+    return _Setup(sched, timesteps, _generator(a), embeds, cfg, images, masks)
 
 
 def _time_ids(model, ids, neg_ids, pooled_dim, dtype):
@@ -379,15 +386,16 @@ def _spread(x, batch, what):
 
 def _lora_call(fn):
     """cross_attention_kwargs={"scale": s}: the loaded LoRA adapters count s times in the text encoders and
-    the UNet for this call (= diffusers' lora_scale; the only key its default attention reads)."""
+    the UNet for this call (= diffusers' lora_scale; the only key its default attention reads);
+    {"ip_adapter_masks": [...]}: the IP-Adapter image prompts' regions (read by _check_common)."""
 
     @functools.wraps(fn)
     def call(model, *args, cross_attention_kwargs=None, **kw):
-        extra = sorted(set(cross_attention_kwargs or {}) - {"scale"})
+        extra = sorted(set(cross_attention_kwargs or {}) - {"scale", "ip_adapter_masks"})
         if extra:
             raise ValueError(
-                f"cross_attention_kwargs {extra} are not supported: SDXL's attention takes only 'scale' (the "
-                "LoRA scale); custom attention processors and IP-Adapter masks are not part of minsdxl"
+                f"cross_attention_kwargs {extra} are not supported: SDXL's attention takes 'scale' (the LoRA "
+                "scale) and 'ip_adapter_masks'; custom attention processors are not part of minsdxl"
             )
         with lora.scaled(model, (cross_attention_kwargs or {}).get("scale")):
             return fn(model, *args, cross_attention_kwargs=cross_attention_kwargs, **kw)

@@ -76,8 +76,9 @@ class Attention(nn.Module):
     def forward(self, x, context=None):
         """context: None (self-attention), the tokens to attend to, or (k, v, zeros, ip) already
         projected by this layer (UNet2DConditionModel.project_context): k, v of all but the first
-        `zeros` rows of the batch, whose prompt tokens are all zeros; ip: one (k, v, scale) per
-        IP-Adapter image prompt, each attended to by the same queries and added, scaled."""
+        `zeros` rows of the batch, whose prompt tokens are all zeros; ip: one (k, v, scale, mask) per
+        IP-Adapter image prompt, each attended to by the same queries and added, scaled (and masked:
+        mask(q) gives [B, queries, 1] weights: minsdxl.ip_adapter.RegionMask)."""
         ip = ()
         if isinstance(context, tuple):
             k, v, zeros, ip = context
@@ -90,8 +91,9 @@ class Attention(nn.Module):
                 return bias.clone()
         q = self.to_q(x[zeros:])
         o = attention(q, k, v, self.heads, backend=self.attention_backend)
-        for k_ip, v_ip, scale in ip:  # = IPAdapterAttnProcessor2_0: text attention + scale * image attention
-            o = o + scale * attention(q, k_ip, v_ip, self.heads, backend=self.attention_backend)
+        for k_ip, v_ip, scale, mask in ip:  # = IPAdapterAttnProcessor2_0: text attention + scale * image attention
+            o_ip = attention(q, k_ip, v_ip, self.heads, backend=self.attention_backend)
+            o = o + scale * (o_ip if mask is None else o_ip * mask(q))
         o = self.to_out[0](o)
         return torch.cat([bias, o]) if zeros else o
 
@@ -319,7 +321,7 @@ class UNet2DConditionModel(nn.Module):
         """Every attn2, in the order forward runs them (module registration order is forward order)."""
         return [m.attn2 for m in self.modules() if isinstance(m, BasicTransformerBlock)]
 
-    def project_context(self, encoder_hidden_states: torch.Tensor, image_embeds=None) -> list[tuple]:
+    def project_context(self, encoder_hidden_states: torch.Tensor, image_embeds=None, ip_adapter_masks=None) -> list:
         """Each cross-attention's (to_k, to_v, zeros, ip) of the prompt tokens. The prompt is the same at
         every denoising step, so the sampler projects it once and passes this list as
         encoder_hidden_states: SDXL base runs 140 small GEMMs per step fewer (~0.8 ms of a 32 ms step
@@ -330,8 +332,8 @@ class UNet2DConditionModel(nn.Module):
         (4.1 % of a 512x512 CFG step's FLOPs, 3.7 % at 1024x1024; bit-identical to computing it).
         image_embeds: with IP-Adapters loaded, one tensor per adapter as diffusers' added_cond_kwargs
         ["image_embeds"] ([B, images, dim] or [B, images, tokens, dim]); `ip` then holds each layer's
-        (k, v, scale) of the projected image tokens, and no rows are left out (an empty prompt still
-        sees the image)."""
+        (k, v, scale, mask) of the projected image tokens, and no rows are left out (an empty prompt still
+        sees the image). ip_adapter_masks: diffusers' cross_attention_kwargs["ip_adapter_masks"]."""
         e = encoder_hidden_states
         tokens = None
         if image_embeds is not None:
@@ -343,20 +345,20 @@ class UNet2DConditionModel(nn.Module):
         out = []
         for a in self.cross_attentions():
             n = lead if a.to_k.bias is None and a.to_v.bias is None else 0
-            ip = a.processor.project(tokens) if tokens is not None and a.processor is not None else ()
+            ip = a.processor.project(tokens, ip_adapter_masks) if tokens is not None and a.processor is not None else ()
             out.append((a.to_k(e[n:]), a.to_v(e[n:]), n, ip))
         return out
 
     def forward(
-        self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, image_embeds=None
+        self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, image_embeds=None, ip_adapter_masks=None
     ) -> torch.Tensor:
         """sample [B, C, h, w]; timestep float or tensor (scalar or [B]); encoder_hidden_states
         [B, 77, context] (or project_context's list of it); text_embeds (pooled) [B, 1280]; time_ids
         [B, 6] (base) or [B, 5] (refiner); image_embeds: IP-Adapter image embeddings (see
-        project_context), with a tensor encoder_hidden_states."""
+        project_context) and their ip_adapter_masks, with a tensor encoder_hidden_states."""
         b = sample.shape[0]
         if image_embeds is not None and isinstance(encoder_hidden_states, torch.Tensor):
-            encoder_hidden_states = self.project_context(encoder_hidden_states, image_embeds)
+            encoder_hidden_states = self.project_context(encoder_hidden_states, image_embeds, ip_adapter_masks)
         if isinstance(encoder_hidden_states, torch.Tensor):
             contexts = [encoder_hidden_states] * self.num_cross_attentions
         else:

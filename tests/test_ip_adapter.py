@@ -8,6 +8,7 @@ Bounds: latents within 1e-4 relative as in test_pipelines (fp32, a few steps, as
 """
 
 import copy
+import warnings
 
 import diffusers
 import numpy as np
@@ -70,7 +71,7 @@ def _image(seed, size=(40, 29)):
 
 def _latents(pipe, model, fn=None, **kw):
     size = {} if fn is minsdxl.img2img else dict(height=64, width=64)  # img2img takes the image's size
-    kw = dict(prompt="a cat", num_inference_steps=3, **size, **kw)
+    kw = dict(prompt="a cat", num_inference_steps=3, **(size | kw))
     ref = pipe(**kw, generator=torch.Generator().manual_seed(0), output_type="latent").images
     got = (fn or minsdxl.text2img)(
         model, **kw, generator=torch.Generator().manual_seed(0), output_type="latent", progress=False
@@ -285,3 +286,43 @@ def test_model_offload_moves_the_image_encoder_while_it_runs(repo):
     got = minsdxl.text2img(model, ip_adapter_image=_image(12), **kw)
     assert moves == ["cpu:0"] and model.image_encoder.device == torch.device("cpu")
     assert rel_err(got, want) <= 1e-5  # the move copies weights into new buffers: last-bit changes at most
+
+
+def _region_masks(height, width):
+    """Two image prompts' regions: the left and the right part (overlapping), as PIL masks."""
+    left, right = np.zeros((height, width), np.uint8), np.zeros((height, width), np.uint8)
+    left[:, : width * 5 // 8] = 255
+    right[:, width * 3 // 8 :] = 255
+    return [PIL.Image.fromarray(left), PIL.Image.fromarray(right)]
+
+
+@pytest.mark.parametrize("weight_name", [PLAIN, PLUS])
+def test_masked_image_prompts_match_diffusers(repo, weight_name):
+    """cross_attention_kwargs={"ip_adapter_masks": ...} (diffusers' regional IP-Adapter): each image of
+    an adapter attends separately and counts only inside its region, with its own scale. Masks made by
+    preprocess_masks = IPAdapterMaskProcessor().preprocess; an 80x32 image with square masks takes
+    diffusers' pad / cut path (with its warning)."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    pipe, model = _both(repo, weight_name)
+    pipe.set_ip_adapter_scale([[0.7, 0.4]])
+    minsdxl.set_ip_adapter_scale(model, [[0.7, 0.4]])
+    images = [[_image(13), _image(14, (32, 32))]]
+    for h, w, masks in ((64, 64, _region_masks(64, 64)), (32, 80, _region_masks(64, 64))):
+        ref_masks = IPAdapterMaskProcessor().preprocess(masks, height=64, width=64)
+        ours = minsdxl.ip_adapter.preprocess_masks(masks, 64, 64)
+        assert torch.equal(ours, ref_masks)
+        kw = dict(ip_adapter_image=images, cross_attention_kwargs={"ip_adapter_masks": [ours.reshape(1, 2, 64, 64)]})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ref, got = _latents(pipe, model, **kw, height=h, width=w)
+        assert rel_err(got, ref) <= TOL
+        assert any("aspect ratio of the mask" in str(c.message) for c in caught) == (h != w)
+    with pytest.raises(ValueError, match="one scale per image .* needs a region per image"):
+        minsdxl.text2img(model, "a cat", ip_adapter_image=images, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"ip_adapter_masks\[0\] has 1 masks for 2 images"):
+        one = {"ip_adapter_masks": [ours[:1].reshape(1, 1, 64, 64)]}
+        minsdxl.text2img(model, "a cat", ip_adapter_image=images, cross_attention_kwargs=one, num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"\[1, images, height, width\] tensor"):
+        flat = {"ip_adapter_masks": [ours]}  # [2, 1, H, W]: not reshaped to one adapter's [1, 2, H, W]
+        minsdxl.text2img(model, "a cat", ip_adapter_image=images, cross_attention_kwargs=flat, num_inference_steps=1)

@@ -303,8 +303,8 @@ def test_bad_loras_are_refused_before_any_change(tiny_base, tmp_path):
         minsdxl.set_adapters(model, ["s", "s"], [1.0])
     with pytest.raises(TypeError, match="per-component / per-block adapter weights are not supported"):
         minsdxl.set_adapters(model, "s", {"unet": 0.5})
-    with pytest.raises(ValueError, match=r"cross_attention_kwargs \['ip_adapter_masks'\] are not supported"):
-        minsdxl.text2img(model, **KW, cross_attention_kwargs={"ip_adapter_masks": None})
+    with pytest.raises(ValueError, match=r"cross_attention_kwargs \['gligen'\] are not supported"):
+        minsdxl.text2img(model, **KW, cross_attention_kwargs={"gligen": None})
     with pytest.raises(TypeError, match="a LoRA scale must be a number"):
         minsdxl.text2img(model, **KW, cross_attention_kwargs={"scale": "0.5"})
 

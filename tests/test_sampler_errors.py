@@ -44,7 +44,8 @@ MASK = PIL.Image.new("L", (64, 64), 255)
         (dict(latents=torch.zeros(1, 4, 5, 5)), r"latents have shape \(1, 4, 5, 5\); this call needs \(1, 4, 8, 8\)"),
         (dict(generator=torch.Generator(), seed=1), r"either generator= or seed="),
         (dict(scheduler="ddim", eta=0.5), r"eta > 0 \(stochastic DDIM\) is not supported"),
-        (dict(cross_attention_kwargs={"scale": 0.5, "ip_adapter_masks": 1}), r"\['ip_adapter_masks'\] are not"),
+        (dict(cross_attention_kwargs={"scale": 0.5, "gligen": 1}), r"\['gligen'\] are not supported"),
+        (dict(cross_attention_kwargs={"ip_adapter_masks": [1]}), r"ip_adapter_masks place image prompts"),
     ],
 )
 def test_text2img_errors(base, monkeypatch, kwargs, match):

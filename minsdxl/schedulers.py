@@ -1,5 +1,5 @@
 """Noise schedules and update rules as diffusers has them: Euler, Euler a, Heun, DPM2 (a), LMS, DDIM, DPM++ 2M,
-3M and their SDE variants, UniPC, LCM, TCD.
+3M and their SDE variants, UniPC, DEIS, LCM, TCD.
 
 Each scheduler is built from a diffusers `scheduler_config.json` dict (missing keys take the defaults of the
 matching diffusers class, as `from_config` does) and reproduces that class's timesteps, sigmas and `step`.
@@ -20,7 +20,7 @@ scalar is a CPU 0-d tensor exactly as in diffusers (this matters in fp16: in `c 
 tensor `c` to fp16 first but not a Python float) and nothing in `step` waits on the GPU. LMS's weights are
 Python floats, as diffusers' are, computed in `step` from the CPU σ table.
 
-Euler and Euler a keep the sample as x0 + σ·noise (k-diffusion's σ-space); DDIM and DPM++ keep it as
+Euler and Euler a keep the sample as x0 + σ·noise (k-diffusion's σ-space); DDIM, DPM++, UniPC and DEIS keep it as
 √ᾱ·x0 + √(1-ᾱ)·noise, which is why their `init_noise_sigma` is 1 and `scale_model_input` is the identity.
 """
 
@@ -818,8 +818,12 @@ class DPMSolverMultistep(Scheduler):
         r0, r1 = torch.cat([nan[:1], h[:-1] / h[1:]]), torch.cat([nan, h[:-2] / h[2:]])
         self._inv_r0, self._inv_r1 = 1.0 / r0, 1.0 / r1
         self._r0_share, self._inv_r01 = r0 / (r0 + r1), 1.0 / (r0 + r1)
-        # the highest order each step may take (= step's lower_order_final and lower_order_second); the
-        # first steps after a (re)start take less, as lower_order_nums counts
+        self._set_max_order(n)
+
+    def _set_max_order(self, n):
+        """The highest order each step may take (= step's lower_order_final and lower_order_second); the
+        first steps after a (re)start take less, as lower_order_nums counts."""
+        cfg = self.config
         short = cfg["lower_order_final"] and n < 15
         self._max_order = [self.solver_order] * n
         if short and n >= 2:
@@ -946,6 +950,116 @@ class UniPCMultistep(DPMSolverMultistep):
         return x_next
 
 
+class DEISMultistep(DPMSolverMultistep):
+    """DEIS, log-rho multistep of order solver_order 1, 2 (default) or 3 (= diffusers DEISMultistepScheduler,
+    algorithm_type "deis", solver_type "logrho"). Timesteps, the alpha/sigma/lambda tables, x0, add_noise and
+    the order rules (lowered after a (re)start and, under 15 steps, at the end) are DPM-Solver's. What
+    differs: the run ends at σ_train[0] (with Karras sigmas at the last Karras σ), never at 0, so the last
+    step is 1st order only under lower_order_final; the history holds ε re-derived from x0, not x0; and the
+    2nd/3rd-order steps integrate the Lagrange polynomial through the past ε in log ρ (ρ = σ/α) exactly.
+    Like diffusers' step, nothing is upcast: fp16 latents step in fp16."""
+
+    name = "deis"
+    karras_in_name = True
+    custom = ()
+    defaults = dict(
+        use_karras_sigmas=False,
+        solver_order=2,
+        algorithm_type="deis",
+        solver_type="logrho",
+        lower_order_final=True,
+        timestep_spacing="linspace",
+    )
+    # DEIS has neither key: it always ends at σ_train[0] and lowers the last step only for short runs
+    forced = dict(final_sigmas_type="sigma_min", euler_at_final=False)
+    fixed = dict(
+        thresholding=False,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        use_flow_sigmas=False,
+        use_dynamic_shifting=False,
+    )
+
+    def __init__(self, config=None):
+        Scheduler.__init__(self, config)  # not DPM-Solver's: its algorithm and solver types differ
+        cfg = self.config
+        # = DEISMultistepScheduler.__init__: DPM-Solver's and UniPC's types are taken as DEIS's own
+        if cfg["algorithm_type"] in ("dpmsolver", "dpmsolver++"):
+            cfg["algorithm_type"] = "deis"
+        if cfg["solver_type"] in ("midpoint", "heun", "bh1", "bh2"):
+            cfg["solver_type"] = "logrho"
+        _choice(cfg, "algorithm_type", ("deis",))
+        _choice(cfg, "solver_type", ("logrho",))
+        self.sde = False
+        self.solver_order = int(_choice(cfg, "solver_order", (1, 2, 3)))
+
+    def _schedule(self, timesteps, n):
+        timesteps, sigmas = super()._schedule(timesteps, n)
+        if self.karras:  # = set_timesteps: the last Karras σ repeated, not σ_train[0]
+            sigmas[-1] = sigmas[-2]
+        return timesteps, sigmas
+
+    def _precompute(self):
+        """Per step i (from point i to i+1), as diffusers computes them from float32 0-d tensors:
+        1st order (= deis_first_order_update): x_next = ratio·x - c·ε;
+        2nd/3rd order (= multistep_deis_second/third_order_update): x_next = α_t·(x/α_s0 + Σ_k coef_k·ε_k),
+        ε_k the ε of this step and the one or two before, coef_k the integral over log ρ from ρ_s0 to ρ_t of
+        the Lagrange basis polynomial of point k (ind_fn; numpy's log, which diffusers calls on the tensors)."""
+        n = len(self.timesteps)
+        self._vp_tables()
+        alpha, sigma, lam = self._alpha, self._sigma, self._lambda
+        h = lam[1:] - lam[:-1]
+        self._ratio = alpha[1:] / alpha[:-1]
+        self._c = sigma[1:] * (torch.exp(h) - 1.0)
+
+        rho = sigma / alpha
+
+        def log(v):  # numpy's float32 log, as diffusers' np.log on 0-d tensors (torch's may differ by an ulp)
+            return torch.from_numpy(np.log(v.numpy()))
+
+        nan = torch.tensor([math.nan, math.nan])
+        # ρ at the target t, at this step's s0 and the steps before, s1 and s2 (NaN where there is none)
+        t, s0 = rho[1:], rho[:-1]
+        s1, s2 = torch.cat([nan[:1], rho])[:n], torch.cat([nan, rho])[:n]
+        lt, l0, l1, l2 = log(t), log(s0), log(s1), log(s2)
+
+        def ind2(x, lx, lb, lc):  # Integrate[(log(x) - log(c)) / (log(b) - log(c)), {x}]
+            return x * (-lc + lx - 1) / (lb - lc)
+
+        def ind3(x, lx, lb, lc, ld):  # Integrate[(log x - log c)(log x - log d) / (log b - log c)(log b - log d), {x}]
+            num = x * (lc * (ld - lx + 1) - ld * lx + ld + lx**2 - 2 * lx + 2)
+            return num / ((lb - lc) * (lb - ld))
+
+        self._coef2 = (
+            ind2(t, lt, l0, l1) - ind2(s0, l0, l0, l1),
+            ind2(t, lt, l1, l0) - ind2(s0, l0, l1, l0),
+        )
+        self._coef3 = (
+            ind3(t, lt, l0, l1, l2) - ind3(s0, l0, l0, l1, l2),
+            ind3(t, lt, l1, l2, l0) - ind3(s0, l0, l1, l2, l0),
+            ind3(t, lt, l2, l0, l1) - ind3(s0, l0, l2, l0, l1),
+        )
+        self._set_max_order(n)
+
+    def step(self, eps, t, x, generator=None):  # = DEISMultistepScheduler.step
+        i = self._index(t)
+        self.step_index += 1
+        # = convert_model_output "deis": ε re-derived from x0 (v_prediction's x0 gives a different ε)
+        eps = (x - self._alpha[i] * self._x0(eps, x, i)) / self._sigma[i]
+        order = min(self._max_order[i], self._lower_order_nums + 1)
+        if order == 1:
+            x_next = self._ratio[i] * x - self._c[i] * eps
+        else:
+            coef = self._coef2 if order == 2 else self._coef3
+            x_next = x / self._alpha[i] + coef[0][i] * eps + coef[1][i] * self._x0s[-1]
+            if order == 3:
+                x_next = x_next + coef[2][i] * self._x0s[-2]
+            x_next = self._alpha[i + 1] * x_next
+        self._x0s = [*self._x0s[-1:], eps]  # DEIS's history is of ε, in the parent's list
+        self._lower_order_nums = min(self._lower_order_nums + 1, self.solver_order)
+        return x_next
+
+
 def _dpm(order, karras, algorithm):
     """What a DPM++ name pins: its order (2M, 3M), Karras sigmas or not, SDE or not."""
     return {"solver_order": order, "use_karras_sigmas": karras, "algorithm_type": algorithm}
@@ -972,6 +1086,8 @@ SCHEDULERS = {
     "lms": (LMSDiscrete, {"use_karras_sigmas": False}),
     "lms_karras": (LMSDiscrete, {"use_karras_sigmas": True}),
     "unipc": (UniPCMultistep, {}),
+    "deis": (DEISMultistep, {"use_karras_sigmas": False}),
+    "deis_karras": (DEISMultistep, {"use_karras_sigmas": True}),
     "lcm": (LCM, {}),
     "tcd": (TCD, {}),
 }
@@ -1006,6 +1122,7 @@ DIFFUSERS_CLASSES = {
     "KDPM2AncestralDiscreteScheduler": KDPM2Ancestral,
     "LMSDiscreteScheduler": LMSDiscrete,
     "UniPCMultistepScheduler": UniPCMultistep,
+    "DEISMultistepScheduler": DEISMultistep,
     "LCMScheduler": LCM,
     "TCDScheduler": TCD,
 }
@@ -1017,8 +1134,8 @@ def make_scheduler(name: str | None = None, config: dict | None = None) -> Sched
     `_class_name` names. The config is a diffusers scheduler_config.json dict; None or {} means SDXL's
     (a single-file checkpoint carries none, and diffusers' bare class defaults are not SDXL's betas).
     "euler"/"euler_a"/"ddim" take the config as it is (as diffusers' from_config); the DPM++ names pin
-    solver_order (2M, 3M), use_karras_sigmas and algorithm_type (SDE or not) to what they say, the DPM2
-    and LMS names use_karras_sigmas."""
+    solver_order (2M, 3M), use_karras_sigmas and algorithm_type (SDE or not) to what they say, the DPM2,
+    LMS and DEIS names use_karras_sigmas (DEIS's solver_order comes from the config)."""
     config = dict(config or SDXL_SCHEDULER_CONFIG)
     if name is None:
         cls_name = config.get("_class_name", "EulerDiscreteScheduler")

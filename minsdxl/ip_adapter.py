@@ -41,6 +41,14 @@ class ImageProjection(nn.Module):
         self.image_embeds = nn.Linear(image_embed_dim, num_tokens * cross_attention_dim)
         self.norm = nn.LayerNorm(cross_attention_dim)
 
+    @property
+    def in_features(self) -> int:  # the image encoder's projection_dim it reads
+        return self.image_embeds.in_features
+
+    @property
+    def out_features(self) -> int:  # the image tokens' width
+        return self.norm.normalized_shape[0]
+
     def forward(self, x):
         x = self.image_embeds(x.to(self.image_embeds.weight.dtype))
         return self.norm(x.reshape(x.shape[0], self.num_image_text_embeds, -1))
@@ -97,8 +105,12 @@ class IPAdapterPlusImageProjection(nn.Module):
         self.layers = nn.ModuleList(ResamplerBlock(hidden_dims, heads, ff_inner) for _ in range(depth))
 
     @property
-    def num_image_text_embeds(self) -> int:
-        return self.latents.shape[1]
+    def in_features(self) -> int:  # the image encoder's hidden_size it reads
+        return self.proj_in.in_features
+
+    @property
+    def out_features(self) -> int:  # the image tokens' width
+        return self.norm_out.normalized_shape[0]
 
     def forward(self, x):
         latents = self.latents.repeat(x.shape[0], 1, 1)
@@ -321,7 +333,7 @@ def load_ip_adapter(
         sd, name = _read(source, sub, weight)
         proj_sd, ip_sd = _split(sd, name)
         proj = _projection(proj_sd, name, dtype, device)
-        width = (proj.norm_out if proj.hidden_states else proj.norm).normalized_shape[0]
+        width = proj.out_features
         if width != unet.config.cross_attention_dim:
             raise CheckpointError(
                 f"{name} makes {width}-wide image tokens but this UNet's cross-attention takes "
@@ -357,11 +369,10 @@ def load_ip_adapter(
     for proj, name in zip(projections, names):
         if encoder is not None:
             wants = encoder.config.hidden_size if proj.hidden_states else encoder.config.projection_dim
-            gets = proj.proj_in.in_features if proj.hidden_states else proj.image_embeds.in_features
-            if wants != gets:
+            if wants != proj.in_features:
                 raise CheckpointError(
-                    f"IP-Adapter {name or ''} reads {gets}-wide image features but the image encoder gives {wants}: "
-                    "ip-adapter_sdxl needs sdxl_models/image_encoder (ViT-bigG), the *_vit-h adapters "
+                    f"IP-Adapter {name or ''} reads {proj.in_features}-wide image features but the image encoder "
+                    f"gives {wants}: ip-adapter_sdxl needs sdxl_models/image_encoder (ViT-bigG), the *_vit-h adapters "
                     "models/image_encoder (ViT-H)"
                 )
 

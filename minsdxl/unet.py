@@ -340,8 +340,10 @@ class UNet2DConditionModel(nn.Module):
             if self.encoder_hid_proj is None:
                 raise ValueError("image_embeds were given but no IP-Adapter is loaded: minsdxl.load_ip_adapter first")
             tokens = self.encoder_hid_proj(image_embeds)
-        zero = (e == 0).flatten(1).all(1).tolist()
-        lead = next((i for i, z in enumerate(zero) if not z), len(zero)) if tokens is None else 0
+        lead = 0  # with an image, the empty prompts' rows still attend to its tokens
+        if tokens is None:  # (a host sync on a GPU: only when its answer is used)
+            zero = (e == 0).flatten(1).all(1).tolist()
+            lead = next((i for i, z in enumerate(zero) if not z), len(zero))
         out = []
         for a in self.cross_attentions():
             n = lead if a.to_k.bias is None and a.to_v.bias is None else 0

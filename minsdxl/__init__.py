@@ -1,6 +1,7 @@
 """minsdxl: Stable Diffusion XL in plain PyTorch, numerically equal to diffusers."""
 
 from .checkpoint import SDXL, CheckpointError, load, load_component
+from .controlnet import ControlNetModel, load_controlnet
 from .ip_adapter import load_ip_adapter, set_ip_adapter_scale, unload_ip_adapter
 from .lora import (
     delete_adapters,
@@ -31,6 +32,8 @@ __all__ = [
     "disable_lora",
     "enable_lora",
     "unload_lora_weights",
+    "load_controlnet",
+    "ControlNetModel",
     "load_ip_adapter",
     "set_ip_adapter_scale",
     "unload_ip_adapter",

@@ -450,6 +450,52 @@ def sgm_to_diffusers(sd: dict) -> tuple[dict, list]:
     return out, unmapped
 
 
+_CONTROL = "control_model."
+
+
+def controlnet_table(t: Topology, hint_convs: int) -> dict:
+    """The original ControlNet layout (control_model.*) -> diffusers ControlNetModel names: sgm_table's
+    UNet rows (the encoder half's are the ones a ControlNet's keys meet) under control_model., and the
+    ControlNet's own convs: input_hint_block's convs (SiLU between: indices 0, 2, 4, ...), zero_convs
+    (one per skip) and middle_block_out."""
+    rows = {_CONTROL + k[len(_UNET) :]: v[len("unet.") :] for k, v in sgm_table(t).items() if k.startswith(_UNET)}
+    hint, emb = _CONTROL + "input_hint_block.", "controlnet_cond_embedding."
+    rows[hint + "0."] = emb + "conv_in."
+    for k in range(1, hint_convs - 1):
+        rows[f"{hint}{2 * k}."] = f"{emb}blocks.{k - 1}."
+    rows[f"{hint}{2 * (hint_convs - 1)}."] = emb + "conv_out."
+    for n in range(1 + len(t.unet_attn) * (t.unet_layers + 1)):
+        rows[f"{_CONTROL}zero_convs.{n}.0."] = f"controlnet_down_blocks.{n}."
+    rows[_CONTROL + "middle_block_out.0."] = "controlnet_mid_block."
+    return rows
+
+
+def ldm_controlnet_to_diffusers(sd: dict) -> dict:
+    """A ControlNet file in the original layout (with or without the control_model. prefix) -> diffusers
+    ControlNetModel keys; any other state dict is returned as it is."""
+    if not any(k.startswith(("input_hint_block.", _CONTROL + "input_hint_block.")) for k in sd):
+        return sd
+    sd = {k if k.startswith(_CONTROL) else _CONTROL + k: v for k, v in sd.items()}
+    hint_convs = 0  # convs at 0, 2, ..., 2(n-1); SiLUs (no weights) between
+    while f"{_CONTROL}input_hint_block.{2 * hint_convs}.weight" in sd:
+        hint_convs += 1
+    t = sgm_topology(_UNET + k[len(_CONTROL) :] for k in sd)
+    rows = controlnet_table(t, hint_convs)
+    out, unmapped = {}, []
+    for key, v in sd.items():
+        new, matched = _rename(key, rows)
+        if not matched:
+            unmapped.append(key)
+        elif new is not None:
+            out[new] = v
+    if unmapped:
+        raise CheckpointError(
+            f"{len(unmapped)} keys of this ControlNet have no known diffusers name ({_few(unmapped)}); it is "
+            "not an SDXL ControlNet in the original layout that minsdxl understands"
+        )
+    return out
+
+
 def diffusers_table(components: dict) -> dict:
     """sgm_table inverted (diffusers prefix or key -> sgm), for the topology of diffusers-named state dicts."""
     return {v: k for k, v in sgm_table(diffusers_topology(components)).items() if v is not None}

@@ -28,7 +28,7 @@ import PIL.Image
 import torch
 
 import minsdxl
-from minsdxl import checkpoint, tiny
+from minsdxl import checkpoint, controlnet, tiny
 from minsdxl.image import watermark_available
 from minsdxl.metadata import SCHEMA, infotext, read_png_metadata, save_png, sha256, short_hash
 from minsdxl.schedulers import A1111_NAMES, SCHEDULERS
@@ -60,6 +60,10 @@ API_KWARGS = {
     "negative_aesthetic_score": "negative_aesthetic_score",
     "clip_skip": "clip_skip",
     "eta": "eta",
+    "controlnet_scale": "controlnet_conditioning_scale",
+    "control_start": "control_guidance_start",
+    "control_end": "control_guidance_end",
+    "guess_mode": "guess_mode",
 }
 # flags that say where and how a run runs, not what it makes: not stored for --from-png (a PNG made
 # on a GPU replays on a CPU), and ignored where an older file stored them
@@ -248,6 +252,19 @@ def build_parser():
     add("--image-encoder", metavar="DIR",          default=None,      help="--ip-adapter's CLIP image encoder "
                                                                            "folder (default: image_encoder next "
                                                                            "to the adapter file)")
+    add("--controlnet", metavar="PATH",            default=None,      help="an SDXL ControlNet for the base model "
+                                                                           "(diffusers folder or .safetensors); "
+                                                                           "--control-image is its input")
+    add("--control-image", metavar="IMAGE",        default=None,      help="the --controlnet's control image "
+                                                                           "(edges, depth, pose...): its size is "
+                                                                           "the default text2img size")
+    add("--controlnet-scale",          type=float, default=None,      help="how much the ControlNet counts "
+                                                                           "(default 1.0; img2img 0.8)")
+    add("--control-start",             type=float, default=None,      help="fraction of the steps where the "
+                                                                           "ControlNet starts (default 0)")
+    add("--control-end",               type=float, default=None,      help="... and where it stops (default 1)")
+    add("--guess-mode", action="store_true",       default=None,      help="ControlNet guess mode: it sees no "
+                                                                           "prompt (diffusers' guess_mode)")
     add("--refiner",                               default=None,      help="SDXL refiner folder or file")
     add("--refiner-config",                        default=None,      help="configs of a non-SDXL single-file refiner")
     add("--refiner-mode",   choices=("switch", "img2img"), default="switch",
@@ -348,7 +365,11 @@ def generate(args, source=None) -> int:
             f"(its sha256 began {source.get('model', {}).get('hash')})"
         )
     init, mask, width, height = _read_images(args, mode)
-    image_prompt = _open(args.ip_adapter_image, "IP-Adapter image") if args.ip_adapter_image else None
+    extra = {}  # the base call's image prompt and ControlNet
+    if args.ip_adapter_image:
+        extra["ip_adapter_image"] = _open(args.ip_adapter_image, "IP-Adapter image")
+    if args.control_image:  # = the ControlNet pipelines' names: text2img's image, the others' control_image
+        extra["image" if mode == "text2img" else "control_image"] = _open(args.control_image, "control image")
     if args.seed is None or args.seed < 0:
         args.seed = secrets.randbelow(2**32)
     seeds = [args.seed + k for k in range(args.batch)]
@@ -357,6 +378,12 @@ def generate(args, source=None) -> int:
     auto = args.dtype == "auto"
     args.dtype = args.dtype if not auto else "fp16" if args.device.startswith("cuda") else "fp32"
     base, refiner = _load(args, auto)
+    if args.controlnet:
+        t = time.perf_counter()
+        where = "cpu" if base.offload_device else args.device  # offload: the sampler moves it, as the UNet
+        extra["controlnet"] = minsdxl.load_controlnet(args.controlnet, dtype=base.unet.dtype, device=where)
+        _log(args, f"loaded the ControlNet {args.controlnet} in {time.perf_counter() - t:.1f} s")
+        args.controlnet = str(Path(args.controlnet).resolve())
     if base.kind == "inpaint" and mode != "inpaint":
         raise ValueError(f"--model {args.model} is an SDXL inpainting model: pass -i IMAGE and --mask MASK")
     if base.kind == "refiner" and mode == "text2img":
@@ -370,7 +397,7 @@ def generate(args, source=None) -> int:
 
     for k, (seed, path) in enumerate(zip(seeds, paths)):
         t = time.perf_counter()
-        image, calls, steps = _generate_one(args, mode, base, refiner, init, mask, image_prompt, width, height, seed)
+        image, calls, steps = _generate_one(args, mode, base, refiner, init, mask, extra, width, height, seed)
         _log(args, f"image {k + 1}/{len(seeds)}: {' + '.join(steps)} steps in {time.perf_counter() - t:.1f} s")
         text = {} if about is None else _metadata(args, about, image, calls, seed, k)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -416,6 +443,13 @@ def _check(args, mode):
         raise ValueError("--ip-adapter FILE and --ip-adapter-image IMAGE go together: pass both")
     if (args.ip_adapter_scale is not None or args.image_encoder) and not args.ip_adapter:
         raise ValueError("--ip-adapter-scale and --image-encoder apply to an --ip-adapter: pass one")
+    if bool(args.controlnet) != bool(args.control_image):
+        raise ValueError("--controlnet PATH and --control-image IMAGE go together: pass both")
+    knobs = (args.controlnet_scale, args.control_start, args.control_end, args.guess_mode)
+    if not args.controlnet and any(v is not None for v in knobs):
+        raise ValueError("--controlnet-scale, --control-start, --control-end and --guess-mode apply to a --controlnet")
+    if args.controlnet and not Path(args.controlnet).exists():
+        raise ValueError(f"--controlnet {args.controlnet}: no such file or folder")
     if args.ip_adapter and not Path(args.ip_adapter).is_file():
         raise ValueError(f"--ip-adapter {args.ip_adapter}: no such file (e.g. sdxl_models/ip-adapter_sdxl.safetensors)")
 
@@ -560,7 +594,7 @@ def _load(args, auto_dtype=False):
         _log(args, f"loaded refiner {args.refiner} in {time.perf_counter() - t:.1f} s (text encoder 2 and VAE shared)")
     # absolute paths in the metadata, so --from-png works from any folder ("tiny" stays a name)
     files = ("model", "vae", "refiner", "model_config", "refiner_config", "init_image", "mask", "lora_dir")
-    for name in (*files, "ip_adapter", "ip_adapter_image", "image_encoder"):
+    for name in (*files, "ip_adapter", "ip_adapter_image", "image_encoder", "control_image"):
         if getattr(args, name) and not (name == "model" and args.model == tiny.NAME):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
     return base, refiner
@@ -602,7 +636,7 @@ def _api_kwargs(args, fn, skip=()) -> dict:
     return kw
 
 
-def _generate_one(args, mode, base, refiner, init, mask, image_prompt, width, height, seed):
+def _generate_one(args, mode, base, refiner, init, mask, extra, width, height, seed):
     """One image: the base call (+ the refiner call). Returns (PIL image, [(function, kwargs)], steps run)."""
     common = dict(seed=seed, scheduler=args.sampler, progress=not args.quiet)
     steps = []  # per call, counted by the step callback (-v only)
@@ -617,8 +651,7 @@ def _generate_one(args, mode, base, refiner, init, mask, image_prompt, width, he
         kw["image"] = init
     if mode == "inpaint":
         kw.update(mask_image=mask, width=width, height=height)
-    if image_prompt is not None:  # the base's adapter; the refiner has none
-        kw["ip_adapter_image"] = image_prompt
+    kw.update(extra)  # the base's image prompt and ControlNet; the refiner has neither
     switch = refiner is not None and args.refiner_mode == "switch"
     if switch:  # = diffusers' ensemble of expert denoisers: the base stops at the switch, noisy latents out
         kw.update(denoising_end=args.refiner_switch, output_type="latent")
@@ -661,6 +694,8 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
         "mask": _file_info(args.mask) if args.mask else None,
         "ip_adapter": _file_info(args.ip_adapter) if args.ip_adapter else None,
         "ip_adapter_image": _file_info(args.ip_adapter_image) if args.ip_adapter_image else None,
+        "controlnet": _file_info(_controlnet_file(args.controlnet, args.dtype)) if args.controlnet else None,
+        "control_image": _file_info(args.control_image) if args.control_image else None,
         "scheduler": {"name": args.sampler, "a1111": _a1111_name(args.sampler), "config": sched.config},
         "dtypes": {
             c: str(getattr(base, c).dtype).removeprefix("torch.")
@@ -671,7 +706,7 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
     }
     _log(args, f"hashed the model files in {time.perf_counter() - t:.1f} s (sha256 {model['sha256'][:10]})")
     if source is not None:  # --from-png: say when the result cannot be the same image
-        for what in ("model", "refiner", "vae", "init_image", "mask", "ip_adapter", "ip_adapter_image"):
+        for what in ("model", "refiner", "vae", "init_image", "mask", "ip_adapter", "ip_adapter_image", "controlnet"):
             old, new = (source.get(what) or {}).get("sha256"), (about[what] or {}).get("sha256")
             if old and new and old != new:
                 _warn(
@@ -700,6 +735,11 @@ def _file_info(path, model=None, dtype=None) -> dict:
     return info
 
 
+def _controlnet_file(path, dtype) -> Path:
+    """The ControlNet weights file load_controlnet reads for this dtype."""
+    return controlnet.weights(path, dtype=DTYPES.get(dtype))[0]
+
+
 def _unet_file(folder: Path, dtype) -> Path:
     """The UNet weights file minsdxl.load reads for this dtype (fp16 variant first for fp16)."""
     try:
@@ -717,6 +757,8 @@ def _record(fn, kw, images: dict) -> dict:
     image arguments (a path, or which earlier output they are)."""
     out = {k: p.default for k, p in inspect.signature(fn).parameters.items() if k != "model" and k not in UNRECORDED}
     out.update({k: v for k, v in kw.items() if k not in UNRECORDED})
+    for k in minsdxl.sampler.CONTROLNET_DEFAULTS.get(fn.__name__, {}):  # the value the call used
+        out[k] = minsdxl.sampler.default(fn.__name__, k, out[k], kw.get("controlnet"))
     out.update({k: v for k, v in images.items() if k in kw})
     return out
 
@@ -726,6 +768,9 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
     stored = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     stored["seed"] = seed  # this image's own seed: --from-png makes this one image
     base_images = {"image": args.init_image, "mask_image": args.mask, "ip_adapter_image": args.ip_adapter_image}
+    base_images |= {"controlnet": args.controlnet, "control_image": args.control_image}
+    if about["mode"] == "text2img" and args.controlnet:
+        base_images["image"] = args.control_image  # text2img's image= is the control image
     refiner_images = {
         "image": "the base call's " + ("latents" if args.refiner_mode == "switch" else "image"),
         "mask_image": args.mask,

@@ -26,6 +26,17 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class ControlNetConfig(UNetConfig):
+    """A ControlNet: a UNet's encoder half (these UNetConfig fields) plus the control image's encoder.
+    = diffusers ControlNetModel's config; the last two fields are read from its config.json only."""
+
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)
+    global_pool_conditions: bool = False  # residuals averaged over space (shuffle-style ControlNets)
+    bgr: bool = False  # controlnet_conditioning_channel_order == "bgr": the control image's channels flipped
+
+
+@dataclass(frozen=True)
 class VAEConfig:
     in_channels: int = 3
     out_channels: int = 3
@@ -134,7 +145,8 @@ def unet_config_from_state_dict(sd, base: UNetConfig | None = None) -> UNetConfi
     return replace(
         base,
         in_channels=sd["conv_in.weight"].shape[1],
-        out_channels=sd["conv_out.weight"].shape[0],
+        # a ControlNet has no conv_out
+        out_channels=sd["conv_out.weight"].shape[0] if "conv_out.weight" in sd else base.out_channels,
         block_out_channels=channels,
         layers_per_block=_count(keys, "down_blocks.0.resnets."),
         transformer_layers=layers,
@@ -143,6 +155,20 @@ def unet_config_from_state_dict(sd, base: UNetConfig | None = None) -> UNetConfi
         cross_attention_dim=sd[attn_key].shape[1],
         projection_class_embeddings_input_dim=sd["add_embedding.linear_1.weight"].shape[1],
         norm_num_groups=base.norm_num_groups,
+    )
+
+
+def controlnet_config_from_state_dict(sd, base: ControlNetConfig | None = None) -> ControlNetConfig:
+    """Infer a ControlNetConfig from a diffusers-named ControlNetModel state dict."""
+    if "controlnet_cond_embedding.conv_in.weight" not in sd:
+        raise ValueError("not a ControlNet: controlnet_cond_embedding.conv_in.weight is missing")
+    cfg = unet_config_from_state_dict(sd, base or ControlNetConfig())
+    e = "controlnet_cond_embedding."
+    n = _count(list(sd), f"{e}blocks.")  # blocks 2k (same width) and 2k+1 (stride 2, wider)
+    wider = tuple(sd[f"{e}blocks.{k}.weight"].shape[0] for k in range(1, n, 2))
+    channels = (sd[f"{e}conv_in.weight"].shape[0],) + wider
+    return replace(
+        cfg, conditioning_channels=sd[f"{e}conv_in.weight"].shape[1], conditioning_embedding_out_channels=channels
     )
 
 
@@ -217,6 +243,7 @@ def vision_config_from_state_dict(sd, base: VisionConfig | None = None) -> Visio
 
 __all__ = [
     "UNetConfig",
+    "ControlNetConfig",
     "VAEConfig",
     "TextConfig",
     "VisionConfig",
@@ -225,6 +252,7 @@ __all__ = [
     "TEXT_PRESETS",
     "VISION_PRESETS",
     "unet_config_from_state_dict",
+    "controlnet_config_from_state_dict",
     "vae_config_from_state_dict",
     "text_config_from_state_dict",
     "vision_config_from_state_dict",

@@ -22,11 +22,15 @@ def _as_list(image):
     return list(image) if isinstance(image, (list, tuple)) else [image]
 
 
-def to_tensor(image, height=None, width=None, mask: bool = False, latent_channels: int = 4, crop=None) -> torch.Tensor:
+def to_tensor(
+    image, height=None, width=None, mask: bool = False, latent_channels: int = 4, crop=None, normalize: bool = True
+) -> torch.Tensor:
     """PIL image(s), numpy [H,W,C]/[B,H,W,C] in [0,1], or torch [C,H,W]/[B,C,H,W] in [0,1] -> float32
     [B, C, H, W]: in [-1, 1] for images, binarised {0, 1} single-channel for masks. A torch tensor
     with `latent_channels` channels is returned unchanged (latents). = VaeImageProcessor.preprocess;
-    crop=(x1, y1, x2, y2) (PIL only): that box, resized keeping its aspect ratio (resize_mode "fill")."""
+    crop=(x1, y1, x2, y2) (PIL only): that box, resized keeping its aspect ratio (resize_mode "fill").
+    normalize=False: a ControlNet's control image, kept in [0, 1] whatever its channels (diffusers'
+    control_image_processor: do_normalize=False)."""
     images = _as_list(image)
     if not images:
         raise ValueError("got an empty list of images")
@@ -55,7 +59,7 @@ def to_tensor(image, height=None, width=None, mask: bool = False, latent_channel
         x = torch.cat(images) if first.ndim == 4 else torch.stack(images)
         if mask and x.ndim == 3:
             x = x.unsqueeze(1)
-        if not mask and x.shape[1] == latent_channels:
+        if not mask and normalize and x.shape[1] == latent_channels:
             return x  # latents: no preprocessing
         x = _resize_tensor(x.float(), height, width)
     else:
@@ -67,6 +71,8 @@ def to_tensor(image, height=None, width=None, mask: bool = False, latent_channel
         if x.shape[1] != 1:
             x = x.mean(dim=1, keepdim=True) if x.shape[1] == 3 else x[:, :1]
         return (x >= 0.5).to(x.dtype)  # = VaeImageProcessor.binarize
+    if not normalize:
+        return x
     if x.shape[1] != 3:
         raise ValueError(f"an image needs 3 channels (RGB), got {x.shape[1]}")
     # = VaeImageProcessor.preprocess: a tensor already in [-1, 1] is not normalised again

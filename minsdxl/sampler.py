@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ip_adapter, lora
+from .controlnet import ControlNetModel
 from .image import (
     apply_watermark,
     mask_crop_region,
@@ -31,6 +32,28 @@ from .rng import randn
 from .schedulers import DDIM, Scheduler, make_scheduler
 
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# what a step callback may read and replace (the loop's state; "mask", "masked_image_latents": 9-channel inpaint)
+_CALLBACK_INPUTS = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "mask", "masked_image_latents")
+# diffusers' ControlNet pipelines default these otherwise than the plain ones: (without, with a ControlNet)
+CONTROLNET_DEFAULTS = {"img2img": {"strength": (0.3, 0.8)}, "inpaint": {"guidance_scale": (7.5, 5.0)}}
+
+
+def default(function: str, key: str, value, controlnet):
+    """`value`, or when None the diffusers default of `key` in `function` with or without a ControlNet."""
+    pair = CONTROLNET_DEFAULTS.get(function, {}).get(key)
+    return value if value is not None or pair is None else pair[controlnet is not None]
+
+
+@dataclass
+class _Control:
+    """One ControlNet of a call: its control image, ready (on the device, batched, CFG-doubled unless in
+    guess mode), its scale, and the fraction of the steps it acts in [start, end]."""
+
+    net: ControlNetModel
+    image: torch.Tensor
+    scale: float
+    start: float
+    end: float
 
 
 @dataclass
@@ -52,6 +75,9 @@ class _Run:
     eta: float = 0.0  # for a scheduler whose step takes it (TCD)
     image_embeds: list | None = None  # IP-Adapter image prompt, one tensor per adapter (CFG-doubled)
     image_masks: list | None = None  # their regions (cross_attention_kwargs["ip_adapter_masks"])
+    controls: list | None = None  # ControlNets (_Control), their outputs summed into the UNet
+    guess_mode: bool = False
+    control_steps: int = 0  # the schedule length the guidance windows are fractions of
 
     @property
     def cfg(self) -> bool:
@@ -65,9 +91,41 @@ def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale: float):
     return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
 
 
+def _control_residuals(run: _Run, i, x_in, t, state, cache: dict) -> dict:
+    """= the ControlNet pipelines' per-step block: each ControlNet inside its guidance window, its
+    outputs summed (= MultiControlNetModel), in guess mode (with CFG) on the positive half only and
+    zero for the negative half. A ControlNet whose scale is 0 at this step is not run: its residuals
+    would be exact zeros (diffusers runs it and adds them)."""
+    embeds, text, ids = state["prompt_embeds"], state["add_text_embeds"], state["add_time_ids"]
+    half = run.guess_mode and run.cfg
+    if half:  # x_in's halves are the same latents, scaled elementwise: = scale_model_input(latents)
+        x_in, embeds, text, ids = x_in.chunk(2)[1], embeds.chunk(2)[1], text.chunk(2)[1], ids.chunk(2)[1]
+    n, down, mid = run.control_steps, None, None
+    for j, c in enumerate(run.controls):
+        keep = 1.0 - float(i / n < c.start or (i + 1) / n > c.end)  # = controlnet_keep
+        scale = c.scale * keep
+        if scale == 0:
+            continue
+        src = state["prompt_embeds"]  # the prompt's k, v projected once per call (again if a callback changed it)
+        if j not in cache or cache[j][0] is not src or cache[j][1] != src._version:
+            cache[j] = (src, src._version, c.net.project_context(embeds))
+        # the scale as a CPU scalar tensor: a compiled ControlNet would recompile for every new float (dynamo
+        # specialises on Python floats); kernels read a CPU scalar in fp32 as they read a float, so eager
+        # results are bit-equal to passing the float
+        scale = torch.tensor(scale, dtype=torch.float32)
+        d, m = c.net(x_in, t, cache[j][2], c.image, text, ids, conditioning_scale=scale, guess_mode=run.guess_mode)
+        down = d if down is None else [a + b for a, b in zip(down, d)]
+        mid = m if mid is None else mid + m
+    if down is None:
+        return {}
+    if half:
+        down, mid = [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
+    return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
 def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), progress=True) -> torch.Tensor:
-    """The one denoising loop: CFG batch [negative, positive], scale, (+ mask inputs), UNet, guidance,
-    scheduler step (+ 4-channel inpaint blend), callback."""
+    """The one denoising loop: CFG batch [negative, positive], scale, (+ ControlNets), (+ mask inputs),
+    UNet, guidance, scheduler step (+ 4-channel inpaint blend), callback."""
     x, s = run.latents, run.scheduler
     state = {
         "prompt_embeds": run.prompt_embeds,
@@ -79,17 +137,19 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
     n = len(run.timesteps)
     t_unet = run.timesteps.to(x.device)  # once, not a host-to-device copy per step
     projected = None  # (embeds, their version, project_context(embeds)): the prompt's (and image's) k, v
+    control_cache = {}
     for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="denoising", leave=False)):
         if getattr(model, "cuda_graphs", False):  # last step's UNet output buffers may be reused now
             torch.compiler.cudagraph_mark_step_begin()
         x_in = s.scale_model_input(torch.cat([x, x]) if run.cfg else x, t)
+        residuals = _control_residuals(run, i, x_in, t_unet[i], state, control_cache) if run.controls else {}
         if state["mask"] is not None:
             x_in = torch.cat([x_in, state["mask"], state["masked_image_latents"]], dim=1)
         embeds = state["prompt_embeds"]  # projected again only when a callback replaced or modified them
         if projected is None or projected[0] is not embeds or projected[1] != embeds._version:
             context = model.unet.project_context(embeds, run.image_embeds, run.image_masks)
             projected = (embeds, embeds._version, context)
-        eps = model.unet(x_in, t_unet[i], projected[2], state["add_text_embeds"], state["add_time_ids"])
+        eps = model.unet(x_in, t_unet[i], projected[2], state["add_text_embeds"], state["add_time_ids"], **residuals)
         if run.cfg:
             uncond, text = eps.chunk(2)
             eps = uncond + run.guidance_scale * (text - uncond)
@@ -160,6 +220,13 @@ def _check_common(model, a, mode):
     start, end = a.get("denoising_start"), a.get("denoising_end")
     if start is not None and end is not None and start >= end:
         raise ValueError(f"denoising_start={start} must be below denoising_end={end}")
+    bad = [k for k in a["callback_on_step_end_tensor_inputs"] if k not in _CALLBACK_INPUTS]
+    if bad:
+        raise ValueError(
+            f"callback_on_step_end_tensor_inputs: {bad} cannot be given to the callback; choose from "
+            f"{_CALLBACK_INPUTS} (CFG-ordered: prompt_embeds, add_text_embeds and add_time_ids hold the negative "
+            "half first)"
+        )
     ip_adapter.check_inputs(model, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
     masks = (a["cross_attention_kwargs"] or {}).get("ip_adapter_masks")
     a["ip_adapter_masks"] = ip_adapter.check_masks(model, masks, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
@@ -190,11 +257,13 @@ def _device(model):
 
 @contextmanager
 def _on_device(model, *names):
-    """Model offload (load(..., offload=True)): move just these components to the device for the block.
-    Inference never changes the weights, so nothing is copied back: the CPU tensors are kept and put back
-    afterwards and the device copies dropped (half the traffic of diffusers' move there and back)."""
+    """Model offload (load(..., offload=True)): move just these components (names of the model's, or
+    modules such as ControlNets) to the device for the block. Inference never changes the weights, so
+    nothing is copied back: the CPU tensors are kept and put back afterwards and the device copies
+    dropped (half the traffic of diffusers' move there and back)."""
     target = getattr(model, "offload_device", None)
-    mods = [m for m in (getattr(model, n) for n in names) if m is not None] if target else []
+    mods = [getattr(model, n) if isinstance(n, str) else n for n in names] if target else []
+    mods = [m for m in mods if m is not None]
     kept = [
         (sub, kind, name, t, t.data)
         for m in mods
@@ -248,6 +317,7 @@ class _Setup:
     cfg: bool
     image_embeds: list | None  # the IP-Adapter image prompt (ip_adapter.image_prompt)
     image_masks: list | None
+    control_steps: int  # the steps before denoising_end's cut: what ControlNet guidance windows divide
 
     @property
     def batch(self):
@@ -282,6 +352,8 @@ class _Setup:
 def _setup(model, a, strength=1.0, denoising_start=None) -> _Setup:
     cfg = a["guidance_scale"] > 1.0
     sched = _scheduler(model, a)
+    # = the ControlNet pipelines: controlnet_keep is made before the denoising_end cut
+    control_steps = len(sched.select_timesteps(strength, denoising_start, None))
     timesteps = sched.select_timesteps(strength, denoising_start, a["denoising_end"])
     embeds = _prompts(model, a, cfg)
     with _on_device(model, "image_encoder"):
@@ -295,7 +367,7 @@ def _setup(model, a, strength=1.0, denoising_start=None) -> _Setup:
             embeds[0].shape[0],
             _device(model),
         )
-    return _Setup(sched, timesteps, _generator(a), embeds, cfg, images, masks)
+    return _Setup(sched, timesteps, _generator(a), embeds, cfg, images, masks, control_steps)
 
 
 def _time_ids(model, ids, neg_ids, pooled_dim, dtype):
@@ -316,7 +388,7 @@ def _pairs(a, keys):
 
 
 def _finish(model, run, a):
-    with _on_device(model, "unet"):
+    with _on_device(model, "unet", *(c.net for c in run.controls or ())):
         x = _denoise(model, run, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], a["progress"])
     if a["output_type"] == "latent":
         return x
@@ -381,6 +453,136 @@ def _spread(x, batch, what):
 
 
 # ------------------------------------------------------------------------------------------------
+# ControlNet inputs (= the three ControlNet pipelines' check_inputs and prepare_(control_)image)
+
+
+def _number(name, v):
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise TypeError(f"{name} must be a number, got {v!r}")
+
+
+def _check_controls(model, a, key):
+    """The ControlNet arguments, checked before any heavy work: None without a controlnet, else
+    (nets, control images, scales, starts, ends), one each per ControlNet. `key`: the control image's
+    argument ("image" in text2img, "control_image" in img2img and inpaint, as in diffusers)."""
+    nets, images = a["controlnet"], a[key]
+    if nets is None:
+        if images is not None:
+            hint = ": pass controlnet= (minsdxl.load_controlnet) too"
+            if key == "image":
+                hint += ", or call img2img to start from an image"
+            raise ValueError(f"{key}= is a ControlNet's control image{hint}")
+        return None
+    multi = isinstance(nets, (list, tuple))
+    nets = list(nets) if multi else [nets]
+    if not nets:
+        raise ValueError("controlnet=[] holds no ControlNet; pass one, a list of them, or None")
+    for net in nets:
+        if not isinstance(net, ControlNetModel):
+            raise TypeError(
+                f"controlnet must be a minsdxl ControlNetModel (minsdxl.load_controlnet(path)) or a list of them, "
+                f"got {type(net).__name__}"
+            )
+        _check_fits(model.unet, net)
+    if images is None:
+        raise ValueError(f"a ControlNet needs its control image: pass {key}=")
+    if multi:
+        if not isinstance(images, (list, tuple)) or len(images) != len(nets):
+            got = len(images) if isinstance(images, (list, tuple)) else 1
+            raise ValueError(
+                f"{len(nets)} ControlNets need a list of {len(nets)} control images ({key}=[...], one per "
+                f"ControlNet, in the same order); got {got}"
+            )
+        images = list(images)
+    else:
+        images = [images]
+    scale = a["controlnet_conditioning_scale"]
+    if isinstance(scale, (list, tuple)) and not multi:
+        raise ValueError("controlnet_conditioning_scale: one ControlNet takes one number, not a list")
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(nets)
+    start, end = a["control_guidance_start"], a["control_guidance_end"]
+    listed = isinstance(start, (list, tuple)), isinstance(end, (list, tuple))
+    n = len(start) if listed[0] else len(end) if listed[1] else len(nets)  # = __call__: a number is repeated
+    starts, ends = (list(v) if is_list else [v] * n for v, is_list in zip((start, end), listed))
+    for name, values in (("controlnet_conditioning_scale", scales), ("control_guidance_start", starts)):
+        if len(values) != len(nets):
+            raise ValueError(f"{name} has {len(values)} values for {len(nets)} ControlNets; give one per ControlNet")
+    if len(ends) != len(nets):
+        raise ValueError(f"control_guidance_end has {len(ends)} values for {len(nets)} ControlNets; give one each")
+    for sc, st, en in zip(scales, starts, ends):
+        _number("controlnet_conditioning_scale", sc)
+        _number("control_guidance_start", st)
+        _number("control_guidance_end", en)
+        if not 0.0 <= st < en <= 1.0:
+            raise ValueError(
+                f"control_guidance_start={st} and control_guidance_end={en}: need 0 <= start < end <= 1 (the "
+                "fraction of the steps a ControlNet acts in)"
+            )
+    return nets, images, scales, starts, ends
+
+
+def _check_fits(unet, net):
+    keys = ("block_out_channels", "layers_per_block", "cross_attention_dim", "projection_class_embeddings_input_dim")
+    u, c = unet.config, net.config
+    bad = [f"{k}: ControlNet {getattr(c, k)}, UNet {getattr(u, k)}" for k in keys if getattr(c, k) != getattr(u, k)]
+    if c.in_channels != 4:
+        bad.append(f"in_channels: {c.in_channels} (the latents have 4)")
+    if bad:
+        raise ValueError(
+            "this ControlNet does not fit the model's UNet (" + "; ".join(bad) + "): an SDXL ControlNet works with "
+            "SDXL base-shaped UNets (base, inpaint, fine-tunes), not with the refiner"
+        )
+
+
+def _control_pixels(ctl, height, width, crop=None):
+    """The control images in [0, 1] at height x width (None: the first one's own size, a multiple of 8),
+    and that size. diffusers sizes each at its own size unless given one; a second control image of
+    another size then fails in its UNet: here it is resized to the first's."""
+    nets, images = ctl[0], ctl[1]
+    pixels = []
+    for net, image in zip(nets, images):
+        x = to_tensor(image, height, width, crop=crop, normalize=False)
+        height, width = x.shape[-2:]
+        if x.shape[1] != net.config.conditioning_channels:
+            raise ValueError(
+                f"a control image has {x.shape[1]} channels; this ControlNet reads {net.config.conditioning_channels}"
+            )
+        pixels.append(x)
+    return pixels, (int(height), int(width))
+
+
+def _attach_controls(run: _Run, ctl, pixels, st: _Setup, a):
+    """= prepare_image: each control image repeated to the batch, on the device in its ControlNet's dtype,
+    doubled for CFG unless in guess mode; the run then calls the ControlNets."""
+    nets, _, scales, starts, ends = ctl
+    per_prompt = a["num_images_per_prompt"]
+    prompts = st.batch // per_prompt
+    if tuple(pixels[0].shape[-2:]) != tuple(8 * d for d in run.latents.shape[-2:]):
+        h, w = (8 * d for d in run.latents.shape[-2:])
+        raise ValueError(
+            f"the control image is {pixels[0].shape[-1]}x{pixels[0].shape[-2]} but the image to make is {w}x{h}: "
+            "pass height= and width= (both are then resized) or a control image of that size"
+        )
+    guess = a["guess_mode"] or nets[0].config.global_pool_conditions  # = __call__
+    controls = []
+    for net, x, scale, start, end in zip(nets, pixels, scales, starts, ends):
+        if x.shape[0] not in (1, prompts):
+            raise ValueError(f"got {x.shape[0]} control images for {prompts} prompts; pass 1 or {prompts}")
+        x = x.repeat_interleave(st.batch if x.shape[0] == 1 else per_prompt, dim=0).to(run.latents.device, net.dtype)
+        controls.append(_Control(net, torch.cat([x, x]) if st.cfg and not guess else x, scale, start, end))
+    run.controls, run.guess_mode, run.control_steps = controls, guess, st.control_steps
+    return run
+
+
+def _own_size(image):
+    """An image's (height, width) in pixels (latents: times 8), a multiple of 8 (get_default_height_width)."""
+    if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == 4:
+        return 8 * image.shape[-2], 8 * image.shape[-1]
+    h, w = _hw(image)
+    return h - h % 8, w - w % 8
+
+
+# ------------------------------------------------------------------------------------------------
 # The three public functions
 
 
@@ -438,15 +640,26 @@ def text2img(
     clip_skip=None,
     callback_on_step_end=None,
     callback_on_step_end_tensor_inputs=("latents",),
+    image=None,
+    controlnet=None,
+    controlnet_conditioning_scale=1.0,
+    guess_mode=False,
+    control_guidance_start=0.0,
+    control_guidance_end=1.0,
     seed=None,
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
 ):
     """= StableDiffusionXLPipeline.__call__(...).images. Extra: seed=int (a CPU generator), scheduler=
-    (a name such as "euler", "DPM++ 2M Karras", or a minsdxl scheduler), progress=False hides the bar."""
+    (a name such as "euler", "DPM++ 2M Karras", or a minsdxl scheduler), progress=False hides the bar.
+    With controlnet= (minsdxl.load_controlnet; a list for several) = StableDiffusionXLControlNetPipeline:
+    image= is the control image (a list, one per ControlNet), whose size is the default height x width."""
     a = dict(locals())
     _check_common(model, a, "text2img")
+    ctl = _check_controls(model, a, "image")
+    if ctl is not None:
+        pixels, (height, width) = _control_pixels(ctl, height, width)
     sample = model.unet.config.sample_size * 8
     height, width = height or sample, width or sample
     st = _setup(model, a)
@@ -467,6 +680,8 @@ def text2img(
     # = __call__: cat([neg, pos]) THEN repeat per image, so the rows alternate neg/pos (a diffusers quirk)
     time_ids = (torch.cat([neg, ids]) if st.cfg else ids).to(device).repeat(batch, 1)
     run = st.run(a, latents, time_ids)
+    if ctl is not None:
+        _attach_controls(run, ctl, pixels, st, a)
     return _finish(model, run, a)
 
 
@@ -494,7 +709,7 @@ def img2img(
     prompt=None,
     prompt_2=None,
     image=None,
-    strength=0.3,
+    strength=None,
     num_inference_steps=50,
     timesteps=None,
     sigmas=None,
@@ -526,16 +741,35 @@ def img2img(
     clip_skip=None,
     callback_on_step_end=None,
     callback_on_step_end_tensor_inputs=("latents",),
+    control_image=None,
+    height=None,
+    width=None,
+    controlnet=None,
+    controlnet_conditioning_scale=0.8,
+    guess_mode=False,
+    control_guidance_start=0.0,
+    control_guidance_end=1.0,
     seed=None,
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
 ):
     """= StableDiffusionXLImg2ImgPipeline.__call__(...).images. `image` may be 4-channel latents (e.g. a
-    base model's output_type="latent" for the refiner with denoising_start). Extras as text2img."""
+    base model's output_type="latent" for the refiner with denoising_start). Extras as text2img;
+    height, width: resize the image. strength=None: 0.3 (0.8 with a ControlNet, as in diffusers).
+    With controlnet= = StableDiffusionXLControlNetImg2ImgPipeline: control_image= (a list, one per
+    ControlNet) sets the default size, and the image is resized to it."""
+    strength = default("img2img", "strength", strength, controlnet)
     a = dict(locals())
     _check_common(model, a, "img2img")
+    ctl = _check_controls(model, a, "control_image")
     x = to_tensor(image)  # checks the image type before any heavy work
+    if ctl is not None:
+        if x.shape[1] == 4:  # latents: the control image goes to their size
+            height, width = height or 8 * x.shape[-2], width or 8 * x.shape[-1]
+        pixels, (height, width) = _control_pixels(ctl, height, width)
+    if x.shape[1] != 4 and (height or width):
+        x = to_tensor(image, height, width)
     st = _setup(model, a, strength, denoising_start)
     batch, device, dtype, generator = st.batch, _device(model), st.dtype, st.generator
     if latents is None:  # = prepare_latents (skipped by diffusers when latents are given)
@@ -548,6 +782,8 @@ def img2img(
     height, width = (s * 8 for s in latents.shape[-2:])
     time_ids = _refine_ids(model, a, height, width, st.pooled_dim, dtype, batch, st.cfg)
     run = st.run(a, latents, time_ids)
+    if ctl is not None:
+        _attach_controls(run, ctl, pixels, st, a)
     return _finish(model, run, a)
 
 
@@ -568,7 +804,7 @@ def inpaint(
     sigmas=None,
     denoising_start=None,
     denoising_end=None,
-    guidance_scale=7.5,
+    guidance_scale=None,
     negative_prompt=None,
     negative_prompt_2=None,
     num_images_per_prompt=1,
@@ -594,6 +830,12 @@ def inpaint(
     clip_skip=None,
     callback_on_step_end=None,
     callback_on_step_end_tensor_inputs=("latents",),
+    control_image=None,
+    controlnet=None,
+    controlnet_conditioning_scale=1.0,
+    guess_mode=False,
+    control_guidance_start=0.0,
+    control_guidance_end=1.0,
     seed=None,
     scheduler=None,
     cross_attention_kwargs=None,
@@ -603,17 +845,27 @@ def inpaint(
     Works with the 9-channel inpainting UNet (mask and masked-image latents as extra UNet inputs) and
     with 4-channel base/refiner UNets (the known region is re-imposed after every step).
     padding_mask_crop=N: inpaint only the box around the mask (N pixels wider, grown to height:width) at
-    height x width, and paste the result back into the full image where the mask is white."""
+    height x width, and paste the result back into the full image where the mask is white.
+    guidance_scale=None: 7.5 (5.0 with a ControlNet, as in diffusers). With controlnet= =
+    StableDiffusionXLControlNetInpaintPipeline: control_image= (a list, one per ControlNet), resized
+    (and cropped) as the image; the default size is then the image's own, not the model's."""
+    guidance_scale = default("inpaint", "guidance_scale", guidance_scale, controlnet)
     a = dict(locals())
     _check_common(model, a, "inpaint")
+    ctl = _check_controls(model, a, "control_image")
     if mask_image is None:
         raise ValueError("inpaint needs mask_image= (white = repaint, black = keep), the size of the image")
     _check_mask_matches(image, mask_image)
     sample = model.unet.config.sample_size * 8  # = inpaint __call__: the image is resized to height x width
+    if ctl is not None:  # = the ControlNet inpaint pipeline: the image's own size
+        own = _own_size(image)
+        height, width = height or own[0], width or own[1]
     height, width = height or sample, width or sample
     crop = _crop_box(a, height, width)
     init_image = to_tensor(image, height, width, crop=crop).float()
     mask_px = to_tensor(mask_image, height, width, mask=True, crop=crop)
+    if ctl is not None:
+        pixels = _control_pixels(ctl, height, width, crop)[0]
     if not (mask_px > 0.5).any():
         warnings.warn("mask_image has no white pixels: nothing will be repainted", stacklevel=2)
     nine = model.unet.config.in_channels == 9
@@ -658,6 +910,8 @@ def inpaint(
     height, width = (s * 8 for s in latents.shape[-2:])
     time_ids = _refine_ids(model, a, height, width, st.pooled_dim, dtype, batch, st.cfg)
     run = st.run(a, latents, time_ids)
+    if ctl is not None:
+        _attach_controls(run, ctl, pixels, st, a)
     if nine:
         run.mask = torch.cat([mask, mask]) if st.cfg else mask
         run.masked_image_latents = torch.cat([masked_image_latents] * 2) if st.cfg else masked_image_latents
@@ -687,18 +941,20 @@ def _crop_box(a, height, width):
     return mask_crop_region(a["mask_image"], width, height, pad)
 
 
-def _check_mask_matches(image, mask_image):
-    def size(x):
-        x = x[0] if isinstance(x, (list, tuple)) and x else x
-        if isinstance(x, PIL.Image.Image):
-            return tuple(x.size[::-1])  # (W, H) -> (H, W)
-        if hasattr(x, "shape"):
-            if isinstance(x, torch.Tensor):
-                return tuple(x.shape[-2:])
-            return tuple(x.shape[:2]) if x.ndim in (2, 3) else tuple(x.shape[1:3])
-        return None
+def _hw(x):
+    """(height, width) of a PIL image, numpy array or tensor (of the first of a list); None if unknown."""
+    x = x[0] if isinstance(x, (list, tuple)) and x else x
+    if isinstance(x, PIL.Image.Image):
+        return tuple(x.size[::-1])  # (W, H) -> (H, W)
+    if hasattr(x, "shape"):
+        if isinstance(x, torch.Tensor):
+            return tuple(x.shape[-2:])
+        return tuple(x.shape[:2]) if x.ndim in (2, 3) else tuple(x.shape[1:3])
+    return None
 
-    a, b = size(image), size(mask_image)
+
+def _check_mask_matches(image, mask_image):
+    a, b = _hw(image), _hw(mask_image)
     is_latents = isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == 4
     if a and b and a != b and not is_latents:
         raise ValueError(f"image is {a[1]}x{a[0]} but mask_image is {b[1]}x{b[0]}; they must be the same size")

@@ -270,20 +270,23 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](x, contexts), emb)
 
 
+def down_blocks(cfg: UNetConfig) -> nn.ModuleList:
+    """The encoder levels (a UNet's and a ControlNet's)."""
+    ch, last = cfg.block_out_channels, len(cfg.block_out_channels) - 1
+    return nn.ModuleList(
+        DownBlock(ch[max(i - 1, 0)], ch[i], cfg, cfg.transformer_layers[i], downsample=i < last) for i in range(len(ch))
+    )
+
+
 class UNet2DConditionModel(nn.Module):
+    kind = "UNet"  # in error messages
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
         ch = cfg.block_out_channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
-        self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
+        self.encoder_half(cfg)
         last = len(ch) - 1
-        self.down_blocks = nn.ModuleList(
-            DownBlock(ch[max(i - 1, 0)], ch[i], cfg, cfg.transformer_layers[i], downsample=i < last)
-            for i in range(len(ch))
-        )
-        self.mid_block = MidBlock(ch[-1], cfg)
         rch, rdepth = ch[::-1], cfg.transformer_layers[::-1]
         self.up_blocks = nn.ModuleList(
             UpBlock(rch[min(i + 1, last)], rch[i], rch[max(i - 1, 0)], cfg, rdepth[i], upsample=i < last)
@@ -295,6 +298,16 @@ class UNet2DConditionModel(nn.Module):
         # IP-Adapters' image projections (minsdxl.ip_adapter.MultiIPAdapterImageProjection) once loaded:
         # diffusers' attribute name, so the keys are encoder_hid_proj.image_projection_layers.N.*
         self.encoder_hid_proj = None
+
+    def encoder_half(self, cfg: UNetConfig) -> None:
+        """The layers a UNet and a ControlNet share (the ControlNet is a copy of them): conv_in, the time
+        and micro-conditioning embeddings, the down blocks and the middle block."""
+        ch = cfg.block_out_channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
+        self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
+        self.down_blocks = down_blocks(cfg)
+        self.mid_block = MidBlock(ch[-1], cfg)
 
     @property
     def dtype(self):
@@ -351,16 +364,9 @@ class UNet2DConditionModel(nn.Module):
             out.append((a.to_k(e[n:]), a.to_v(e[n:]), n, ip))
         return out
 
-    def forward(
-        self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, image_embeds=None, ip_adapter_masks=None
-    ) -> torch.Tensor:
-        """sample [B, C, h, w]; timestep float or tensor (scalar or [B]); encoder_hidden_states
-        [B, 77, context] (or project_context's list of it); text_embeds (pooled) [B, 1280]; time_ids
-        [B, 6] (base) or [B, 5] (refiner); image_embeds: IP-Adapter image embeddings (see
-        project_context) and their ip_adapter_masks, with a tensor encoder_hidden_states."""
-        b = sample.shape[0]
-        if image_embeds is not None and isinstance(encoder_hidden_states, torch.Tensor):
-            encoder_hidden_states = self.project_context(encoder_hidden_states, image_embeds, ip_adapter_masks)
+    def contexts(self, encoder_hidden_states, b: int) -> list:
+        """What each transformer block pops in forward order: the prompt tokens (a tensor), or
+        project_context's list of it checked against this model and the batch size b."""
         if isinstance(encoder_hidden_states, torch.Tensor):
             contexts = [encoder_hidden_states] * self.num_cross_attentions
         else:
@@ -368,23 +374,60 @@ class UNet2DConditionModel(nn.Module):
             fits = all(len(c) == 4 and len(c[0]) + c[2] == b for c in contexts)
             if len(contexts) != self.num_cross_attentions or not fits:
                 raise ValueError(
-                    f"encoder_hidden_states: got a list of {len(contexts)}; this UNet needs one (k, v, zeros, ip) "
-                    f"for each of its {self.num_cross_attentions} cross-attention layers, for a batch of {b}: "
-                    "make it with this UNet's project_context from the prompt tokens of that batch"
+                    f"encoder_hidden_states: got a list of {len(contexts)}; this {self.kind} needs one (k, v, zeros, "
+                    f"ip) for each of its {self.num_cross_attentions} cross-attention layers, for a batch of {b}: "
+                    f"make it with this {self.kind}'s project_context from the prompt tokens of that batch"
                 )
-        contexts.reverse()  # popped once per transformer block, in forward order (like skips)
+        return contexts[::-1]  # popped once per transformer block, in forward order (like skips)
+
+    def embed(self, sample, timestep, text_embeds, time_ids) -> torch.Tensor:
+        """The time embedding plus SDXL's micro-conditioning (= diffusers get_aug_embed "text_time")."""
+        b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(1).expand(b) if t.ndim == 0 else t.expand(b)
         emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
-        # micro-conditioning (= diffusers get_aug_embed "text_time"): [pooled, emb(time_ids)]
+        # [pooled, emb(time_ids)]
         tids = timestep_embedding(time_ids.flatten(), self.config.addition_time_embed_dim).reshape(b, -1)
-        emb = emb + self.add_embedding(torch.cat([text_embeds, tids.to(text_embeds.dtype)], dim=-1).to(emb.dtype))
+        return emb + self.add_embedding(torch.cat([text_embeds, tids.to(text_embeds.dtype)], dim=-1).to(emb.dtype))
+
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        text_embeds,
+        time_ids,
+        image_embeds=None,
+        ip_adapter_masks=None,
+        down_block_additional_residuals=None,
+        mid_block_additional_residual=None,
+    ) -> torch.Tensor:
+        """sample [B, C, h, w]; timestep float or tensor (scalar or [B]); encoder_hidden_states
+        [B, 77, context] (or project_context's list of it); text_embeds (pooled) [B, 1280]; time_ids
+        [B, 6] (base) or [B, 5] (refiner); image_embeds: IP-Adapter image embeddings (see
+        project_context) and their ip_adapter_masks, with a tensor encoder_hidden_states;
+        down_block_additional_residuals / mid_block_additional_residual: a ControlNet's output, added
+        to the skips and to the middle block's output (= diffusers' UNet2DConditionModel.forward)."""
+        b = sample.shape[0]
+        if image_embeds is not None and isinstance(encoder_hidden_states, torch.Tensor):
+            encoder_hidden_states = self.project_context(encoder_hidden_states, image_embeds, ip_adapter_masks)
+        contexts = self.contexts(encoder_hidden_states, b)
+        emb = self.embed(sample, timestep, text_embeds, time_ids)
 
         x = self.conv_in(sample)
         skips = [x]  # pushed by every resnet/downsample on the way down, popped in reverse on the way up
         for block in self.down_blocks:
             x = block(x, emb, contexts, skips)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"down_block_additional_residuals: got {len(down_block_additional_residuals)}, this UNet has "
+                    f"{len(skips)} skips: the ControlNet does not fit this UNet (a different topology)"
+                )
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
         x = self.mid_block(x, emb, contexts)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual
         for block in self.up_blocks:
             x = block(x, emb, contexts, skips)
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -110,7 +110,16 @@ def paths(tiny_base, tiny_refiner, tiny_inpaint, tmp_path_factory):
     vision.load_state_dict(random_state_dict(vision, 7))
     vision.save_pretrained(root / "image_encoder")
     PIL.Image.fromarray(rng.integers(0, 256, (29, 40, 3), dtype=np.uint8)).save(root / "style.png")
+    # a ControlNet folder (diffusers' layout) and a control image of another size than -W x -H's default
+    import diffusers
+
+    net = diffusers.ControlNetModel.from_unet(tiny_base[0].unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    net.load_state_dict(random_state_dict(net, 9))
+    net.save_pretrained(root / "controlnet")
+    PIL.Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(root / "edges.png")
     return {
+        "controlnet": root / "controlnet",
+        "control_image": root / "edges.png",
         "ip_adapter": root / "ip-adapter.safetensors",
         "ip_image": root / "style.png",
         "lora_style": root / "style.safetensors",
@@ -199,6 +208,12 @@ def runs(paths, tmp_path_factory):
                 + ["--freeu", "0.9,0.2,1.3,1.4"],
                 dirs["lora"],
             ),
+            "cn": (  # text2img at the control image's size (80x64)
+                ["minsdxl", "-p", "a cat", "--model", p["base"], "--steps", "3", "-s", "4", "--cfg", "5"]
+                + ["--controlnet", p["controlnet"], "--control-image", p["control_image"], "--controlnet-scale"]
+                + ["0.7", "--control-end", "0.7", "--guess-mode", "-o", "cn.png", "-q"],
+                dirs["lora"],
+            ),
             "tiled": (  # the tiny VAE's tiles are 64 px: a 96 px wide image is decoded in 2 x 1 tiles; TCD, eta
                 ["minsdxl", "-p", "a cat", "--model", p["base"], "-W", "96", "-H", "64", "--steps", "2", "-s", "8"]
                 + ["--vae-tiling", "--sampler", "tcd", "--eta", "0.3", "-o", "tiled.png", "-q"],
@@ -227,6 +242,7 @@ def runs(paths, tmp_path_factory):
             ),
             "lora_again": (["minsdxl", "--from-png", str(dirs["lora"] / "lora.png"), "-o", "again.png"], dirs["lora"]),
             "ip_again": (["minsdxl", "--from-png", str(dirs["lora"] / "ip.png"), "-o", "ip_again.png"], dirs["lora"]),
+            "cn_again": (["minsdxl", "--from-png", str(dirs["lora"] / "cn.png"), "-o", "cn_again.png"], dirs["lora"]),
         },
         paths["cache"],
     )
@@ -354,6 +370,28 @@ def test_lora_flags_metadata_and_from_png(runs, api, paths):
     assert meta["minsdxl"]["args"]["lora"] == [f"{paths['lora_style'].resolve()}:0.123456789"]
     _ok(runs["lora_again"])  # --from-png loads the same LoRAs with the same scales
     assert np.array_equal(_pixels(folder / "again.png"), _pixels(folder / "lora.png"))
+
+
+def test_controlnet_flags_metadata_and_from_png(runs, api, paths):
+    _ok(runs["cn"])
+    folder = runs["dirs"]["lora"]
+    net = minsdxl.load_controlnet(paths["controlnet"])
+    edges = PIL.Image.open(paths["control_image"])
+    kw = dict(prompt="a cat", num_inference_steps=3, guidance_scale=5.0, seed=4, progress=False, image=edges)
+    kw |= dict(controlnet=net, controlnet_conditioning_scale=0.7, control_guidance_end=0.7, guess_mode=True)
+    made = minsdxl.text2img(api["base"], **kw)[0]
+    assert made.size == (80, 64)  # the control image's size
+    _same(folder / "cn.png", made)
+    meta = read_png_metadata(folder / "cn.png")["minsdxl"]
+    weights = paths["controlnet"] / "diffusion_pytorch_model.safetensors"
+    assert meta["controlnet"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert meta["control_image"]["sha256"] == hashlib.sha256(paths["control_image"].read_bytes()).hexdigest()
+    call = meta["calls"][0]["kwargs"]
+    assert call["image"] == str(paths["control_image"].resolve())  # text2img's image= is the control image
+    assert call["controlnet"] == str(paths["controlnet"].resolve()) and call["guess_mode"] is True
+    assert call["controlnet_conditioning_scale"] == 0.7 and call["control_guidance_end"] == 0.7
+    _ok(runs["cn_again"])  # --from-png loads the ControlNet and the control image again
+    assert np.array_equal(_pixels(folder / "cn_again.png"), _pixels(folder / "cn.png"))
 
 
 def test_ip_adapter_and_freeu_flags_metadata_and_from_png(runs, api, paths):
@@ -506,6 +544,8 @@ ERRORS = {
     "lora_tag_without_dir": (["--model", "{base}", "-p", "a cat <lora:x:0.5>"], "pass --lora-dir DIR"),
     "lora_not_a_lora": (["--model", "{base}", *SIZE, "--lora", "{init}"], "unknown weights format"),
     "ip_adapter_without_image": (["--model", "{base}", "--ip-adapter", "{ip_adapter}"], "pass both"),
+    "controlnet_without_image": (["--model", "{base}", "--controlnet", "{controlnet}"], "go together: pass both"),
+    "control_scale_without_controlnet": (["--model", "{base}", "--guess-mode"], "apply to a --controlnet"),
     "mask_padding_without_mask": (["--model", "{base}", "-i", "{init}", "--mask-padding", "8"], "pass --mask"),
     "mask_padding_with_switch": (
         ["--model", "{base}", "-i", "{init}", "--mask", "{mask}", "--mask-padding", "8", "--refiner", "{refiner}"],

@@ -93,6 +93,28 @@ def test_text2img_with_an_image_prompt_matches_diffusers(repo, weight_name):
     assert set(model.unet.state_dict()) == set(pipe.unet.state_dict())
 
 
+def test_image_prompt_with_a_controlnet_matches_diffusers(repo, tmp_path):
+    """IP-Adapter and ControlNet together (= StableDiffusionXLControlNetPipeline with load_ip_adapter): the
+    image prompt reaches the UNet only, the ControlNet sees the text prompt."""
+    root, pristine = repo
+    net = diffusers.ControlNetModel.from_unet(pristine.unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    net.load_state_dict(random_state_dict(net, 5))
+    net.eval().save_pretrained(tmp_path / "controlnet")
+    pipe, model = _both(repo, PLUS)
+    cpipe = diffusers.StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=net)
+    cpipe.set_progress_bar_config(disable=True)
+    control = _image(5, (64, 64))
+    ref, got = _latents(
+        cpipe,
+        model,
+        lambda m, **kw: minsdxl.text2img(m, **kw, controlnet=minsdxl.load_controlnet(tmp_path / "controlnet")),
+        ip_adapter_image=_image(0),
+        image=control,
+        guess_mode=True,
+    )
+    assert rel_err(got, ref) <= TOL
+
+
 def test_loaded_modules_follow_diffusers_layout(repo):
     pipe, model = _both(repo, PLUS)
     ours, theirs = model.unet.state_dict(), pipe.unet.state_dict()

@@ -46,6 +46,8 @@ MASK = PIL.Image.new("L", (64, 64), 255)
         (dict(scheduler="ddim", eta=0.5), r"eta > 0 \(stochastic DDIM\) is not supported"),
         (dict(cross_attention_kwargs={"scale": 0.5, "gligen": 1}), r"\['gligen'\] are not supported"),
         (dict(cross_attention_kwargs={"ip_adapter_masks": [1]}), r"ip_adapter_masks place image prompts"),
+        (dict(callback_on_step_end_tensor_inputs=["latents", "noise_pred"]), r"\['noise_pred'\] cannot be given"),
+        (dict(image=IMG), r"image= is a ControlNet's control image: pass controlnet="),
     ],
 )
 def test_text2img_errors(base, monkeypatch, kwargs, match):

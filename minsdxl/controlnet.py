@@ -1,0 +1,206 @@
+"""SDXL ControlNet (arXiv:2302.05543): a trainable copy of the UNet's encoder half that reads a control
+image (edges, depth, pose, ...) and adds its features to the UNet's skips and middle block.
+
+= diffusers ControlNetModel with SDXL's settings; attribute names are diffusers', so a diffusers
+ControlNet state dict (diffusers/controlnet-canny-sdxl-1.0, xinsir/controlnet-*-sdxl-1.0, ...) loads
+by identity. The sampler side (control images, scales, guidance windows, guess mode) is in
+minsdxl.sampler; loading is load_controlnet here.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import (
+    CheckpointError,
+    _build,
+    _json,
+    _unet_base,
+    _weights_file,
+    ldm_controlnet_to_diffusers,
+    read_state_dict,
+    unet_config_json,
+)
+from .config import ControlNetConfig, controlnet_config_from_state_dict
+from .unet import UNet2DConditionModel
+
+
+class ControlNetConditioningEmbedding(nn.Module):
+    """The control image (pixels in [0, 1]) -> the first level's width at the latent size: 3x3 convs,
+    three of stride 2 (8x down), SiLU between; conv_out starts at zero in training."""
+
+    def __init__(self, out_channels: int, in_channels: int, channels: tuple):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for a, b in zip(channels, channels[1:]):
+            self.blocks.append(nn.Conv2d(a, a, 3, padding=1))
+            self.blocks.append(nn.Conv2d(a, b, 3, padding=1, stride=2))
+        self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = F.silu(self.conv_in(x))
+        for block in self.blocks:
+            x = F.silu(block(x))
+        return self.conv_out(x)
+
+
+class ControlNetModel(nn.Module):
+    kind = "ControlNet"  # in error messages
+
+    def __init__(self, config: ControlNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        ch = cfg.block_out_channels
+        self.encoder_half(cfg)
+        self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
+            ch[0], cfg.conditioning_channels, cfg.conditioning_embedding_out_channels
+        )
+        # one zero-initialised 1x1 conv per UNet skip, in the order the skips are pushed
+        widths = [ch[0]]
+        for i, c in enumerate(ch):
+            widths += [c] * (cfg.layers_per_block + (i < len(ch) - 1))
+        self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(c, c, 1) for c in widths)
+        self.controlnet_mid_block = nn.Conv2d(ch[-1], ch[-1], 1)
+        self.num_cross_attentions = len(self.cross_attentions())
+        self.encoder_hid_proj = None  # no IP-Adapter: diffusers' ControlNet never sees the image prompt
+
+    # the UNet's own code for what the two share (the same modules under the same names)
+    encoder_half = UNet2DConditionModel.encoder_half
+    dtype = UNet2DConditionModel.dtype
+    device = UNet2DConditionModel.device
+    cross_attentions = UNet2DConditionModel.cross_attentions
+    project_context = UNet2DConditionModel.project_context
+    contexts = UNet2DConditionModel.contexts
+    embed = UNet2DConditionModel.embed
+
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        controlnet_cond,
+        text_embeds,
+        time_ids,
+        conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+    ) -> tuple[list, torch.Tensor]:
+        """= diffusers ControlNetModel.forward(..., return_dict=False) with added_cond_kwargs spelled out:
+        (down_block_res_samples, mid_block_res_sample) for UNet2DConditionModel.forward's
+        down_block_additional_residuals / mid_block_additional_residual. controlnet_cond: [B, 3, H, W]
+        in [0, 1] at 8x the latent size; encoder_hidden_states as the UNet takes it."""
+        b = sample.shape[0]
+        contexts = self.contexts(encoder_hidden_states, b)
+        emb = self.embed(sample, timestep, text_embeds, time_ids)
+        if self.config.bgr:
+            controlnet_cond = controlnet_cond.flip(1)
+        x = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
+        skips = [x]
+        for block in self.down_blocks:
+            x = block(x, emb, contexts, skips)
+        x = self.mid_block(x, emb, contexts)
+        down = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]
+        mid = self.controlnet_mid_block(x)
+        pool = self.config.global_pool_conditions
+        if guess_mode and not pool:  # the shallow skips count less: 0.1 .. 1.0 (log-spaced), the middle block 1.0
+            scales = torch.logspace(-1, 0, len(down) + 1, device=sample.device) * conditioning_scale
+            down = [d * s for d, s in zip(down, scales)]
+            mid = mid * scales[-1]
+        else:
+            down = [d * conditioning_scale for d in down]
+            mid = mid * conditioning_scale
+        if pool:
+            down = [d.mean(dim=(2, 3), keepdim=True) for d in down]
+            mid = mid.mean(dim=(2, 3), keepdim=True)
+        return down, mid
+
+
+def controlnet_config_json(cfg: ControlNetConfig) -> dict:
+    """diffusers' config.json for a ControlNetConfig (to save one, or build diffusers' model in tests)."""
+    unet = unet_config_json(cfg)
+    keep = (
+        "in_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "transformer_layers_per_block",
+        "attention_head_dim",
+        "cross_attention_dim",
+        "addition_embed_type",
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
+        "norm_num_groups",
+        "use_linear_projection",
+        "flip_sin_to_cos",
+        "freq_shift",
+    )
+    out = {k: unet[k] for k in keep if k in unet}
+    out["down_block_types"] = unet["down_block_types"]
+    return out | {
+        "_class_name": "ControlNetModel",
+        "conditioning_channels": cfg.conditioning_channels,
+        "conditioning_embedding_out_channels": list(cfg.conditioning_embedding_out_channels),
+        "global_pool_conditions": cfg.global_pool_conditions,
+        "controlnet_conditioning_channel_order": "bgr" if cfg.bgr else "rgb",
+        "upcast_attention": False,
+    }
+
+
+def _config_base(cj: dict) -> ControlNetConfig:
+    """What a ControlNet's config.json says that its shapes cannot."""
+    if not cj:
+        return ControlNetConfig()
+    kind = cj.get("_class_name", "ControlNetModel")
+    if kind != "ControlNetModel":
+        raise CheckpointError(
+            f"this is a diffusers {kind}; minsdxl loads ControlNetModel (the original SDXL ControlNet architecture)"
+        )
+    u = _unet_base(cj)
+    return ControlNetConfig(
+        attention_head_dim=u.attention_head_dim,
+        norm_num_groups=u.norm_num_groups,
+        addition_time_embed_dim=u.addition_time_embed_dim,
+        global_pool_conditions=bool(cj.get("global_pool_conditions", False)),
+        bgr=cj.get("controlnet_conditioning_channel_order", "rgb") == "bgr",
+    )
+
+
+def weights(path, variant=None, dtype=None, config=None) -> tuple[Path, dict]:
+    """(the weights file load_controlnet reads, its config.json) for a ControlNet folder or file."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(
+            f"no such file or folder: {path}. Pass a diffusers ControlNet folder (config.json + "
+            "diffusion_pytorch_model.safetensors) or one .safetensors file, downloaded first"
+        )
+    if not p.is_dir():
+        return p, _json(Path(config) / "config.json") if config else {}
+    if not (p / "config.json").is_file() and (p / "controlnet" / "config.json").is_file():
+        p = p / "controlnet"  # a pipeline folder
+    return _weights_file(p, "diffusion_pytorch_model", variant, dtype), _json(p / "config.json")
+
+
+def load_controlnet(path, dtype=torch.float32, device="cpu", variant=None, config=None) -> ControlNetModel:
+    """An SDXL ControlNet from a diffusers folder (config.json + diffusion_pytorch_model[.fp16]
+    .safetensors, e.g. diffusers/controlnet-canny-sdxl-1.0; a pipeline folder's controlnet/ is found too)
+    or from one file: diffusers' keys, or the original layout (control_model.input_blocks / zero_convs /
+    input_hint_block / middle_block_out). config: for a file, a folder whose config.json gives what the
+    shapes cannot (global_pool_conditions, the channel order, the head size; default: SDXL's)."""
+    file, cj = weights(path, variant, dtype, config)
+    sd = ldm_controlnet_to_diffusers(read_state_dict(file))
+    if "controlnet_cond_embedding.conv_in.weight" not in sd:
+        raise CheckpointError(
+            f"{file} is not a ControlNet (no controlnet_cond_embedding / input_hint_block weights); "
+            "for a UNet, VAE or text encoder use minsdxl.load_component"
+        )
+    if "add_embedding.linear_1.weight" not in sd:
+        raise CheckpointError(
+            f"{file} is a Stable Diffusion 1.x/2.x ControlNet (no SDXL micro-conditioning embedding); "
+            "minsdxl needs an SDXL ControlNet"
+        )
+    try:
+        cfg = controlnet_config_from_state_dict(sd, _config_base(cj))
+        return _build(ControlNetModel, cfg, sd, "ControlNet", dtype, device)
+    except (CheckpointError, ValueError) as e:
+        raise CheckpointError(f"{file}: {e}") from None

@@ -379,3 +379,37 @@ def test_bad_inputs_fail_before_any_work(cn, tiny_refiner):
     refiner = minsdxl.load(tiny_refiner[1], share=model)
     with pytest.raises(ValueError, match="does not fit the model's UNet"):
         minsdxl.img2img(refiner, **kw, image=img, control_image=img, controlnet=net)
+
+
+def test_full_size_controlnet_matches_diffusers():
+    """SDXL's ControlNet shapes (diffusers/controlnet-canny-sdxl-1.0's config: 1.25 B parameters, 10-layer
+    transformers, the 16-32-96-256 control encoder) on random weights, at a 16x16 latent (128 px control
+    image): one CFG batch through both, the same tensors (diffusers' weights assigned, no copy)."""
+    from sdxl_testing import meta_diffusers, random_state_dict
+
+    from minsdxl.checkpoint import _build
+    from minsdxl.config import UNET_PRESETS, controlnet_config_from_state_dict
+    from minsdxl.controlnet import ControlNetModel, controlnet_config_json
+
+    ours_cfg = minsdxl.config.ControlNetConfig(**vars(UNET_PRESETS["base"]))
+    config = {k: v for k, v in controlnet_config_json(ours_cfg).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        shapes = diffusers.ControlNetModel(**config)
+    sd = random_state_dict(shapes, seed=3)
+    ref = meta_diffusers(diffusers.ControlNetModel, config, sd)
+    assert sum(t.numel() for t in sd.values()) > 1.2e9
+    ours = _build(ControlNetModel, controlnet_config_from_state_dict(sd), sd, "ControlNet", torch.float32, "cpu")
+    assert ours.config == ours_cfg
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 2048, generator=g)
+    cond, pooled = torch.rand(2, 3, 128, 128, generator=g), torch.randn(2, 1280, generator=g)
+    ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2)
+    with torch.no_grad():
+        d_ref, m_ref = ref(
+            x, 700, ctx, cond, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, return_dict=False
+        )
+        d, m = ours(x, 700, ours.project_context(ctx), cond, pooled, ids)
+    assert len(d) == len(d_ref) == 9
+    for a, b in zip(d, d_ref):
+        assert rel_err(a, b) <= MODEL_TOL
+    assert rel_err(m, m_ref) <= MODEL_TOL

@@ -661,13 +661,19 @@ _STEMS = {
 
 
 def _weights_file(folder: Path, stem: str, variant: str | None, dtype) -> Path:
-    """diffusers' file naming: stem[.variant].safetensors, sharded *.index.json, or legacy .bin."""
+    """diffusers' file naming: stem[.variant].safetensors, sharded *.index.json, or legacy .bin; for
+    transformers' "model" also its older pytorch_model[.variant].bin (e.g. h94/IP-Adapter's ViT-H folder)."""
     variants = [variant] if variant else ([None, "fp16"] if dtype != torch.float16 else ["fp16", None])
     for var in variants:
         name = stem if var is None else f"{stem}.{var}"
         for suffix in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"):
             if (folder / (name + suffix)).is_file():
                 return folder / (name + suffix)
+    if stem == "model":
+        try:
+            return _weights_file(folder, "pytorch_model", variant, dtype)
+        except CheckpointError:
+            pass
     raise CheckpointError(
         f"no weights in {folder}: expected {stem}{'.' + variant if variant else ''}.safetensors"
         + ("" if variant else f" (or {stem}.fp16.safetensors)")
@@ -812,15 +818,11 @@ def load_image_encoder(folder, dtype=torch.float32, device="cpu") -> CLIPVisionM
         )
     try:
         weights = _weights_file(p, "model", None, dtype)
-    except CheckpointError:  # transformers' older file name
-        weights = next(
-            (p / n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (p / n).is_file()), None
-        )
-        if weights is None:
-            raise CheckpointError(
-                f"no weights in {p}: expected model.safetensors (or model.fp16.safetensors, pytorch_model.bin), "
-                "as transformers writes an image encoder folder"
-            ) from None
+    except CheckpointError:
+        raise CheckpointError(
+            f"no weights in {p}: expected model.safetensors (or model.fp16.safetensors, pytorch_model.bin), "
+            "as transformers writes an image encoder folder"
+        ) from None
     try:
         return build_image_encoder(read_state_dict(weights), dtype, device, _json(p / "config.json"))
     except CheckpointError as e:

@@ -392,7 +392,8 @@ def generate(args, source=None) -> int:
             "as --refiner after a base --model"
         )
     sched = minsdxl.make_scheduler(args.sampler or base.scheduler, base.scheduler_config)
-    args.sampler = _scheduler_name(sched)  # stored resolved, so --from-png does not depend on the model's default
+    # stored resolved, so --from-png does not depend on the model's default (where a name says it)
+    args.sampler = _scheduler_name(sched, base.scheduler_config)
     about = None if args.no_metadata else _describe_run(args, mode, base, refiner, sched, source)
 
     for k, (seed, path) in enumerate(zip(seeds, paths)):
@@ -616,11 +617,14 @@ def _dtype_note(base, auto: bool) -> str:
     return note
 
 
-def _scheduler_name(sched) -> str:
-    for name, (cls, overrides) in SCHEDULERS.items():
-        if type(sched) is cls and all(sched.config.get(k) == v for k, v in overrides.items()):
-            return name
-    raise ValueError(f"no minsdxl sampler name for {type(sched).__name__}")  # a new scheduler class unnamed
+def _scheduler_name(sched, config) -> str | None:
+    """The sampler name that makes `sched` again from the model's scheduler config, or None where no name
+    does (e.g. a config's DPM-Solver of solver_order 1): --from-png then takes the model's default."""
+    name = getattr(sched, "name", "")
+    try:
+        return name if minsdxl.make_scheduler(name, config).config == sched.config else None
+    except ValueError:
+        return None
 
 
 def _api_kwargs(args, fn, skip=()) -> dict:
@@ -696,7 +700,8 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
         "ip_adapter_image": _file_info(args.ip_adapter_image) if args.ip_adapter_image else None,
         "controlnet": _file_info(_controlnet_file(args.controlnet, args.dtype)) if args.controlnet else None,
         "control_image": _file_info(args.control_image) if args.control_image else None,
-        "scheduler": {"name": args.sampler, "a1111": _a1111_name(args.sampler), "config": sched.config},
+        # a scheduler no name makes again is described by its own name (e.g. "dpmpp_1m") and config
+        "scheduler": {"name": args.sampler, "a1111": _a1111_name(args.sampler or sched.name), "config": sched.config},
         "dtypes": {
             c: str(getattr(base, c).dtype).removeprefix("torch.")
             for c in ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -797,7 +802,7 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
     refiner = about["refiner"]
     params = {
         "Steps": records[0]["num_inference_steps"],
-        "Sampler": _a1111_name(args.sampler),
+        "Sampler": about["scheduler"]["a1111"],
         "CFG scale": records[0]["guidance_scale"],
         "Seed": seed,
         "Size": f"{image.width}x{image.height}",

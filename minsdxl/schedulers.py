@@ -1085,7 +1085,8 @@ SCHEDULERS = {
     "dpm2_a_karras": (KDPM2Ancestral, {"use_karras_sigmas": True}),
     "lms": (LMSDiscrete, {"use_karras_sigmas": False}),
     "lms_karras": (LMSDiscrete, {"use_karras_sigmas": True}),
-    "unipc": (UniPCMultistep, {}),
+    "unipc": (UniPCMultistep, {}),  # the config's use_karras_sigmas, as Euler and Heun
+    "unipc_karras": (UniPCMultistep, {"use_karras_sigmas": True}),  # what a Karras UniPC's name says
     "deis": (DEISMultistep, {"use_karras_sigmas": False}),
     "deis_karras": (DEISMultistep, {"use_karras_sigmas": True}),
     "lcm": (LCM, {}),

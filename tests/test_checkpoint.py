@@ -255,6 +255,17 @@ def test_error_truncated_and_corrupt_safetensors(tiny_base, tmp_path):
         minsdxl.load(tmp_path / "model")
 
 
+def test_text_encoder_folder_with_only_pytorch_model_bin(tiny_base, tmp_path):
+    # transformers' older file name (pytorch_model.bin) is read where model.safetensors is missing
+    shutil.copytree(tiny_base[1], tmp_path / "model")
+    te = tmp_path / "model" / "text_encoder"
+    weights = read_safetensors(te / "model.safetensors")
+    torch.save({k: v.clone() for k, v in weights.items()}, te / "pytorch_model.bin")
+    (te / "model.safetensors").unlink()
+    loaded = minsdxl.load(tmp_path / "model").text_encoder.state_dict()
+    assert all(torch.equal(loaded[k], weights[k]) for k in loaded)
+
+
 def test_error_sd15_checkpoint(tmp_path):
     sd = {
         "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),

@@ -610,3 +610,19 @@ def test_save_png_is_atomic_and_never_overwrites(tmp_path, monkeypatch):
     assert (tmp_path / "b.png").read_bytes() == b"keep me" and os.listdir(tmp_path) == ["b.png"]
     save_png(image, tmp_path / "b.png", {"parameters": "p"}, overwrite=True)
     assert read_png_metadata(tmp_path / "b.png")["parameters"] == "p" and os.listdir(tmp_path) == ["b.png"]
+
+
+def test_sampler_name_stored_for_from_png():
+    from minsdxl.cli import _scheduler_name
+    from minsdxl.schedulers import SDXL_SCHEDULER_CONFIG
+
+    def stored(name, **config):
+        config = {**SDXL_SCHEDULER_CONFIG, **config}
+        return _scheduler_name(minsdxl.make_scheduler(name, config), config)
+
+    assert stored("DPM++ 2M Karras") == "dpmpp_2m_karras"
+    assert stored("unipc", use_karras_sigmas=True) == "unipc_karras"
+    # a model config's heun-type DPM-Solver: "dpmpp_2m" with that config is that scheduler again
+    assert stored(None, _class_name="DPMSolverMultistepScheduler", solver_type="heun") == "dpmpp_2m"
+    # no name makes a first-order DPM-Solver: None, and --from-png takes the model's default (its config)
+    assert stored(None, _class_name="DPMSolverMultistepScheduler", solver_order=1) is None

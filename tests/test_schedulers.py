@@ -762,13 +762,13 @@ def test_config_values_minsdxl_cannot_honour_are_refused_for_none_too():
 
 
 def test_each_scheduler_is_found_by_its_name():
-    # the CLI stores a scheduler's name as the first SCHEDULERS entry whose class and overrides fit it: a
-    # config's solver_order 3 must not pass for 2M (the 2M names pin solver_order 2 for that)
+    # the CLI stores a scheduler's own name where that name makes it again: a config's solver_order 3 is
+    # named 3M, not 2M (the 2M names pin solver_order 2)
     dpm3 = {**SDXL, "_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}
     made = [S.make_scheduler(name, SDXL) for name in S.SCHEDULERS] + [S.make_scheduler(None, dpm3)]
+    assert made[-1].name == "dpmpp_3m"
     for s in made:
-        fits = [n for n, (c, o) in S.SCHEDULERS.items() if type(s) is c and o.items() <= s.config.items()]
-        assert fits[0] == s.name and S.make_scheduler(s.name, s.config).config == s.config
+        assert s.name in S.SCHEDULERS and S.make_scheduler(s.name, s.config).config == s.config
 
 
 def test_dpm_solver_takes_unipc_and_deis_solver_types_as_midpoint():
@@ -840,3 +840,13 @@ def test_steps_must_follow_the_timesteps():
         x = s.step(torch.zeros_like(x), t, s.scale_model_input(x, t))
     with pytest.raises(ValueError, match="set_timesteps again"):
         s.step(torch.zeros_like(x), s.timesteps[-1], x)
+
+
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("name", list(S.SCHEDULERS))
+def test_a_schedulers_own_name_makes_it_again(name, karras):
+    # what the CLI stores for --from-png: the instance's name, with the same config, gives the same scheduler
+    config = {**SDXL, "use_karras_sigmas": karras}
+    s = S.make_scheduler(name, config)
+    again = S.make_scheduler(s.name, config)
+    assert type(again) is type(s) and again.config == s.config

@@ -64,6 +64,7 @@ API_KWARGS = {
     "control_start": "control_guidance_start",
     "control_end": "control_guidance_end",
     "guess_mode": "guess_mode",
+    "control_mode": "control_mode",
 }
 # flags that say where and how a run runs, not what it makes: not stored for --from-png (a PNG made
 # on a GPU replays on a CPU), and ignored where an older file stored them
@@ -265,6 +266,9 @@ def build_parser():
     add("--control-end",               type=float, default=None,      help="... and where it stops (default 1)")
     add("--guess-mode", action="store_true",       default=None,      help="ControlNet guess mode: it sees no "
                                                                            "prompt (diffusers' guess_mode)")
+    add("--control-mode",              type=int,   default=None,      help="a ControlNet-Union's kind of control "
+                                                                           "image (xinsir: 0 openpose, 1 depth, 3 "
+                                                                           "canny, ...)")
     add("--refiner",                               default=None,      help="SDXL refiner folder or file")
     add("--refiner-config",                        default=None,      help="configs of a non-SDXL single-file refiner")
     add("--refiner-mode",   choices=("switch", "img2img"), default="switch",
@@ -446,9 +450,12 @@ def _check(args, mode):
         raise ValueError("--ip-adapter-scale and --image-encoder apply to an --ip-adapter: pass one")
     if bool(args.controlnet) != bool(args.control_image):
         raise ValueError("--controlnet PATH and --control-image IMAGE go together: pass both")
-    knobs = (args.controlnet_scale, args.control_start, args.control_end, args.guess_mode)
+    knobs = (args.controlnet_scale, args.control_start, args.control_end, args.guess_mode, args.control_mode)
     if not args.controlnet and any(v is not None for v in knobs):
-        raise ValueError("--controlnet-scale, --control-start, --control-end and --guess-mode apply to a --controlnet")
+        raise ValueError(
+            "--controlnet-scale, --control-start, --control-end, --guess-mode and --control-mode apply to a "
+            "--controlnet"
+        )
     if args.controlnet and not Path(args.controlnet).exists():
         raise ValueError(f"--controlnet {args.controlnet}: no such file or folder")
     if args.ip_adapter and not Path(args.ip_adapter).is_file():
@@ -653,8 +660,10 @@ def _generate_one(args, mode, base, refiner, init, mask, extra, width, height, s
     kw = {**_api_kwargs(args, fn), **common}
     if mode != "text2img":
         kw["image"] = init
+    if mode == "inpaint" or (mode == "img2img" and "controlnet" in extra):  # the control image goes to that size
+        kw.update(width=width, height=height)
     if mode == "inpaint":
-        kw.update(mask_image=mask, width=width, height=height)
+        kw["mask_image"] = mask
     kw.update(extra)  # the base's image prompt and ControlNet; the refiner has neither
     switch = refiner is not None and args.refiner_mode == "switch"
     if switch:  # = diffusers' ensemble of expert denoisers: the base stops at the switch, noisy latents out

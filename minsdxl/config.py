@@ -37,6 +37,19 @@ class ControlNetConfig(UNetConfig):
 
 
 @dataclass(frozen=True)
+class ControlNetUnionConfig(ControlNetConfig):
+    """ControlNet-Union (xinsir/controlnet-union-sdxl-1.0): a ControlNet that reads several control images
+    of known kinds at once. = diffusers ControlNetUnionModel's config; num_trans_head from config.json."""
+
+    conditioning_embedding_out_channels: tuple = (48, 96, 192, 384)
+    num_control_type: int = 6  # the control kinds it knows (ProMax: 8)
+    num_trans_channel: int = 320
+    num_trans_head: int = 8
+    num_trans_layer: int = 1
+    num_proj_channel: int = 320
+
+
+@dataclass(frozen=True)
 class VAEConfig:
     in_channels: int = 3
     out_channels: int = 3
@@ -172,6 +185,20 @@ def controlnet_config_from_state_dict(sd, base: ControlNetConfig | None = None) 
     )
 
 
+def controlnet_union_config_from_state_dict(sd, base: ControlNetUnionConfig | None = None) -> ControlNetUnionConfig:
+    """Infer a ControlNetUnionConfig from a diffusers-named ControlNetUnionModel state dict."""
+    if "task_embedding" not in sd:
+        raise ValueError("not a ControlNet-Union: task_embedding is missing")
+    cfg = controlnet_config_from_state_dict(sd, base or ControlNetUnionConfig())
+    return replace(
+        cfg,
+        num_control_type=sd["task_embedding"].shape[0],
+        num_trans_channel=sd["task_embedding"].shape[1],
+        num_trans_layer=_count(list(sd), "transformer_layes."),
+        num_proj_channel=sd["spatial_ch_projs.weight"].shape[0],
+    )
+
+
 def vae_config_from_state_dict(sd, base: VAEConfig | None = None) -> VAEConfig:
     keys = list(sd)
     if "encoder.conv_in.weight" not in sd or "decoder.conv_in.weight" not in sd:
@@ -244,6 +271,7 @@ def vision_config_from_state_dict(sd, base: VisionConfig | None = None) -> Visio
 __all__ = [
     "UNetConfig",
     "ControlNetConfig",
+    "ControlNetUnionConfig",
     "VAEConfig",
     "TextConfig",
     "VisionConfig",
@@ -253,6 +281,7 @@ __all__ = [
     "VISION_PRESETS",
     "unet_config_from_state_dict",
     "controlnet_config_from_state_dict",
+    "controlnet_union_config_from_state_dict",
     "vae_config_from_state_dict",
     "text_config_from_state_dict",
     "vision_config_from_state_dict",

@@ -23,8 +23,13 @@ from .checkpoint import (
     read_state_dict,
     unet_config_json,
 )
-from .config import ControlNetConfig, controlnet_config_from_state_dict
-from .unet import UNet2DConditionModel
+from .config import (
+    ControlNetConfig,
+    ControlNetUnionConfig,
+    controlnet_config_from_state_dict,
+    controlnet_union_config_from_state_dict,
+)
+from .unet import TimestepEmbedding, UNet2DConditionModel, timestep_embedding
 
 
 class ControlNetConditioningEmbedding(nn.Module):
@@ -97,6 +102,12 @@ class ControlNetModel(nn.Module):
         if self.config.bgr:
             controlnet_cond = controlnet_cond.flip(1)
         x = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
+        return self.outputs(x, emb, contexts, conditioning_scale, guess_mode)
+
+    def outputs(self, x, emb, contexts, scale, guess_mode: bool) -> tuple[list, torch.Tensor]:
+        """The encoder half from conv_in's output (with the control features added), its zero convs, and
+        the output scales: `scale` (None: none), in guess mode log-spaced 0.1 .. 1.0 from the shallowest
+        skip to the middle block (times `scale`); global pooling last."""
         skips = [x]
         for block in self.down_blocks:
             x = block(x, emb, contexts, skips)
@@ -104,21 +115,108 @@ class ControlNetModel(nn.Module):
         down = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(x)
         pool = self.config.global_pool_conditions
-        if guess_mode and not pool:  # the shallow skips count less: 0.1 .. 1.0 (log-spaced), the middle block 1.0
-            scales = torch.logspace(-1, 0, len(down) + 1, device=sample.device) * conditioning_scale
+        if guess_mode and not pool:
+            scales = torch.logspace(-1, 0, len(down) + 1, device=x.device)
+            scales = scales if scale is None else scales * scale
             down = [d * s for d, s in zip(down, scales)]
             mid = mid * scales[-1]
-        else:
-            down = [d * conditioning_scale for d in down]
-            mid = mid * conditioning_scale
+        elif scale is not None:
+            down = [d * scale for d in down]
+            mid = mid * scale
         if pool:
             down = [d.mean(dim=(2, 3), keepdim=True) for d in down]
             mid = mid.mean(dim=(2, 3), keepdim=True)
         return down, mid
 
 
+class ResidualAttentionBlock(nn.Module):
+    """ControlNet-Union's transformer layer over the control features (CLIP's block: pre-LayerNorm
+    attention and QuickGELU MLP; = diffusers' ResidualAttentionBlock, nn.MultiheadAttention's keys)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads)
+        self.ln_1 = nn.LayerNorm(dim)
+        self.mlp = nn.Module()
+        self.mlp.c_fc = nn.Linear(dim, 4 * dim)
+        self.mlp.c_proj = nn.Linear(4 * dim, dim)
+        self.ln_2 = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        # x is [batch, tokens, dim] but nn.MultiheadAttention is not batch_first here, as in diffusers and
+        # the original ControlNet++: attention runs across the batch, per token. The weights were trained so
+        x = x + self.attn(*[self.ln_1(x)] * 3, need_weights=False)[0]
+        h = self.mlp.c_fc(self.ln_2(x))
+        return x + self.mlp.c_proj(h * torch.sigmoid(1.702 * h))  # QuickGELU
+
+
+class ControlNetUnionModel(ControlNetModel):
+    """ControlNet-Union / ProMax (arXiv:2404.07987 "ControlNet++"; = diffusers ControlNetUnionModel): one
+    ControlNet for several control kinds. Each control image is encoded as by a ControlNet; its spatial
+    mean plus a learned embedding of its kind, with the latents' mean, goes through a small transformer,
+    whose outputs shift each image's features before they join the latents; the kinds in use (one-hot
+    `control_type`) also enter the time embedding."""
+
+    kind = "ControlNet-Union"
+
+    def __init__(self, config):
+        super().__init__(config)
+        cfg = config
+        d = cfg.num_trans_channel
+        self.task_embedding = nn.Parameter(torch.empty(cfg.num_control_type, d))
+        self.transformer_layes = nn.ModuleList(  # (sic: diffusers' and the original's key)
+            ResidualAttentionBlock(d, cfg.num_trans_head) for _ in range(cfg.num_trans_layer)
+        )
+        self.spatial_ch_projs = nn.Linear(d, cfg.num_proj_channel)
+        self.control_add_embedding = TimestepEmbedding(
+            cfg.addition_time_embed_dim * cfg.num_control_type, cfg.time_embed_dim
+        )
+
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        controlnet_cond: list,
+        text_embeds,
+        time_ids,
+        control_type,
+        control_type_idx: list,
+        conditioning_scale: list,
+        guess_mode: bool = False,
+        from_multi: bool = False,
+    ) -> tuple[list, torch.Tensor]:
+        """= diffusers ControlNetUnionModel.forward(..., return_dict=False): controlnet_cond, one image per
+        kind in control_type_idx (indices into the kinds), control_type [B, num_control_type] the kinds in
+        use (one-hot), conditioning_scale one per image. One image (or from_multi: one net of several,
+        diffusers' MultiControlNetUnionModel) is scaled at the output; several are scaled each at the input,
+        the output not at all (guess mode: log-spaced only)."""
+        b, cfg = sample.shape[0], self.config
+        contexts = self.contexts(encoder_hidden_states, b)
+        kinds = timestep_embedding(control_type.flatten(), cfg.addition_time_embed_dim).reshape(b, -1)
+        emb = self.embed(sample, timestep, text_embeds, time_ids, self.control_add_embedding(kinds.to(self.dtype)))
+        x = self.conv_in(sample)
+        one = from_multi or len(control_type_idx) == 1
+        tokens, features = [], []
+        for cond, idx, scale in zip(controlnet_cond, control_type_idx, conditioning_scale):
+            f = self.controlnet_cond_embedding(cond)
+            t = (f.mean(dim=(2, 3)) + self.task_embedding[idx])[:, None]
+            tokens.append(t if one else t * scale)
+            features.append(f if one else f * scale)
+        tokens.append(x.mean(dim=(2, 3))[:, None])
+        seq = torch.cat(tokens, dim=1)
+        for layer in self.transformer_layes:
+            seq = layer(seq)
+        fused = x * 0.0  # (diffusers' sample * 0.0: NaN/inf in x carry over)
+        for k, (f, scale) in enumerate(zip(features, conditioning_scale)):
+            shift = self.spatial_ch_projs(seq[:, k])[:, :, None, None]
+            fused = fused + (f + shift if one else f + shift * scale)
+        return self.outputs(x + fused, emb, contexts, conditioning_scale[0] if one else None, guess_mode)
+
+
 def controlnet_config_json(cfg: ControlNetConfig) -> dict:
-    """diffusers' config.json for a ControlNetConfig (to save one, or build diffusers' model in tests)."""
+    """diffusers' config.json for a ControlNetConfig or ControlNetUnionConfig (to save one, or build
+    diffusers' model in tests)."""
     unet = unet_config_json(cfg)
     keep = (
         "in_channels",
@@ -137,7 +235,7 @@ def controlnet_config_json(cfg: ControlNetConfig) -> dict:
     )
     out = {k: unet[k] for k in keep if k in unet}
     out["down_block_types"] = unet["down_block_types"]
-    return out | {
+    out |= {
         "_class_name": "ControlNetModel",
         "conditioning_channels": cfg.conditioning_channels,
         "conditioning_embedding_out_channels": list(cfg.conditioning_embedding_out_channels),
@@ -145,24 +243,35 @@ def controlnet_config_json(cfg: ControlNetConfig) -> dict:
         "controlnet_conditioning_channel_order": "bgr" if cfg.bgr else "rgb",
         "upcast_attention": False,
     }
+    if isinstance(cfg, ControlNetUnionConfig):
+        union = ("num_control_type", "num_trans_channel", "num_trans_head", "num_trans_layer", "num_proj_channel")
+        out |= {"_class_name": "ControlNetUnionModel"} | {k: getattr(cfg, k) for k in union}
+    return out
 
 
-def _config_base(cj: dict) -> ControlNetConfig:
+def _config_base(cj: dict, union: bool) -> ControlNetConfig:
     """What a ControlNet's config.json says that its shapes cannot."""
+    cls = ControlNetUnionConfig if union else ControlNetConfig
     if not cj:
-        return ControlNetConfig()
-    kind = cj.get("_class_name", "ControlNetModel")
-    if kind != "ControlNetModel":
+        return cls()
+    kind = cj.get("_class_name", cls.__name__.replace("Config", "Model"))
+    if kind not in ("ControlNetModel", "ControlNetUnionModel"):
         raise CheckpointError(
-            f"this is a diffusers {kind}; minsdxl loads ControlNetModel (the original SDXL ControlNet architecture)"
+            f"this is a diffusers {kind}; minsdxl loads ControlNetModel and ControlNetUnionModel (SDXL ControlNets "
+            "and ControlNet-Union / ProMax)"
         )
+    if (kind == "ControlNetUnionModel") != union:
+        has = "has" if union else "has no"
+        raise CheckpointError(f"config.json says {kind} but the weights {has} a Union's task_embedding")
     u = _unet_base(cj)
-    return ControlNetConfig(
+    extra = {"num_trans_head": cj.get("num_trans_head", 8)} if union else {}
+    return cls(
         attention_head_dim=u.attention_head_dim,
         norm_num_groups=u.norm_num_groups,
         addition_time_embed_dim=u.addition_time_embed_dim,
         global_pool_conditions=bool(cj.get("global_pool_conditions", False)),
         bgr=cj.get("controlnet_conditioning_channel_order", "rgb") == "bgr",
+        **extra,
     )
 
 
@@ -182,11 +291,13 @@ def weights(path, variant=None, dtype=None, config=None) -> tuple[Path, dict]:
 
 
 def load_controlnet(path, dtype=torch.float32, device="cpu", variant=None, config=None) -> ControlNetModel:
-    """An SDXL ControlNet from a diffusers folder (config.json + diffusion_pytorch_model[.fp16]
+    """An SDXL ControlNet, or a ControlNet-Union / ProMax (a ControlNetUnionModel, e.g.
+    xinsir/controlnet-union-sdxl-1.0), from a diffusers folder (config.json + diffusion_pytorch_model[.fp16]
     .safetensors, e.g. diffusers/controlnet-canny-sdxl-1.0; a pipeline folder's controlnet/ is found too)
     or from one file: diffusers' keys, or the original layout (control_model.input_blocks / zero_convs /
     input_hint_block / middle_block_out). config: for a file, a folder whose config.json gives what the
-    shapes cannot (global_pool_conditions, the channel order, the head size; default: SDXL's)."""
+    shapes cannot (global_pool_conditions, the channel order, the head size, a Union's num_trans_head;
+    default: SDXL's)."""
     file, cj = weights(path, variant, dtype, config)
     sd = ldm_controlnet_to_diffusers(read_state_dict(file))
     if "controlnet_cond_embedding.conv_in.weight" not in sd:
@@ -199,8 +310,12 @@ def load_controlnet(path, dtype=torch.float32, device="cpu", variant=None, confi
             f"{file} is a Stable Diffusion 1.x/2.x ControlNet (no SDXL micro-conditioning embedding); "
             "minsdxl needs an SDXL ControlNet"
         )
+    union = "task_embedding" in sd
     try:
-        cfg = controlnet_config_from_state_dict(sd, _config_base(cj))
-        return _build(ControlNetModel, cfg, sd, "ControlNet", dtype, device)
+        base = _config_base(cj, union)
+        if union:
+            cfg = controlnet_union_config_from_state_dict(sd, base)
+            return _build(ControlNetUnionModel, cfg, sd, "ControlNet-Union", dtype, device)
+        return _build(ControlNetModel, controlnet_config_from_state_dict(sd, base), sd, "ControlNet", dtype, device)
     except (CheckpointError, ValueError) as e:
         raise CheckpointError(f"{file}: {e}") from None

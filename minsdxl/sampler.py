@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ip_adapter, lora
-from .controlnet import ControlNetModel
+from .controlnet import ControlNetModel, ControlNetUnionModel
 from .image import (
     apply_watermark,
     mask_crop_region,
@@ -46,14 +46,19 @@ def default(function: str, key: str, value, controlnet):
 
 @dataclass
 class _Control:
-    """One ControlNet of a call: its control image, ready (on the device, batched, CFG-doubled unless in
-    guess mode), its scale, and the fraction of the steps it acts in [start, end]."""
+    """One ControlNet of a call: its control images, ready (on the device, batched, CFG-doubled unless in
+    guess mode), and per image its scale and the fraction of the steps it acts in [start, end]. A
+    ControlNet-Union also has its images' kinds (`modes`, and one-hot `kinds` per row) and whether it is
+    one of several (`from_multi`: diffusers' MultiControlNetUnionModel, one image each)."""
 
     net: ControlNetModel
-    image: torch.Tensor
-    scale: float
-    start: float
-    end: float
+    images: list
+    scales: list
+    starts: list
+    ends: list
+    modes: list | None = None
+    kinds: torch.Tensor | None = None
+    from_multi: bool = False
 
 
 @dataclass
@@ -102,18 +107,23 @@ def _control_residuals(run: _Run, i, x_in, t, state, cache: dict) -> dict:
         x_in, embeds, text, ids = x_in.chunk(2)[1], embeds.chunk(2)[1], text.chunk(2)[1], ids.chunk(2)[1]
     n, down, mid = run.control_steps, None, None
     for j, c in enumerate(run.controls):
-        keep = 1.0 - float(i / n < c.start or (i + 1) / n > c.end)  # = controlnet_keep
-        scale = c.scale * keep
-        if scale == 0:
+        keeps = [1.0 - float(i / n < s or (i + 1) / n > e) for s, e in zip(c.starts, c.ends)]  # = controlnet_keep
+        scales = [s * k for s, k in zip(c.scales, keeps)]
+        # one scale on the outputs (a ControlNet, a Union with one image or of several): 0 gives exact zeros
+        if scales[0] == 0 and (c.modes is None or c.from_multi or len(c.modes) == 1):
             continue
         src = state["prompt_embeds"]  # the prompt's k, v projected once per call (again if a callback changed it)
         if j not in cache or cache[j][0] is not src or cache[j][1] != src._version:
             cache[j] = (src, src._version, c.net.project_context(embeds))
-        # the scale as a CPU scalar tensor: a compiled ControlNet would recompile for every new float (dynamo
+        # scales as CPU scalar tensors: a compiled ControlNet would recompile for every new float (dynamo
         # specialises on Python floats); kernels read a CPU scalar in fp32 as they read a float, so eager
         # results are bit-equal to passing the float
-        scale = torch.tensor(scale, dtype=torch.float32)
-        d, m = c.net(x_in, t, cache[j][2], c.image, text, ids, conditioning_scale=scale, guess_mode=run.guess_mode)
+        scales = [torch.tensor(s, dtype=torch.float32) for s in scales]
+        args = (x_in, t, cache[j][2])
+        if c.modes is None:
+            d, m = c.net(*args, c.images[0], text, ids, conditioning_scale=scales[0], guess_mode=run.guess_mode)
+        else:
+            d, m = c.net(*args, c.images, text, ids, c.kinds, c.modes, scales, run.guess_mode, c.from_multi)
         down = d if down is None else [a + b for a, b in zip(down, d)]
         mid = m if mid is None else mid + m
     if down is None:
@@ -461,17 +471,36 @@ def _number(name, v):
         raise TypeError(f"{name} must be a number, got {v!r}")
 
 
+def _per(name, value, n, what):
+    """A number for each of n (a single number repeated), checked."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} values for {n} {what}; give one for each")
+    for v in values:
+        _number(name, v)
+    return values
+
+
 def _check_controls(model, a, key):
-    """The ControlNet arguments, checked before any heavy work: None without a controlnet, else
-    (nets, control images, scales, starts, ends), one each per ControlNet. `key`: the control image's
-    argument ("image" in text2img, "control_image" in img2img and inpaint, as in diffusers)."""
-    nets, images = a["controlnet"], a[key]
-    if nets is None:
+    """The ControlNet arguments, checked before any heavy work: None without a controlnet, else one
+    _Control per ControlNet holding the user's images (control_pixels makes them tensors). `key`: the
+    control image's argument ("image" in text2img, "control_image" in img2img and inpaint, as in
+    diffusers' ControlNet pipelines; text2img also takes control_image, the Union pipeline's name).
+
+    ControlNet: one image. Several ControlNets: a list of images, one each, and lists of scales / windows
+    (a number: the same for all). A ControlNet-Union: control_image a list of images, control_mode their
+    kinds (indices), scales / windows one per image; several Unions: one image and one kind each."""
+    nets = a["controlnet"]
+    images = a[key]
+    if key == "image" and a["control_image"] is not None:
         if images is not None:
+            raise ValueError("pass the control image as image= or as control_image=, not both")
+        images = a["control_image"]
+    if nets is None:
+        if images is not None or a["control_mode"] is not None:
+            what = f"{key}= is a ControlNet's control image" if images is not None else "control_mode= is a Union's"
             hint = ": pass controlnet= (minsdxl.load_controlnet) too"
-            if key == "image":
-                hint += ", or call img2img to start from an image"
-            raise ValueError(f"{key}= is a ControlNet's control image{hint}")
+            raise ValueError(what + hint + (", or call img2img to start from an image" if key == "image" else ""))
         return None
     multi = isinstance(nets, (list, tuple))
     nets = list(nets) if multi else [nets]
@@ -484,41 +513,62 @@ def _check_controls(model, a, key):
                 f"got {type(net).__name__}"
             )
         _check_fits(model.unet, net)
+    unions = {isinstance(net, ControlNetUnionModel) for net in nets}
+    if len(unions) > 1:
+        raise ValueError("controlnet= mixes ControlNets and ControlNet-Unions; pass ControlNets or Unions, not both")
+    union = unions.pop()
     if images is None:
         raise ValueError(f"a ControlNet needs its control image: pass {key}=")
-    if multi:
+    modes = a["control_mode"]
+    if union and modes is None:
+        raise ValueError(
+            "a ControlNet-Union needs control_mode=: the kind of each control image (an index its model card "
+            "lists, e.g. xinsir's 0 openpose, 1 depth, 2 hed/scribble, 3 canny/lineart, 4 normal, 5 segment)"
+        )
+    if not union and modes is not None:
+        raise ValueError("control_mode= is for a ControlNet-Union (ControlNetUnionModel); this is a ControlNet")
+    if multi:  # one image (and kind) per net
         if not isinstance(images, (list, tuple)) or len(images) != len(nets):
             got = len(images) if isinstance(images, (list, tuple)) else 1
             raise ValueError(
                 f"{len(nets)} ControlNets need a list of {len(nets)} control images ({key}=[...], one per "
                 f"ControlNet, in the same order); got {got}"
             )
-        images = list(images)
+        groups = [[image] for image in images]
+        modes = [[m] for m in _per("control_mode", modes, len(nets), "ControlNets")] if union else [None] * len(nets)
+        count, what = len(nets), "ControlNets"
+    elif union:  # = the Union pipeline: control_image and control_mode lists, one entry per image
+        groups = [list(images) if isinstance(images, (list, tuple)) else [images]]
+        modes = [list(modes) if isinstance(modes, (list, tuple)) else [modes]]
+        if len(modes[0]) != len(groups[0]):
+            raise ValueError(f"control_mode has {len(modes[0])} kinds for {len(groups[0])} control images")
+        count, what = len(groups[0]), "control images"
     else:
-        images = [images]
-    scale = a["controlnet_conditioning_scale"]
-    if isinstance(scale, (list, tuple)) and not multi:
-        raise ValueError("controlnet_conditioning_scale: one ControlNet takes one number, not a list")
-    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(nets)
+        if isinstance(a["controlnet_conditioning_scale"], (list, tuple)):
+            raise ValueError("controlnet_conditioning_scale: one ControlNet takes one number, not a list")
+        groups, modes, count, what = [[images]], [None], 1, "ControlNets"
+    for net, m in zip(nets, modes):
+        if m is not None and not all(isinstance(k, int) and 0 <= k < net.config.num_control_type for k in m):
+            raise ValueError(f"control_mode {m}: each must be a whole number below {net.config.num_control_type}")
+    scales = _per("controlnet_conditioning_scale", a["controlnet_conditioning_scale"], count, what)
     start, end = a["control_guidance_start"], a["control_guidance_end"]
-    listed = isinstance(start, (list, tuple)), isinstance(end, (list, tuple))
-    n = len(start) if listed[0] else len(end) if listed[1] else len(nets)  # = __call__: a number is repeated
-    starts, ends = (list(v) if is_list else [v] * n for v, is_list in zip((start, end), listed))
-    for name, values in (("controlnet_conditioning_scale", scales), ("control_guidance_start", starts)):
-        if len(values) != len(nets):
-            raise ValueError(f"{name} has {len(values)} values for {len(nets)} ControlNets; give one per ControlNet")
-    if len(ends) != len(nets):
-        raise ValueError(f"control_guidance_end has {len(ends)} values for {len(nets)} ControlNets; give one each")
-    for sc, st, en in zip(scales, starts, ends):
-        _number("controlnet_conditioning_scale", sc)
-        _number("control_guidance_start", st)
-        _number("control_guidance_end", en)
+    if isinstance(start, (list, tuple)) != isinstance(end, (list, tuple)):  # = __call__: the number repeated
+        n = len(start) if isinstance(start, (list, tuple)) else len(end)
+        start, end = (v if isinstance(v, (list, tuple)) else [v] * n for v in (start, end))
+    starts = _per("control_guidance_start", start, count, what)
+    ends = _per("control_guidance_end", end, count, what)
+    for st, en in zip(starts, ends):
         if not 0.0 <= st < en <= 1.0:
             raise ValueError(
                 f"control_guidance_start={st} and control_guidance_end={en}: need 0 <= start < end <= 1 (the "
                 "fraction of the steps a ControlNet acts in)"
             )
-    return nets, images, scales, starts, ends
+    if multi:
+        return [
+            _Control(net, g, [sc], [st], [en], m, from_multi=union)
+            for net, g, m, sc, st, en in zip(nets, groups, modes, scales, starts, ends)
+        ]
+    return [_Control(nets[0], groups[0], scales, starts, ends, modes[0])]
 
 
 def _check_fits(unet, net):
@@ -534,42 +584,47 @@ def _check_fits(unet, net):
         )
 
 
-def _control_pixels(ctl, height, width, crop=None):
-    """The control images in [0, 1] at height x width (None: the first one's own size, a multiple of 8),
-    and that size. diffusers sizes each at its own size unless given one; a second control image of
+def _control_pixels(controls, height, width, crop=None):
+    """Each control image in [0, 1] at height x width (None: the first one's own size, a multiple of 8),
+    in place, and that size. diffusers sizes each at its own size unless given one; a control image of
     another size then fails in its UNet: here it is resized to the first's."""
-    nets, images = ctl[0], ctl[1]
-    pixels = []
-    for net, image in zip(nets, images):
-        x = to_tensor(image, height, width, crop=crop, normalize=False)
-        height, width = x.shape[-2:]
-        if x.shape[1] != net.config.conditioning_channels:
-            raise ValueError(
-                f"a control image has {x.shape[1]} channels; this ControlNet reads {net.config.conditioning_channels}"
-            )
-        pixels.append(x)
-    return pixels, (int(height), int(width))
+    for c in controls:
+        for k, image in enumerate(c.images):
+            x = to_tensor(image, height, width, crop=crop, normalize=False)
+            height, width = x.shape[-2:]
+            if x.shape[1] != c.net.config.conditioning_channels:
+                raise ValueError(
+                    f"a control image has {x.shape[1]} channels; this ControlNet reads "
+                    f"{c.net.config.conditioning_channels}"
+                )
+            c.images[k] = x
+    return int(height), int(width)
 
 
-def _attach_controls(run: _Run, ctl, pixels, st: _Setup, a):
+def _attach_controls(run: _Run, controls, st: _Setup, a):
     """= prepare_image: each control image repeated to the batch, on the device in its ControlNet's dtype,
-    doubled for CFG unless in guess mode; the run then calls the ControlNets."""
-    nets, _, scales, starts, ends = ctl
+    doubled for CFG unless in guess mode (a Union's kinds alike); the run then calls the ControlNets."""
     per_prompt = a["num_images_per_prompt"]
     prompts = st.batch // per_prompt
-    if tuple(pixels[0].shape[-2:]) != tuple(8 * d for d in run.latents.shape[-2:]):
+    first = controls[0].images[0]
+    if tuple(first.shape[-2:]) != tuple(8 * d for d in run.latents.shape[-2:]):
         h, w = (8 * d for d in run.latents.shape[-2:])
         raise ValueError(
-            f"the control image is {pixels[0].shape[-1]}x{pixels[0].shape[-2]} but the image to make is {w}x{h}: "
+            f"the control image is {first.shape[-1]}x{first.shape[-2]} but the image to make is {w}x{h}: "
             "pass height= and width= (both are then resized) or a control image of that size"
         )
-    guess = a["guess_mode"] or nets[0].config.global_pool_conditions  # = __call__
-    controls = []
-    for net, x, scale, start, end in zip(nets, pixels, scales, starts, ends):
-        if x.shape[0] not in (1, prompts):
-            raise ValueError(f"got {x.shape[0]} control images for {prompts} prompts; pass 1 or {prompts}")
-        x = x.repeat_interleave(st.batch if x.shape[0] == 1 else per_prompt, dim=0).to(run.latents.device, net.dtype)
-        controls.append(_Control(net, torch.cat([x, x]) if st.cfg and not guess else x, scale, start, end))
+    guess = a["guess_mode"] or controls[0].net.config.global_pool_conditions  # = __call__
+    double = st.cfg and not guess
+    for c in controls:
+        for k, x in enumerate(c.images):
+            if x.shape[0] not in (1, prompts):
+                raise ValueError(f"got {x.shape[0]} control images for {prompts} prompts; pass 1 or {prompts}")
+            x = x.repeat_interleave(st.batch if x.shape[0] == 1 else per_prompt, dim=0)
+            x = x.to(run.latents.device, c.net.dtype)
+            c.images[k] = torch.cat([x, x]) if double else x
+        if c.modes is not None:  # = __call__'s control_type: the kinds in use, one-hot, a row per batch row
+            kinds = torch.zeros(c.net.config.num_control_type).scatter_(0, torch.tensor(c.modes), 1)
+            c.kinds = kinds.to(run.latents.device, st.dtype).repeat(len(c.images[0]), 1)
     run.controls, run.guess_mode, run.control_steps = controls, guess, st.control_steps
     return run
 
@@ -641,11 +696,13 @@ def text2img(
     callback_on_step_end=None,
     callback_on_step_end_tensor_inputs=("latents",),
     image=None,
+    control_image=None,
     controlnet=None,
     controlnet_conditioning_scale=1.0,
     guess_mode=False,
     control_guidance_start=0.0,
     control_guidance_end=1.0,
+    control_mode=None,
     seed=None,
     scheduler=None,
     cross_attention_kwargs=None,
@@ -654,12 +711,14 @@ def text2img(
     """= StableDiffusionXLPipeline.__call__(...).images. Extra: seed=int (a CPU generator), scheduler=
     (a name such as "euler", "DPM++ 2M Karras", or a minsdxl scheduler), progress=False hides the bar.
     With controlnet= (minsdxl.load_controlnet; a list for several) = StableDiffusionXLControlNetPipeline:
-    image= is the control image (a list, one per ControlNet), whose size is the default height x width."""
+    image= is the control image (a list, one per ControlNet), whose size is the default height x width; a
+    ControlNet-Union (= StableDiffusionXLControlNetUnionPipeline) takes control_image= (a list) and
+    control_mode= (each image's kind)."""
     a = dict(locals())
     _check_common(model, a, "text2img")
     ctl = _check_controls(model, a, "image")
     if ctl is not None:
-        pixels, (height, width) = _control_pixels(ctl, height, width)
+        height, width = _control_pixels(ctl, height, width)
     sample = model.unet.config.sample_size * 8
     height, width = height or sample, width or sample
     st = _setup(model, a)
@@ -681,7 +740,7 @@ def text2img(
     time_ids = (torch.cat([neg, ids]) if st.cfg else ids).to(device).repeat(batch, 1)
     run = st.run(a, latents, time_ids)
     if ctl is not None:
-        _attach_controls(run, ctl, pixels, st, a)
+        _attach_controls(run, ctl, st, a)
     return _finish(model, run, a)
 
 
@@ -749,6 +808,7 @@ def img2img(
     guess_mode=False,
     control_guidance_start=0.0,
     control_guidance_end=1.0,
+    control_mode=None,
     seed=None,
     scheduler=None,
     cross_attention_kwargs=None,
@@ -758,7 +818,7 @@ def img2img(
     base model's output_type="latent" for the refiner with denoising_start). Extras as text2img;
     height, width: resize the image. strength=None: 0.3 (0.8 with a ControlNet, as in diffusers).
     With controlnet= = StableDiffusionXLControlNetImg2ImgPipeline: control_image= (a list, one per
-    ControlNet) sets the default size, and the image is resized to it."""
+    ControlNet; a Union's with control_mode=) sets the default size, and the image is resized to it."""
     strength = default("img2img", "strength", strength, controlnet)
     a = dict(locals())
     _check_common(model, a, "img2img")
@@ -767,7 +827,7 @@ def img2img(
     if ctl is not None:
         if x.shape[1] == 4:  # latents: the control image goes to their size
             height, width = height or 8 * x.shape[-2], width or 8 * x.shape[-1]
-        pixels, (height, width) = _control_pixels(ctl, height, width)
+        height, width = _control_pixels(ctl, height, width)
     if x.shape[1] != 4 and (height or width):
         x = to_tensor(image, height, width)
     st = _setup(model, a, strength, denoising_start)
@@ -783,7 +843,7 @@ def img2img(
     time_ids = _refine_ids(model, a, height, width, st.pooled_dim, dtype, batch, st.cfg)
     run = st.run(a, latents, time_ids)
     if ctl is not None:
-        _attach_controls(run, ctl, pixels, st, a)
+        _attach_controls(run, ctl, st, a)
     return _finish(model, run, a)
 
 
@@ -836,6 +896,7 @@ def inpaint(
     guess_mode=False,
     control_guidance_start=0.0,
     control_guidance_end=1.0,
+    control_mode=None,
     seed=None,
     scheduler=None,
     cross_attention_kwargs=None,
@@ -847,7 +908,8 @@ def inpaint(
     padding_mask_crop=N: inpaint only the box around the mask (N pixels wider, grown to height:width) at
     height x width, and paste the result back into the full image where the mask is white.
     guidance_scale=None: 7.5 (5.0 with a ControlNet, as in diffusers). With controlnet= =
-    StableDiffusionXLControlNetInpaintPipeline: control_image= (a list, one per ControlNet), resized
+    StableDiffusionXLControlNetInpaintPipeline: control_image= (a list, one per ControlNet; a Union's with
+    control_mode=), resized
     (and cropped) as the image; the default size is then the image's own, not the model's."""
     guidance_scale = default("inpaint", "guidance_scale", guidance_scale, controlnet)
     a = dict(locals())
@@ -865,7 +927,7 @@ def inpaint(
     init_image = to_tensor(image, height, width, crop=crop).float()
     mask_px = to_tensor(mask_image, height, width, mask=True, crop=crop)
     if ctl is not None:
-        pixels = _control_pixels(ctl, height, width, crop)[0]
+        _control_pixels(ctl, height, width, crop)
     if not (mask_px > 0.5).any():
         warnings.warn("mask_image has no white pixels: nothing will be repainted", stacklevel=2)
     nine = model.unet.config.in_channels == 9
@@ -911,7 +973,7 @@ def inpaint(
     time_ids = _refine_ids(model, a, height, width, st.pooled_dim, dtype, batch, st.cfg)
     run = st.run(a, latents, time_ids)
     if ctl is not None:
-        _attach_controls(run, ctl, pixels, st, a)
+        _attach_controls(run, ctl, st, a)
     if nine:
         run.mask = torch.cat([mask, mask]) if st.cfg else mask
         run.masked_image_latents = torch.cat([masked_image_latents] * 2) if st.cfg else masked_image_latents

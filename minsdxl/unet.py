@@ -380,12 +380,15 @@ class UNet2DConditionModel(nn.Module):
                 )
         return contexts[::-1]  # popped once per transformer block, in forward order (like skips)
 
-    def embed(self, sample, timestep, text_embeds, time_ids) -> torch.Tensor:
-        """The time embedding plus SDXL's micro-conditioning (= diffusers get_aug_embed "text_time")."""
+    def embed(self, sample, timestep, text_embeds, time_ids, extra=None) -> torch.Tensor:
+        """The time embedding plus SDXL's micro-conditioning (= diffusers get_aug_embed "text_time");
+        `extra` (a ControlNet-Union's control-type embedding) is added before it, in diffusers' order."""
         b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(1).expand(b) if t.ndim == 0 else t.expand(b)
         emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
+        if extra is not None:
+            emb = emb + extra
         # [pooled, emb(time_ids)]
         tids = timestep_embedding(time_ids.flatten(), self.config.addition_time_embed_dim).reshape(b, -1)
         return emb + self.add_embedding(torch.cat([text_embeds, tids.to(text_embeds.dtype)], dim=-1).to(emb.dtype))

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import PIL.Image
 import pytest
 import torch
 from sdxl_testing import (
+    TINY_UNET,
     TINY_VISION,
     component_state_dicts,
     flat_ip_adapter,
@@ -35,6 +37,8 @@ from sdxl_testing import (
 import minsdxl
 from minsdxl.checkpoint import diffusers_to_sgm, read_safetensors, save_safetensors
 from minsdxl.cli import read_png_metadata
+from minsdxl.config import ControlNetUnionConfig
+from minsdxl.controlnet import controlnet_config_json
 from minsdxl.metadata import infotext, parse_infotext, save_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,9 +120,15 @@ def paths(tiny_base, tiny_refiner, tiny_inpaint, tmp_path_factory):
     net = diffusers.ControlNetModel.from_unet(tiny_base[0].unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
     net.load_state_dict(random_state_dict(net, 9))
     net.save_pretrained(root / "controlnet")
+    cfg = ControlNetUnionConfig(**vars(TINY_UNET), conditioning_embedding_out_channels=(4, 8, 8, 16))
+    cfg = replace(cfg, num_trans_channel=32, num_trans_head=4, num_proj_channel=32)
+    union = diffusers.ControlNetUnionModel(**{k: v for k, v in controlnet_config_json(cfg).items() if k[0] != "_"})
+    union.load_state_dict(random_state_dict(union, 10))
+    union.save_pretrained(root / "union")
     PIL.Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(root / "edges.png")
     return {
         "controlnet": root / "controlnet",
+        "union": root / "union",
         "control_image": root / "edges.png",
         "ip_adapter": root / "ip-adapter.safetensors",
         "ip_image": root / "style.png",
@@ -212,6 +222,12 @@ def runs(paths, tmp_path_factory):
                 ["minsdxl", "-p", "a cat", "--model", p["base"], "--steps", "3", "-s", "4", "--cfg", "5"]
                 + ["--controlnet", p["controlnet"], "--control-image", p["control_image"], "--controlnet-scale"]
                 + ["0.7", "--control-end", "0.7", "--guess-mode", "-o", "cn.png", "-q"],
+                dirs["lora"],
+            ),
+            "union": (  # img2img with a ControlNet-Union: the control image resized to the init image's size
+                ["minsdxl", "-p", "a cat", "--model", p["base"], "-i", p["init"], "--steps", "3", "-s", "2"]
+                + ["--controlnet", p["union"], "--control-image", p["control_image"], "--control-mode", "3"]
+                + ["-o", "union.png", "-q"],
                 dirs["lora"],
             ),
             "tiled": (  # the tiny VAE's tiles are 64 px: a 96 px wide image is decoded in 2 x 1 tiles; TCD, eta
@@ -392,6 +408,20 @@ def test_controlnet_flags_metadata_and_from_png(runs, api, paths):
     assert call["controlnet_conditioning_scale"] == 0.7 and call["control_guidance_end"] == 0.7
     _ok(runs["cn_again"])  # --from-png loads the ControlNet and the control image again
     assert np.array_equal(_pixels(folder / "cn_again.png"), _pixels(folder / "cn.png"))
+
+
+def test_controlnet_union_img2img(runs, api, paths):
+    _ok(runs["union"])
+    init = PIL.Image.open(paths["init"])  # 64x76: the CLI rounds down to 64x72 and resizes (Lanczos)
+    init = init.resize((64, 72), resample=PIL.Image.LANCZOS)
+    union = minsdxl.load_controlnet(paths["union"])
+    edges = PIL.Image.open(paths["control_image"])
+    kw = dict(prompt="a cat", num_inference_steps=3, seed=2, progress=False, image=init, control_image=edges)
+    made = minsdxl.img2img(api["base"], **kw, controlnet=union, control_mode=3, width=64, height=72)[0]
+    _same(runs["dirs"]["lora"] / "union.png", made)
+    call = read_png_metadata(runs["dirs"]["lora"] / "union.png")["minsdxl"]["calls"][0]["kwargs"]
+    assert call["control_mode"] == 3 and call["control_image"] == str(paths["control_image"].resolve())
+    assert call["strength"] == 0.8 and call["controlnet_conditioning_scale"] == 0.8  # the ControlNet defaults
 
 
 def test_ip_adapter_and_freeu_flags_metadata_and_from_png(runs, api, paths):

@@ -15,7 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from sdxl_testing import randomize_, rel_err
+from sdxl_testing import TINY_UNET, randomize_, rel_err
 
 import minsdxl
 from minsdxl.checkpoint import (
@@ -26,6 +26,8 @@ from minsdxl.checkpoint import (
     ldm_controlnet_to_diffusers,
     save_safetensors,
 )
+from minsdxl.config import ControlNetUnionConfig
+from minsdxl.controlnet import controlnet_config_json
 
 LATENT_TOL = 1e-4
 MODEL_TOL = 1e-5
@@ -251,6 +253,120 @@ def test_inpaint(cn, case):
     _close(ref, got)
 
 
+# ------------------------------------------------------------------------------------------------
+# ControlNet-Union (xinsir/controlnet-union-sdxl-1.0, ProMax: 8 kinds) against diffusers' Union pipelines
+
+# the tiny UNet's topology, 8 kinds (ProMax's), a 4-head 32-wide transformer
+UNION = ControlNetUnionConfig(
+    **vars(TINY_UNET),
+    conditioning_embedding_out_channels=EMBED,
+    num_control_type=8,
+    num_trans_channel=32,
+    num_trans_head=4,
+    num_proj_channel=32,
+)
+
+
+@pytest.fixture(scope="module")
+def unions(cn):
+    """Two diffusers ControlNetUnionModels of the UNION config, for the tiny base UNet."""
+    config = {k: v for k, v in controlnet_config_json(UNION).items() if not k.startswith("_")}
+    refs, ours = [], []
+    for i in range(2):
+        net = diffusers.ControlNetUnionModel(**config)
+        randomize_(net, 11 + i).eval()
+        net.save_pretrained(cn["root"] / f"union{i}")
+        refs.append(net)
+        ours.append(minsdxl.load_controlnet(cn["root"] / f"union{i}"))
+    return refs, ours
+
+
+@pytest.mark.parametrize("guess", [False, True])
+@pytest.mark.parametrize("modes", [[3], [3, 1]])
+def test_union_model_matches_diffusers(unions, modes, guess):
+    (ref, _), (ours, _) = unions
+    assert type(ours).__name__ == "ControlNetUnionModel" and ours.config.num_trans_head == 4
+    x, ctx, cond, pooled, ids = _inputs(seed=2)
+    conds = [cond, cond.flip(-1)][: len(modes)]
+    kinds = torch.zeros(8).scatter_(0, torch.tensor(modes), 1).repeat(2, 1)
+    scales = [0.7, 0.4][: len(modes)]
+    with torch.no_grad():
+        d_ref, m_ref = ref(
+            x,
+            torch.tensor(500),
+            ctx,
+            conds,
+            kinds,
+            modes,
+            scales,
+            guess_mode=guess,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": ids},
+            return_dict=False,
+        )
+        d, m = ours(x, torch.tensor(500), ctx, conds, pooled, ids, kinds, modes, scales, guess)
+    for a, b in zip(d, d_ref):
+        assert rel_err(a, b) <= MODEL_TOL
+    assert rel_err(m, m_ref) <= MODEL_TOL
+
+
+UNION_CASES = {
+    "one_kind": dict(control_mode=[3]),
+    "one_kind_bare": dict(control_image=_image(1), control_mode=3, controlnet_conditioning_scale=0.6),
+    "two_kinds": dict(
+        control_image=[_image(1), _image(2)],
+        control_mode=[3, 1],
+        controlnet_conditioning_scale=[0.7, 0.4],
+        control_guidance_end=[1.0, 0.5],
+    ),
+    "guess_mode_no_cfg": dict(control_mode=[5], guess_mode=True, guidance_scale=1.0),  # (with CFG diffusers fails)
+    "batch": dict(control_mode=[3], prompt=["a cat", "a dog"], num_images_per_prompt=2),
+    "two_unions": dict(nets=2, control_image=[_image(1), _image(2)], control_mode=[3, 6], control_guidance_start=0.3),
+}
+
+
+@pytest.mark.parametrize("case", list(UNION_CASES))
+def test_union_text2img(cn, unions, case):
+    kw = dict(prompt="a cat", num_inference_steps=4, control_image=[_image(1)]) | UNION_CASES[case]
+    refs, ours = unions
+    refs, ours = (refs, ours) if kw.pop("nets", 1) == 2 else (refs[0], ours[0])
+    pipe, model = cn["base"]
+    cpipe = diffusers.StableDiffusionXLControlNetUnionPipeline(**pipe.components, controlnet=refs)
+    _close(*_run(cpipe, lambda m, **k: minsdxl.text2img(m, **k, controlnet=ours), model, **kw))
+
+
+# (diffusers' Union inpaint pipeline refuses the 9-channel inpainting UNet: "should have either 4 or 9 input
+# channels, not 9"; minsdxl runs it as with a ControlNet, with no reference to compare with)
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_union_img2img_and_inpaint(cn, unions, kind):
+    kw = dict(prompt="a cat", num_inference_steps=4, image=_image(4), control_image=[_image(1), _image(2)])
+    kw |= dict(control_mode=[3, 1], controlnet_conditioning_scale=[0.8, 0.5])
+    pipe, model = cn["base"]
+    if kind == "img2img":
+        cpipe, fn = diffusers.StableDiffusionXLControlNetUnionImg2ImgPipeline, minsdxl.img2img
+    else:
+        cpipe, fn = diffusers.StableDiffusionXLControlNetUnionInpaintPipeline, minsdxl.inpaint
+        kw |= dict(mask_image=_mask(), strength=0.8)
+    cpipe = cpipe(**pipe.components, controlnet=unions[0][0])
+    _close(*_run(cpipe, lambda m, **k: fn(m, **k, controlnet=unions[1][0]), model, **kw))
+
+
+def test_union_inputs_are_checked(cn, unions):
+    model, union = cn["base"][1], unions[1][0]
+    kw = dict(prompt="a cat", num_inference_steps=2, output_type="latent", progress=False, control_image=_image(1))
+    cases = [
+        (dict(controlnet=union), "needs control_mode="),
+        (dict(controlnet=union, control_mode=8), r"control_mode \[8\]: each must be a whole number below 8"),
+        (dict(controlnet=union, control_mode=[1, 2]), "control_mode has 2 kinds for 1 control images"),
+        (dict(controlnet=cn["ours"][0], control_mode=1), "control_mode= is for a ControlNet-Union"),
+        (dict(controlnet=[union, cn["ours"][0]], control_image=[_image(1)] * 2), "mixes ControlNets and"),
+        (dict(control_mode=1, control_image=None), "control_mode= is a Union's: pass controlnet="),
+        (dict(controlnet=union, control_mode=1, image=_image(1)), "as image= or as control_image=, not both"),
+    ]
+    for extra, match in cases:
+        with pytest.raises((ValueError, TypeError), match=match):
+            minsdxl.text2img(model, **kw | extra)
+
+
 def test_compile_with_controlnet_matches_eager_without_recompiles(cn, tiny_base):
     import torch._dynamo
 
@@ -345,11 +461,12 @@ def test_load_errors(cn, tmp_path, tiny_base):
     with pytest.raises(CheckpointError, match="controlnet_mid_block.weight has shape"):
         minsdxl.load_controlnet(tmp_path / "broken.safetensors")
     (tmp_path / "union").mkdir()
-    cfg = json.loads((cn["root"] / "cn0" / "config.json").read_text()) | {"_class_name": "ControlNetUnionModel"}
-    (tmp_path / "union" / "config.json").write_text(json.dumps(cfg))
-    save_safetensors(sd, tmp_path / "union" / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(CheckpointError, match="ControlNetUnionModel"):
-        minsdxl.load_controlnet(tmp_path / "union")
+    for kind, match in (("ControlNetXSAdapter", "a diffusers ControlNetXSAdapter"), ("ControlNetUnionModel", "no a")):
+        cfg = json.loads((cn["root"] / "cn0" / "config.json").read_text()) | {"_class_name": kind}
+        (tmp_path / "union" / "config.json").write_text(json.dumps(cfg))
+        save_safetensors(sd, tmp_path / "union" / "diffusion_pytorch_model.safetensors")
+        with pytest.raises(CheckpointError, match=match):
+            minsdxl.load_controlnet(tmp_path / "union")
 
 
 def test_bad_inputs_fail_before_any_work(cn, tiny_refiner):
@@ -389,7 +506,7 @@ def test_full_size_controlnet_matches_diffusers():
 
     from minsdxl.checkpoint import _build
     from minsdxl.config import UNET_PRESETS, controlnet_config_from_state_dict
-    from minsdxl.controlnet import ControlNetModel, controlnet_config_json
+    from minsdxl.controlnet import ControlNetModel
 
     ours_cfg = minsdxl.config.ControlNetConfig(**vars(UNET_PRESETS["base"]))
     config = {k: v for k, v in controlnet_config_json(ours_cfg).items() if not k.startswith("_")}

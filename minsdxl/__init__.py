@@ -16,6 +16,7 @@ from .prompt import encode_prompt, load_textual_inversion
 from .sampler import img2img, inpaint, text2img
 from .schedulers import make_scheduler
 from .speed import compile, set_attention
+from .t2i_adapter import T2IAdapter, load_t2i_adapter
 
 __version__ = "0.1.0"
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "enable_lora",
     "unload_lora_weights",
     "load_controlnet",
+    "load_t2i_adapter",
+    "T2IAdapter",
     "ControlNetModel",
     "load_ip_adapter",
     "set_ip_adapter_scale",

@@ -65,6 +65,8 @@ API_KWARGS = {
     "control_end": "control_guidance_end",
     "guess_mode": "guess_mode",
     "control_mode": "control_mode",
+    "adapter_scale": "adapter_conditioning_scale",
+    "adapter_factor": "adapter_conditioning_factor",
 }
 # flags that say where and how a run runs, not what it makes: not stored for --from-png (a PNG made
 # on a GPU replays on a CPU), and ignored where an older file stored them
@@ -269,6 +271,15 @@ def build_parser():
     add("--control-mode",              type=int,   default=None,      help="a ControlNet-Union's kind of control "
                                                                            "image (xinsir: 0 openpose, 1 depth, 3 "
                                                                            "canny, ...)")
+    add("--t2i-adapter", metavar="PATH",           default=None,      help="an SDXL T2I-Adapter (text2img; "
+                                                                           "diffusers folder or .safetensors): "
+                                                                           "--adapter-image is its input")
+    add("--adapter-image", metavar="IMAGE",        default=None,      help="the --t2i-adapter's image (its size, "
+                                                                           "rounded to 16, is the default size)")
+    add("--adapter-scale",             type=float, default=None,      help="how much the T2I-Adapter counts "
+                                                                           "(default 1.0)")
+    add("--adapter-factor",            type=float, default=None,      help="fraction of the steps it acts in, "
+                                                                           "from the start (default 1.0)")
     add("--refiner",                               default=None,      help="SDXL refiner folder or file")
     add("--refiner-config",                        default=None,      help="configs of a non-SDXL single-file refiner")
     add("--refiner-mode",   choices=("switch", "img2img"), default="switch",
@@ -373,7 +384,10 @@ def generate(args, source=None) -> int:
     if args.ip_adapter_image:
         extra["ip_adapter_image"] = _open(args.ip_adapter_image, "IP-Adapter image")
     if args.control_image:  # = the ControlNet pipelines' names: text2img's image, the others' control_image
-        extra["image" if mode == "text2img" else "control_image"] = _open(args.control_image, "control image")
+        key = "image" if mode == "text2img" and not args.t2i_adapter else "control_image"
+        extra[key] = _open(args.control_image, "control image")
+    if args.adapter_image:  # = the adapter pipeline's image=
+        extra["image"] = _open(args.adapter_image, "adapter image")
     if args.seed is None or args.seed < 0:
         args.seed = secrets.randbelow(2**32)
     seeds = [args.seed + k for k in range(args.batch)]
@@ -388,6 +402,12 @@ def generate(args, source=None) -> int:
         extra["controlnet"] = minsdxl.load_controlnet(args.controlnet, dtype=base.unet.dtype, device=where)
         _log(args, f"loaded the ControlNet {args.controlnet} in {time.perf_counter() - t:.1f} s")
         args.controlnet = str(Path(args.controlnet).resolve())
+    if args.t2i_adapter:
+        t = time.perf_counter()
+        where = "cpu" if base.offload_device else args.device
+        extra["adapter"] = minsdxl.load_t2i_adapter(args.t2i_adapter, dtype=base.unet.dtype, device=where)
+        _log(args, f"loaded the T2I-Adapter {args.t2i_adapter} in {time.perf_counter() - t:.1f} s")
+        args.t2i_adapter = str(Path(args.t2i_adapter).resolve())
     if base.kind == "inpaint" and mode != "inpaint":
         raise ValueError(f"--model {args.model} is an SDXL inpainting model: pass -i IMAGE and --mask MASK")
     if base.kind == "refiner" and mode == "text2img":
@@ -456,6 +476,14 @@ def _check(args, mode):
             "--controlnet-scale, --control-start, --control-end, --guess-mode and --control-mode apply to a "
             "--controlnet"
         )
+    if bool(args.t2i_adapter) != bool(args.adapter_image):
+        raise ValueError("--t2i-adapter PATH and --adapter-image IMAGE go together: pass both")
+    if not args.t2i_adapter and (args.adapter_scale is not None or args.adapter_factor is not None):
+        raise ValueError("--adapter-scale and --adapter-factor apply to a --t2i-adapter")
+    if args.t2i_adapter and mode != "text2img":
+        raise ValueError("--t2i-adapter works in text2img (as diffusers' adapter pipeline): drop -i/--init-image")
+    if args.t2i_adapter and not Path(args.t2i_adapter).exists():
+        raise ValueError(f"--t2i-adapter {args.t2i_adapter}: no such file or folder")
     if args.controlnet and not Path(args.controlnet).exists():
         raise ValueError(f"--controlnet {args.controlnet}: no such file or folder")
     if args.ip_adapter and not Path(args.ip_adapter).is_file():
@@ -602,7 +630,7 @@ def _load(args, auto_dtype=False):
         _log(args, f"loaded refiner {args.refiner} in {time.perf_counter() - t:.1f} s (text encoder 2 and VAE shared)")
     # absolute paths in the metadata, so --from-png works from any folder ("tiny" stays a name)
     files = ("model", "vae", "refiner", "model_config", "refiner_config", "init_image", "mask", "lora_dir")
-    for name in (*files, "ip_adapter", "ip_adapter_image", "image_encoder", "control_image"):
+    for name in (*files, "ip_adapter", "ip_adapter_image", "image_encoder", "control_image", "adapter_image"):
         if getattr(args, name) and not (name == "model" and args.model == tiny.NAME):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
     return base, refiner
@@ -707,8 +735,10 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
         "mask": _file_info(args.mask) if args.mask else None,
         "ip_adapter": _file_info(args.ip_adapter) if args.ip_adapter else None,
         "ip_adapter_image": _file_info(args.ip_adapter_image) if args.ip_adapter_image else None,
-        "controlnet": _file_info(_controlnet_file(args.controlnet, args.dtype)) if args.controlnet else None,
+        "controlnet": _file_info(_weights(args.controlnet, args.dtype)) if args.controlnet else None,
         "control_image": _file_info(args.control_image) if args.control_image else None,
+        "t2i_adapter": _file_info(_weights(args.t2i_adapter, args.dtype)) if args.t2i_adapter else None,
+        "adapter_image": _file_info(args.adapter_image) if args.adapter_image else None,
         # a scheduler no name makes again is described by its own name (e.g. "dpmpp_1m") and config
         "scheduler": {"name": args.sampler, "a1111": _a1111_name(args.sampler or sched.name), "config": sched.config},
         "dtypes": {
@@ -720,7 +750,8 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
     }
     _log(args, f"hashed the model files in {time.perf_counter() - t:.1f} s (sha256 {model['sha256'][:10]})")
     if source is not None:  # --from-png: say when the result cannot be the same image
-        for what in ("model", "refiner", "vae", "init_image", "mask", "ip_adapter", "ip_adapter_image", "controlnet"):
+        kinds = ("model", "refiner", "vae", "init_image", "mask", "ip_adapter", "ip_adapter_image", "controlnet")
+        for what in (*kinds, "control_image", "t2i_adapter", "adapter_image"):
             old, new = (source.get(what) or {}).get("sha256"), (about[what] or {}).get("sha256")
             if old and new and old != new:
                 _warn(
@@ -749,8 +780,8 @@ def _file_info(path, model=None, dtype=None) -> dict:
     return info
 
 
-def _controlnet_file(path, dtype) -> Path:
-    """The ControlNet weights file load_controlnet reads for this dtype."""
+def _weights(path, dtype) -> Path:
+    """The weights file load_controlnet / load_t2i_adapter reads for this dtype."""
     return controlnet.weights(path, dtype=DTYPES.get(dtype))[0]
 
 
@@ -782,9 +813,10 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
     stored = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     stored["seed"] = seed  # this image's own seed: --from-png makes this one image
     base_images = {"image": args.init_image, "mask_image": args.mask, "ip_adapter_image": args.ip_adapter_image}
-    base_images |= {"controlnet": args.controlnet, "control_image": args.control_image}
-    if about["mode"] == "text2img" and args.controlnet:
-        base_images["image"] = args.control_image  # text2img's image= is the control image
+    base_images |= {"controlnet": args.controlnet, "control_image": args.control_image, "adapter": args.t2i_adapter}
+    if about["mode"] == "text2img" and (args.controlnet or args.t2i_adapter):
+        # text2img's image= is the adapter's image, else the control image
+        base_images["image"] = args.adapter_image or args.control_image
     refiner_images = {
         "image": "the base call's " + ("latents" if args.refiner_mode == "switch" else "image"),
         "mask_image": args.mask,

@@ -276,11 +276,12 @@ def _config_base(cj: dict, union: bool) -> ControlNetConfig:
 
 
 def weights(path, variant=None, dtype=None, config=None) -> tuple[Path, dict]:
-    """(the weights file load_controlnet reads, its config.json) for a ControlNet folder or file."""
+    """(the weights file, its config.json) of a ControlNet or T2I-Adapter folder (or a pipeline folder's
+    controlnet/) or file, as load_controlnet and load_t2i_adapter read them."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(
-            f"no such file or folder: {path}. Pass a diffusers ControlNet folder (config.json + "
+            f"no such file or folder: {path}. Pass a diffusers model folder (config.json + "
             "diffusion_pytorch_model.safetensors) or one .safetensors file, downloaded first"
         )
     if not p.is_dir():

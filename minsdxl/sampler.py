@@ -30,6 +30,7 @@ from .image import (
 from .prompt import encode_prompt
 from .rng import randn
 from .schedulers import DDIM, Scheduler, make_scheduler
+from .t2i_adapter import T2IAdapter
 
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # what a step callback may read and replace (the loop's state; "mask", "masked_image_latents": 9-channel inpaint)
@@ -83,6 +84,8 @@ class _Run:
     controls: list | None = None  # ControlNets (_Control), their outputs summed into the UNet
     guess_mode: bool = False
     control_steps: int = 0  # the schedule length the guidance windows are fractions of
+    adapter_features: list | None = None  # T2I-Adapters' summed, scaled feature maps (CFG-doubled)
+    adapter_steps: int = 0  # the first steps that add them (adapter_conditioning_factor)
 
     @property
     def cfg(self) -> bool:
@@ -153,6 +156,8 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
             torch.compiler.cudagraph_mark_step_begin()
         x_in = s.scale_model_input(torch.cat([x, x]) if run.cfg else x, t)
         residuals = _control_residuals(run, i, x_in, t_unet[i], state, control_cache) if run.controls else {}
+        if run.adapter_features is not None and i < run.adapter_steps:
+            residuals["down_intrablock_additional_residuals"] = run.adapter_features
         if state["mask"] is not None:
             x_in = torch.cat([x_in, state["mask"], state["masked_image_latents"]], dim=1)
         embeds = state["prompt_embeds"]  # projected again only when a callback replaced or modified them
@@ -637,6 +642,90 @@ def _own_size(image):
     return h - h % 8, w - w % 8
 
 
+def _check_adapters(model, a):
+    """text2img's T2I-Adapter arguments, checked before any heavy work: None, or (adapters, images,
+    scales), one each per adapter (= StableDiffusionXLAdapterPipeline: image=, adapter_conditioning_scale)."""
+    adapters = a["adapter"]
+    if adapters is None:
+        for k in ("adapter_conditioning_scale", "adapter_conditioning_factor"):
+            if a[k] != 1.0:
+                raise ValueError(f"{k} is for a T2I-Adapter: pass adapter= (minsdxl.load_t2i_adapter) too")
+        return None
+    multi = isinstance(adapters, (list, tuple))
+    adapters = list(adapters) if multi else [adapters]
+    ch = model.unet.config.block_out_channels
+    for ad in adapters:
+        if not isinstance(ad, T2IAdapter):
+            raise TypeError(
+                f"adapter must be a minsdxl T2IAdapter (minsdxl.load_t2i_adapter(path)) or a list of them, got "
+                f"{type(ad).__name__}"
+            )
+        if ad.config.downscale_factor != 16:  # its first features at 1/16: the UNet's first level, downsampled
+            raise ValueError(
+                f"this T2I-Adapter downscales by {ad.config.downscale_factor}; an SDXL UNet needs 16 (SD 1.x adapters "
+                "use 8)"
+            )
+        if tuple(ad.config.channels) != (*ch, ch[-1]):
+            raise ValueError(
+                f"this T2I-Adapter's features have {list(ad.config.channels)} channels; the model's UNet needs "
+                f"{[*ch, ch[-1]]} (one per level and its middle block): an SDXL T2I-Adapter fits SDXL base UNets"
+            )
+    images = a["image"]
+    if images is None:
+        raise ValueError("a T2I-Adapter needs its control image: pass image=")
+    if multi and (not isinstance(images, (list, tuple)) or len(images) != len(adapters)):
+        raise ValueError(f"{len(adapters)} T2I-Adapters need a list of {len(adapters)} images (image=[...]), one each")
+    scales = _per("adapter_conditioning_scale", a["adapter_conditioning_scale"], len(adapters), "T2I-Adapters")
+    factor = a["adapter_conditioning_factor"]
+    _number("adapter_conditioning_factor", factor)
+    if not 0.0 <= factor <= 1.0:
+        raise ValueError(f"adapter_conditioning_factor must be in [0, 1] (the fraction of steps), got {factor}")
+    return adapters, list(images) if multi else [images], scales
+
+
+def _adapter_pixels(adp, height, width):
+    """The adapters' images in [0, 1] at height x width (None: the first one's own size rounded down to a
+    multiple of the adapter's 16, = _default_height_width), in place, and that size."""
+    adapters, images, _ = adp
+    f = adapters[0].config.downscale_factor
+    for k, (ad, image) in enumerate(zip(adapters, images)):
+        if height is None or width is None:
+            h, w = _hw(image)
+            height, width = height or h - h % f, width or w - w % f
+        if height % f or width % f:
+            raise ValueError(f"a T2I-Adapter needs height and width multiples of {f}; got {height}x{width}")
+        x = to_tensor(image, height, width, normalize=False)
+        if ad.config.in_channels == 1 and x.shape[1] == 3:  # a grey image read as RGB: its one channel
+            if not (torch.equal(x[:, :1], x[:, 1:2]) and torch.equal(x[:, :1], x[:, 2:])):
+                raise ValueError("this T2I-Adapter (sketch) reads a grey image: pass image.convert('L')")
+            x = x[:, :1]
+        if x.shape[1] != ad.config.in_channels:
+            raise ValueError(
+                f"an adapter image has {x.shape[1]} channels; this T2I-Adapter reads {ad.config.in_channels}"
+            )
+        images[k] = x
+    return height, width
+
+
+def _attach_adapters(model, run: _Run, adp, st: _Setup, a):
+    """= the adapter pipeline: each adapter's features once per call, times its scale (several: summed, as
+    MultiAdapter), repeated to the batch, doubled for CFG; added for the first adapter_conditioning_factor
+    of the steps."""
+    adapters, images, scales = adp
+    per_prompt, prompts = a["num_images_per_prompt"], st.batch // a["num_images_per_prompt"]
+    features = None
+    with _on_device(model, *adapters), torch.no_grad():
+        for ad, x, scale in zip(adapters, images, scales):
+            if x.shape[0] not in (1, prompts):
+                raise ValueError(f"got {x.shape[0]} adapter images for {prompts} prompts; pass 1 or {prompts}")
+            out = [f * scale for f in ad(x.to(run.latents.device, ad.dtype))]
+            features = out if features is None else [acc + f for acc, f in zip(features, out)]
+    features = [f.repeat_interleave(st.batch if len(f) == 1 else per_prompt, dim=0) for f in features]
+    run.adapter_features = [torch.cat([f, f]) if st.cfg else f for f in features]
+    run.adapter_steps = int(len(run.timesteps) * a["adapter_conditioning_factor"])
+    return run
+
+
 # ------------------------------------------------------------------------------------------------
 # The three public functions
 
@@ -703,6 +792,9 @@ def text2img(
     control_guidance_start=0.0,
     control_guidance_end=1.0,
     control_mode=None,
+    adapter=None,
+    adapter_conditioning_scale=1.0,
+    adapter_conditioning_factor=1.0,
     seed=None,
     scheduler=None,
     cross_attention_kwargs=None,
@@ -713,10 +805,15 @@ def text2img(
     With controlnet= (minsdxl.load_controlnet; a list for several) = StableDiffusionXLControlNetPipeline:
     image= is the control image (a list, one per ControlNet), whose size is the default height x width; a
     ControlNet-Union (= StableDiffusionXLControlNetUnionPipeline) takes control_image= (a list) and
-    control_mode= (each image's kind)."""
+    control_mode= (each image's kind). With adapter= (minsdxl.load_t2i_adapter; a list for several) =
+    StableDiffusionXLAdapterPipeline: image= is the adapter's image (a ControlNet beside it then takes
+    control_image=), adapter_conditioning_scale, adapter_conditioning_factor (the first steps only)."""
     a = dict(locals())
     _check_common(model, a, "text2img")
-    ctl = _check_controls(model, a, "image")
+    adp = _check_adapters(model, a)
+    ctl = _check_controls(model, a, "image" if adp is None else "control_image")
+    if adp is not None:
+        height, width = _adapter_pixels(adp, height, width)
     if ctl is not None:
         height, width = _control_pixels(ctl, height, width)
     sample = model.unet.config.sample_size * 8
@@ -741,6 +838,8 @@ def text2img(
     run = st.run(a, latents, time_ids)
     if ctl is not None:
         _attach_controls(run, ctl, st, a)
+    if adp is not None:
+        _attach_adapters(model, run, adp, st, a)
     return _finish(model, run, a)
 
 

@@ -198,15 +198,23 @@ class DownBlock(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample2D(cout)]) if downsample else None
 
-    def forward(self, x, emb, contexts, skips: list):
+    def forward(self, x, emb, contexts, skips: list, residual=None):
+        """residual: a T2I-Adapter's feature map, added (= diffusers' down_intrablock_additional_residuals) to
+        the last resnet + attention's output in a level with attention, else to the level's output; the
+        skip pushed there carries it too."""
+        last = len(self.resnets) - 1
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, emb)
             if self.attentions is not None:
                 x = self.attentions[j](x, contexts)
+                if residual is not None and j == last:
+                    x = x + residual
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             skips.append(x)
+        if residual is not None and self.attentions is None:  # (diffusers' in-place `sample +=`: the skip too)
+            x = skips[-1] = x + residual
         return x
 
 
@@ -404,13 +412,16 @@ class UNet2DConditionModel(nn.Module):
         ip_adapter_masks=None,
         down_block_additional_residuals=None,
         mid_block_additional_residual=None,
+        down_intrablock_additional_residuals=None,
     ) -> torch.Tensor:
         """sample [B, C, h, w]; timestep float or tensor (scalar or [B]); encoder_hidden_states
         [B, 77, context] (or project_context's list of it); text_embeds (pooled) [B, 1280]; time_ids
         [B, 6] (base) or [B, 5] (refiner); image_embeds: IP-Adapter image embeddings (see
         project_context) and their ip_adapter_masks, with a tensor encoder_hidden_states;
         down_block_additional_residuals / mid_block_additional_residual: a ControlNet's output, added
-        to the skips and to the middle block's output (= diffusers' UNet2DConditionModel.forward)."""
+        to the skips and to the middle block's output (= diffusers' UNet2DConditionModel.forward);
+        down_intrablock_additional_residuals: a T2I-Adapter's feature maps, one per level (DownBlock.forward)
+        and one for the middle block's output where its shape fits."""
         b = sample.shape[0]
         if image_embeds is not None and isinstance(encoder_hidden_states, torch.Tensor):
             encoder_hidden_states = self.project_context(encoder_hidden_states, image_embeds, ip_adapter_masks)
@@ -419,8 +430,9 @@ class UNet2DConditionModel(nn.Module):
 
         x = self.conv_in(sample)
         skips = [x]  # pushed by every resnet/downsample on the way down, popped in reverse on the way up
+        adapter = list(down_intrablock_additional_residuals or ())
         for block in self.down_blocks:
-            x = block(x, emb, contexts, skips)
+            x = block(x, emb, contexts, skips, adapter.pop(0) if adapter else None)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
                 raise ValueError(
@@ -429,6 +441,8 @@ class UNet2DConditionModel(nn.Module):
                 )
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
         x = self.mid_block(x, emb, contexts)
+        if adapter and adapter[0].shape == x.shape:
+            x = x + adapter.pop(0)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual
         for block in self.up_blocks:

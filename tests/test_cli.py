@@ -125,10 +125,14 @@ def paths(tiny_base, tiny_refiner, tiny_inpaint, tmp_path_factory):
     union = diffusers.ControlNetUnionModel(**{k: v for k, v in controlnet_config_json(cfg).items() if k[0] != "_"})
     union.load_state_dict(random_state_dict(union, 10))
     union.save_pretrained(root / "union")
+    adapter = diffusers.T2IAdapter(channels=[32, 64, 64, 64], downscale_factor=16, adapter_type="full_adapter_xl")
+    adapter.load_state_dict(random_state_dict(adapter, 12))
+    adapter.save_pretrained(root / "t2i_adapter")
     PIL.Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(root / "edges.png")
     return {
         "controlnet": root / "controlnet",
         "union": root / "union",
+        "t2i_adapter": root / "t2i_adapter",
         "control_image": root / "edges.png",
         "ip_adapter": root / "ip-adapter.safetensors",
         "ip_image": root / "style.png",
@@ -230,6 +234,12 @@ def runs(paths, tmp_path_factory):
                 + ["-o", "union.png", "-q"],
                 dirs["lora"],
             ),
+            "adapter": (  # text2img at the adapter image's size rounded down to 16 (80x64)
+                ["minsdxl", "-p", "a cat", "--model", p["base"], "--steps", "3", "-s", "3", "--t2i-adapter"]
+                + [p["t2i_adapter"], "--adapter-image", p["init"], "--adapter-scale", "0.8", "--adapter-factor"]
+                + ["0.5", "-o", "adapter.png", "-q"],
+                dirs["lora"],
+            ),
             "tiled": (  # the tiny VAE's tiles are 64 px: a 96 px wide image is decoded in 2 x 1 tiles; TCD, eta
                 ["minsdxl", "-p", "a cat", "--model", p["base"], "-W", "96", "-H", "64", "--steps", "2", "-s", "8"]
                 + ["--vae-tiling", "--sampler", "tcd", "--eta", "0.3", "-o", "tiled.png", "-q"],
@@ -258,6 +268,10 @@ def runs(paths, tmp_path_factory):
             ),
             "lora_again": (["minsdxl", "--from-png", str(dirs["lora"] / "lora.png"), "-o", "again.png"], dirs["lora"]),
             "ip_again": (["minsdxl", "--from-png", str(dirs["lora"] / "ip.png"), "-o", "ip_again.png"], dirs["lora"]),
+            "adapter_again": (
+                ["minsdxl", "--from-png", str(dirs["lora"] / "adapter.png"), "-o", "adapter_again.png"],
+                dirs["lora"],
+            ),
             "cn_again": (["minsdxl", "--from-png", str(dirs["lora"] / "cn.png"), "-o", "cn_again.png"], dirs["lora"]),
         },
         paths["cache"],
@@ -424,6 +438,26 @@ def test_controlnet_union_img2img(runs, api, paths):
     assert call["strength"] == 0.8 and call["controlnet_conditioning_scale"] == 0.8  # the ControlNet defaults
 
 
+def test_t2i_adapter_flags_metadata_and_from_png(runs, api, paths):
+    _ok(runs["adapter"])
+    folder = runs["dirs"]["lora"]
+    adapter = minsdxl.load_t2i_adapter(paths["t2i_adapter"])
+    kw = dict(prompt="a cat", num_inference_steps=3, seed=3, progress=False, image=PIL.Image.open(paths["init"]))
+    made = minsdxl.text2img(
+        api["base"], **kw, adapter=adapter, adapter_conditioning_scale=0.8, adapter_conditioning_factor=0.5
+    )
+    assert made[0].size == (64, 64)  # the 64x76 image's size rounded down to the adapter's 16
+    _same(folder / "adapter.png", made[0])
+    meta = read_png_metadata(folder / "adapter.png")["minsdxl"]
+    weights = paths["t2i_adapter"] / "diffusion_pytorch_model.safetensors"
+    assert meta["t2i_adapter"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    call = meta["calls"][0]["kwargs"]
+    assert call["image"] == str(paths["init"].resolve()) and call["adapter"] == str(paths["t2i_adapter"].resolve())
+    assert call["adapter_conditioning_scale"] == 0.8 and call["adapter_conditioning_factor"] == 0.5
+    _ok(runs["adapter_again"])
+    assert np.array_equal(_pixels(folder / "adapter_again.png"), _pixels(folder / "adapter.png"))
+
+
 def test_ip_adapter_and_freeu_flags_metadata_and_from_png(runs, api, paths):
     _ok(runs["ip"])
     folder = runs["dirs"]["lora"]
@@ -575,6 +609,10 @@ ERRORS = {
     "lora_not_a_lora": (["--model", "{base}", *SIZE, "--lora", "{init}"], "unknown weights format"),
     "ip_adapter_without_image": (["--model", "{base}", "--ip-adapter", "{ip_adapter}"], "pass both"),
     "controlnet_without_image": (["--model", "{base}", "--controlnet", "{controlnet}"], "go together: pass both"),
+    "adapter_in_img2img": (
+        ["--model", "{base}", "-i", "{init}", "--t2i-adapter", "{t2i_adapter}", "--adapter-image", "{init}"],
+        "--t2i-adapter works in text2img",
+    ),
     "control_scale_without_controlnet": (["--model", "{base}", "--guess-mode"], "apply to a --controlnet"),
     "mask_padding_without_mask": (["--model", "{base}", "-i", "{init}", "--mask-padding", "8"], "pass --mask"),
     "mask_padding_with_switch": (

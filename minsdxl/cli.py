@@ -67,6 +67,9 @@ API_KWARGS = {
     "control_mode": "control_mode",
     "adapter_scale": "adapter_conditioning_scale",
     "adapter_factor": "adapter_conditioning_factor",
+    "pag_scale": "pag_scale",
+    "pag_adaptive_scale": "pag_adaptive_scale",
+    "pag_layers": "pag_applied_layers",
 }
 # flags that say where and how a run runs, not what it makes: not stored for --from-png (a PNG made
 # on a GPU replays on a CPU), and ignored where an older file stored them
@@ -301,6 +304,14 @@ def build_parser():
     add("--dtype",           choices=("auto", *DTYPES), default="auto", help="auto: fp16 on CUDA, else fp32")
     add("--device",                                default="auto",    help="cpu, cuda, cuda:N (auto: cuda if any)")
     add("--offload",                   action="store_true",           help="model offload: idle parts wait on the CPU")
+    add("--pag-scale",                 type=float, default=None,      help="Perturbed-Attention Guidance's scale "
+                                                                           "(off by default; 3 is diffusers' PAG "
+                                                                           "default)")
+    add("--pag-adaptive-scale",        type=float, default=None,      help="PAG's scale falls by this per "
+                                                                           "timestep below 1000")
+    add("--pag-layers", metavar="L1,L2", type=lambda t: t.split(","), default=None,
+                                                                      help="the UNet layers PAG perturbs (default "
+                                                                           "mid; e.g. mid,up_blocks.0.attentions.1)")
     add("--freeu", metavar="S1,S2,B1,B2", type=_freeu, default=None, help="FreeU on the base UNet: skip and "
                                                                            "backbone factors (SDXL: 0.9,0.2,1.3,1.4)")
     add("--vae-tiling",                action="store_true",           help="VAE in overlapping tiles above the VAE's "

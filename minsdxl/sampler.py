@@ -8,6 +8,7 @@ timesteps are cut, how the first latents are made, and what the loop adds per st
 """
 
 import functools
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,10 +87,18 @@ class _Run:
     control_steps: int = 0  # the schedule length the guidance windows are fractions of
     adapter_features: list | None = None  # T2I-Adapters' summed, scaled feature maps (CFG-doubled)
     adapter_steps: int = 0  # the first steps that add them (adapter_conditioning_factor)
+    pag_scale: float = 0.0  # Perturbed-Attention Guidance: the batch gains a chunk with identity self-attention
+    pag_adaptive_scale: float = 0.0
+    pag_layers: list = None  # the self-attention layers perturbed
 
     @property
     def cfg(self) -> bool:
         return self.guidance_scale > 1.0
+
+    @property
+    def copies(self) -> int:
+        """How many times the latents are in the UNet's batch: [negative,] positive[, perturbed]."""
+        return 1 + self.cfg + bool(self.pag_scale)
 
 
 def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale: float):
@@ -154,7 +163,7 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
     for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="denoising", leave=False)):
         if getattr(model, "cuda_graphs", False):  # last step's UNet output buffers may be reused now
             torch.compiler.cudagraph_mark_step_begin()
-        x_in = s.scale_model_input(torch.cat([x, x]) if run.cfg else x, t)
+        x_in = s.scale_model_input(torch.cat([x] * run.copies) if run.copies > 1 else x, t)
         residuals = _control_residuals(run, i, x_in, t_unet[i], state, control_cache) if run.controls else {}
         if run.adapter_features is not None and i < run.adapter_steps:
             residuals["down_intrablock_additional_residuals"] = run.adapter_features
@@ -165,11 +174,19 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
             context = model.unet.project_context(embeds, run.image_embeds, run.image_masks)
             projected = (embeds, embeds._version, context)
         eps = model.unet(x_in, t_unet[i], projected[2], state["add_text_embeds"], state["add_time_ids"], **residuals)
-        if run.cfg:
+        if run.pag_scale:  # = PAGMixin._apply_perturbed_attention_guidance, its scale in torch as there
+            *uncond, text, perturbed = eps.chunk(run.copies)
+            pag = run.pag_scale - run.pag_adaptive_scale * (1000 - t)
+            pag = 0 if pag < 0 else pag
+            if run.cfg:
+                eps = uncond[0] + run.guidance_scale * (text - uncond[0]) + pag * (text - perturbed)
+            else:
+                eps = text + pag * (text - perturbed)
+        elif run.cfg:
             uncond, text = eps.chunk(2)
             eps = uncond + run.guidance_scale * (text - uncond)
-            if run.guidance_rescale > 0.0:
-                eps = rescale_noise_cfg(eps, text, run.guidance_rescale)
+        if run.cfg and run.guidance_rescale > 0.0:
+            eps = rescale_noise_cfg(eps, text, run.guidance_rescale)
         x = s.step(eps, t, x, generator=run.generator, **({"eta": run.eta} if s.takes_eta else {}))
         if run.blend is not None:  # = inpaint __call__: keep the unmasked part on the image's noisy path
             image_latents, noise, mask = run.blend
@@ -242,9 +259,57 @@ def _check_common(model, a, mode):
             f"{_CALLBACK_INPUTS} (CFG-ordered: prompt_embeds, add_text_embeds and add_time_ids hold the negative "
             "half first)"
         )
+    _pag_layers(model, a)
     ip_adapter.check_inputs(model, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
     masks = (a["cross_attention_kwargs"] or {}).get("ip_adapter_masks")
     a["ip_adapter_masks"] = ip_adapter.check_masks(model, masks, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
+
+
+def _pag_layers(model, a) -> list:
+    """The self-attention layers Perturbed-Attention Guidance perturbs (none when pag_scale is 0): those
+    whose diffusers name matches one of pag_applied_layers as a regex (= PAGMixin._set_pag_attn_processor:
+    "mid", "down_blocks.2", "up_blocks.0.attentions.1", ...)."""
+    scale, adaptive, layers = a["pag_scale"], a["pag_adaptive_scale"], a["pag_applied_layers"]
+    _number("pag_scale", scale)
+    _number("pag_adaptive_scale", adaptive)
+    if scale < 0 or adaptive < 0:
+        raise ValueError(f"pag_scale and pag_adaptive_scale must be >= 0, got {scale} and {adaptive}")
+    if not scale:
+        return []
+    if a.get("controlnet") is not None or a.get("adapter") is not None:
+        raise ValueError("pag_scale with a ControlNet or T2I-Adapter is not supported here; use one of them")
+    found = []
+    for layer_id in [layers] if isinstance(layers, str) else list(layers):
+        if not isinstance(layer_id, str):
+            raise ValueError(f"pag_applied_layers: layer names are strings (regexes), got {layer_id!r}")
+        last = layer_id.split(".")[-1]
+        hits = [
+            m
+            for name, m in model.unet.named_modules()
+            if name.endswith("attn1")
+            and re.search(layer_id, name)
+            and not (last.isnumeric() and name.split(".")[-1].isnumeric() and last == name.split(".")[-1])
+        ]
+        if not hits:
+            raise ValueError(
+                f"pag_applied_layers: no self-attention layer of the UNet matches {layer_id!r}; e.g. 'mid', "
+                "'down_blocks.2', 'up_blocks.0.attentions.1'"
+            )
+        found += [m for m in hits if m not in found]
+    return found
+
+
+@contextmanager
+def _perturbed(run):
+    """PAG's layers perturb the last chunk of the batch for this call (= the PAG processors set per call)."""
+    layers = run.pag_layers or []
+    for m in layers:
+        m.pag = run.copies
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.pag = 0
 
 
 def _generator(a):
@@ -333,6 +398,12 @@ class _Setup:
     image_embeds: list | None  # the IP-Adapter image prompt (ip_adapter.image_prompt)
     image_masks: list | None
     control_steps: int  # the steps before denoising_end's cut: what ControlNet guidance windows divide
+    pag: bool = False  # Perturbed-Attention Guidance: the positive rows twice
+
+    def stack(self, negative, positive):
+        """The UNet batch's rows: [negative,] positive[, positive again for PAG's perturbed chunk]."""
+        rows = [negative] * self.cfg + [positive] * (1 + self.pag)
+        return torch.cat(rows) if len(rows) > 1 else positive
 
     @property
     def batch(self):
@@ -352,8 +423,8 @@ class _Setup:
             latents,
             self.timesteps,
             self.scheduler,
-            torch.cat([npe, pe]) if self.cfg else pe,
-            torch.cat([nppe, ppe]) if self.cfg else ppe,
+            self.stack(npe, pe),
+            self.stack(nppe, ppe),
             time_ids,
             a["guidance_scale"],
             a["guidance_rescale"],
@@ -361,6 +432,8 @@ class _Setup:
             eta=a["eta"],
             image_embeds=self.image_embeds,
             image_masks=self.image_masks,
+            pag_scale=a["pag_scale"],
+            pag_adaptive_scale=a["pag_adaptive_scale"],
         )
 
 
@@ -382,7 +455,10 @@ def _setup(model, a, strength=1.0, denoising_start=None) -> _Setup:
             embeds[0].shape[0],
             _device(model),
         )
-    return _Setup(sched, timesteps, _generator(a), embeds, cfg, images, masks, control_steps)
+    pag = bool(a["pag_scale"])
+    if pag and images is not None:  # = the PAG pipelines: each image prompt's [negative,] positive, positive
+        images = [torch.cat([*e.chunk(2), e.chunk(2)[1]]) if cfg else torch.cat([e, e]) for e in images]
+    return _Setup(sched, timesteps, _generator(a), embeds, cfg, images, masks, control_steps, pag)
 
 
 def _time_ids(model, ids, neg_ids, pooled_dim, dtype):
@@ -403,7 +479,8 @@ def _pairs(a, keys):
 
 
 def _finish(model, run, a):
-    with _on_device(model, "unet", *(c.net for c in run.controls or ())):
+    run.pag_layers = _pag_layers(model, a)
+    with _on_device(model, "unet", *(c.net for c in run.controls or ())), _perturbed(run):
         x = _denoise(model, run, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], a["progress"])
     if a["output_type"] == "latent":
         return x
@@ -795,6 +872,9 @@ def text2img(
     adapter=None,
     adapter_conditioning_scale=1.0,
     adapter_conditioning_factor=1.0,
+    pag_scale=0.0,
+    pag_adaptive_scale=0.0,
+    pag_applied_layers="mid",
     seed=None,
     scheduler=None,
     cross_attention_kwargs=None,
@@ -834,7 +914,7 @@ def text2img(
         neg = tuple(negative_original_size) + tuple(negative_crops_coords_top_left) + tuple(negative_target_size)
     ids, neg = _time_ids(model, ids, neg, st.pooled_dim, dtype)
     # = __call__: cat([neg, pos]) THEN repeat per image, so the rows alternate neg/pos (a diffusers quirk)
-    time_ids = (torch.cat([neg, ids]) if st.cfg else ids).to(device).repeat(batch, 1)
+    time_ids = st.stack(neg, ids).to(device).repeat(batch, 1)
     run = st.run(a, latents, time_ids)
     if ctl is not None:
         _attach_controls(run, ctl, st, a)
@@ -843,7 +923,7 @@ def text2img(
     return _finish(model, run, a)
 
 
-def _refine_ids(model, a, height, width, pooled_dim, dtype, batch, cfg):
+def _refine_ids(model, a, height, width, pooled_dim, dtype, batch, st):
     """img2img / inpaint _get_add_time_ids: aesthetic score for refiners, target size otherwise."""
     original = tuple(a["original_size"] or (height, width))
     target = tuple(a["target_size"] or (height, width))
@@ -857,8 +937,7 @@ def _refine_ids(model, a, height, width, pooled_dim, dtype, batch, cfg):
         # = img2img _get_add_time_ids: the negative uses the POSITIVE crop coordinates here (a diffusers quirk)
         ids, neg = original + crops + target, neg_original + crops + neg_target
     ids, neg = _time_ids(model, ids, neg, pooled_dim, dtype)
-    ids = ids.repeat(batch, 1)
-    return (torch.cat([neg.repeat(batch, 1), ids]) if cfg else ids).to(_device(model))
+    return st.stack(neg.repeat(batch, 1), ids.repeat(batch, 1)).to(_device(model))
 
 
 @_lora_call
@@ -908,6 +987,9 @@ def img2img(
     control_guidance_start=0.0,
     control_guidance_end=1.0,
     control_mode=None,
+    pag_scale=0.0,
+    pag_adaptive_scale=0.0,
+    pag_applied_layers="mid",
     seed=None,
     scheduler=None,
     cross_attention_kwargs=None,
@@ -939,7 +1021,7 @@ def img2img(
         else:
             latents = init
     height, width = (s * 8 for s in latents.shape[-2:])
-    time_ids = _refine_ids(model, a, height, width, st.pooled_dim, dtype, batch, st.cfg)
+    time_ids = _refine_ids(model, a, height, width, st.pooled_dim, dtype, batch, st)
     run = st.run(a, latents, time_ids)
     if ctl is not None:
         _attach_controls(run, ctl, st, a)
@@ -996,6 +1078,9 @@ def inpaint(
     control_guidance_start=0.0,
     control_guidance_end=1.0,
     control_mode=None,
+    pag_scale=0.0,
+    pag_adaptive_scale=0.0,
+    pag_applied_layers="mid",
     seed=None,
     scheduler=None,
     cross_attention_kwargs=None,
@@ -1069,13 +1154,13 @@ def inpaint(
         masked_image_latents = masked_image_latents.repeat(batch // masked_image_latents.shape[0], 1, 1, 1)
 
     height, width = (s * 8 for s in latents.shape[-2:])
-    time_ids = _refine_ids(model, a, height, width, st.pooled_dim, dtype, batch, st.cfg)
+    time_ids = _refine_ids(model, a, height, width, st.pooled_dim, dtype, batch, st)
     run = st.run(a, latents, time_ids)
     if ctl is not None:
         _attach_controls(run, ctl, st, a)
     if nine:
-        run.mask = torch.cat([mask, mask]) if st.cfg else mask
-        run.masked_image_latents = torch.cat([masked_image_latents] * 2) if st.cfg else masked_image_latents
+        run.mask = st.stack(mask, mask)
+        run.masked_image_latents = st.stack(masked_image_latents, masked_image_latents)
     else:
         run.blend = (image_latents, noise, mask)
     images = _finish(model, run, a)

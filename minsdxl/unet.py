@@ -72,6 +72,9 @@ class Attention(nn.Module):
         # an attn2's IP-Adapter image k/v projections (minsdxl.ip_adapter.IPAdapterLayer) once loaded; named
         # `processor` so the keys are diffusers' IPAdapterAttnProcessor2_0's (attn2.processor.to_k_ip.0.weight)
         self.processor = None
+        # Perturbed-Attention Guidance (set by the sampler for one call): the batch is `pag` equal chunks and
+        # the last one's self-attention is the identity (each token attends to itself only)
+        self.pag = 0
 
     def forward(self, x, context=None):
         """context: None (self-attention), the tokens to attend to, or (k, v, zeros, ip) already
@@ -79,6 +82,13 @@ class Attention(nn.Module):
         `zeros` rows of the batch, whose prompt tokens are all zeros; ip: one (k, v, scale, mask) per
         IP-Adapter image prompt, each attended to by the same queries and added, scaled (and masked:
         mask(q) gives [B, queries, 1] weights: minsdxl.ip_adapter.RegionMask)."""
+        if self.pag and context is None:  # = diffusers' PAG(CFG)IdentitySelfAttnProcessor2_0
+            n = len(x) // self.pag * (self.pag - 1)
+            # the perturbed chunk: softmax over its own key alone is 1, so the output is v itself
+            return torch.cat([self._attend(x[:n], None), self.to_out[0](self.to_v(x[n:]))])
+        return self._attend(x, context)
+
+    def _attend(self, x, context):
         ip = ()
         if isinstance(context, tuple):
             k, v, zeros, ip = context

@@ -408,3 +408,27 @@ def plus_adapter(unet, seed=1, width=128, embed_dim=TINY_VISION.hidden_size):
 def flat_ip_adapter(sd):
     """The nested {"image_proj": ..., "ip_adapter": ...} as the .safetensors files key it."""
     return {f"{part}.{k}": v for part in ("image_proj", "ip_adapter") for k, v in sd[part].items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Input images for the ControlNet / T2I-Adapter / PAG tests
+
+
+def smooth_image(seed, size=(64, 64), mode="RGB"):
+    """A smooth random picture (a coarse grid upsampled, so encoders see structure, not white noise)."""
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return PIL.Image.fromarray(coarse).resize(size, PIL.Image.BILINEAR).convert(mode)
+
+
+def box_mask(size=(64, 64)):
+    """White (repaint) in the middle half of each side, black around."""
+    import numpy as np
+    import PIL.Image
+
+    m = np.zeros((size[1], size[0]), dtype=np.uint8)
+    m[size[1] // 4 : 3 * size[1] // 4, size[0] // 4 : 3 * size[0] // 4] = 255
+    return PIL.Image.fromarray(m)

@@ -240,6 +240,11 @@ def runs(paths, tmp_path_factory):
                 + ["0.5", "-o", "adapter.png", "-q"],
                 dirs["lora"],
             ),
+            "pag": (
+                ["minsdxl", *T2I_FLAGS, "--model", p["base"], "-s", "7", "--pag-scale", "3", "--pag-layers"]
+                + ["mid,up_blocks.0.attentions.1", "-o", "pag.png", "-q"],
+                dirs["lora"],
+            ),
             "tiled": (  # the tiny VAE's tiles are 64 px: a 96 px wide image is decoded in 2 x 1 tiles; TCD, eta
                 ["minsdxl", "-p", "a cat", "--model", p["base"], "-W", "96", "-H", "64", "--steps", "2", "-s", "8"]
                 + ["--vae-tiling", "--sampler", "tcd", "--eta", "0.3", "-o", "tiled.png", "-q"],
@@ -456,6 +461,15 @@ def test_t2i_adapter_flags_metadata_and_from_png(runs, api, paths):
     assert call["adapter_conditioning_scale"] == 0.8 and call["adapter_conditioning_factor"] == 0.5
     _ok(runs["adapter_again"])
     assert np.array_equal(_pixels(folder / "adapter_again.png"), _pixels(folder / "adapter.png"))
+
+
+def test_pag_flags(runs, api):
+    _ok(runs["pag"])
+    layers = ["mid", "up_blocks.0.attentions.1"]
+    made = minsdxl.text2img(api["base"], **T2I, seed=7, pag_scale=3.0, pag_applied_layers=layers, progress=False)[0]
+    _same(runs["dirs"]["lora"] / "pag.png", made)
+    call = read_png_metadata(runs["dirs"]["lora"] / "pag.png")["minsdxl"]["calls"][0]["kwargs"]
+    assert call["pag_scale"] == 3.0 and call["pag_applied_layers"] == layers
 
 
 def test_ip_adapter_and_freeu_flags_metadata_and_from_png(runs, api, paths):

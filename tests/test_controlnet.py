@@ -12,10 +12,11 @@ import json
 
 import diffusers
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from sdxl_testing import TINY_UNET, randomize_, rel_err
+from sdxl_testing import box_mask as _mask
+from sdxl_testing import smooth_image as _image
 
 import minsdxl
 from minsdxl.checkpoint import (
@@ -32,18 +33,6 @@ from minsdxl.controlnet import controlnet_config_json
 LATENT_TOL = 1e-4
 MODEL_TOL = 1e-5
 EMBED = (4, 8, 8, 16)  # the control image encoder's widths (SDXL's: 16, 32, 96, 256), small for speed
-
-
-def _image(seed, size=(64, 64)):
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-    return PIL.Image.fromarray(coarse).resize(size, PIL.Image.BILINEAR)
-
-
-def _mask(size=(64, 64)):
-    m = np.zeros((size[1], size[0]), dtype=np.uint8)
-    m[size[1] // 4 : 3 * size[1] // 4, size[0] // 4 : 3 * size[0] // 4] = 255
-    return PIL.Image.fromarray(m)
 
 
 @pytest.fixture(scope="module")

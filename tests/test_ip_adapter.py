@@ -115,6 +115,15 @@ def test_image_prompt_with_a_controlnet_matches_diffusers(repo, tmp_path):
     assert rel_err(got, ref) <= TOL
 
 
+def test_image_prompt_with_perturbed_attention_guidance_matches_diffusers(repo):
+    # = StableDiffusionXLPAGPipeline with load_ip_adapter: the image embeds [negative, positive, positive]
+    pipe, model = _both(repo, PLAIN)
+    ppipe = diffusers.StableDiffusionXLPAGPipeline(**pipe.components, pag_applied_layers="mid")
+    ppipe.set_progress_bar_config(disable=True)
+    ref, got = _latents(ppipe, model, ip_adapter_image=_image(0), pag_scale=3.0)
+    assert rel_err(got, ref) <= TOL
+
+
 def test_loaded_modules_follow_diffusers_layout(repo):
     pipe, model = _both(repo, PLUS)
     ours, theirs = model.unet.state_dict(), pipe.unet.state_dict()

@@ -9,22 +9,15 @@ Bounds as test_controlnet: the features equal (the same convs in the same order)
 import copy
 
 import diffusers
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 from sdxl_testing import randomize_, rel_err
+from sdxl_testing import smooth_image as _image
 
 import minsdxl
 from minsdxl.checkpoint import CheckpointError, save_safetensors
 
 LATENT_TOL = 1e-4
-
-
-def _image(seed, size=(64, 64), mode="RGB"):
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-    return PIL.Image.fromarray(coarse).resize(size, PIL.Image.BILINEAR).convert(mode)
 
 
 def _diffusers_adapter(unet, seed, in_channels=3):

@@ -432,3 +432,17 @@ def box_mask(size=(64, 64)):
     m = np.zeros((size[1], size[0]), dtype=np.uint8)
     m[size[1] // 4 : 3 * size[1] // 4, size[0] // 4 : 3 * size[0] // 4] = 255
     return PIL.Image.fromarray(m)
+
+
+def offload_moves(model, module, call):
+    """(the device moves of `module`, call() as loaded, call() under model offload): offload to "cpu:0",
+    a device name that tells a move apart on this CPU-only machine."""
+    want = call()
+    model.offload_device = "cpu:0"
+    moves, real_to = [], module.to
+    module.to = lambda *a, **k: moves.append(str(a[0])) or real_to(*a, **k)
+    try:
+        return moves, want, call()
+    finally:
+        model.offload_device = None
+        del module.to

@@ -14,7 +14,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from sdxl_testing import TINY_UNET, randomize_, rel_err
+from sdxl_testing import TINY_UNET, offload_moves, randomize_, rel_err
 from sdxl_testing import box_mask as _mask
 from sdxl_testing import smooth_image as _image
 
@@ -519,3 +519,13 @@ def test_full_size_controlnet_matches_diffusers():
     for a, b in zip(d, d_ref):
         assert rel_err(a, b) <= MODEL_TOL
     assert rel_err(m, m_ref) <= MODEL_TOL
+
+
+def test_model_offload_moves_the_controlnet_while_the_unet_runs(cn, tiny_base):
+    """load(offload=True): a ControlNet waits on the CPU and visits the device with the UNet, once per call
+    (here "cpu:0", to tell the move apart); the result is unchanged."""
+    model, net = minsdxl.load(tiny_base[1]), minsdxl.load_controlnet(cn["root"] / "cn0")
+    kw = dict(prompt="a cat", num_inference_steps=2, seed=0, output_type="latent", progress=False, image=_image(1))
+    moves, want, got = offload_moves(model, net, lambda: minsdxl.text2img(model, **kw, controlnet=net))
+    assert moves == ["cpu:0"] and net.device == torch.device("cpu")
+    assert rel_err(got, want) <= 1e-5  # the move copies weights into new buffers: last-bit changes at most

@@ -11,7 +11,7 @@ import copy
 import diffusers
 import pytest
 import torch
-from sdxl_testing import randomize_, rel_err
+from sdxl_testing import offload_moves, randomize_, rel_err
 from sdxl_testing import smooth_image as _image
 
 import minsdxl
@@ -178,3 +178,11 @@ def test_bad_inputs(adapters, tiny_refiner):
     refiner_unet.requires_aesthetics_score = False  # only to reach the adapter check with a 4-level UNet
     with pytest.raises(ValueError, match="the model's UNet needs"):
         minsdxl.text2img(refiner_unet, **kw, adapter=ad, image=_image(1))
+
+
+def test_model_offload_moves_the_adapter_while_it_runs(adapters, tiny_base):
+    model, ad = minsdxl.load(tiny_base[1]), minsdxl.load_t2i_adapter(adapters["root"] / "adapter0")
+    kw = dict(prompt="a cat", num_inference_steps=2, seed=0, output_type="latent", progress=False, image=_image(1))
+    moves, want, got = offload_moves(model, ad, lambda: minsdxl.text2img(model, **kw, adapter=ad))
+    assert moves == ["cpu:0"] and ad.device == torch.device("cpu")
+    assert rel_err(got, want) <= 1e-5  # the move copies weights into new buffers: last-bit changes at most

@@ -276,8 +276,8 @@ def _pag_layers(model, a) -> list:
         raise ValueError(f"pag_scale and pag_adaptive_scale must be >= 0, got {scale} and {adaptive}")
     if not scale:
         return []
-    if a.get("controlnet") is not None or a.get("adapter") is not None:
-        raise ValueError("pag_scale with a ControlNet or T2I-Adapter is not supported here; use one of them")
+    if a.get("controlnet") is not None and a["guess_mode"]:  # (diffusers' ControlNet PAG pipelines have none)
+        raise ValueError("pag_scale with a ControlNet in guess_mode is not supported; use one of them")
     found = []
     for layer_id in [layers] if isinstance(layers, str) else list(layers):
         if not isinstance(layer_id, str):
@@ -695,15 +695,16 @@ def _attach_controls(run: _Run, controls, st: _Setup, a):
             f"the control image is {first.shape[-1]}x{first.shape[-2]} but the image to make is {w}x{h}: "
             "pass height= and width= (both are then resized) or a control image of that size"
         )
-    guess = a["guess_mode"] or controls[0].net.config.global_pool_conditions  # = __call__
-    double = st.cfg and not guess
+    # = __call__ (the ControlNet PAG pipelines: never guess mode)
+    guess = (a["guess_mode"] or controls[0].net.config.global_pool_conditions) and not st.pag
+    copies = 1 if guess else st.cfg + 1 + st.pag  # = the ControlNet (PAG) pipelines: every chunk of the batch
     for c in controls:
         for k, x in enumerate(c.images):
             if x.shape[0] not in (1, prompts):
                 raise ValueError(f"got {x.shape[0]} control images for {prompts} prompts; pass 1 or {prompts}")
             x = x.repeat_interleave(st.batch if x.shape[0] == 1 else per_prompt, dim=0)
             x = x.to(run.latents.device, c.net.dtype)
-            c.images[k] = torch.cat([x, x]) if double else x
+            c.images[k] = torch.cat([x] * copies) if copies > 1 else x
         if c.modes is not None:  # = __call__'s control_type: the kinds in use, one-hot, a row per batch row
             kinds = torch.zeros(c.net.config.num_control_type).scatter_(0, torch.tensor(c.modes), 1)
             c.kinds = kinds.to(run.latents.device, st.dtype).repeat(len(c.images[0]), 1)
@@ -798,7 +799,8 @@ def _attach_adapters(model, run: _Run, adp, st: _Setup, a):
             out = [f * scale for f in ad(x.to(run.latents.device, ad.dtype))]
             features = out if features is None else [acc + f for acc, f in zip(features, out)]
     features = [f.repeat_interleave(st.batch if len(f) == 1 else per_prompt, dim=0) for f in features]
-    run.adapter_features = [torch.cat([f, f]) if st.cfg else f for f in features]
+    copies = st.cfg + 1 + st.pag
+    run.adapter_features = [torch.cat([f] * copies) if copies > 1 else f for f in features]
     run.adapter_steps = int(len(run.timesteps) * a["adapter_conditioning_factor"])
     return run
 

@@ -9,7 +9,7 @@ import diffusers
 import pytest
 import torch
 from sdxl_testing import box_mask as _mask
-from sdxl_testing import rel_err
+from sdxl_testing import randomize_, rel_err
 from sdxl_testing import smooth_image as _image
 
 import minsdxl
@@ -78,14 +78,55 @@ def test_matches_diffusers(models, case):
     assert all(m.pag == 0 for m in model.unet.modules() if hasattr(m, "pag"))
 
 
+@pytest.mark.parametrize("kind", ["text2img", "img2img"])
+def test_with_a_controlnet_matches_diffusers(models, tmp_path, kind):
+    # = StableDiffusionXLControlNetPAGPipeline / -Img2Img: the control image in every chunk of the batch
+    pipe, model = models["base"]
+    net = diffusers.ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    randomize_(net, 5).eval().save_pretrained(tmp_path / "controlnet")
+    ours = minsdxl.load_controlnet(tmp_path / "controlnet")
+    kw = dict(prompt="a cat", num_inference_steps=4, pag_scale=3.0, controlnet_conditioning_scale=0.7)
+    if kind == "text2img":
+        cls, fn, kw = diffusers.StableDiffusionXLControlNetPAGPipeline, minsdxl.text2img, kw | dict(image=_image(1))
+    else:
+        cls, fn = diffusers.StableDiffusionXLControlNetPAGImg2ImgPipeline, minsdxl.img2img
+        kw |= dict(image=_image(2), control_image=_image(1), strength=0.6)
+    components = {**pipe.components, "unet": copy.deepcopy(pipe.unet), "controlnet": net}
+    ppipe = cls(**components, pag_applied_layers="mid")
+    ppipe.set_progress_bar_config(disable=True)
+    ref = ppipe(**kw, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    got = fn(
+        model, **kw, controlnet=ours, generator=torch.Generator().manual_seed(0), output_type="latent", progress=False
+    )
+    assert got.shape == ref.shape and rel_err(got, ref) <= LATENT_TOL
+
+
+def test_with_a_t2i_adapter(models, tmp_path):
+    # (no diffusers pipeline combines the two) the adapter's features reach every chunk of the batch: at
+    # adapter scale 0 the result is PAG alone, bit for bit; at 1 it differs
+    pipe, model = models["base"]
+    net = diffusers.T2IAdapter(channels=[32, 64, 64, 64], downscale_factor=16, adapter_type="full_adapter_xl")
+    randomize_(net, 3).save_pretrained(tmp_path / "adapter")
+    adapter = minsdxl.load_t2i_adapter(tmp_path / "adapter")
+    kw = dict(prompt="a cat", num_inference_steps=3, pag_scale=3.0, seed=0, output_type="latent", progress=False)
+    alone = minsdxl.text2img(model, **kw, **SIZE)
+    zero = minsdxl.text2img(model, **kw, image=_image(1), adapter=adapter, adapter_conditioning_scale=0.0)
+    assert torch.equal(zero, alone)
+    assert rel_err(minsdxl.text2img(model, **kw, image=_image(1), adapter=adapter), alone) > 1e-2
+
+
 def test_bad_pag_arguments(models, tmp_path):
-    model = models["base"][1]
+    pipe, model = models["base"]
+    net = diffusers.ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    net.save_pretrained(tmp_path / "controlnet")
+    net = minsdxl.load_controlnet(tmp_path / "controlnet")
     kw = dict(prompt="a cat", num_inference_steps=2, output_type="latent", progress=False, **SIZE)
     cases = [
         (dict(pag_scale=3.0, pag_applied_layers="down_blocks.7"), "no self-attention layer of the UNet matches"),
         (dict(pag_scale=-1.0), "must be >= 0"),
         (dict(pag_scale=3.0, pag_applied_layers=[3]), "layer names are strings"),
         (dict(pag_scale="3"), "pag_scale must be a number"),
+        (dict(pag_scale=3.0, guess_mode=True, controlnet=net, image=_image(1)), "ControlNet in guess_mode"),
     ]
     for extra, match in cases:
         with pytest.raises((ValueError, TypeError), match=match):

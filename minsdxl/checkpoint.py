@@ -707,6 +707,22 @@ def _folder_configs(folder: Path) -> dict:
     return configs
 
 
+def component_file(path, variant=None, dtype=None, config=None) -> tuple[Path, dict]:
+    """(the weights file, its config.json) of a ControlNet or T2I-Adapter folder (or a pipeline folder's
+    controlnet/) or file, as load_controlnet and load_t2i_adapter read them."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(
+            f"no such file or folder: {path}. Pass a diffusers model folder (config.json + "
+            "diffusion_pytorch_model.safetensors) or one .safetensors file, downloaded first"
+        )
+    if not p.is_dir():
+        return p, _json(Path(config) / "config.json") if config else {}
+    if not (p / "config.json").is_file() and (p / "controlnet" / "config.json").is_file():
+        p = p / "controlnet"  # a pipeline folder
+    return _weights_file(p, "diffusion_pytorch_model", variant, dtype), _json(p / "config.json")
+
+
 def weights_file(folder, component: str, variant: str | None = None, dtype=None) -> Path:
     """The weights file of one component of a diffusers folder that `load` reads for this dtype."""
     return _weights_file(Path(folder) / component, _STEMS[component], variant, dtype)

@@ -28,7 +28,7 @@ import PIL.Image
 import torch
 
 import minsdxl
-from minsdxl import checkpoint, controlnet, tiny
+from minsdxl import checkpoint, tiny
 from minsdxl.image import watermark_available
 from minsdxl.metadata import SCHEMA, infotext, read_png_metadata, save_png, sha256, short_hash
 from minsdxl.schedulers import A1111_NAMES, SCHEDULERS
@@ -407,18 +407,15 @@ def generate(args, source=None) -> int:
     auto = args.dtype == "auto"
     args.dtype = args.dtype if not auto else "fp16" if args.device.startswith("cuda") else "fp32"
     base, refiner = _load(args, auto)
-    if args.controlnet:
-        t = time.perf_counter()
-        where = "cpu" if base.offload_device else args.device  # offload: the sampler moves it, as the UNet
-        extra["controlnet"] = minsdxl.load_controlnet(args.controlnet, dtype=base.unet.dtype, device=where)
-        _log(args, f"loaded the ControlNet {args.controlnet} in {time.perf_counter() - t:.1f} s")
-        args.controlnet = str(Path(args.controlnet).resolve())
-    if args.t2i_adapter:
-        t = time.perf_counter()
-        where = "cpu" if base.offload_device else args.device
-        extra["adapter"] = minsdxl.load_t2i_adapter(args.t2i_adapter, dtype=base.unet.dtype, device=where)
-        _log(args, f"loaded the T2I-Adapter {args.t2i_adapter} in {time.perf_counter() - t:.1f} s")
-        args.t2i_adapter = str(Path(args.t2i_adapter).resolve())
+    where = "cpu" if base.offload_device else args.device  # offload: the sampler moves them, as the UNet
+    for path, key, load in (
+        (args.controlnet, "controlnet", minsdxl.load_controlnet),
+        (args.t2i_adapter, "adapter", minsdxl.load_t2i_adapter),
+    ):
+        if path:
+            t = time.perf_counter()
+            extra[key] = load(path, dtype=base.unet.dtype, device=where)
+            _log(args, f"loaded the {extra[key].kind} {path} in {time.perf_counter() - t:.1f} s")
     if base.kind == "inpaint" and mode != "inpaint":
         raise ValueError(f"--model {args.model} is an SDXL inpainting model: pass -i IMAGE and --mask MASK")
     if base.kind == "refiner" and mode == "text2img":
@@ -641,7 +638,8 @@ def _load(args, auto_dtype=False):
         _log(args, f"loaded refiner {args.refiner} in {time.perf_counter() - t:.1f} s (text encoder 2 and VAE shared)")
     # absolute paths in the metadata, so --from-png works from any folder ("tiny" stays a name)
     files = ("model", "vae", "refiner", "model_config", "refiner_config", "init_image", "mask", "lora_dir")
-    for name in (*files, "ip_adapter", "ip_adapter_image", "image_encoder", "control_image", "adapter_image"):
+    extras = ("ip_adapter", "ip_adapter_image", "image_encoder", "controlnet", "control_image", "t2i_adapter")
+    for name in (*files, *extras, "adapter_image"):
         if getattr(args, name) and not (name == "model" and args.model == tiny.NAME):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
     return base, refiner
@@ -793,7 +791,7 @@ def _file_info(path, model=None, dtype=None) -> dict:
 
 def _weights(path, dtype) -> Path:
     """The weights file load_controlnet / load_t2i_adapter reads for this dtype."""
-    return controlnet.weights(path, dtype=DTYPES.get(dtype))[0]
+    return checkpoint.component_file(path, dtype=DTYPES.get(dtype))[0]
 
 
 def _unet_file(folder: Path, dtype) -> Path:

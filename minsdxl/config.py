@@ -50,6 +50,17 @@ class ControlNetUnionConfig(ControlNetConfig):
 
 
 @dataclass(frozen=True)
+class T2IAdapterConfig:
+    """A T2I-Adapter (full_adapter_xl); downscale_factor from its config.json."""
+
+    in_channels: int = 3  # 1 for the sketch adapter (grey images)
+    channels: tuple = (320, 640, 1280, 1280)
+    num_res_blocks: int = 2
+    # the pixel unshuffle: 1024 px -> 64 x 64, the UNet's first level after its downsample
+    downscale_factor: int = 16
+
+
+@dataclass(frozen=True)
 class VAEConfig:
     in_channels: int = 3
     out_channels: int = 3
@@ -199,6 +210,19 @@ def controlnet_union_config_from_state_dict(sd, base: ControlNetUnionConfig | No
     )
 
 
+def t2i_adapter_config_from_state_dict(sd, base: T2IAdapterConfig | None = None) -> T2IAdapterConfig:
+    """Infer a T2IAdapterConfig from a diffusers-named T2IAdapter state dict."""
+    base = base or T2IAdapterConfig()
+    keys = list(sd)
+    n = _count(keys, "adapter.body.")
+    return replace(
+        base,
+        in_channels=sd["adapter.conv_in.weight"].shape[1] // base.downscale_factor**2,
+        channels=tuple(sd[f"adapter.body.{i}.resnets.0.block1.weight"].shape[0] for i in range(n)),
+        num_res_blocks=_count(keys, "adapter.body.0.resnets."),
+    )
+
+
 def vae_config_from_state_dict(sd, base: VAEConfig | None = None) -> VAEConfig:
     keys = list(sd)
     if "encoder.conv_in.weight" not in sd or "decoder.conv_in.weight" not in sd:
@@ -272,6 +296,7 @@ __all__ = [
     "UNetConfig",
     "ControlNetConfig",
     "ControlNetUnionConfig",
+    "T2IAdapterConfig",
     "VAEConfig",
     "TextConfig",
     "VisionConfig",
@@ -282,6 +307,7 @@ __all__ = [
     "unet_config_from_state_dict",
     "controlnet_config_from_state_dict",
     "controlnet_union_config_from_state_dict",
+    "t2i_adapter_config_from_state_dict",
     "vae_config_from_state_dict",
     "text_config_from_state_dict",
     "vision_config_from_state_dict",

@@ -7,8 +7,6 @@ by identity. The sampler side (control images, scales, guidance windows, guess m
 minsdxl.sampler; loading is load_controlnet here.
 """
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,9 +14,8 @@ import torch.nn.functional as F
 from .checkpoint import (
     CheckpointError,
     _build,
-    _json,
     _unet_base,
-    _weights_file,
+    component_file,
     ldm_controlnet_to_diffusers,
     read_state_dict,
     unet_config_json,
@@ -275,22 +272,6 @@ def _config_base(cj: dict, union: bool) -> ControlNetConfig:
     )
 
 
-def weights(path, variant=None, dtype=None, config=None) -> tuple[Path, dict]:
-    """(the weights file, its config.json) of a ControlNet or T2I-Adapter folder (or a pipeline folder's
-    controlnet/) or file, as load_controlnet and load_t2i_adapter read them."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(
-            f"no such file or folder: {path}. Pass a diffusers model folder (config.json + "
-            "diffusion_pytorch_model.safetensors) or one .safetensors file, downloaded first"
-        )
-    if not p.is_dir():
-        return p, _json(Path(config) / "config.json") if config else {}
-    if not (p / "config.json").is_file() and (p / "controlnet" / "config.json").is_file():
-        p = p / "controlnet"  # a pipeline folder
-    return _weights_file(p, "diffusion_pytorch_model", variant, dtype), _json(p / "config.json")
-
-
 def load_controlnet(path, dtype=torch.float32, device="cpu", variant=None, config=None) -> ControlNetModel:
     """An SDXL ControlNet, or a ControlNet-Union / ProMax (a ControlNetUnionModel, e.g.
     xinsir/controlnet-union-sdxl-1.0), from a diffusers folder (config.json + diffusion_pytorch_model[.fp16]
@@ -299,7 +280,7 @@ def load_controlnet(path, dtype=torch.float32, device="cpu", variant=None, confi
     input_hint_block / middle_block_out). config: for a file, a folder whose config.json gives what the
     shapes cannot (global_pool_conditions, the channel order, the head size, a Union's num_trans_head;
     default: SDXL's)."""
-    file, cj = weights(path, variant, dtype, config)
+    file, cj = component_file(path, variant, dtype, config)
     sd = ldm_controlnet_to_diffusers(read_state_dict(file))
     if "controlnet_cond_embedding.conv_in.weight" not in sd:
         raise CheckpointError(

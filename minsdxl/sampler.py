@@ -697,14 +697,13 @@ def _attach_controls(run: _Run, controls, st: _Setup, a):
         )
     # = __call__ (the ControlNet PAG pipelines: never guess mode)
     guess = (a["guess_mode"] or controls[0].net.config.global_pool_conditions) and not st.pag
-    copies = 1 if guess else st.cfg + 1 + st.pag  # = the ControlNet (PAG) pipelines: every chunk of the batch
     for c in controls:
         for k, x in enumerate(c.images):
             if x.shape[0] not in (1, prompts):
                 raise ValueError(f"got {x.shape[0]} control images for {prompts} prompts; pass 1 or {prompts}")
             x = x.repeat_interleave(st.batch if x.shape[0] == 1 else per_prompt, dim=0)
             x = x.to(run.latents.device, c.net.dtype)
-            c.images[k] = torch.cat([x] * copies) if copies > 1 else x
+            c.images[k] = x if guess else st.stack(x, x)  # = the ControlNet (PAG) pipelines: every chunk
         if c.modes is not None:  # = __call__'s control_type: the kinds in use, one-hot, a row per batch row
             kinds = torch.zeros(c.net.config.num_control_type).scatter_(0, torch.tensor(c.modes), 1)
             c.kinds = kinds.to(run.latents.device, st.dtype).repeat(len(c.images[0]), 1)
@@ -712,12 +711,13 @@ def _attach_controls(run: _Run, controls, st: _Setup, a):
     return run
 
 
-def _own_size(image):
-    """An image's (height, width) in pixels (latents: times 8), a multiple of 8 (get_default_height_width)."""
+def _own_size(image, multiple: int = 8):
+    """An image's (height, width) in pixels (latents: times 8), rounded down to a multiple of 8
+    (get_default_height_width) or of `multiple`."""
     if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == 4:
         return 8 * image.shape[-2], 8 * image.shape[-1]
     h, w = _hw(image)
-    return h - h % 8, w - w % 8
+    return h - h % multiple, w - w % multiple
 
 
 def _check_adapters(model, a):
@@ -768,8 +768,8 @@ def _adapter_pixels(adp, height, width):
     f = adapters[0].config.downscale_factor
     for k, (ad, image) in enumerate(zip(adapters, images)):
         if height is None or width is None:
-            h, w = _hw(image)
-            height, width = height or h - h % f, width or w - w % f
+            h, w = _own_size(image, f)
+            height, width = height or h, width or w
         if height % f or width % f:
             raise ValueError(f"a T2I-Adapter needs height and width multiples of {f}; got {height}x{width}")
         x = to_tensor(image, height, width, normalize=False)
@@ -799,8 +799,7 @@ def _attach_adapters(model, run: _Run, adp, st: _Setup, a):
             out = [f * scale for f in ad(x.to(run.latents.device, ad.dtype))]
             features = out if features is None else [acc + f for acc, f in zip(features, out)]
     features = [f.repeat_interleave(st.batch if len(f) == 1 else per_prompt, dim=0) for f in features]
-    copies = st.cfg + 1 + st.pag
-    run.adapter_features = [torch.cat([f] * copies) if copies > 1 else f for f in features]
+    run.adapter_features = [st.stack(f, f) for f in features]
     run.adapter_steps = int(len(run.timesteps) * a["adapter_conditioning_factor"])
     return run
 

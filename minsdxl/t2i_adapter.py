@@ -6,21 +6,11 @@ UNet's down blocks (and the middle block) at every step, instead of a ControlNet
 state dict loads by identity. The sampler side (text2img's adapter=, image=) is in minsdxl.sampler.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, _build, read_state_dict
-from .controlnet import weights
-
-
-@dataclass(frozen=True)
-class T2IAdapterConfig:
-    in_channels: int = 3  # 1 for the sketch adapter (grey images)
-    channels: tuple = (320, 640, 1280, 1280)
-    num_res_blocks: int = 2
-    downscale_factor: int = 16  # the pixel unshuffle: 1024 px -> 64 x 64, the UNet's first level after its downsample
+from .checkpoint import CheckpointError, _build, component_file, read_state_dict
+from .config import T2IAdapterConfig, t2i_adapter_config_from_state_dict
 
 
 class AdapterResnetBlock(nn.Module):
@@ -92,27 +82,10 @@ class T2IAdapter(nn.Module):
         return self.adapter(x)
 
 
-def t2i_adapter_config_from_state_dict(sd, base: T2IAdapterConfig | None = None) -> T2IAdapterConfig:
-    base = base or T2IAdapterConfig()
-    conv_in = sd["adapter.conv_in.weight"]
-    n = 0
-    while f"adapter.body.{n}.resnets.0.block1.weight" in sd:
-        n += 1
-    blocks = 0
-    while f"adapter.body.0.resnets.{blocks}.block1.weight" in sd:
-        blocks += 1
-    return T2IAdapterConfig(
-        in_channels=conv_in.shape[1] // base.downscale_factor**2,
-        channels=tuple(sd[f"adapter.body.{i}.resnets.0.block1.weight"].shape[0] for i in range(n)),
-        num_res_blocks=blocks,
-        downscale_factor=base.downscale_factor,
-    )
-
-
 def load_t2i_adapter(path, dtype=torch.float32, device="cpu", variant=None) -> T2IAdapter:
     """An SDXL T2I-Adapter from a diffusers folder (config.json + diffusion_pytorch_model[.fp16]
     .safetensors, e.g. TencentARC/t2i-adapter-canny-sdxl-1.0) or one file with diffusers' keys."""
-    file, cj = weights(path, variant, dtype)
+    file, cj = component_file(path, variant, dtype)
     kind = cj.get("adapter_type", "full_adapter_xl")
     if kind != "full_adapter_xl":
         raise CheckpointError(

@@ -646,7 +646,13 @@ def _vae_base(cj):
         shift_factor=cj.get("shift_factor"),
         force_upcast=cj.get("force_upcast", True),
         sample_size=cj.get("sample_size", 1024),
+        latents_mean=_floats(cj.get("latents_mean")),
+        latents_std=_floats(cj.get("latents_std")),
     )
+
+
+def _floats(values) -> tuple | None:
+    return None if values is None else tuple(float(v) for v in values)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -768,11 +774,43 @@ def read_checkpoint(path, config=None) -> tuple[dict, dict]:
                 f"{p}: {len(unmapped)} keys of the SDXL model have no known diffusers name ({_few(unmapped)}); "
                 "the file is not an SDXL checkpoint minsdxl understands"
             )
+        if not config and "edm_mean" in sd and "edm_std" in sd:
+            configs |= playground_configs(sd["edm_mean"], sd["edm_std"])
         return comps, configs
     raise CheckpointError(
         f"{p} is not an SDXL single-file checkpoint (no model.diffusion_model.* keys); if it holds one "
         "component (a VAE, a UNet), load it with minsdxl.load_component or pass it as vae=..."
     )
+
+
+# Playground v2.5 (an SDXL-architecture model trained in the EDM formulation): its single file carries the
+# VAE's per-channel latent statistics as edm_mean / edm_std, by which diffusers' single_file_utils tells it
+# apart ("playground-v2-5"); its VAE scaling factor (PLAYGROUND_VAE_SCALING_FACTOR) and scheduler are then
+# those of playgroundai/playground-v2.5-1024px-aesthetic
+PLAYGROUND_SCHEDULER_CONFIG = {
+    "_class_name": "EDMDPMSolverMultistepScheduler",
+    "algorithm_type": "dpmsolver++",
+    "dynamic_thresholding_ratio": 0.995,
+    "euler_at_final": False,
+    "final_sigmas_type": "zero",
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "rho": 7.0,
+    "sample_max_value": 1.0,
+    "sigma_data": 0.5,
+    "sigma_max": 80.0,
+    "sigma_min": 0.002,
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "thresholding": False,
+}
+
+
+def playground_configs(edm_mean, edm_std) -> dict:
+    """The VAE and scheduler configs of a Playground v2.5 single file, from its edm_mean / edm_std."""
+    stats = {k: [float(v) for v in t.flatten()] for k, t in (("latents_mean", edm_mean), ("latents_std", edm_std))}
+    return {"vae": {"scaling_factor": 0.5, **stats}, "scheduler": dict(PLAYGROUND_SCHEDULER_CONFIG)}
 
 
 class _Lazy:
@@ -1004,7 +1042,8 @@ def vae_config_json(cfg: VAEConfig) -> dict:
         sample_size=cfg.sample_size,
         act_fn="silu",
     )
-    return out if cfg.shift_factor is None else out | {"shift_factor": cfg.shift_factor}
+    extra = {k: getattr(cfg, k) for k in ("shift_factor", "latents_mean", "latents_std") if getattr(cfg, k) is not None}
+    return out | {k: list(v) if isinstance(v, tuple) else v for k, v in extra.items()}
 
 
 def text_config_json(cfg) -> dict:

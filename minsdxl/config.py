@@ -72,6 +72,9 @@ class VAEConfig:
     shift_factor: float | None = None
     force_upcast: bool = True
     sample_size: int = 1024
+    # per-channel latent statistics (Playground v2.5): the UNet's latents are (z - mean) * scaling / std
+    latents_mean: tuple | None = None
+    latents_std: tuple | None = None
 
 
 @dataclass(frozen=True)

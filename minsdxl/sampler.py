@@ -497,7 +497,7 @@ def decode(model, latents: torch.Tensor) -> torch.Tensor:
     Non-finite output from a half-precision VAE is retried once in fp32 with a warning; never returns
     NaN (a silently black image)."""
     vae = model.vae
-    image = vae.decode(latents.to(vae.dtype) / vae.scaling_factor)
+    image = vae.decode(vae.unscale_latents(latents.to(vae.dtype)))
     if not torch.isfinite(image).all():
         if vae.dtype in (torch.float16, torch.bfloat16):
             warnings.warn(
@@ -506,7 +506,7 @@ def decode(model, latents: torch.Tensor) -> torch.Tensor:
                 stacklevel=3,
             )
             dtype = vae.dtype
-            image = vae.float().decode(latents.float() / vae.scaling_factor)
+            image = vae.float().decode(vae.unscale_latents(latents.float()))
             vae.to(dtype)
         if not torch.isfinite(image).all():
             raise FloatingPointError(
@@ -534,7 +534,7 @@ def _encode_image(model, image, generator, dtype):
     z = z.to(dtype)
     if not torch.isfinite(z).all():
         raise FloatingPointError("the VAE encoder produced NaN/Inf; load the VAE in float32 (or the fp16-fix VAE)")
-    return vae.scaling_factor * z
+    return vae.scale_latents(z)
 
 
 def _spread(x, batch, what):

@@ -1,5 +1,5 @@
 """Noise schedules and update rules as diffusers has them: Euler, Euler a, Heun, DPM2 (a), LMS, DDIM, DPM++ 2M,
-3M and their SDE variants, UniPC, DEIS, LCM, TCD.
+3M and their SDE variants, UniPC, DEIS, LCM, TCD, and EDM Euler and EDM DPM++ (Playground v2.5, CosXL).
 
 Each scheduler is built from a diffusers `scheduler_config.json` dict (missing keys take the defaults of the
 matching diffusers class, as `from_config` does) and reproduces that class's timesteps, sigmas and `step`.
@@ -22,6 +22,9 @@ Python floats, as diffusers' are, computed in `step` from the CPU σ table.
 
 Euler and Euler a keep the sample as x0 + σ·noise (k-diffusion's σ-space); DDIM, DPM++, UniPC and DEIS keep it as
 √ᾱ·x0 + √(1-ᾱ)·noise, which is why their `init_noise_sigma` is 1 and `scale_model_input` is the identity.
+The EDM schedulers (EDM-trained models: no betas, σ from sigma_min to sigma_max) keep it in σ-space too, but
+with Karras et al.'s preconditioning: the UNet sees c_in·x and the timestep 0.25·log σ, and x0 = c_skip·x +
+c_out·output, with c_in, c_skip, c_out from σ and the config's sigma_data.
 """
 
 import math
@@ -156,6 +159,7 @@ class Scheduler:
     integer_timesteps = False  # DDIM and DPM-Solver round "linspace" timesteps to integers
     takes_eta = False  # step(..., eta=): the pipelines pass their eta to such a step (prepare_extra_step_kwargs)
     karras_in_name = False  # the instance's name says "_karras" when its sigmas are (dpm2_karras, lms_karras)
+    edm = False  # an EDM scheduler: σ from the config's range, no betas (see _EDM)
 
     def __init__(self, config: dict | None = None):
         cfg = {**_COMMON_DEFAULTS, **self.defaults, **(config or SDXL_SCHEDULER_CONFIG), **self.forced}
@@ -170,17 +174,23 @@ class Scheduler:
         if "final_sigmas_type" in self.defaults:
             _choice(cfg, "final_sigmas_type", ("zero", "sigma_min"))
         self.config = cfg
-        T = cfg["num_train_timesteps"]
-        if cfg["trained_betas"] is not None:
-            betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
-        elif _choice(cfg, "beta_schedule", ("scaled_linear", "linear")) == "scaled_linear":
-            betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, T, dtype=torch.float32) ** 2
+        if self.edm:  # no betas: the schedule is sigma_min..sigma_max, Karras's ρ ramp or exponential
+            for key in ("sigma_min", "sigma_max", "sigma_data", "rho"):
+                if not _is_number(cfg[key]) or cfg[key] <= 0:
+                    raise ValueError(f"{type(self).__name__}: scheduler config {key}={cfg[key]!r} must be a number > 0")
+            self.karras = _choice(cfg, "sigma_schedule", ("karras", "exponential")) == "karras"
         else:
-            betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], T, dtype=torch.float32)
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        # σ of each training timestep, float32 as diffusers computes it
-        self.train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-        self.karras = "use_karras_sigmas" in self.defaults and bool(cfg["use_karras_sigmas"])
+            T = cfg["num_train_timesteps"]
+            if cfg["trained_betas"] is not None:
+                betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
+            elif _choice(cfg, "beta_schedule", ("scaled_linear", "linear")) == "scaled_linear":
+                betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, T, dtype=torch.float32) ** 2
+            else:
+                betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], T, dtype=torch.float32)
+            self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+            # σ of each training timestep, float32 as diffusers computes it
+            self.train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+            self.karras = "use_karras_sigmas" in self.defaults and bool(cfg["use_karras_sigmas"])
         if self.karras_in_name:
             self.name = type(self).name + "_karras" * self.karras
         self.v_prediction = cfg["prediction_type"] == "v_prediction"
@@ -754,6 +764,7 @@ class DPMSolverMultistep(Scheduler):
     )
     extra_point = 1
     integer_timesteps = True
+    upcast = True  # step computes the update in fp32 (EDM's does not)
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -770,7 +781,7 @@ class DPMSolverMultistep(Scheduler):
         train = self.train_sigmas  # Karras spans the whole training range here, unlike Euler
         return self._sigma_schedule(timesteps, n, (train[0], train[-1]), round_t=True)
 
-    def _vp_tables(self):
+    def _alpha_sigma_tables(self):
         """alpha, sigma (= _sigma_to_alpha_sigma_t: the sample is alpha·x0 + sigma·noise) and lambda =
         log(alpha / sigma) at every schedule point; add_noise's levels are alpha and sigma."""
         s = self.sigmas
@@ -792,7 +803,7 @@ class DPMSolverMultistep(Scheduler):
         the term, which rounds the same (= dpm_solver_first_order_update, multistep_dpm_solver_second_order_
         update, multistep_dpm_solver_third_order_update, "dpmsolver++" and "sde-dpmsolver++" branches)."""
         cfg, n = self.config, len(self.timesteps)
-        self._vp_tables()
+        self._alpha_sigma_tables()
         alpha, sigma, lam = self._alpha[1:], self._sigma, self._lambda
         h = lam[1:] - lam[:-1]  # +inf into a final σ of 0: that step is then 1st order
         self._ratio = sigma[1:] / sigma[:-1]
@@ -839,7 +850,8 @@ class DPMSolverMultistep(Scheduler):
         i = self._index(t)
         self.step_index += 1
         x0 = self._x0(eps, x, i)
-        x = x.float()  # diffusers upcasts only after converting ε to x0: x0 and its differences keep its dtype
+        if self.upcast:  # diffusers upcasts only after converting ε to x0: x0 and its differences keep its dtype
+            x = x.float()
         order = min(self._max_order[i], self._lower_order_nums + 1)
         x_next = self._ratio[i] * x - self._c0[i] * x0
         if order == 2:
@@ -850,8 +862,9 @@ class DPMSolverMultistep(Scheduler):
             d1 = d1_0 + self._r0_share[i] * (d1_0 - d1_1)
             d2 = self._inv_r01[i] * (d1_0 - d1_1)
             x_next = x_next - self._c1[i] * d1 - self._c2[i] * d2
-        if self.sde:  # fp32 noise, one draw per step (also the last, whose σ_t of 0 makes it count for nothing)
-            x_next = x_next + self._noise_scale[i] * randn(eps.shape, generator, eps.device, torch.float32)
+        if self.sde:  # one draw per step (also the last, whose σ_t of 0 makes it count for nothing), in the update's
+            # dtype: fp32 after the upcast, else x0's (= EDMDPMSolverMultistepScheduler.step's model_output.dtype)
+            x_next = x_next + self._noise_scale[i] * randn(eps.shape, generator, eps.device, x_next.dtype)
         self._x0s = [*self._x0s[-1:], x0]
         self._lower_order_nums = min(self._lower_order_nums + 1, self.solver_order)
         return x_next.to(x0.dtype)
@@ -891,7 +904,7 @@ class UniPCMultistep(DPMSolverMultistep):
         self.bh1 = _choice(self.config, "solver_type", ("bh1", "bh2")) == "bh1"
 
     def _precompute(self):  # the tables only: the update coefficients are computed per step
-        self._vp_tables()
+        self._alpha_sigma_tables()
 
     def _start(self, begin):
         super()._start(begin)
@@ -1006,7 +1019,7 @@ class DEISMultistep(DPMSolverMultistep):
         ε_k the ε of this step and the one or two before, coef_k the integral over log ρ from ρ_s0 to ρ_t of
         the Lagrange basis polynomial of point k (ind_fn; numpy's log, which diffusers calls on the tensors)."""
         n = len(self.timesteps)
-        self._vp_tables()
+        self._alpha_sigma_tables()
         alpha, sigma, lam = self._alpha, self._sigma, self._lambda
         h = lam[1:] - lam[:-1]
         self._ratio = alpha[1:] / alpha[:-1]
@@ -1060,9 +1073,142 @@ class DEISMultistep(DPMSolverMultistep):
         return x_next
 
 
+class _EDM:
+    """What diffusers' two EDM schedulers (EDMEulerScheduler, EDMDPMSolverMultistepScheduler) share, mixed in
+    before the class whose update rule each reuses: no betas, but n σ from sigma_max down to sigma_min (Karras's
+    ρ ramp or exponential) and a final one; timesteps 0.25·log σ (precondition_noise); the UNet input scaled by
+    c_in = 1/sqrt(σ² + σ_data²) and x0 = c_skip·x + c_out·output (precondition_outputs); add_noise x0 + σ·noise;
+    init_noise_sigma sqrt(sigma_max² + 1), diffusers' value."""
+
+    edm = True
+    custom = ()  # see _custom
+    karras_in_name = True  # the names without "_karras" take the config's sigma_schedule
+    defaults = dict(
+        sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras", rho=7.0, final_sigmas_type="zero"
+    )
+    fixed: dict = {}  # the VP classes' fixed keys mean nothing here (diffusers' EDM classes ignore them)
+    ramp_dtype = torch.float32  # of the [0, 1] ramp the Karras σ are computed from
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        # = diffusers' init_noise_sigma property: from the config alone, so before set_timesteps too
+        self.init_noise_sigma = (self.config["sigma_max"] ** 2 + 1) ** 0.5
+
+    def _spaced_timesteps(self, n):
+        return None  # the timesteps follow from the σ (_schedule)
+
+    def _schedule(self, timesteps, n):
+        """= set_timesteps with _compute_karras_sigmas / _compute_exponential_sigmas, then precondition_noise."""
+        cfg = self.config
+        lo, hi = cfg["sigma_min"], cfg["sigma_max"]
+        if self.karras:
+            rho = cfg["rho"]
+            ramp = torch.linspace(0, 1, n, dtype=self.ramp_dtype)
+            min_inv_rho, max_inv_rho = lo ** (1 / rho), hi ** (1 / rho)
+            sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+        else:  # a float32 linspace in log σ in both classes; one step is then sigma_min alone, as there
+            sigmas = torch.linspace(math.log(lo), math.log(hi), n).exp().flip(0)
+        sigmas = sigmas.float()
+        final = self._sigma_min_final(sigmas) if cfg["final_sigmas_type"] == "sigma_min" else torch.zeros(1)
+        return (0.25 * torch.log(sigmas)).numpy(), torch.cat([sigmas, final]).numpy()
+
+    def _sigma_min_final(self, sigmas):
+        """The final σ for final_sigmas_type "sigma_min": EDMEulerScheduler's is its schedule's last σ."""
+        return sigmas[-1:]
+
+    def _custom(self, kind, values):
+        # EDMDPMSolverMultistepScheduler.set_timesteps takes neither; EDMEulerScheduler's takes sigmas= but reads
+        # them as positions on the [0, 1] ramp its sigma_schedule maps to σ, not as σ: refused, not mistaken
+        raise ValueError(
+            f"the {self.name} scheduler takes no custom {kind}: diffusers' EDM schedulers take no custom timesteps,"
+            " and EDMEulerScheduler reads sigmas= as ramp positions, not σ; use num_inference_steps"
+        )
+
+    def select_timesteps(self, strength=1.0, denoising_start=None, denoising_end=None):
+        if denoising_start is not None or denoising_end is not None:
+            raise ValueError(
+                f"denoising_start / denoising_end cannot split the {self.name} scheduler's run: its timesteps are "
+                "0.25·log σ, not training steps 0..999, and diffusers' pipelines compare them with (1 - fraction)·1000"
+                " (denoising_start then runs every step, denoising_end none); use strength for img2img instead"
+            )
+        return super().select_timesteps(strength)
+
+    def _precompute(self):
+        init_noise_sigma = self.init_noise_sigma
+        super()._precompute()  # the update rule's tables (EulerDiscrete's also sets its own init_noise_sigma)
+        self.init_noise_sigma = init_noise_sigma
+        s, sd = self.sigmas, self.config["sigma_data"]
+        # = _get_conditioning_c_in and precondition_outputs, written as there (Python `a / t` is t.reciprocal() * a)
+        self._c_in = 1 / ((s**2 + sd**2) ** 0.5)
+        self._c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2) ** 0.5
+        self._c_out = -c_out if self.v_prediction else c_out
+        self._keep, self._noise = torch.ones_like(s), s
+
+    def scale_model_input(self, x, t=None):
+        return x * self._c_in[self._index(t)]
+
+    def _x0(self, eps, x, i):
+        return self._c_skip[i] * x + self._c_out[i] * eps
+
+
+class EDMEuler(_EDM, EulerDiscrete):
+    """Euler on EDM's σ (= diffusers EDMEulerScheduler as the SDXL pipelines step it: s_churn 0, so no noise):
+    Euler's step, upcast to fp32 and cast back to the model output's dtype, with EDM's x0. CosXL's scheduler
+    (exponential σ, v_prediction, sigma_data 1)."""
+
+    name = "edm_euler"
+    ramp_dtype = torch.float64  # = set_timesteps: float64 then float32 (float32 where MPS is available)
+
+
+class EDMDPMSolverMultistep(_EDM, DPMSolverMultistep):
+    """DPM-Solver++ on EDM's σ (= diffusers EDMDPMSolverMultistepScheduler): DPM-Solver's updates, orders and
+    SDE noise with alpha_t = 1 and sigma_t = σ, so lambda = -log σ, and EDM's x0. Unlike the VP step nothing is
+    upcast: fp16 latents step in fp16, and the SDE noise is drawn in x0's dtype. Playground v2.5's scheduler."""
+
+    name = "edm_dpmpp_2m"
+    defaults = dict(
+        _EDM.defaults,
+        solver_order=2,
+        algorithm_type="dpmsolver++",
+        solver_type="midpoint",
+        lower_order_final=True,
+        euler_at_final=False,
+    )
+    fixed = dict(thresholding=False)
+    upcast = False
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        if self.sde and self.solver_order == 3:
+            raise ValueError(
+                "solver_order 3 with algorithm_type sde-dpmsolver++ is broken in diffusers' EDMDPMSolverMultistep"
+                "Scheduler (its third-order update has no SDE branch: it fails at the first 3rd-order step); use "
+                "edm_dpmpp_3m (no SDE) or edm_dpmpp_2m_sde"
+            )
+        self.name = "edm_" + self.name
+
+    def _alpha_sigma_tables(self):
+        """= _sigma_to_alpha_sigma_t: the UNet input is preconditioned, so alpha_t = 1 and sigma_t = σ."""
+        s = self.sigmas
+        self._alpha, self._sigma = torch.ones_like(s), s
+        self._lambda = -torch.log(s)  # log(1) - log σ; +inf at a final σ of 0
+
+    def _sigma_min_final(self, sigmas):
+        return torch.tensor([self.config["sigma_min"]], dtype=torch.float32)  # the config's, not the last σ
+
+
 def _dpm(order, karras, algorithm):
     """What a DPM++ name pins: its order (2M, 3M), Karras sigmas or not, SDE or not."""
     return {"solver_order": order, "use_karras_sigmas": karras, "algorithm_type": algorithm}
+
+
+_KARRAS = {"sigma_schedule": "karras"}
+
+
+def _edm_dpm(order, karras, algorithm):
+    """What an EDM DPM++ name pins: its order, SDE or not, and with "_karras" the Karras σ."""
+    return {"solver_order": order, "algorithm_type": algorithm, **(_KARRAS if karras else {})}
 
 
 # name -> (class, config overrides). The A1111 names users type map onto these, case-insensitively.
@@ -1091,6 +1237,15 @@ SCHEDULERS = {
     "deis_karras": (DEISMultistep, {"use_karras_sigmas": True}),
     "lcm": (LCM, {}),
     "tcd": (TCD, {}),
+    # EDM models (Playground v2.5, CosXL): the config's sigma_schedule, or with "_karras" Karras σ
+    "edm_euler": (EDMEuler, {}),
+    "edm_euler_karras": (EDMEuler, _KARRAS),
+    "edm_dpmpp_2m": (EDMDPMSolverMultistep, _edm_dpm(2, False, "dpmsolver++")),
+    "edm_dpmpp_2m_karras": (EDMDPMSolverMultistep, _edm_dpm(2, True, "dpmsolver++")),
+    "edm_dpmpp_2m_sde": (EDMDPMSolverMultistep, _edm_dpm(2, False, "sde-dpmsolver++")),
+    "edm_dpmpp_2m_sde_karras": (EDMDPMSolverMultistep, _edm_dpm(2, True, "sde-dpmsolver++")),
+    "edm_dpmpp_3m": (EDMDPMSolverMultistep, _edm_dpm(3, False, "dpmsolver++")),
+    "edm_dpmpp_3m_karras": (EDMDPMSolverMultistep, _edm_dpm(3, True, "dpmsolver++")),
 }
 A1111_NAMES = {
     "Euler": "euler",
@@ -1126,6 +1281,8 @@ DIFFUSERS_CLASSES = {
     "DEISMultistepScheduler": DEISMultistep,
     "LCMScheduler": LCM,
     "TCDScheduler": TCD,
+    "EDMEulerScheduler": EDMEuler,
+    "EDMDPMSolverMultistepScheduler": EDMDPMSolverMultistep,
 }
 _ALIASES = {**{k: k for k in SCHEDULERS}, **{k.lower(): v for k, v in A1111_NAMES.items()}}
 
@@ -1136,7 +1293,10 @@ def make_scheduler(name: str | None = None, config: dict | None = None) -> Sched
     (a single-file checkpoint carries none, and diffusers' bare class defaults are not SDXL's betas).
     "euler"/"euler_a"/"ddim" take the config as it is (as diffusers' from_config); the DPM++ names pin
     solver_order (2M, 3M), use_karras_sigmas and algorithm_type (SDE or not) to what they say, the DPM2,
-    LMS and DEIS names use_karras_sigmas (DEIS's solver_order comes from the config)."""
+    LMS and DEIS names use_karras_sigmas (DEIS's solver_order comes from the config). The EDM names take the
+    config's sigma_schedule ("_karras": Karras σ) and pin what they say (solver_order, algorithm_type). For an
+    EDM model's config (Playground v2.5, CosXL) a VP name means its EDM counterpart where one exists ("euler"
+    edm_euler, "DPM++ 2M Karras" edm_dpmpp_2m_karras, ...), as no VP scheduler can sample an EDM model."""
     config = dict(config or SDXL_SCHEDULER_CONFIG)
     if name is None:
         cls_name = config.get("_class_name", "EulerDiscreteScheduler")
@@ -1151,5 +1311,19 @@ def make_scheduler(name: str | None = None, config: dict | None = None) -> Sched
     key = _ALIASES.get(name.strip().lower())
     if key is None:
         raise ValueError(f"unknown scheduler {name!r}; valid names: {list(SCHEDULERS)} or {list(A1111_NAMES)}")
+    if _is_edm(config) and not SCHEDULERS[key][0].edm:
+        if "edm_" + key not in SCHEDULERS:
+            edm = [n for n in SCHEDULERS if SCHEDULERS[n][0].edm]
+            vp = [n for n in (*SCHEDULERS, *A1111_NAMES) if "edm_" + _ALIASES[n.lower()] in SCHEDULERS]
+            raise ValueError(
+                f"scheduler {name!r} has no EDM counterpart, and this model's scheduler config is an EDM one (its "
+                f"_class_name starts with EDM or it has sigma_data); valid names for it: {edm}, or {vp} (mapped onto"
+                " those)"
+            )
+        key = "edm_" + key
     cls, overrides = SCHEDULERS[key]
     return cls({**config, **overrides})
+
+
+def _is_edm(config):
+    return str(config.get("_class_name", "")).startswith("EDM") or "sigma_data" in config

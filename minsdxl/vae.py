@@ -179,6 +179,29 @@ class AutoencoderKL(nn.Module):
     def scaling_factor(self) -> float:
         return self.config.scaling_factor
 
+    def _stats(self, like: torch.Tensor):
+        """The per-channel latent mean and std as [1, C, 1, 1] in `like`'s dtype, or None without them."""
+        cfg = self.config
+        if cfg.latents_mean is None or cfg.latents_std is None:  # diffusers needs both
+            return None
+        stats = (cfg.latents_mean, cfg.latents_std)
+        return [torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype) for v in stats]
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the UNet's: z * scaling_factor, or with latent statistics (Playground v2.5)
+        (z - mean) * scaling_factor / std (= the img2img pipelines' prepare_latents)."""
+        stats = self._stats(z)
+        if stats is None:
+            return self.scaling_factor * z
+        return (z - stats[0]) * self.scaling_factor / stats[1]
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse, what `decode` takes (= the SDXL pipelines' decode step, in this order)."""
+        stats = self._stats(latents)
+        if stats is None:
+            return latents / self.scaling_factor
+        return latents * stats[1] / self.scaling_factor + stats[0]
+
     @property
     def force_upcast(self) -> bool:
         return self.config.force_upcast
@@ -196,7 +219,7 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(self._sliced(self._encode, x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: unscaled latents (latents / scaling_factor) -> image in about [-1, 1]."""
+        """z: unscaled latents (`unscale_latents(latents)`) -> image in about [-1, 1]."""
         return self._sliced(self._decode, z)
 
     def _sliced(self, run, x):

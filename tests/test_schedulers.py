@@ -178,12 +178,12 @@ def blend(x, inpaint, sched, t_next):
     return (1 - mask) * proper + mask * x
 
 
-def denoise(sched, timesteps, x, diffusers, seed=7, inpaint=None):
+def denoise(sched, timesteps, x, diffusers, seed=7, inpaint=None, model=eps_fn):
     """The sampler loop as the SDXL pipelines run it; returns the latents after every step."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i, t in enumerate(timesteps):
-        eps = eps_fn(sched.scale_model_input(x, t), t)
+        eps = model(sched.scale_model_input(x, t), t)
         if diffusers:  # = prepare_extra_step_kwargs: a generator only for the schedulers whose step takes one
             kw = {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
             x = sched.step(eps, t, x, **kw, return_dict=False)[0]

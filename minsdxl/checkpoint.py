@@ -774,8 +774,15 @@ def read_checkpoint(path, config=None) -> tuple[dict, dict]:
                 f"{p}: {len(unmapped)} keys of the SDXL model have no known diffusers name ({_few(unmapped)}); "
                 "the file is not an SDXL checkpoint minsdxl understands"
             )
-        if not config and "edm_mean" in sd and "edm_std" in sd:
+        if config:
+            pass  # the folder's configs describe the file, as in diffusers' from_single_file(config=)
+        elif "edm_mean" in sd and "edm_std" in sd:
             configs |= playground_configs(sd["edm_mean"], sd["edm_std"])
+        elif "v_pred" in sd or "ztsnr" in sd:
+            # A1111's and ComfyUI's marker keys of v-prediction / zero-terminal-SNR files (NoobAI-XL v-pred);
+            # diffusers' loader ignores them and would sample such a model as an ε-model (a grey mess)
+            v = dict(prediction_type="v_prediction") if "v_pred" in sd else {}
+            configs["scheduler"] = {**SDXL_SCHEDULER_CONFIG, **v, "rescale_betas_zero_snr": "ztsnr" in sd}
         return comps, configs
     raise CheckpointError(
         f"{p} is not an SDXL single-file checkpoint (no model.diffusion_model.* keys); if it holds one "

@@ -66,9 +66,18 @@ _COMMON_DEFAULTS = dict(
     steps_offset=0,
     sigma_min=None,  # Karras range override; diffusers reads it whenever the config has the key
     sigma_max=None,
+    rescale_betas_zero_snr=False,
 )
-# options diffusers offers that minsdxl implements at one value only: {key: that value}
-_COMMON_FIXED = dict(rescale_betas_zero_snr=False)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last ᾱ is 0, i.e. pure noise at t = T (arXiv:2305.08891 Algorithm 1; = diffusers'
+    rescale_zero_terminal_snr): sqrt(ᾱ) shifted to end at 0 and scaled to keep its first value."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    bar = root**2
+    return 1 - torch.cat([bar[0:1], bar[1:] / bar[:-1]])
 
 
 def _choice(cfg, key, options):
@@ -160,10 +169,18 @@ class Scheduler:
     takes_eta = False  # step(..., eta=): the pipelines pass their eta to such a step (prepare_extra_step_kwargs)
     karras_in_name = False  # the instance's name says "_karras" when its sigmas are (dpm2_karras, lms_karras)
     edm = False  # an EDM scheduler: σ from the config's range, no betas (see _EDM)
+    # the classes whose diffusers twin takes rescale_betas_zero_snr: the last ᾱ they then use (None: refused)
+    zero_snr_last: float | None = None
 
     def __init__(self, config: dict | None = None):
         cfg = {**_COMMON_DEFAULTS, **self.defaults, **(config or SDXL_SCHEDULER_CONFIG), **self.forced}
-        for key, value in {**_COMMON_FIXED, **self.fixed}.items():
+        if cfg["rescale_betas_zero_snr"] and self.zero_snr_last is None and not self.edm:
+            raise ValueError(
+                f"{type(self).__name__}: scheduler config rescale_betas_zero_snr=True (zero terminal SNR, for "
+                "v-prediction models) is not supported by this scheduler (diffusers' neither: it ignores the key); "
+                "use euler, euler_a, ddim, dpmpp_2m(_sde, _karras, 3m), unipc, lcm or tcd"
+            )
+        for key, value in self.fixed.items():
             if cfg.get(key, value) != value:
                 raise ValueError(
                     f"{type(self).__name__}: scheduler config {key}={cfg[key]!r} is not supported by minsdxl"
@@ -187,7 +204,11 @@ class Scheduler:
                 betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, T, dtype=torch.float32) ** 2
             else:
                 betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], T, dtype=torch.float32)
+            if cfg["rescale_betas_zero_snr"]:
+                betas = rescale_zero_terminal_snr(betas)
             self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+            if cfg["rescale_betas_zero_snr"]:  # σ_T = sqrt((1 - ᾱ) / ᾱ) stays finite where the class needs it
+                self.alphas_cumprod[-1] = self.zero_snr_last
             # σ of each training timestep, float32 as diffusers computes it
             self.train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
             self.karras = "use_karras_sigmas" in self.defaults and bool(cfg["use_karras_sigmas"])
@@ -354,6 +375,7 @@ class EulerDiscrete(Scheduler):
 
     name = "euler"
     custom = ("timesteps", "sigmas")
+    zero_snr_last = 2**-24  # fp16's smallest subnormal, diffusers' value: the first σ is then 4096, not inf
     defaults = dict(use_karras_sigmas=False, final_sigmas_type="zero")
     fixed = dict(
         interpolation_type="linear", timestep_type="discrete", use_exponential_sigmas=False, use_beta_sigmas=False
@@ -413,6 +435,7 @@ class HeunDiscrete(EulerDiscrete):
 
     name = "heun"
     order = 2
+    zero_snr_last = None
     custom = ("timesteps",)
     defaults = dict(
         use_karras_sigmas=False, clip_sample=False, clip_sample_range=1.0, beta_start=0.00085, beta_end=0.012
@@ -550,6 +573,7 @@ class LMSDiscrete(EulerDiscrete):
     Sigmas, timesteps, init_noise_sigma, scale_model_input, x0 and add_noise are Euler's; no fp32 upcast."""
 
     name = "lms"
+    zero_snr_last = None
     custom = ()
     defaults = dict(use_karras_sigmas=False)
     # diffusers' LMS always ends at σ = 0, and its _convert_to_karras reads no sigma_min / sigma_max
@@ -604,6 +628,7 @@ class DDIM(Scheduler):
     """Deterministic DDIM, eta=0 (= diffusers DDIMScheduler as SDXL pipelines call it)."""
 
     name = "ddim"
+    zero_snr_last = 0.0  # the rescale's own value: diffusers' DDIM, LCM and TCD keep it (x0 from ε is then inf at T)
     defaults = dict(timestep_spacing="leading", clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True)
     fixed = dict(thresholding=False)
     integer_timesteps = True
@@ -742,6 +767,7 @@ class DPMSolverMultistep(Scheduler):
     here is diffusers' solver_order=3 with "sde-dpmsolver++", the same images as diffusers gives."""
 
     name = "dpmpp_2m"
+    zero_snr_last = 2**-24  # as Euler (and UniPC, which inherits it)
     custom = ("timesteps",)
     defaults = dict(
         use_karras_sigmas=False,
@@ -973,6 +999,7 @@ class DEISMultistep(DPMSolverMultistep):
     Like diffusers' step, nothing is upcast: fp16 latents step in fp16."""
 
     name = "deis"
+    zero_snr_last = None
     karras_in_name = True
     custom = ()
     defaults = dict(

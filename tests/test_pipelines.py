@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from sdxl_testing import rel_err
+from sdxl_testing import minsdxl_from_pipe, rel_err
 
 import minsdxl
 
@@ -182,6 +182,20 @@ def test_text2img_images_and_seed(models):
     a = minsdxl.text2img(model, **kw, seed=5, output_type="np", progress=False)
     b = minsdxl.text2img(model, **kw, seed=6, output_type="np", progress=False)
     assert a.shape == (1, 64, 64, 3) and not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m"])
+def test_zero_terminal_snr_v_prediction(models, scheduler):
+    """A v-prediction model trained with zero terminal SNR, as its scheduler_config.json says (NoobAI-XL
+    v-pred's: rescale_betas_zero_snr, "trailing"), with guidance_rescale as arXiv:2305.08891 recommends."""
+    pipe, _ = models["base"]
+    zero_snr = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    euler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, **zero_snr)
+    pipe = type(pipe)(**{**pipe.components, "scheduler": euler})
+    model = minsdxl_from_pipe(pipe)  # _run_both makes `scheduler` from this config on both sides
+    assert model.scheduler_config["rescale_betas_zero_snr"]
+    kw = dict(prompt="a cat", num_inference_steps=4, guidance_rescale=0.7, **SIZE)
+    _assert_close(*_run_both(pipe, model, minsdxl.text2img, scheduler=scheduler, **kw))
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.75])

@@ -1,7 +1,8 @@
 """Playground v2.5 (SDXL's architecture, trained in the EDM formulation with per-channel latent statistics)
 against diffusers' SDXL pipelines: the VAE's latents_mean / latents_std on the way in (img2img / inpaint
 encode) and out (decode), the EDM schedulers in the pipelines, and loading the statistics and scheduler
-from a diffusers folder or from Playground's single file (its edm_mean / edm_std keys)."""
+from a diffusers folder or from Playground's single file (its edm_mean / edm_std keys); CosXL (EDM Euler,
+v-prediction); the v-prediction marker keys of single files."""
 
 import functools
 import json
@@ -189,3 +190,22 @@ def test_single_file_statistics_give_playgrounds_configs(playground, tmp_path):
     safetensors.torch.save_file(sd, path)
     _, configs = read_checkpoint(path)
     assert "vae" not in configs and "scheduler" not in configs
+
+
+def test_single_file_v_prediction_markers(playground, tmp_path):
+    """A1111 / ComfyUI mark v-prediction and zero-terminal-SNR files with empty `v_pred` / `ztsnr` tensors."""
+    pipe, folder, _ = playground
+    sd = diffusers_to_sgm(component_state_dicts(pipe))
+    path = tmp_path / "vpred.safetensors"
+    for markers, v, zero_snr in (
+        (("v_pred", "ztsnr"), True, True),
+        (("v_pred",), True, False),
+        (("ztsnr",), False, True),
+    ):
+        safetensors.torch.save_file(sd | {k: torch.tensor([]) for k in markers}, path)
+        _, configs = read_checkpoint(path)
+        assert configs["scheduler"]["prediction_type"] == ("v_prediction" if v else "epsilon")
+        assert configs["scheduler"]["rescale_betas_zero_snr"] is zero_snr
+        assert configs["scheduler"]["timestep_spacing"] == "leading"  # SDXL's otherwise
+    # config= describes the file instead
+    assert minsdxl.load(path, config=folder).scheduler_config["_class_name"].startswith("EDM")

@@ -302,6 +302,32 @@ def test_trajectory_matches_diffusers(name, cls, extra, spacing, prediction_type
             close(a, b, 1e-5)  # fp32 over ≤ 20 steps; the two usually agree bit for bit
 
 
+# the classes whose diffusers twin takes rescale_betas_zero_snr (Euler, Euler a, DDIM, DPM++, UniPC, LCM, TCD)
+ZERO_SNR = [
+    (c, i) for c, i in zip(CASES, CASE_IDS) if S.make_scheduler(c[0], {**SDXL, **c[2]}).zero_snr_last is not None
+]
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+@pytest.mark.parametrize("name,cls,extra", [c for c, _ in ZERO_SNR], ids=[i for _, i in ZERO_SNR])
+def test_zero_terminal_snr_matches_diffusers(name, cls, extra, spacing):
+    """v-prediction models trained with zero terminal SNR (arXiv:2305.08891; e.g. NoobAI-XL v-pred): the betas
+    rescaled so that t = 999 is pure noise, which "trailing" spacing then starts from."""
+    cfg = dict(rescale_betas_zero_snr=True, timestep_spacing=spacing, prediction_type="v_prediction")
+    ref, ours = make_pair(name, cls, extra, **cfg)
+    assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+    assert ours.alphas_cumprod[-1] == (0.0 if cls in (DDIMScheduler, LCMScheduler, TCDScheduler) else 2**-24)
+    for n in (1, 4, 20):
+        ref.set_timesteps(n)
+        ours.set_timesteps(n)
+        assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+        x = latents(n, float(ref.init_noise_sigma))
+        got = denoise(ours, ours.timesteps, x, diffusers=False)
+        want = denoise(ref, ref.timesteps, x, diffusers=True)
+        for a, b in zip(got, want, strict=True):
+            close(a, b, 1e-5)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("name,cls,extra", CASES, ids=CASE_IDS)
 def test_half_precision_steps_match_diffusers(name, cls, extra, prediction_type):
@@ -732,7 +758,10 @@ def test_unknown_names_list_the_valid_ones():
 @pytest.mark.parametrize(
     "name,key,value",
     [
-        ("euler", "rescale_betas_zero_snr", True),
+        ("heun", "rescale_betas_zero_snr", True),  # diffusers' Heun, DPM2, LMS and DEIS ignore the key
+        ("dpm2_a", "rescale_betas_zero_snr", True),
+        ("lms", "rescale_betas_zero_snr", True),
+        ("deis", "rescale_betas_zero_snr", True),
         ("euler", "prediction_type", "sample"),
         ("euler", "timestep_spacing", "karras"),
         ("euler", "beta_schedule", "squaredcos_cap_v2"),

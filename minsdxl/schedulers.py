@@ -1,5 +1,6 @@
 """Noise schedules and update rules as diffusers has them: Euler, Euler a, Heun, DPM2 (a), LMS, DDIM, DPM++ 2M,
-3M and their SDE variants, UniPC, DEIS, LCM, TCD, and EDM Euler and EDM DPM++ (Playground v2.5, CosXL).
+3M, singlestep 2S, 3S and their SDE variants, UniPC, DEIS, LCM, TCD, and EDM Euler and EDM DPM++ (Playground
+v2.5, CosXL).
 
 Each scheduler is built from a diffusers `scheduler_config.json` dict (missing keys take the defaults of the
 matching diffusers class, as `from_config` does) and reproduces that class's timesteps, sigmas and `step`.
@@ -896,6 +897,105 @@ class DPMSolverMultistep(Scheduler):
         return x_next.to(x0.dtype)
 
 
+class DPMSolverSinglestep(DPMSolverMultistep):
+    """DPM-Solver++ singlestep, "DPM++ 2S" / "3S" (= diffusers DPMSolverSinglestepScheduler): the steps go in
+    groups of solver_order; the k-th step of a group jumps from the group's first sample straight to the next
+    point with the k model outputs of the group so far (so inside a group the samples in between are only
+    where the model is evaluated). Orders per step as get_order_list after set_timesteps' overrides
+    (lower_order_final on when the steps do not divide into groups or the run ends at σ 0). Timesteps always
+    spaced "linspace" (diffusers' class has no timestep_spacing); nothing upcast, as there."""
+
+    name = "dpmpp_2s"
+    defaults = dict(
+        use_karras_sigmas=False,
+        final_sigmas_type="zero",
+        solver_order=2,
+        solver_type="midpoint",
+        lower_order_final=False,
+        algorithm_type="dpmsolver++",
+    )
+    forced = dict(timestep_spacing="linspace", steps_offset=0)  # set_timesteps: linspace(0, T - 1, N + 1)
+    upcast = False
+    zero_snr_last = None  # diffusers' singlestep class has no rescale_betas_zero_snr
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.name = f"dpmpp_{self.solver_order}s" + "_sde" * self.sde + "_karras" * self.karras
+
+    def _precompute(self):
+        self._alpha_sigma_tables()
+        n, k, cfg = len(self.timesteps), self.solver_order, self.config
+        if n % k or cfg["final_sigmas_type"] == "zero":
+            # = set_timesteps' register_to_config(lower_order_final=True): it sticks for later runs, as there
+            cfg["lower_order_final"] = True
+        group = list(range(1, k + 1))
+        if not cfg["lower_order_final"]:
+            orders = group * (n // k)
+        elif n % k:  # the last, short group: 1, 2, ... n % k
+            orders = group * (n // k) + group[: n % k]
+        else:  # the last group split: 3S ... 1, 2, 1; 2S ... 1, 1
+            orders = group * (n // k - 1) + group[:-1] + [1]
+        if cfg["final_sigmas_type"] == "zero":
+            orders[-1] = 1
+        self._orders = orders
+
+    def _start(self, begin):
+        Scheduler._start(self, begin)
+        self._outs, self._sample = [None] * self.solver_order, None  # the group's x0s (newest last), 1st sample
+
+    def step(self, eps, t, x, generator=None):  # = DPMSolverSinglestepScheduler.step
+        i = self._index(t)
+        self.step_index += 1
+        x0 = self._x0(eps, x, i)
+        self._outs = [*self._outs[1:], x0]
+        order = self._orders[i]
+        while self._outs[-order] is None:  # a run started mid-group (img2img): what the group has
+            order -= 1
+        if order == 1:
+            self._sample = x
+        noise = randn(eps.shape, generator, eps.device, x0.dtype) if self.sde else None
+        return self._update(i, order, self._sample, noise)
+
+    def _update(self, i, order, x, noise):
+        """= dpm_solver_first_order_update and singlestep_dpm_solver_second / third_order_update from the
+        group's first point j to i + 1, term for term in diffusers' order ("dpmsolver++" and "sde-dpmsolver++")."""
+        a, s, lam = self._alpha, self._sigma, self._lambda
+        j, heun = i + 1 - order, self.config["solver_type"] == "heun"
+        alpha_t, sigma_t = a[i + 1], s[i + 1]
+        h = lam[i + 1] - lam[j]
+        if self.sde:
+            e = torch.exp(-2.0 * h)
+            start, c0 = (sigma_t / s[j] * torch.exp(-h)) * x, alpha_t * (1 - e)
+            c1 = alpha_t * ((1.0 - e) / (-2.0 * h) + 1.0)
+            c2 = alpha_t * ((1.0 - e + (-2.0 * h)) / (-2.0 * h) ** 2 - 0.5)
+            half = 0.5 * c0
+        else:  # the ODE's terms, negated where diffusers subtracts them
+            e = torch.exp(-h)
+            start, c0 = (sigma_t / s[j]) * x, -(alpha_t * (e - 1.0))
+            c1 = alpha_t * ((e - 1.0) / h + 1.0)
+            c2 = -(alpha_t * ((e - 1.0 + h) / h**2 - 0.5))
+            half = 0.5 * c0
+        m = self._outs[-order:]  # m[0] at point j, ..., m[-1] at point i
+        if order == 1:
+            x_t = start + c0 * m[0]
+        elif order == 2:
+            r0 = (lam[i] - lam[j]) / h
+            d1 = (1.0 / r0) * (m[1] - m[0])
+            x_t = start + c0 * m[0] + (c1 if heun else half) * d1
+        else:
+            r0, r1 = (lam[i] - lam[j]) / h, (lam[i - 1] - lam[j]) / h
+            d1_0, d1_1 = (1.0 / r1) * (m[1] - m[0]), (1.0 / r0) * (m[2] - m[0])
+            if heun:
+                d1 = (r0 * d1_0 - r1 * d1_1) / (r0 - r1)
+                d2 = 2.0 * (d1_1 - d1_0) / (r0 - r1)
+                x_t = start + c0 * m[0] + c1 * d1 + c2 * d2
+            else:
+                x_t = start + c0 * m[0] + c1 * d1_1
+        if noise is not None:
+            x_t = x_t + sigma_t * torch.sqrt(1.0 - e) * noise
+        return x_t
+
+
 class UniPCMultistep(DPMSolverMultistep):
     """UniPC, 2nd order, B(h) = bh2 (or bh1), x0-prediction (= diffusers UniPCMultistepScheduler): at
     each step a corrector first refines the sample the last step predicted, using the new model output
@@ -1251,6 +1351,14 @@ SCHEDULERS = {
     "dpmpp_3m_karras": (DPMSolverMultistep, _dpm(3, True, "dpmsolver++")),
     "dpmpp_3m_sde": (DPMSolverMultistep, _dpm(3, False, "sde-dpmsolver++")),
     "dpmpp_3m_sde_karras": (DPMSolverMultistep, _dpm(3, True, "sde-dpmsolver++")),
+    "dpmpp_2s": (DPMSolverSinglestep, _dpm(2, False, "dpmsolver++")),
+    "dpmpp_2s_karras": (DPMSolverSinglestep, _dpm(2, True, "dpmsolver++")),
+    "dpmpp_2s_sde": (DPMSolverSinglestep, _dpm(2, False, "sde-dpmsolver++")),
+    "dpmpp_2s_sde_karras": (DPMSolverSinglestep, _dpm(2, True, "sde-dpmsolver++")),
+    "dpmpp_3s": (DPMSolverSinglestep, _dpm(3, False, "dpmsolver++")),
+    "dpmpp_3s_karras": (DPMSolverSinglestep, _dpm(3, True, "dpmsolver++")),
+    "dpmpp_3s_sde": (DPMSolverSinglestep, _dpm(3, False, "sde-dpmsolver++")),
+    "dpmpp_3s_sde_karras": (DPMSolverSinglestep, _dpm(3, True, "sde-dpmsolver++")),
     "heun": (HeunDiscrete, {}),
     "dpm2": (KDPM2, {"use_karras_sigmas": False}),
     "dpm2_karras": (KDPM2, {"use_karras_sigmas": True}),
@@ -1300,6 +1408,7 @@ DIFFUSERS_CLASSES = {
     "EulerAncestralDiscreteScheduler": EulerAncestral,
     "DDIMScheduler": DDIM,
     "DPMSolverMultistepScheduler": DPMSolverMultistep,
+    "DPMSolverSinglestepScheduler": DPMSolverSinglestep,
     "HeunDiscreteScheduler": HeunDiscrete,
     "KDPM2DiscreteScheduler": KDPM2,
     "KDPM2AncestralDiscreteScheduler": KDPM2Ancestral,

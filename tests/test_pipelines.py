@@ -49,6 +49,10 @@ def _with_scheduler(pipe, name):
             cfg, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"
         ),
         "dpmpp_3m": lambda: diffusers.DPMSolverMultistepScheduler.from_config(cfg, solver_order=3),
+        "dpmpp_2s_karras": lambda: diffusers.DPMSolverSinglestepScheduler.from_config(cfg, use_karras_sigmas=True),
+        "dpmpp_3s_sde": lambda: diffusers.DPMSolverSinglestepScheduler.from_config(
+            cfg, solver_order=3, algorithm_type="sde-dpmsolver++"
+        ),
         "dpmpp_3m_sde_karras": lambda: diffusers.DPMSolverMultistepScheduler.from_config(
             cfg, solver_order=3, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"
         ),
@@ -140,6 +144,8 @@ def test_text2img(models, case):
         "dpmpp_2m_sde_karras",
         "dpmpp_3m",
         "dpmpp_3m_sde_karras",
+        "dpmpp_2s_karras",
+        "dpmpp_3s_sde",
         "heun",
         "unipc",
         "deis",
@@ -153,7 +159,9 @@ def test_text2img(models, case):
 )
 def test_text2img_every_scheduler(models, scheduler):
     pipe, model = models["base"]
-    steps = 6 if "3m" in scheduler else 4  # 4 steps run 3M at orders 1, 2, 2, 1; 6 at 1, 2, 3, 3, 2, 1
+    steps = (
+        6 if "3m" in scheduler or "3s" in scheduler else 4
+    )  # 4 steps run 3M at orders 1, 2, 2, 1; 6 at 1, 2, 3, 3, 2, 1
     _assert_close(
         *_run_both(
             pipe, model, minsdxl.text2img, scheduler=scheduler, prompt="a cat", num_inference_steps=steps, **SIZE

@@ -13,7 +13,7 @@ from .lora import (
     unload_lora_weights,
 )
 from .prompt import encode_prompt, load_textual_inversion
-from .sampler import img2img, inpaint, text2img
+from .sampler import img2img, inpaint, instruct_pix2pix, text2img
 from .schedulers import make_scheduler
 from .speed import compile, set_attention
 from .t2i_adapter import T2IAdapter, load_t2i_adapter
@@ -43,6 +43,7 @@ __all__ = [
     "text2img",
     "img2img",
     "inpaint",
+    "instruct_pix2pix",
     "make_scheduler",
     "compile",
     "set_attention",

@@ -48,7 +48,7 @@ class SDXL:
     tokenizer: object | None = None
     tokenizer_2: object | None = None
     scheduler_config: dict = field(default_factory=dict)
-    kind: str = "base"  # "base" | "refiner" | "inpaint"
+    kind: str = "base"  # "base" | "refiner" | "inpaint" | "instruct_pix2pix" (an 8-channel UNet: image + latents)
     force_zeros_for_empty_prompt: bool = True  # model_index.json; refiner: False
     requires_aesthetics_score: bool = False  # model_index.json; refiner: True
     source: str = ""
@@ -58,6 +58,8 @@ class SDXL:
     cuda_graphs: bool = False  # compiled with CUDA graphs (minsdxl.compile(mode="reduce-overhead"))
     lora: object | None = field(default=None, repr=False)  # minsdxl.lora.LoRAs once an adapter is loaded
     image_encoder: torch.nn.Module | None = None  # CLIP vision tower, loaded with an IP-Adapter (minsdxl.ip_adapter)
+    # = StableDiffusionXLInstructPix2PixPipeline(is_cosxl_edit=True): CosXL Edit's image latents are scaled
+    is_cosxl_edit: bool = False
 
     def to(self, device=None, dtype=None):
         """Move every component; with fp16 the VAE stays fp32 when its config says force_upcast."""
@@ -890,6 +892,10 @@ def load_image_encoder(folder, dtype=torch.float32, device="cpu") -> CLIPVisionM
         raise CheckpointError(f"{weights}: {e}") from None
 
 
+# a UNet's input channels beside the 4 latent ones tell these kinds: mask + masked image, the image to edit
+_KINDS = {9: "inpaint", 8: "instruct_pix2pix"}
+
+
 def load(
     path,
     dtype=torch.float32,
@@ -935,7 +941,7 @@ def load(
         raise CheckpointError(f"{path} has no UNet; is it an SDXL checkpoint?")
     unet = build_unet(read_component(comps["unet"], variant, dtype), dtype, device, configs.get("unet"))
     refiner = "text_encoder" not in comps
-    kind = "inpaint" if unet.config.in_channels == 9 else "refiner" if refiner else "base"
+    kind = _KINDS.get(unet.config.in_channels, "refiner" if refiner else "base")
     model = SDXL(
         unet=unet,
         kind=kind,
@@ -1082,6 +1088,7 @@ _PIPELINES = {
     "base": "StableDiffusionXLPipeline",
     "refiner": "StableDiffusionXLImg2ImgPipeline",
     "inpaint": "StableDiffusionXLInpaintPipeline",
+    "instruct_pix2pix": "StableDiffusionXLInstructPix2PixPipeline",
 }
 
 

@@ -3,6 +3,7 @@ helpers (resolve, read_checkpoint, build_*) for `info` and its hashes.
 
     minsdxl generate -p "a cat" --model sdxl-base               text2img -> outputs/00000-<seed>.png
     minsdxl generate -p "a cat" -i in.png --strength 0.5 ...     img2img (add --mask m.png: inpaint)
+    minsdxl generate -p "make it red" -i in.png --model edit     an InstructPix2Pix model edits the image
     minsdxl generate ... --refiner sdxl-refiner                  base -> refiner handoff at --refiner-switch
     minsdxl generate --from-png outputs/00000-42.png             the same image again (flags given override)
     minsdxl info sdxl-base                                       what a checkpoint is, without generating
@@ -35,7 +36,12 @@ from minsdxl.schedulers import A1111_NAMES, SCHEDULERS
 
 __all__ = ["main", "read_png_metadata", "describe_checkpoint"]
 
-MODES = {"text2img": minsdxl.text2img, "img2img": minsdxl.img2img, "inpaint": minsdxl.inpaint}
+MODES = {
+    "text2img": minsdxl.text2img,
+    "img2img": minsdxl.img2img,
+    "inpaint": minsdxl.inpaint,
+    "instruct_pix2pix": minsdxl.instruct_pix2pix,
+}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # CLI argument -> sampler keyword. Unset (None), the keyword keeps the API's default.
@@ -46,6 +52,7 @@ API_KWARGS = {
     "negative_prompt_2": "negative_prompt_2",
     "steps": "num_inference_steps",
     "cfg": "guidance_scale",
+    "image_cfg": "image_guidance_scale",
     "width": "width",
     "height": "height",
     "strength": "strength",
@@ -223,6 +230,8 @@ def build_parser():
     add("--sampler",                               default=None,      help=f"{', '.join(SCHEDULERS)} or A1111's "
                                                    f"{', '.join(A1111_NAMES)} (default: the model's)")
     add("--strength",                  type=float, default=None,      help="img2img/inpaint: how much to change")
+    add("--image-cfg",                 type=float, default=None,      help="InstructPix2Pix models: how closely to "
+                                                                           "keep the image (1.5)")
     add("--eta",                       type=float, default=None,      help="--sampler tcd: its gamma in [0, 1] "
                                                                            "(0.3 is TCD's usual)")
     add("-i", "--init-image",                      default=None,      help="start from this image (img2img)")
@@ -418,6 +427,9 @@ def generate(args, source=None) -> int:
             _log(args, f"loaded the {extra[key].kind} {path} in {time.perf_counter() - t:.1f} s")
     if base.kind == "inpaint" and mode != "inpaint":
         raise ValueError(f"--model {args.model} is an SDXL inpainting model: pass -i IMAGE and --mask MASK")
+    if base.kind == "instruct_pix2pix" or args.image_cfg is not None:
+        _check_pix2pix(args, base, mode)
+        mode = "instruct_pix2pix"  # the image it edits is the -i image, at the size img2img would give it
     if base.kind == "refiner" and mode == "text2img":
         raise ValueError(
             f"--model {args.model} is an SDXL refiner, which only refines: pass -i IMAGE, or give it "
@@ -496,6 +508,17 @@ def _check(args, mode):
         raise ValueError(f"--controlnet {args.controlnet}: no such file or folder")
     if args.ip_adapter and not Path(args.ip_adapter).is_file():
         raise ValueError(f"--ip-adapter {args.ip_adapter}: no such file (e.g. sdxl_models/ip-adapter_sdxl.safetensors)")
+
+
+def _check_pix2pix(args, base, mode):
+    """An InstructPix2Pix model edits one -i image (no mask, strength or refiner); --image-cfg is its knob."""
+    if base.kind != "instruct_pix2pix":
+        raise ValueError(f"--image-cfg applies to InstructPix2Pix models; --model {args.model} is an SDXL {base.kind}")
+    if mode != "img2img" or args.strength is not None or args.refiner:
+        raise ValueError(
+            f"--model {args.model} is an InstructPix2Pix model: it edits the image given with -i IMAGE as the "
+            "prompt says (no --mask, --strength or --refiner)"
+        )
 
 
 def _read_images(args, mode):
@@ -697,8 +720,8 @@ def _generate_one(args, mode, base, refiner, init, mask, extra, width, height, s
     kw = {**_api_kwargs(args, fn), **common}
     if mode != "text2img":
         kw["image"] = init
-    if mode == "inpaint" or (mode == "img2img" and "controlnet" in extra):  # the control image goes to that size
-        kw.update(width=width, height=height)
+    if mode in ("inpaint", "instruct_pix2pix") or (mode == "img2img" and "controlnet" in extra):
+        kw.update(width=width, height=height)  # inpaint's and the control image's size; pix2pix's default is 1024
     if mode == "inpaint":
         kw["mask_image"] = mask
     kw.update(extra)  # the base's image prompt and ControlNet; the refiner has neither

@@ -90,15 +90,20 @@ class _Run:
     pag_scale: float = 0.0  # Perturbed-Attention Guidance: the batch gains a chunk with identity self-attention
     pag_adaptive_scale: float = 0.0
     pag_layers: list = None  # the self-attention layers perturbed
+    # InstructPix2Pix: the image's latents beside the noisy ones ([none, image, image] with CFG) and its guidance
+    image_latents: torch.Tensor | None = None
+    image_guidance_scale: float | None = None
 
     @property
     def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
+        # = the pix2pix pipeline's do_classifier_free_guidance: also image_guidance_scale >= 1
+        return self.guidance_scale > 1.0 and (self.image_guidance_scale is None or self.image_guidance_scale >= 1.0)
 
     @property
     def copies(self) -> int:
-        """How many times the latents are in the UNet's batch: [negative,] positive[, perturbed]."""
-        return 1 + self.cfg + bool(self.pag_scale)
+        """How many times the latents are in the UNet's batch: [negative,] positive[, perturbed]; pix2pix
+        with CFG: [no prompt and no image, image only, prompt and image]."""
+        return 1 + self.cfg * (1 + (self.image_guidance_scale is not None)) + bool(self.pag_scale)
 
 
 def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale: float):
@@ -169,6 +174,8 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
             residuals["down_intrablock_additional_residuals"] = run.adapter_features
         if state["mask"] is not None:
             x_in = torch.cat([x_in, state["mask"], state["masked_image_latents"]], dim=1)
+        elif run.image_latents is not None:
+            x_in = torch.cat([x_in, run.image_latents], dim=1)
         embeds = state["prompt_embeds"]  # projected again only when a callback replaced or modified them
         if projected is None or projected[0] is not embeds or projected[1] != embeds._version:
             context = model.unet.project_context(embeds, run.image_embeds, run.image_masks)
@@ -182,6 +189,9 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
                 eps = uncond[0] + run.guidance_scale * (text - uncond[0]) + pag * (text - perturbed)
             else:
                 eps = text + pag * (text - perturbed)
+        elif run.cfg and run.image_guidance_scale is not None:  # = the InstructPix2Pix pipeline's guidance
+            uncond, image, text = eps.chunk(3)
+            eps = uncond + run.guidance_scale * (text - image) + run.image_guidance_scale * (image - uncond)
         elif run.cfg:
             uncond, text = eps.chunk(2)
             eps = uncond + run.guidance_scale * (text - uncond)
@@ -237,6 +247,12 @@ def _check_common(model, a, mode):
     if mode != "inpaint" and in_ch == 9:
         raise ValueError(
             "this is a 9-channel inpainting UNet: call minsdxl.inpaint(model, prompt, image=, mask_image=)"
+        )
+    if (mode == "instruct_pix2pix") != (in_ch == 8):
+        raise ValueError(
+            "this is an 8-channel InstructPix2Pix UNet: call minsdxl.instruct_pix2pix(model, prompt, image=)"
+            if in_ch == 8
+            else f"instruct_pix2pix needs an InstructPix2Pix model (an 8-channel UNet); this UNet takes {in_ch}"
         )
     if mode == "text2img" and model.requires_aesthetics_score:
         raise ValueError(
@@ -437,8 +453,8 @@ class _Setup:
         )
 
 
-def _setup(model, a, strength=1.0, denoising_start=None) -> _Setup:
-    cfg = a["guidance_scale"] > 1.0
+def _setup(model, a, strength=1.0, denoising_start=None, cfg=None) -> _Setup:
+    cfg = a["guidance_scale"] > 1.0 if cfg is None else cfg
     sched = _scheduler(model, a)
     # = the ControlNet pipelines: controlnet_keep is made before the denoising_end cut
     control_steps = len(sched.select_timesteps(strength, denoising_start, None))
@@ -516,25 +532,28 @@ def decode(model, latents: torch.Tensor) -> torch.Tensor:
     return image
 
 
-def encode_image(model, image: torch.Tensor, generator, dtype) -> torch.Tensor:
+def encode_image(model, image: torch.Tensor, generator, dtype, argmax=False) -> torch.Tensor:
     """[-1, 1] image -> scaled latents, VAE posterior sample drawn from `generator` (one draw per
-    image when it is a list), in fp32 when force_upcast (= img2img prepare_latents / _encode_vae_image)."""
+    image when it is a list), in fp32 when force_upcast (= img2img prepare_latents / _encode_vae_image).
+    argmax: the posterior's mean, unscaled (= the InstructPix2Pix pipeline's prepare_image_latents)."""
     with _on_device(model, "vae"):
-        return _encode_image(model, image, generator, dtype)
+        return _encode_image(model, image, generator, dtype, argmax)
 
 
-def _encode_image(model, image, generator, dtype):
+def _encode_image(model, image, generator, dtype, argmax=False):
     vae = model.vae
     # diffusers first casts the image to the prompt dtype, then to fp32 for an upcast VAE
     image = image.to(device=vae.device, dtype=dtype).to(torch.float32 if vae.force_upcast else vae.dtype)
-    if isinstance(generator, (list, tuple)):
+    if argmax:
+        z = vae.encode(image).mode()
+    elif isinstance(generator, (list, tuple)):
         z = torch.cat([vae.encode(image[i : i + 1]).sample(generator[i]) for i in range(image.shape[0])])
     else:
         z = vae.encode(image).sample(generator)
     z = z.to(dtype)
     if not torch.isfinite(z).all():
         raise FloatingPointError("the VAE encoder produced NaN/Inf; load the VAE in float32 (or the fp16-fix VAE)")
-    return vae.scale_latents(z)
+    return z if argmax else vae.scale_latents(z)
 
 
 def _spread(x, batch, what):
@@ -1166,6 +1185,97 @@ def inpaint(
         run.blend = (image_latents, noise, mask)
     images = _finish(model, run, a)
     return images if crop is None else [paste_inpainted(mask_image, image, i, crop) for i in images]
+
+
+# what instruct_pix2pix does not take (the diffusers pipeline neither): their neutral values for the shared checks
+_PIX2PIX_ABSENT = dict(
+    timesteps=None,
+    sigmas=None,
+    clip_skip=None,
+    ip_adapter_image=None,
+    ip_adapter_image_embeds=None,
+    pag_scale=0.0,
+    pag_adaptive_scale=0.0,
+    pag_applied_layers="mid",
+)
+
+
+@_lora_call
+def instruct_pix2pix(
+    model,
+    prompt=None,
+    prompt_2=None,
+    image=None,
+    height=None,
+    width=None,
+    num_inference_steps=100,
+    denoising_end=None,
+    guidance_scale=5.0,
+    image_guidance_scale=1.5,
+    negative_prompt=None,
+    negative_prompt_2=None,
+    num_images_per_prompt=1,
+    eta=0.0,
+    generator=None,
+    latents=None,
+    prompt_embeds=None,
+    negative_prompt_embeds=None,
+    pooled_prompt_embeds=None,
+    negative_pooled_prompt_embeds=None,
+    output_type="pil",
+    guidance_rescale=0.0,
+    original_size=None,
+    crops_coords_top_left=(0, 0),
+    target_size=None,
+    callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs=("latents",),
+    seed=None,
+    scheduler=None,
+    cross_attention_kwargs=None,
+    progress=True,
+):
+    """Edit `image` as the prompt instructs (an 8-channel InstructPix2Pix UNet, e.g.
+    diffusers/sdxl-instructpix2pix-768, CosXL Edit with model.is_cosxl_edit = True) = StableDiffusionXL-
+    InstructPix2PixPipeline.__call__(...).images: the image resized to height x width (default the model's
+    1024), encoded to the posterior's mean and given to the UNet beside the noisy latents; CFG over [no prompt
+    and no image, image only, prompt and image]: uncond + guidance_scale * (text - image) +
+    image_guidance_scale * (image - uncond), on when guidance_scale > 1 and image_guidance_scale >= 1.
+    Extras as text2img (seed=, scheduler=, progress=, callback_on_step_end); diffusers' old callback= /
+    callback_steps= are not taken."""
+    a = {**_PIX2PIX_ABSENT, **locals()}
+    _check_common(model, a, "instruct_pix2pix")
+    _number("image_guidance_scale", image_guidance_scale)
+    x = to_tensor(image)  # checks the image type before any heavy work
+    sample = model.unet.config.sample_size * 8
+    height, width = height or sample, width or sample  # = __call__: not the image's size
+    cfg = guidance_scale > 1.0 and image_guidance_scale >= 1.0
+    st = _setup(model, a, cfg=cfg)
+    batch, device, dtype = st.batch, _device(model), st.dtype
+    # = prepare_image_latents: the mean (no draw), unscaled but for CosXL Edit; latents as they are
+    if x.shape[1] == 4:
+        image_latents = x.to(device, dtype)
+    else:
+        image_latents = encode_image(model, to_tensor(image, height, width), None, dtype, argmax=True)
+        image_latents = image_latents * model.vae.scaling_factor if model.is_cosxl_edit else image_latents
+    # (diffusers casts them to the VAE's dtype, the prompt's there: minsdxl keeps an upcast VAE in fp32)
+    image_latents = _spread(image_latents.to(dtype), batch, "images")
+    shape = (batch, 4, *image_latents.shape[-2:])
+    if latents is None:
+        latents = randn(shape, st.generator, device, dtype)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape} (batch, 4, H/8, W/8)")
+    latents = latents.to(device) * st.scheduler.init_noise_sigma
+
+    ids = tuple(original_size or (height, width)) + tuple(crops_coords_top_left) + tuple(target_size or (height, width))
+    ids, _ = _time_ids(model, ids, ids, st.pooled_dim, dtype)
+    run = st.run(a, latents, ids.to(device).repeat(batch * (3 if cfg else 1), 1))
+    run.image_guidance_scale = image_guidance_scale
+    pe, npe, ppe, nppe = st.embeds
+    if cfg:  # [no prompt, no image], [no prompt, image], [prompt, image]
+        run.prompt_embeds, run.text_embeds = torch.cat([npe, npe, pe]), torch.cat([nppe, nppe, ppe])
+        image_latents = torch.cat([torch.zeros_like(image_latents), image_latents, image_latents])
+    run.image_latents = image_latents.to(device)
+    return _finish(model, run, a)
 
 
 def _crop_box(a, height, width):

@@ -24,6 +24,7 @@ from sdxl_testing import (
     TINY_UNET,
     TINY_VISION,
     component_state_dicts,
+    diffusers_unet_config,
     flat_ip_adapter,
     hf_vision_config,
     kohya_lora,
@@ -129,7 +130,15 @@ def paths(tiny_base, tiny_refiner, tiny_inpaint, tmp_path_factory):
     adapter.load_state_dict(random_state_dict(adapter, 12))
     adapter.save_pretrained(root / "t2i_adapter")
     PIL.Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(root / "edges.png")
+    # an InstructPix2Pix model: the base's components around an 8-channel UNet
+    unet = diffusers.UNet2DConditionModel(**diffusers_unet_config(replace(TINY_UNET, in_channels=8)))
+    unet.load_state_dict(random_state_dict(unet, 13))
+    keep = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    edit = {k: tiny_base[0].components[k] for k in keep}
+    edit = diffusers.StableDiffusionXLInstructPix2PixPipeline(**edit, unet=unet, add_watermarker=False)
+    edit.save_pretrained(root / "pix2pix", safe_serialization=True)
     return {
+        "pix2pix": root / "pix2pix",
         "controlnet": root / "controlnet",
         "union": root / "union",
         "t2i_adapter": root / "t2i_adapter",
@@ -243,6 +252,11 @@ def runs(paths, tmp_path_factory):
             "pag": (
                 ["minsdxl", *T2I_FLAGS, "--model", p["base"], "-s", "7", "--pag-scale", "3", "--pag-layers"]
                 + ["mid,up_blocks.0.attentions.1", "-o", "pag.png", "-q"],
+                dirs["lora"],
+            ),
+            "pix2pix": (  # edits the init image at its size rounded down to 8 (64x72)
+                ["minsdxl", "-p", "make it red", "--model", p["pix2pix"], "-i", p["init"], "--steps", "3", "-s", "5"]
+                + ["--image-cfg", "1.8", "-o", "edit.png", "-q"],
                 dirs["lora"],
             ),
             "tiled": (  # the tiny VAE's tiles are 64 px: a 96 px wide image is decoded in 2 x 1 tiles; TCD, eta
@@ -472,6 +486,16 @@ def test_pag_flags(runs, api):
     assert call["pag_scale"] == 3.0 and call["pag_applied_layers"] == layers
 
 
+def test_instruct_pix2pix_model(runs, paths):
+    _ok(runs["pix2pix"])
+    init = PIL.Image.open(paths["init"])
+    model = minsdxl.load(paths["pix2pix"])
+    kw = dict(prompt="make it red", image=init, num_inference_steps=3, image_guidance_scale=1.8, height=72, width=64)
+    _same(runs["dirs"]["lora"] / "edit.png", minsdxl.instruct_pix2pix(model, **kw, seed=5, progress=False)[0])
+    call = read_png_metadata(runs["dirs"]["lora"] / "edit.png")["minsdxl"]["calls"][0]
+    assert call["function"] == "instruct_pix2pix" and call["kwargs"]["image_guidance_scale"] == 1.8
+
+
 def test_ip_adapter_and_freeu_flags_metadata_and_from_png(runs, api, paths):
     _ok(runs["ip"])
     folder = runs["dirs"]["lora"]
@@ -628,6 +652,8 @@ ERRORS = {
         "--t2i-adapter works in text2img",
     ),
     "control_scale_without_controlnet": (["--model", "{base}", "--guess-mode"], "apply to a --controlnet"),
+    "image_cfg_on_base": (["--model", "{base}", "-i", "{init}", "--image-cfg", "1.5"], "applies to InstructPix2Pix"),
+    "pix2pix_without_image": (["--model", "{pix2pix}", *SIZE], "edits the image given with -i IMAGE"),
     "mask_padding_without_mask": (["--model", "{base}", "-i", "{init}", "--mask-padding", "8"], "pass --mask"),
     "mask_padding_with_switch": (
         ["--model", "{base}", "-i", "{init}", "--mask", "{mask}", "--mask-padding", "8", "--refiner", "{refiner}"],

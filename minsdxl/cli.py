@@ -1053,7 +1053,7 @@ def describe_checkpoint(path, config=None) -> dict:
         "layout": "diffusers folder" if path.is_dir() else "single file (sgm keys)",
         "kind": None,
         "components": {},
-        "scheduler": configs.get("scheduler", {}).get("_class_name", "EulerDiscreteScheduler (SDXL's default)"),
+        "scheduler": _scheduler_info(configs.get("scheduler", {})),
     }
     for name, build in _meta_builders().items():
         if name not in comps:
@@ -1072,12 +1072,24 @@ def describe_checkpoint(path, config=None) -> dict:
         report["components"][name] = entry
     unet = report["components"].get("unet", {})
     if "in_channels" in unet:
-        report["kind"] = "inpaint" if unet["in_channels"] == 9 else "refiner" if "text_encoder" not in comps else "base"
-    if not path.is_dir():  # keys the loader ignores (EMA copies, training state)
+        kind = "refiner" if "text_encoder" not in comps else "base"
+        report["kind"] = checkpoint._KINDS.get(unet["in_channels"], kind)
+    if not path.is_dir():  # keys the loader ignores (EMA copies, training state); read_checkpoint's markers count
         keys = checkpoint.read_state_dict(path)
-        sgm = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.")
-        report["ignored_keys"] = sorted(k for k in keys if not k.startswith(sgm))
+        read = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.")
+        report["ignored_keys"] = sorted(k for k in keys if not k.startswith(read) and k not in _MARKERS)
     return report
+
+
+_MARKERS = ("edm_mean", "edm_std", "v_pred", "ztsnr")  # Playground's statistics, A1111's v-prediction marks
+
+
+def _scheduler_info(cfg: dict) -> str:
+    """The scheduler class a checkpoint's config names, and what else it says about sampling."""
+    name = cfg.get("_class_name", "EulerDiscreteScheduler (SDXL's default)")
+    notes = [cfg["prediction_type"]] if cfg.get("prediction_type", "epsilon") != "epsilon" else []
+    notes += ["zero terminal SNR"] * bool(cfg.get("rescale_betas_zero_snr"))
+    return name + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _module_info(module) -> dict:
@@ -1091,7 +1103,7 @@ def _module_info(module) -> dict:
 
 
 def _format_info(r: dict) -> str:
-    kind = f"SDXL {r['kind']}" if r.get("kind") in ("base", "refiner", "inpaint") else r.get("kind")
+    kind = f"SDXL {r['kind']}" if r.get("kind") in checkpoint._PIPELINES else r.get("kind")
     lines = [f"{r['path']}: {r['layout']}" + (f", {kind}" if kind else "")]
     lines.append(f"  {'component':<16}{'parameters':>15}  {'tensors':>7}  dtype")
     total = 0

@@ -26,6 +26,7 @@ from test_schedulers_edm import COSXL  # stabilityai/cosxl's scheduler: EDM Eule
 
 import minsdxl
 from minsdxl.checkpoint import PLAYGROUND_SCHEDULER_CONFIG, diffusers_to_sgm, read_checkpoint
+from minsdxl.cli import _scheduler_info, describe_checkpoint
 
 # playgroundai/playground-v2.5-1024px-aesthetic vae/config.json
 MEAN = [-1.6574, 1.886, -1.383, 2.5155]
@@ -182,6 +183,8 @@ def test_single_file_statistics_give_playgrounds_configs(playground, tmp_path):
     assert configs["vae"]["latents_mean"] == pytest.approx(MEAN) and configs["vae"]["scaling_factor"] == 0.5
     assert configs["vae"]["latents_std"] == pytest.approx(STD)
     assert configs["scheduler"] == PLAYGROUND_SCHEDULER_CONFIG
+    info = describe_checkpoint(path, config=folder)  # `minsdxl info`: the statistics are read, not ignored
+    assert info["ignored_keys"] == [] and info["scheduler"] == "EDMDPMSolverMultistepScheduler"
     # config= (a diffusers folder) describes the file instead, as in diffusers' from_single_file
     model = minsdxl.load(path, config=folder)
     assert model.vae.config.latents_mean == tuple(MEAN) and model.scheduler_config["_class_name"].startswith("EDM")
@@ -207,5 +210,6 @@ def test_single_file_v_prediction_markers(playground, tmp_path):
         assert configs["scheduler"]["prediction_type"] == ("v_prediction" if v else "epsilon")
         assert configs["scheduler"]["rescale_betas_zero_snr"] is zero_snr
         assert configs["scheduler"]["timestep_spacing"] == "leading"  # SDXL's otherwise
+    assert _scheduler_info(configs["scheduler"]) == "EulerDiscreteScheduler (zero terminal SNR)"  # `minsdxl info`
     # config= describes the file instead
     assert minsdxl.load(path, config=folder).scheduler_config["_class_name"].startswith("EDM")

@@ -991,10 +991,12 @@ def describe_lora(path) -> dict:
             continue
         layers = {}
         for (comp, _), pair in pairs.items():
-            c = layers.setdefault(comp, {"layers": 0, "ranks": set(), "alphas": set()})
+            c = layers.setdefault(comp, {"layers": 0, "kinds": set(), "ranks": set(), "alphas": set()})
             c["layers"] += 1
-            c["ranks"].add(pair.down.shape[0])
-            c["alphas"].add(pair.alpha)
+            c["kinds"].add(pair.what)
+            if pair.rank is not None:  # LoKr with whole factors and LyCORIS full diffs have none (scale 1)
+                c["ranks"].add(pair.rank)
+                c["alphas"].add(pair.alpha)
         report["models"][kind] = {
             "fits": True,
             "components": {
@@ -1016,8 +1018,10 @@ def _format_lora(r: dict) -> str:
             continue
         lines.append(f"  SDXL {kind}: fits")
         for comp, c in m["components"].items():
-            ranks, alphas = ", ".join(map(str, c["ranks"])), ", ".join(f"{a:g}" for a in c["alphas"])
-            lines.append(f"    {comp:<16}{c['layers']:>5} layers, rank {ranks}, alpha {alphas}")
+            ranks = ", ".join(map(str, c["ranks"])) or "-"
+            alphas = ", ".join(f"{a:g}" for a in c["alphas"]) or "-"
+            kinds = "" if c["kinds"] == ["LoRA"] else f" ({', '.join(c['kinds'])})"
+            lines.append(f"    {comp:<16}{c['layers']:>5} layers, rank {ranks}, alpha {alphas}{kinds}")
         lines += [f"    note: {n}" for n in m["notes"]]
     return "\n".join(lines)
 

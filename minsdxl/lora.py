@@ -3,10 +3,18 @@ delete_adapters / unload_lora_weights, and a call's cross_attention_kwargs={"sca
 
 A LoRA holds, per Linear or Conv2d it adapts, a pair `down` [r, in(, kh, kw)], `up` [out, r(, 1, 1)]
 and an alpha; the layer's weight becomes W0 + sum over active adapters of weight * alpha / r * up @ down.
+LyCORIS adapters build that delta otherwise (below; A1111's networks / LyCORIS' modules, held against peft).
 Formats, recognised per key (one file may mix components):
   kohya / sd-scripts  lora_unet_<module>.lora_down.weight / .lora_up.weight / .alpha, the module named
                       the sgm way (input_blocks_4_1_...) or diffusers' (down_blocks_1_...), "_" for ".";
                       lora_te1_ / lora_te_ = CLIP-L, lora_te2_ = bigG (HF names: text_model_encoder_...)
+  LyCORIS (kohya names, per module; scale alpha / r, alpha absent = r; dora_scale dropped as for LoRA):
+    LoCon Tucker      .lora_down [r, in, 1, 1], .lora_mid [r, r, kh, kw], .lora_up [out, r, 1, 1]: up(mid(down x))
+    LoHa              .hada_w1_a/_b, .hada_w2_a/_b (+ .hada_t1/_t2 Tucker cores of a conv): (w1_a @ w1_b) *
+                      (w2_a @ w2_b), r = w1_b.shape[0]
+    LoKr              .lokr_w1 or .lokr_w1_a/_b, .lokr_w2 or .lokr_w2_a/_b (+ .lokr_t2): kron(w1, w2), r from
+                      w1_b, else w2_b; both factors whole: no rank, scale 1 whatever the alpha (= A1111, LyCORIS)
+    full              .diff (the weight's delta), .diff_b (the bias'), scale 1
   diffusers (PEFT)    unet.<module>.lora_A.weight / .lora_B.weight (/ .lora_B.bias), text_encoder(_2).<...>;
                       alphas from the safetensors header's lora_adapter_metadata (else alpha = r)
   diffusers (older)   <module>.lora.down/up.weight, attnN.processor.to_q_lora.down/up.weight,
@@ -23,6 +31,7 @@ and CUDA graphs keep their addresses). Unloading puts the original back.
 """
 
 import json
+import math
 import os
 import re
 import warnings
@@ -49,40 +58,193 @@ _DIFFUSERS_PARTS = {
 }
 # attention-processor LoRA: attn1.processor.to_q_lora.down.weight -> attn1.to_q (UNet) / self_attn.q_proj (CLIP)
 _PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+# kohya's key endings for a plain pair (and LoCon's Tucker middle)
+_KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha"}
 # other adapter kinds, told apart by their key endings
 _UNSUPPORTED = {
-    r"\.hada_\w+$": "LoHa (LyCORIS)",
-    r"\.lokr_\w+$": "LoKr (LyCORIS)",
-    r"\.lora_mid\.weight$": "LoCon with a CP/Tucker middle factor (LyCORIS)",
+    # LyCORIS parts under other names, e.g. peft's own LoHa / LoKr saves (their alpha is in adapter_config.json)
+    r"^(?!lora_(unet|te\d?)_).*\.(hada_\w+|lokr_\w+|lora_mid\.weight|diff|diff_b)$": "a LyCORIS adapter with "
+    "diffusers / PEFT module names (minsdxl reads LyCORIS files with kohya names: lora_unet_..., lora_te1_...)",
     r"\.lora_magnitude_vector(\.weight)?$": "DoRA",
-    r"\.diff(_b)?$": "a full-weight difference (LyCORIS 'full')",
+    r"\.oft_(blocks|diag)$": "OFT / BOFT (LyCORIS)",
+    r"\.[ab][12]\.weight$": "GLoRA (LyCORIS)",
+    r"\.[wb]_norm$": "a LyCORIS norm-layer adapter",
 }
 
 
-@dataclass
-class Pair:
-    """One adapted layer: weight += scale * up @ down (bias += scale * bias, when the LoRA has one)."""
+class _Delta:
+    """What _merge needs of one adapted layer: .scale, .bias and .add_to(w, s). A subclass gives .alpha,
+    .rank (None: no rank, scale 1) and .delta(device), the fp32 delta before scaling, shaped as the weight
+    or as its [out, in * kh * kw] matrix."""
 
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
-    bias: torch.Tensor | None = None
+    bias = None
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.down.shape[0]
+        return 1.0 if self.rank is None else self.alpha / self.rank
 
     def add_to(self, w: torch.Tensor, alpha: float) -> None:
-        """w += alpha * alpha_lora / r * up @ down, one fused GEMM into a contiguous fp32 weight (a conv's
-        kernel is in `down`: [out, r] @ [r, in * kh * kw])."""
-        up, down = (t.to(device=w.device, dtype=torch.float32).flatten(1) for t in (self.up, self.down))
-        w.view(w.shape[0], -1).addmm_(up, down, alpha=alpha * self.scale)
+        """w += alpha * scale * delta, into a contiguous fp32 weight."""
+        w.add_(self.delta(w.device).reshape(w.shape), alpha=alpha * self.scale)
+
+
+def _f32(t: torch.Tensor, device) -> torch.Tensor:
+    return t.to(device=device, dtype=torch.float32)
+
+
+@dataclass
+class Pair(_Delta):
+    """One adapted layer: weight += scale * up @ down (bias += scale * bias, when the LoRA has one); a
+    LyCORIS LoCon conv may have a Tucker middle `mid` [r, r, kh, kw] (then down, up are 1x1)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None
+    bias: torch.Tensor | None = None
+    mid: torch.Tensor | None = None
+    what = "LoRA"
+    parts = {"down", "up", "bias", "mid"}
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def _matrices(self, device):
+        # a conv's kernel is in `down`: [out, r] @ [r, in * kh * kw]
+        up, down = _f32(self.up, device), _f32(self.down, device)
+        return up.reshape(up.shape[0], down.shape[0]), down.flatten(1)
+
+    def delta(self, device) -> torch.Tensor:
+        up, down = self._matrices(device)
+        if self.mid is None:
+            return up @ down
+        # = A1111's lyco_helpers.rebuild_cp_decomposition: LyCORIS runs it as up(mid(down(x)))
+        return torch.einsum("n m k l, i n, m j -> i j k l", _f32(self.mid, device), up, down)
+
+    def add_to(self, w: torch.Tensor, alpha: float) -> None:
+        if self.mid is not None:
+            return super().add_to(w, alpha)
+        # one fused GEMM, no delta tensor
+        w.view(w.shape[0], -1).addmm_(*self._matrices(w.device), alpha=alpha * self.scale)
+
+    @classmethod
+    def read(cls, p: dict, alpha):
+        if "down" not in p or "up" not in p:
+            raise ValueError("both down and up weights")
+        return cls(p["down"], p["up"], alpha, p.get("bias"), p.get("mid"))
+
+
+def _factor(p: dict, a: str, b: str, t: str | None = None, whole: str | None = None) -> tuple:
+    """One LyCORIS factor as the file holds it: (whole,), (a, b), or (a, b, t) with t a Tucker core."""
+    if whole in p and not {a, b, t} & p.keys():
+        return (p[whole],)
+    if a in p and b in p and whole not in p:
+        return (p[a], p[b]) + ((p[t],) if t in p else ())
+    raise ValueError(f"{whole + ' alone, or ' if whole else ''}{a} and {b}" + (f" (and an optional {t})" if t else ""))
+
+
+def _rebuild(factor: tuple, device) -> torch.Tensor:
+    """A factor's fp32 matrix or conv kernel: as stored, a @ b (flattened as A1111's rebuild_conventional
+    reads them), or a Tucker core t [r, r, kh, kw] between a [r, out] and b [r, in] (= peft's and A1111's
+    make_weight_cp)."""
+    f = [_f32(x, device) for x in factor]
+    if len(f) == 1:
+        return f[0]
+    if len(f) == 2:
+        return f[0].flatten(1) @ f[1].flatten(1)
+    a, b, t = f
+    return torch.einsum("i j k l, i p, j r -> p r k l", t, a, b)
+
+
+@dataclass
+class Hadamard(_Delta):
+    """LoHa (LyCORIS): delta = rebuild(w1) * rebuild(w2), element-wise (= peft's LoHaLayer.get_delta_weight,
+    A1111's network_hada); r = w1_b.shape[0] (A1111's dim)."""
+
+    w1: tuple
+    w2: tuple
+    alpha: float | None
+    what = "LoHa (LyCORIS)"
+    parts = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
+
+    @property
+    def rank(self) -> int:
+        return self.w1[1].shape[0]
+
+    def delta(self, device) -> torch.Tensor:
+        return _rebuild(self.w1, device) * _rebuild(self.w2, device)
+
+    @classmethod
+    def read(cls, p: dict, alpha):
+        w1 = _factor(p, "hada_w1_a", "hada_w1_b", "hada_t1")
+        return cls(w1, _factor(p, "hada_w2_a", "hada_w2_b", "hada_t2"), alpha)
+
+
+@dataclass
+class Kronecker(_Delta):
+    """LoKr (LyCORIS): delta = kron(w1, w2), a conv's kernel in w2 (= peft's make_kron, A1111's network_lokr).
+    r = w1_b.shape[0] when w1 is decomposed, else w2_b.shape[0]; with both factors whole there is no rank and
+    the scale is 1 whatever the file's alpha, as LyCORIS' LokrModule and A1111 have it (peft scales every
+    LoKr by alpha / r, a config value such a file does not hold)."""
+
+    w1: tuple
+    w2: tuple
+    alpha: float | None
+    what = "LoKr (LyCORIS)"
+    parts = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+
+    @property
+    def rank(self) -> int | None:
+        return next((f[1].shape[0] for f in (self.w1, self.w2) if len(f) > 1), None)
+
+    def delta(self, device) -> torch.Tensor:
+        w1, w2 = _rebuild(self.w1, device), _rebuild(self.w2, device)
+        return torch.kron(w1[:, :, None, None] if w2.ndim == 4 else w1, w2)
+
+    @classmethod
+    def read(cls, p: dict, alpha):
+        w1 = _factor(p, "lokr_w1_a", "lokr_w1_b", whole="lokr_w1")
+        return cls(w1, _factor(p, "lokr_w2_a", "lokr_w2_b", "lokr_t2", whole="lokr_w2"), alpha)
+
+
+@dataclass
+class Full(_Delta):
+    """LyCORIS 'full': the weight's whole delta `diff` (and the bias' `diff_b`), scale 1 (A1111's network_full)."""
+
+    diff: torch.Tensor
+    bias: torch.Tensor | None = None
+    alpha: float | None = None  # a file's alpha is ignored, as A1111 does
+    what = "full diff (LyCORIS)"
+    parts = {"diff", "diff_b"}
+    rank = None
+
+    def delta(self, device) -> torch.Tensor:
+        return _f32(self.diff, device)
+
+    @classmethod
+    def read(cls, p: dict, alpha):
+        if "diff" not in p:
+            raise ValueError("diff")
+        return cls(p["diff"], p.get("diff_b"), alpha)
+
+
+def _adapter(p: dict) -> _Delta:
+    """One layer's tensors, by part name -> its Pair / Hadamard / Kronecker / Full (alpha None when the file
+    has none); ValueError saying what is missing or does not belong together."""
+    kinds = [c for c in (Pair, Hadamard, Kronecker, Full) if c.parts & p.keys()]
+    if len(kinds) != 1:
+        what = " and ".join(c.what for c in kinds) + " at once" if kinds else "no weights"
+        raise ValueError(f"has {sorted(p)}: {what}")
+    try:
+        return kinds[0].read(p, float(p["alpha"]) if "alpha" in p else None)
+    except ValueError as e:
+        raise ValueError(f"has {kinds[0].what} parts {sorted(p)} but needs {e}") from None
 
 
 @dataclass
 class Adapter:
     name: str
-    pairs: dict  # (component, module name) -> Pair
+    pairs: dict  # (component, module name) -> Pair / Hadamard / Kronecker / Full
     weight: float = 1.0
     active: bool = True
     source: str = ""
@@ -211,8 +373,8 @@ def _lora_file(path: Path, weight_name: str | None) -> Path:
 
 def read_lora(model, lora, weight_name: str | None = None) -> dict:
     """A LoRA file, a folder holding one (weight_name, default diffusers' pytorch_lora_weights.safetensors)
-    or a state dict -> {(component, module): Pair}, every name and shape checked against `model` before
-    anything changes."""
+    or a state dict -> {(component, module): Pair / Hadamard / Kronecker / Full}, every name and shape
+    checked against `model` before anything changes."""
     if isinstance(lora, dict):
         where, sd, meta = "the LoRA state dict", dict(lora), {}
     else:
@@ -222,14 +384,15 @@ def read_lora(model, lora, weight_name: str | None = None) -> dict:
         for mark, what in _UNSUPPORTED.items():
             if re.search(mark, key):
                 raise CheckpointError(
-                    f"{where} is {what} (key {key!r}); minsdxl merges plain LoRA (up/down pairs, optional alpha) "
-                    "only. Convert it to a plain LoRA (e.g. with kohya's resize/extract tools) first"
+                    f"{where} is {what} (key {key!r}); minsdxl merges LoRA (up/down pairs, optional alpha) and "
+                    "LyCORIS LoCon / LoHa / LoKr / full only. Convert it to a plain LoRA (e.g. with kohya's "
+                    "resize/extract tools) first"
                 )
     if any(k.endswith(".dora_scale") for k in sd):
         # = diffusers' StableDiffusionXLLoraLoaderMixin.lora_state_dict: drops them and loads the rest
         warnings.warn(
             f"{where} is a DoRA (it has dora_scale keys); as diffusers does for SDXL, the magnitudes are "
-            "ignored and it is applied as a plain LoRA",
+            "ignored and it is applied as a plain LoRA / LoHa / LoKr (A1111 applies them)",
             stacklevel=3,
         )
         sd = {k: v for k, v in sd.items() if not k.endswith(".dora_scale")}
@@ -242,7 +405,7 @@ def read_lora(model, lora, weight_name: str | None = None) -> dict:
             flat, _, rest = key.partition(".")
             comp = next(c for p, c in _KOHYA.items() if flat.startswith(p))
             module = kohya.get(flat, (comp, None))[1]
-            part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(rest)
+            part = _KOHYA_PARTS.get(rest, rest if rest in Hadamard.parts | Kronecker.parts | Full.parts else None)
         else:
             comp, module, part = _split(key) or ("unet", None, None)
         if getattr(model, comp, None) is None:
@@ -258,32 +421,40 @@ def read_lora(model, lora, weight_name: str | None = None) -> dict:
             "SD 1.x and Flux LoRAs fit no SDXL), or this is not a LoRA at all"
         )
     if not parts:
-        raise CheckpointError(f"{where} holds no LoRA weights for this model (no lora_down/up or lora_A/B keys)")
+        raise CheckpointError(
+            f"{where} holds no LoRA weights for this model (no lora_down/up, lora_A/B, hada_, lokr_ or diff keys)"
+        )
     pairs = {}
     for (comp, module), p in parts.items():
-        if "down" not in p or "up" not in p:
-            raise CheckpointError(f"{where}: {comp}.{module} has {sorted(p)} but needs both down and up weights")
         bad = {k: type(t).__name__ for k, t in p.items() if not isinstance(t, torch.Tensor)}
         if bad or p.get("alpha", torch.ones(1)).numel() != 1:
             what = f"non-tensor values {bad}" if bad else f"an alpha of shape {tuple(p['alpha'].shape)}"
             raise CheckpointError(f"{where}: {comp}.{module} has {what}; the file is damaged or not a LoRA")
-        down, up, w = p["down"], p["up"], layers[(comp, module)][0].weight
-        r = down.shape[0] if down.ndim else 0
-        ok = up.ndim == down.ndim == w.ndim and r > 0 and up.shape[1] == r and up.shape[0] == w.shape[0]
-        ok = ok and down.shape[1] == w.shape[1] and down.shape[2:] == w.shape[2:] and up.shape[2:] in ((), (1, 1))
-        if not ok:
+        try:
+            a = _adapter(p)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {comp}.{module} {e}") from None
+        layer = layers[(comp, module)][0]
+        w = layer.weight
+        try:  # the delta's shape, built on the meta device: no memory, no time
+            shape = tuple(a.delta("meta").shape)
+        except (RuntimeError, IndexError):  # factors that do not multiply
+            shape = None
+        if shape not in (tuple(w.shape), (w.shape[0], math.prod(w.shape[1:]))) or a.rank == 0:
+            have = ", ".join(f"{k} {tuple(t.shape)}" for k, t in sorted(p.items()) if k != "alpha")
             raise CheckpointError(
-                f"{where}: {comp}.{module} has down {tuple(down.shape)} and up {tuple(up.shape)}, which do not fit "
-                f"its weight {tuple(w.shape)}: this LoRA was made for a different model"
+                f"{where}: {comp}.{module} has {a.what} {have}, which do not fit its weight {tuple(w.shape)}: "
+                "this LoRA was made for a different model"
             )
-        bias, layer_bias = p.get("bias"), layers[(comp, module)][0].bias
-        if bias is not None and (layer_bias is None or tuple(bias.shape) != tuple(layer_bias.shape)):
+        if a.bias is not None and (layer.bias is None or a.bias.shape != layer.bias.shape):
+            theirs = None if layer.bias is None else tuple(layer.bias.shape)
             raise CheckpointError(
-                f"{where}: {comp}.{module} has a lora_B bias {tuple(bias.shape)}, but the layer's bias is "
-                f"{None if layer_bias is None else tuple(layer_bias.shape)}: this LoRA was made for a different model"
+                f"{where}: {comp}.{module} has a {'lora_B bias' if isinstance(a, Pair) else 'diff_b'} "
+                f"{tuple(a.bias.shape)}, but the layer's bias is {theirs}: this LoRA was made for a different model"
             )
-        alpha = float(p["alpha"]) if "alpha" in p else _meta_alpha(meta, comp, module, r)
-        pairs[(comp, module)] = Pair(down, up, alpha, bias)
+        if a.alpha is None:
+            a.alpha = _meta_alpha(meta, comp, module, a.rank) if a.rank else 1.0
+        pairs[(comp, module)] = a
     if skipped:
         warnings.warn(f"{where} also adapts {sorted(skipped)}, which this model does not have: skipped", stacklevel=3)
     return pairs

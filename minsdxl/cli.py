@@ -15,6 +15,7 @@ sampler.py.
 """
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -418,7 +419,7 @@ def generate(args, source=None) -> int:
     base, refiner = _load(args, auto)
     where = "cpu" if base.offload_device else args.device  # offload: the sampler moves them, as the UNet
     for path, key, load in (
-        (args.controlnet, "controlnet", minsdxl.load_controlnet),
+        (args.controlnet, "controlnet", functools.partial(minsdxl.load_controlnet, unet=base.unet)),  # Control-LoRA
         (args.t2i_adapter, "adapter", minsdxl.load_t2i_adapter),
     ):
         if path:

@@ -5,7 +5,20 @@ image (edges, depth, pose, ...) and adds its features to the UNet's skips and mi
 ControlNet state dict (diffusers/controlnet-canny-sdxl-1.0, xinsir/controlnet-*-sdxl-1.0, ...) loads
 by identity. The sampler side (control images, scales, guidance windows, guess mode) is in
 minsdxl.sampler; loading is load_controlnet here.
+
+Control-LoRAs (stabilityai/control-lora: control-lora-canny-rank128.safetensors, ...) are ControlNets
+stored as their difference to the UNet they were trained on, in the original layout without the
+control_model. prefix and marked by a `lora_controlnet` key: `<layer>.up` / `<layer>.down` LoRA pairs
+for every Linear / Conv2d weight the ControlNet shares with the UNet (conv_in, time_embed, label_emb,
+input_blocks, middle_block), full tensors for the rest (biases and norms, input_hint_block, zero_convs,
+middle_block_out). load_controlnet(path, unet=model.unet) copies the UNet's encoder half (= diffusers'
+ControlNetModel.from_unet), puts the file's full tensors in and merges each pair at scale 1 (fp32):
+an ordinary ControlNetModel, diffusers' keys. One deviation from diffusers' load_lora_adapter: the
+file's biases of the layers that have a LoRA are used (= ComfyUI's ControlLora, the format's own
+implementation); peft leaves the UNet's there.
 """
+
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn as nn
@@ -14,6 +27,7 @@ import torch.nn.functional as F
 from .checkpoint import (
     CheckpointError,
     _build,
+    _few,
     _unet_base,
     component_file,
     ldm_controlnet_to_diffusers,
@@ -26,6 +40,7 @@ from .config import (
     controlnet_config_from_state_dict,
     controlnet_union_config_from_state_dict,
 )
+from .lora import Pair
 from .unet import TimestepEmbedding, UNet2DConditionModel, timestep_embedding
 
 
@@ -272,20 +287,110 @@ def _config_base(cj: dict, union: bool) -> ControlNetConfig:
     )
 
 
-def load_controlnet(path, dtype=torch.float32, device="cpu", variant=None, config=None) -> ControlNetModel:
+CONTROL_LORA_MARK = "lora_controlnet"  # a Control-LoRA's marker key (diffusers' is_sai_sd_control_lora, ComfyUI's)
+
+
+def _control_lora(sd: dict, unet, base: ControlNetConfig, dtype, device) -> tuple[ControlNetConfig, dict]:
+    """A Control-LoRA, diffusers-named (full tensors and `<layer>.up` / `.down` pairs), on the UNet it was made
+    for -> (the ControlNet's config, its full state dict): the UNet's tensors copied (never shared: the UNet
+    may change in place later), the file's full tensors instead where it has them, each pair merged into
+    the copied weight."""
+    full, pairs = {}, {}
+    for k, v in sd.items():
+        stem, _, part = k.rpartition(".")
+        if part in ("up", "down"):
+            pairs.setdefault(stem, {})[part] = v
+        else:
+            full[k] = v
+    if "controlnet_cond_embedding.conv_in.weight" not in full:
+        raise CheckpointError(
+            f"this has the {CONTROL_LORA_MARK} key of a Control-LoRA but no control image encoder (input_hint_block); "
+            "it is not a Control-LoRA"
+        )
+    if not any(k.startswith("add_embedding.") for k in sd):
+        raise CheckpointError(
+            "this is a Stable Diffusion 1.x/2.x Control-LoRA (no label_emb: no SDXL micro-conditioning); minsdxl "
+            "needs an SDXL one"
+        )
+    if not isinstance(unet, UNet2DConditionModel):
+        raise CheckpointError(
+            "this is a Control-LoRA (stabilityai/control-lora): a ControlNet stored as its difference to the SDXL "
+            "UNet it was trained on; pass that UNet: load_controlnet(path, unet=model.unet)"
+            + ("" if unet is None else f", not a {type(unet).__name__}")
+        )
+    unet_sd = unet.state_dict()
+    # the UNet's fields, only the control image encoder's from the file (config= may give bgr / global pooling)
+    encoder = {k: v for k, v in full.items() if k.startswith("controlnet_cond_embedding.")}
+    cfg = controlnet_config_from_state_dict(unet_sd | encoder, replace(base, **asdict(unet.config)))
+    with torch.device("meta"):
+        expected = ControlNetModel(cfg).state_dict()
+    unfit = [k for k in full if k not in expected] + [s + ".weight" for s in pairs if s + ".weight" not in expected]
+    if unfit:
+        raise CheckpointError(
+            f"this Control-LoRA does not fit this UNet: the ControlNet copied from it has no {_few(unfit)}; was it "
+            "made for another base model?"
+        )
+
+    def fits(key, shape, got):
+        if shape != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"this Control-LoRA does not fit this UNet: {key} is {tuple(expected[key].shape)} in the ControlNet "
+                f"copied from it but {got} in the file; was it made for another base model?"
+            )
+
+    for k, t in full.items():
+        fits(k, tuple(t.shape), tuple(t.shape))
+    for stem, p in pairs.items():
+        if p.keys() != {"up", "down"}:
+            raise CheckpointError(f"{stem} has a LoRA {next(iter(p))} but no partner")
+        if stem + ".weight" in full:
+            raise CheckpointError(f"{stem}.weight is in it both as a full tensor and as a LoRA pair")
+        up, down = p["up"].shape, p["down"].shape  # [out, r(, 1, 1)] @ [r, in(, kh, kw)]
+        fits(stem + ".weight", (up[0], *down[1:]) if up[1] == down[0] else None, f"{tuple(up)} @ {tuple(down)}")
+    # the file's tensors, its biases too where the layer has a LoRA (= ComfyUI's ControlLora; diffusers keeps the
+    # UNet's there: peft wraps the layer, whose bias becomes base_layer.bias, a name no file key has); the rest
+    # copied from the UNet (a ControlNet-only tensor missing from the file: _build names it)
+    out = {}
+    for k in expected:
+        if k in full:
+            out[k] = full[k]
+        elif k in unet_sd:
+            stem = k.removesuffix(".weight")
+            out[k] = unet_sd[k].to(device=device, dtype=torch.float32 if stem in pairs else dtype, copy=True)
+    for stem, p in pairs.items():
+        # fp32, scale 1: diffusers' load_lora_adapter sets lora_alpha = r (alpha_pattern = rank_pattern) for a
+        # Control-LoRA, and ComfyUI's ControlLoraOps computes weight + up @ down
+        w = out[stem + ".weight"]
+        Pair(p["down"], p["up"], alpha=p["down"].shape[0]).add_to(w, 1.0)
+        out[stem + ".weight"] = w.to(dtype)
+    return cfg, out
+
+
+def load_controlnet(path, dtype=torch.float32, device="cpu", variant=None, config=None, unet=None) -> ControlNetModel:
     """An SDXL ControlNet, or a ControlNet-Union / ProMax (a ControlNetUnionModel, e.g.
     xinsir/controlnet-union-sdxl-1.0), from a diffusers folder (config.json + diffusion_pytorch_model[.fp16]
     .safetensors, e.g. diffusers/controlnet-canny-sdxl-1.0; a pipeline folder's controlnet/ is found too)
     or from one file: diffusers' keys, or the original layout (control_model.input_blocks / zero_convs /
     input_hint_block / middle_block_out). config: for a file, a folder whose config.json gives what the
     shapes cannot (global_pool_conditions, the channel order, the head size, a Union's num_trans_head;
-    default: SDXL's)."""
+    default: SDXL's).
+    A Control-LoRA (stabilityai/control-lora, marked by its lora_controlnet key) needs unet=, the UNet it
+    was made for (model.unet, SDXL base): the ControlNet starts as a copy of its encoder half, with its
+    current weights (a LoRA merged into it comes along, as with diffusers' ControlNetModel.from_unet), and
+    the file's LoRA pairs merged in. unet= is not used for other ControlNets."""
     file, cj = component_file(path, variant, dtype, config)
-    sd = ldm_controlnet_to_diffusers(read_state_dict(file))
+    sd = read_state_dict(file)
+    if sd.pop(CONTROL_LORA_MARK, None) is not None:
+        try:
+            cfg, sd = _control_lora(ldm_controlnet_to_diffusers(sd), unet, _config_base(cj, False), dtype, device)
+            return _build(ControlNetModel, cfg, sd, "Control-LoRA", dtype, device)
+        except (CheckpointError, ValueError) as e:
+            raise CheckpointError(f"{file}: {e}") from None
+    sd = ldm_controlnet_to_diffusers(sd)
     if "controlnet_cond_embedding.conv_in.weight" not in sd:
         raise CheckpointError(
             f"{file} is not a ControlNet (no controlnet_cond_embedding / input_hint_block weights); "
-            "for a UNet, VAE or text encoder use minsdxl.load_component"
+            "for a UNet, VAE or text encoder use minsdxl.load_component, for a LoRA minsdxl.load_lora_weights"
         )
     if "add_embedding.linear_1.weight" not in sd:
         raise CheckpointError(

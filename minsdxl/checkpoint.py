@@ -1101,13 +1101,7 @@ def save(model: SDXL, folder, dtype=None, variant: str | None = None) -> Path:
     import shutil
 
     folder = Path(folder)
-    if folder.exists():
-        raise FileExistsError(f"{folder} exists; minsdxl.checkpoint.save writes a new folder (remove it first)")
-    if getattr(model.unet, "encoder_hid_proj", None) is not None:
-        raise ValueError(
-            "an IP-Adapter is loaded; an SDXL folder has no place for its weights: minsdxl.unload_ip_adapter(model) "
-            "first (and load it again after saving)"
-        )
+    _check_saving(model, folder, "folder")
     tmp = folder.with_name(folder.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     encoders = ("text_encoder", "text_encoder_2") if model.text_encoder is not None else ("text_encoder_2",)
@@ -1148,3 +1142,36 @@ def save(model: SDXL, folder, dtype=None, variant: str | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _check_saving(model: SDXL, path: Path, what: str) -> None:
+    if path.exists():
+        raise FileExistsError(f"{path} exists; minsdxl writes a new {what} (remove it first)")
+    if getattr(model.unet, "encoder_hid_proj", None) is not None:
+        raise ValueError(
+            f"an IP-Adapter is loaded; an SDXL {what} has no place for its weights: minsdxl.unload_ip_adapter(model) "
+            "first (and load it again after saving)"
+        )
+
+
+def save_single_file(model: SDXL, path, dtype=None) -> Path:
+    """Write `model` as one Stability-layout .safetensors file (model.diffusion_model.*, first_stage_model.*,
+    conditioner.embedders.*; = diffusers' convert_diffusers_to_original_sdxl), which minsdxl.load, diffusers'
+    from_single_file, A1111 and ComfyUI read. What the file format has no config for goes in as the loaders
+    look for it: Playground's latent statistics as edm_mean / edm_std ([1, 4, 1, 1]), a v-prediction / zero
+    terminal SNR scheduler as A1111's empty v_pred / ztsnr keys. Written under a temporary name, then renamed."""
+    path = Path(path)
+    _check_saving(model, path, "file")
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    sd = diffusers_to_sgm({n: getattr(model, n).state_dict() for n in names if getattr(model, n) is not None})
+    vae = model.vae.config
+    if vae.latents_mean is not None and vae.latents_std is not None:
+        sd |= {
+            k: torch.tensor(v).view(1, -1, 1, 1)
+            for k, v in (("edm_mean", vae.latents_mean), ("edm_std", vae.latents_std))
+        }
+    sched = model.scheduler_config or {}
+    markers = ("v_pred", sched.get("prediction_type") == "v_prediction"), ("ztsnr", sched.get("rescale_betas_zero_snr"))
+    sd |= {k: torch.zeros(0) for k, on in markers if on}
+    save_safetensors(sd, path, dtype)
+    return path

@@ -7,6 +7,7 @@ helpers (resolve, read_checkpoint, build_*) for `info` and its hashes.
     minsdxl generate ... --refiner sdxl-refiner                  base -> refiner handoff at --refiner-switch
     minsdxl generate --from-png outputs/00000-42.png             the same image again (flags given override)
     minsdxl info sdxl-base                                       what a checkpoint is, without generating
+    minsdxl convert sdxl-base sdxl.safetensors --dtype fp16      one layout to the other (.safetensors: one file)
 
 `generate` may be left out, and `python -m minsdxl` is the same command. Flag names follow
 stable-diffusion.cpp and A1111; each flag that is a sampler keyword defaults to the Python API's
@@ -211,7 +212,7 @@ def build_parser():
         prog="minsdxl", description="Stable Diffusion XL in plain PyTorch.", formatter_class=_Help
     )
     top.add_argument("--version", action="version", version=f"minsdxl {minsdxl.__version__}")
-    sub = top.add_subparsers(dest="command", required=True, metavar="{generate,info}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{generate,info,convert}")
     g = sub.add_parser(
         "generate", help="make images (the default command)", usage="%(prog)s [options]", formatter_class=_Help
     )
@@ -337,8 +338,15 @@ def build_parser():
     i.add_argument("path",                                            help="SDXL folder, single file or component")
     i.add_argument("--config",                     default=None,      help="configs of a non-SDXL single file")
     i.add_argument("--json",           action="store_true",           help="print JSON")
+    c = sub.add_parser("convert", help="write a checkpoint in the other layout", formatter_class=_Help)
+    c.add_argument("source",                                          help="SDXL folder or single file")
+    c.add_argument("dest",                                            help="a .safetensors file (Stability's single "
+                                                                           "file) or a new folder (diffusers)")
+    c.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="cast the weights (default: "
+                                                                           "as stored)")
+    c.add_argument("--config",                     default=None,      help="configs of a non-SDXL single file")
     # fmt: on
-    return top, {"generate": g, "info": i}
+    return top, {"generate": g, "info": i, "convert": c}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,6 +364,8 @@ def main(argv=None) -> int:
         args = commands[command].parse_args(argv)
         if command == "info":
             return info(args)
+        if command == "convert":
+            return convert(args)
         source = None
         if args.from_png:
             source = _read_source(args.from_png)
@@ -944,6 +954,22 @@ def info(args) -> int:
     report = describe_checkpoint(path, args.config)
     print(json.dumps(report, indent=2) if args.json else _format_info(report))
     return 1 if any(c.get("problem") for c in report["components"].values()) else 0
+
+
+def convert(args) -> int:
+    """Folder -> single file or single file -> folder (either to either), weights as stored unless --dtype."""
+    dest = Path(args.dest)
+    if dest.exists():
+        raise ValueError(f"{dest} exists; convert writes a new file or folder (remove it first)")
+    t = time.perf_counter()
+    model = minsdxl.load(checkpoint.resolve(args.source), dtype=None, config=args.config)  # memory-mapped
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if dest.suffix == ".safetensors":
+        checkpoint.save_single_file(model, dest, dtype)
+    else:
+        checkpoint.save(model, dest, dtype)  # plain file names: diffusers reads them without variant="fp16"
+    print(f"wrote the SDXL {model.kind} {dest} in {time.perf_counter() - t:.1f} s")
+    return 0
 
 
 def _is_lora(path: Path) -> bool:

@@ -951,9 +951,57 @@ def info(args) -> int:
         report = describe_lora(path)
         print(json.dumps(report, indent=2) if args.json else _format_lora(report))
         return 0 if any(f["fits"] for f in report["models"].values()) else 1
+    report = describe_control(path)
+    if report is not None:
+        print(json.dumps(report, indent=2) if args.json else _format_control(report))
+        return 1 if "problem" in report else 0
     report = describe_checkpoint(path, args.config)
     print(json.dumps(report, indent=2) if args.json else _format_info(report))
     return 1 if any(c.get("problem") for c in report["components"].values()) else 0
+
+
+# a ControlNet / T2I-Adapter's keys in the layouts load_controlnet and load_t2i_adapter read
+_CONTROL_KEYS = {
+    "controlnet_cond_embedding.": "ControlNet",
+    "control_model.input_hint_block.": "ControlNet",
+    "input_hint_block.": "ControlNet",
+    "adapter.body.": "T2I-Adapter",
+}
+
+
+def describe_control(path) -> dict | None:
+    """A ControlNet (Union, Control-LoRA) or T2I-Adapter file or folder: what it is, its parameters and stored
+    dtypes, and whether it loads for the SDXL base (built on the meta device as load_controlnet /
+    load_t2i_adapter would); None for anything else."""
+    try:
+        file, _ = checkpoint.component_file(path)
+        keys = checkpoint.read_safetensors(file) if file.suffix == ".safetensors" else {}
+    except checkpoint.CheckpointError:
+        return None
+    what = next((w for k in keys for prefix, w in _CONTROL_KEYS.items() if k.startswith(prefix)), None)
+    if what is None:
+        return None
+    from minsdxl.controlnet import CONTROL_LORA_MARK
+
+    control_lora = CONTROL_LORA_MARK in keys
+    report = {"path": str(path), "kind": "Control-LoRA" if control_lora else what, "tensors": len(keys)}
+    try:
+        if what == "T2I-Adapter":
+            module = minsdxl.load_t2i_adapter(path, dtype=None, device="meta")
+        else:  # a Control-LoRA is made against the SDXL base UNet
+            unet = meta_sdxl("base").unet if control_lora else None
+            module = minsdxl.load_controlnet(path, dtype=None, device="meta", unet=unet)
+            report["kind"] = report["kind"] if control_lora else module.kind
+        report |= _module_info(module)
+    except checkpoint.CheckpointError as e:
+        report["problem"] = str(e)
+    return report
+
+
+def _format_control(r: dict) -> str:
+    if "problem" in r:
+        return f"{r['path']}: {r['kind']}, {r['tensors']} tensors; does not load: {r['problem']}"
+    return f"{r['path']}: {r['kind']} for SDXL, {r['parameters'] / 1e6:.1f} M parameters ({', '.join(r['dtypes'])})"
 
 
 def convert(args) -> int:

@@ -37,7 +37,7 @@ from sdxl_testing import (
 
 import minsdxl
 from minsdxl.checkpoint import diffusers_to_sgm, read_safetensors, save_safetensors
-from minsdxl.cli import read_png_metadata
+from minsdxl.cli import describe_control, main, read_png_metadata
 from minsdxl.config import ControlNetUnionConfig
 from minsdxl.controlnet import controlnet_config_json
 from minsdxl.metadata import infotext, parse_infotext, save_png
@@ -484,6 +484,16 @@ def test_pag_flags(runs, api):
     _same(runs["dirs"]["lora"] / "pag.png", made)
     call = read_png_metadata(runs["dirs"]["lora"] / "pag.png")["minsdxl"]["calls"][0]["kwargs"]
     assert call["pag_scale"] == 3.0 and call["pag_applied_layers"] == layers
+
+
+def test_info_on_controlnets_and_adapters(paths, capsys):
+    for key, kind in (("controlnet", "ControlNet"), ("union", "ControlNet-Union"), ("t2i_adapter", "T2I-Adapter")):
+        r = describe_control(paths[key])
+        assert r["kind"] == kind and "problem" not in r and r["parameters"] > 0 and r["dtypes"] == ["float32"], r
+    assert main(["info", str(paths["controlnet"])]) == 0
+    assert f"{paths['controlnet']}: ControlNet for SDXL, " in capsys.readouterr().out
+    for other in ("base", "single", "lora_style", "init"):  # a whole model, a LoRA, an image: not one of them
+        assert describe_control(paths[other]) is None
 
 
 def test_instruct_pix2pix_model(runs, paths):

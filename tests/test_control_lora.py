@@ -23,6 +23,7 @@ from test_controlnet import EMBED, _close, _run, assert_same_outputs
 
 import minsdxl
 from minsdxl.checkpoint import CheckpointError, Topology, _rename, controlnet_table, save_safetensors
+from minsdxl.cli import describe_control
 from minsdxl.unet import UNet2DConditionModel
 
 WEIGHT_TOL = 1e-6
@@ -117,6 +118,12 @@ def test_file_has_every_kind_of_tensor(cl):
         "lora_controlnet",
     ):
         assert key in sai, key
+
+
+def test_info_says_what_it_is(cl):
+    # `minsdxl info` checks it against the real SDXL base (meta device): this tiny one does not fit it
+    r = describe_control(cl["path"])
+    assert r["kind"] == "Control-LoRA" and "does not fit this UNet" in r["problem"]
 
 
 def test_weights_match_diffusers(cl):

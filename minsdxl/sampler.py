@@ -1187,6 +1187,18 @@ def inpaint(
     return images if crop is None else [paste_inpainted(mask_image, image, i, crop) for i in images]
 
 
+def _old_callback(callback, steps, n, order):
+    """diffusers' older callback(step_idx, t, latents) every `steps` steps as a callback_on_step_end (= the pix2pix
+    pipeline's loop: at the last of the n UNet calls and where a step of the scheduler's order completes)."""
+
+    def call(model, i, t, tensors):
+        if (i == n - 1 or (i + 1) % order == 0) and i % steps == 0:
+            callback(i // order, t, tensors["latents"])
+        return {}
+
+    return call
+
+
 # what instruct_pix2pix does not take (the diffusers pipeline neither): their neutral values for the shared checks
 _PIX2PIX_ABSENT = dict(
     timesteps=None,
@@ -1227,6 +1239,8 @@ def instruct_pix2pix(
     original_size=None,
     crops_coords_top_left=(0, 0),
     target_size=None,
+    callback=None,
+    callback_steps=1,
     callback_on_step_end=None,
     callback_on_step_end_tensor_inputs=("latents",),
     seed=None,
@@ -1240,16 +1254,23 @@ def instruct_pix2pix(
     1024), encoded to the posterior's mean and given to the UNet beside the noisy latents; CFG over [no prompt
     and no image, image only, prompt and image]: uncond + guidance_scale * (text - image) +
     image_guidance_scale * (image - uncond), on when guidance_scale > 1 and image_guidance_scale >= 1.
-    Extras as text2img (seed=, scheduler=, progress=, callback_on_step_end); diffusers' old callback= /
-    callback_steps= are not taken."""
+    Its pipeline's callback(step, t, latents) every callback_steps steps; extras as text2img (seed=,
+    scheduler=, progress=, callback_on_step_end)."""
     a = {**_PIX2PIX_ABSENT, **locals()}
     _check_common(model, a, "instruct_pix2pix")
+    if callback is not None:
+        if callback_on_step_end is not None:
+            raise ValueError("pass callback= or callback_on_step_end=, not both")
+        if not isinstance(callback_steps, int) or isinstance(callback_steps, bool) or callback_steps < 1:
+            raise ValueError(f"callback_steps has to be a positive integer, got {callback_steps!r}")
     _number("image_guidance_scale", image_guidance_scale)
     x = to_tensor(image)  # checks the image type before any heavy work
     sample = model.unet.config.sample_size * 8
     height, width = height or sample, width or sample  # = __call__: not the image's size
     cfg = guidance_scale > 1.0 and image_guidance_scale >= 1.0
     st = _setup(model, a, cfg=cfg)
+    if callback is not None:
+        a["callback_on_step_end"] = _old_callback(callback, callback_steps, len(st.timesteps), st.scheduler.order)
     batch, device, dtype = st.batch, _device(model), st.dtype
     # = prepare_image_latents: the mean (no draw), unscaled but for CosXL Edit; latents as they are
     if x.shape[1] == 4:

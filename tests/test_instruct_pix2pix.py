@@ -66,6 +66,27 @@ def test_images_and_latent_input_match_diffusers(pix2pix):
     assert _both(pipe, model, image=lat, **kw) <= TOL
 
 
+@pytest.mark.parametrize("scheduler,steps", [("euler", 2), ("heun", 1)])  # Heun: order 2, 2N - 1 UNet calls
+def test_old_style_callback_as_diffusers_calls_it(pix2pix, scheduler, steps):
+    pipe, model = pix2pix
+    heun = diffusers.HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    ref_pipe = pipe if scheduler == "euler" else type(pipe)(**{**pipe.components, "scheduler": heun})
+    calls = {"ref": [], "ours": []}
+    kw = dict(prompt="make it red", image=smooth_image(3), num_inference_steps=5, callback_steps=steps, **SIZE)
+    for who, run in (("ref", ref_pipe), ("ours", None)):
+        record = lambda i, t, latents, who=who: calls[who].append((i, float(t), latents.clone()))  # noqa: E731
+        if run is None:
+            minsdxl.instruct_pix2pix(model, **kw, callback=record, scheduler=scheduler, seed=0, progress=False)
+        else:
+            run(**kw, callback=record, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert [c[:2] for c in calls["ours"]] == [c[:2] for c in calls["ref"]] and len(calls["ref"]) >= 2
+    assert all(rel_err(a[2], b[2]) <= TOL for a, b in zip(calls["ours"], calls["ref"]))
+    with pytest.raises(ValueError, match="not both"):
+        minsdxl.instruct_pix2pix(model, **kw, callback=print, callback_on_step_end=print)
+    with pytest.raises(ValueError, match="callback_steps has to be a positive integer"):
+        minsdxl.instruct_pix2pix(model, **{**kw, "callback_steps": 0}, callback=print)
+
+
 def test_the_image_steers_the_result(pix2pix):
     _, model = pix2pix
     kw = dict(prompt="make it red", num_inference_steps=3, seed=0, output_type="latent", progress=False, **SIZE)

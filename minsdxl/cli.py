@@ -129,6 +129,32 @@ def _pair(text: str) -> tuple:
     return int(m.group(1)), int(m.group(2))
 
 
+def _numbers(kind):
+    """`0.5` -> 0.5, `0.5,0.8` -> [0.5, 0.8]: one value for all ControlNets (or control images), or one each."""
+
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a {kind.__name__} or a comma-separated list, got {text!r}"
+            ) from None
+        return values[0] if len(values) == 1 else values
+
+    return parse
+
+
+def _each(value) -> list:
+    """A flag that may be given once or several times (a path, or a list of them) as a list."""
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _one_or_list(value):
+    """The other way: one path as itself (what a single --controlnet always stored), several as a list."""
+    items = _each(value)
+    return None if not items else items[0] if len(items) == 1 else items
+
+
 def _freeu(text: str) -> tuple:
     """`S1,S2,B1,B2` -> the four FreeU factors (UNet2DConditionModel.enable_freeu's order)."""
     try:
@@ -269,22 +295,24 @@ def build_parser():
     add("--image-encoder", metavar="DIR",          default=None,      help="--ip-adapter's CLIP image encoder "
                                                                            "folder (default: image_encoder next "
                                                                            "to the adapter file)")
-    add("--controlnet", metavar="PATH",            default=None,      help="an SDXL ControlNet for the base model "
-                                                                           "(diffusers folder or .safetensors); "
-                                                                           "--control-image is its input")
-    add("--control-image", metavar="IMAGE",        default=None,      help="the --controlnet's control image "
-                                                                           "(edges, depth, pose...): its size is "
-                                                                           "the default text2img size")
-    add("--controlnet-scale",          type=float, default=None,      help="how much the ControlNet counts "
-                                                                           "(default 1.0; img2img 0.8)")
-    add("--control-start",             type=float, default=None,      help="fraction of the steps where the "
-                                                                           "ControlNet starts (default 0)")
-    add("--control-end",               type=float, default=None,      help="... and where it stops (default 1)")
+    add("--controlnet", metavar="PATH", action="append", help="an SDXL ControlNet (or Control-LoRA) for the base "
+                                                                           "model (diffusers folder or .safetensors)"
+                                                                           "; --control-image is its input; again "
+                                                                           "for several")
+    add("--control-image", metavar="IMAGE", action="append", help="the --controlnet's control image (edges, "
+                                                                           "depth, pose...): its size is the default"
+                                                                           " text2img size; one per --controlnet, "
+                                                                           "or several for one ControlNet-Union")
+    add("--controlnet-scale", type=_numbers(float), default=None, help="how much the ControlNet counts "
+                                                                           "(default 1.0; img2img 0.8); a,b: each")
+    add("--control-start", type=_numbers(float), default=None, help="fraction of the steps where the "
+                                                                           "ControlNet starts (default 0); a,b: each")
+    add("--control-end", type=_numbers(float), default=None, help="... and where it stops (default 1)")
     add("--guess-mode", action="store_true",       default=None,      help="ControlNet guess mode: it sees no "
                                                                            "prompt (diffusers' guess_mode)")
-    add("--control-mode",              type=int,   default=None,      help="a ControlNet-Union's kind of control "
+    add("--control-mode", type=_numbers(int), default=None, help="a ControlNet-Union's kind of control "
                                                                            "image (xinsir: 0 openpose, 1 depth, 3 "
-                                                                           "canny, ...)")
+                                                                           "canny, ...); a,b: each image's")
     add("--t2i-adapter", metavar="PATH",           default=None,      help="an SDXL T2I-Adapter (text2img; "
                                                                            "diffusers folder or .safetensors): "
                                                                            "--adapter-image is its input")
@@ -371,9 +399,11 @@ def main(argv=None) -> int:
             source = _read_source(args.from_png)
             # stored values fill the namespace first; argparse then sets only what the command line gives
             stored = {k: v for k, v in source["args"].items() if k not in RUN_ONLY}
-            loras = stored.pop("lora", None)  # an appending flag: --lora given now replaces the stored list
+            # appending flags: given now, they replace the stored list
+            kept = {k: stored.pop(k, None) for k in ("lora", "controlnet", "control_image")}
             args = commands["generate"].parse_args(argv, namespace=argparse.Namespace(**stored))
-            args.lora = list(loras) if args.lora is None and loras else args.lora
+            for k, v in kept.items():
+                setattr(args, k, _each(v) if getattr(args, k) is None and v else getattr(args, k))
         return generate(args, source)
     except KeyboardInterrupt:
         print("minsdxl: interrupted", file=sys.stderr)
@@ -402,6 +432,7 @@ def _warn(message):  # also under -q, which only hides progress bars: these say 
 
 
 def generate(args, source=None) -> int:
+    args.controlnet, args.control_image = _one_or_list(args.controlnet), _one_or_list(args.control_image)
     mode = "inpaint" if args.mask else "img2img" if args.init_image else "text2img"
     _check(args, mode)
     model_path = checkpoint.resolve(args.model)
@@ -416,7 +447,7 @@ def generate(args, source=None) -> int:
         extra["ip_adapter_image"] = _open(args.ip_adapter_image, "IP-Adapter image")
     if args.control_image:  # = the ControlNet pipelines' names: text2img's image, the others' control_image
         key = "image" if mode == "text2img" and not args.t2i_adapter else "control_image"
-        extra[key] = _open(args.control_image, "control image")
+        extra[key] = _one_or_list([_open(path, "control image") for path in _each(args.control_image)])
     if args.adapter_image:  # = the adapter pipeline's image=
         extra["image"] = _open(args.adapter_image, "adapter image")
     if args.seed is None or args.seed < 0:
@@ -428,14 +459,17 @@ def generate(args, source=None) -> int:
     args.dtype = args.dtype if not auto else "fp16" if args.device.startswith("cuda") else "fp32"
     base, refiner = _load(args, auto)
     where = "cpu" if base.offload_device else args.device  # offload: the sampler moves them, as the UNet
-    for path, key, load in (
+    for paths_, key, load in (
         (args.controlnet, "controlnet", functools.partial(minsdxl.load_controlnet, unet=base.unet)),  # Control-LoRA
         (args.t2i_adapter, "adapter", minsdxl.load_t2i_adapter),
     ):
-        if path:
+        loaded = []
+        for path in _each(paths_):
             t = time.perf_counter()
-            extra[key] = load(path, dtype=base.unet.dtype, device=where)
-            _log(args, f"loaded the {extra[key].kind} {path} in {time.perf_counter() - t:.1f} s")
+            loaded.append(load(path, dtype=base.unet.dtype, device=where))
+            _log(args, f"loaded the {loaded[-1].kind} {path} in {time.perf_counter() - t:.1f} s")
+        if loaded:  # several: diffusers' MultiControlNetModel, summed
+            extra[key] = loaded if len(loaded) > 1 else loaded[0]
     if base.kind == "inpaint" and mode != "inpaint":
         raise ValueError(f"--model {args.model} is an SDXL inpainting model: pass -i IMAGE and --mask MASK")
     if base.kind == "instruct_pix2pix" or args.image_cfg is not None:
@@ -515,8 +549,9 @@ def _check(args, mode):
         raise ValueError("--t2i-adapter works in text2img (as diffusers' adapter pipeline): drop -i/--init-image")
     if args.t2i_adapter and not Path(args.t2i_adapter).exists():
         raise ValueError(f"--t2i-adapter {args.t2i_adapter}: no such file or folder")
-    if args.controlnet and not Path(args.controlnet).exists():
-        raise ValueError(f"--controlnet {args.controlnet}: no such file or folder")
+    for path in _each(args.controlnet):
+        if not Path(path).exists():
+            raise ValueError(f"--controlnet {path}: no such file or folder")
     if args.ip_adapter and not Path(args.ip_adapter).is_file():
         raise ValueError(f"--ip-adapter {args.ip_adapter}: no such file (e.g. sdxl_models/ip-adapter_sdxl.safetensors)")
 
@@ -675,7 +710,8 @@ def _load(args, auto_dtype=False):
     extras = ("ip_adapter", "ip_adapter_image", "image_encoder", "controlnet", "control_image", "t2i_adapter")
     for name in (*files, *extras, "adapter_image"):
         if getattr(args, name) and not (name == "model" and args.model == tiny.NAME):
-            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+            resolved = [str(Path(p).resolve()) for p in _each(getattr(args, name))]
+            setattr(args, name, _one_or_list(resolved))
     return base, refiner
 
 
@@ -778,8 +814,8 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
         "mask": _file_info(args.mask) if args.mask else None,
         "ip_adapter": _file_info(args.ip_adapter) if args.ip_adapter else None,
         "ip_adapter_image": _file_info(args.ip_adapter_image) if args.ip_adapter_image else None,
-        "controlnet": _file_info(_weights(args.controlnet, args.dtype)) if args.controlnet else None,
-        "control_image": _file_info(args.control_image) if args.control_image else None,
+        "controlnet": _one_or_list([_file_info(_weights(p, args.dtype)) for p in _each(args.controlnet)]),
+        "control_image": _one_or_list([_file_info(p) for p in _each(args.control_image)]),
         "t2i_adapter": _file_info(_weights(args.t2i_adapter, args.dtype)) if args.t2i_adapter else None,
         "adapter_image": _file_info(args.adapter_image) if args.adapter_image else None,
         # a scheduler no name makes again is described by its own name (e.g. "dpmpp_1m") and config
@@ -795,12 +831,13 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
     if source is not None:  # --from-png: say when the result cannot be the same image
         kinds = ("model", "refiner", "vae", "init_image", "mask", "ip_adapter", "ip_adapter_image", "controlnet")
         for what in (*kinds, "control_image", "t2i_adapter", "adapter_image"):
-            old, new = (source.get(what) or {}).get("sha256"), (about[what] or {}).get("sha256")
-            if old and new and old != new:
-                _warn(
-                    f"the {what.replace('_', ' ')} differs from the one that made {args.from_png} "
-                    f"(sha256 {new[:10]}, was {old[:10]}): the image will differ",
-                )
+            for was, now in zip(_infos(source.get(what)), _infos(about[what])):
+                old, new = was.get("sha256"), now.get("sha256")
+                if old and new and old != new:
+                    _warn(
+                        f"the {what.replace('_', ' ')} differs from the one that made {args.from_png} "
+                        f"(sha256 {new[:10]}, was {old[:10]}): the image will differ",
+                    )
         old = {x["path"]: x["sha256"] for x in source.get("loras") or ()}
         for x in about["loras"]:
             if x["path"] in old and old[x["path"]] != x["sha256"]:
@@ -808,6 +845,11 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
         if source.get("version") != minsdxl.__version__:
             _warn(f"{args.from_png} was made by minsdxl {source.get('version')}, this is {minsdxl.__version__}")
     return about
+
+
+def _infos(value) -> list:
+    """A metadata file entry (None, one {path, sha256, ...}, or a list of them, for several ControlNets) as a list."""
+    return [] if value is None else [value] if isinstance(value, dict) else list(value)
 
 
 def _file_info(path, model=None, dtype=None) -> dict:

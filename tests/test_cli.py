@@ -37,7 +37,7 @@ from sdxl_testing import (
 
 import minsdxl
 from minsdxl.checkpoint import diffusers_to_sgm, read_safetensors, save_safetensors
-from minsdxl.cli import describe_control, main, read_png_metadata
+from minsdxl.cli import build_parser, describe_control, main, read_png_metadata
 from minsdxl.config import ControlNetUnionConfig
 from minsdxl.controlnet import controlnet_config_json
 from minsdxl.metadata import infotext, parse_infotext, save_png
@@ -130,6 +130,7 @@ def paths(tiny_base, tiny_refiner, tiny_inpaint, tmp_path_factory):
     adapter.load_state_dict(random_state_dict(adapter, 12))
     adapter.save_pretrained(root / "t2i_adapter")
     PIL.Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(root / "edges.png")
+    PIL.Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(root / "depth.png")
     # an InstructPix2Pix model: the base's components around an 8-channel UNet
     unet = diffusers.UNet2DConditionModel(**diffusers_unet_config(replace(TINY_UNET, in_channels=8)))
     unet.load_state_dict(random_state_dict(unet, 13))
@@ -143,6 +144,7 @@ def paths(tiny_base, tiny_refiner, tiny_inpaint, tmp_path_factory):
         "union": root / "union",
         "t2i_adapter": root / "t2i_adapter",
         "control_image": root / "edges.png",
+        "control_image_2": root / "depth.png",
         "ip_adapter": root / "ip-adapter.safetensors",
         "ip_image": root / "style.png",
         "lora_style": root / "style.safetensors",
@@ -237,6 +239,13 @@ def runs(paths, tmp_path_factory):
                 + ["0.7", "--control-end", "0.7", "--guess-mode", "-o", "cn.png", "-q"],
                 dirs["lora"],
             ),
+            "cn_multi": (  # two ControlNets (here the same one twice), a control image and a scale each
+                ["minsdxl", "-p", "a cat", "--model", p["base"], "--steps", "3", "-s", "4", "--controlnet"]
+                + [p["controlnet"], "--control-image", p["control_image"], "--controlnet", p["controlnet"]]
+                + ["--control-image", p["control_image_2"], "--controlnet-scale", "0.5,0.8", "-o", "cn_multi.png"]
+                + ["-q"],
+                dirs["lora"],
+            ),
             "union": (  # img2img with a ControlNet-Union: the control image resized to the init image's size
                 ["minsdxl", "-p", "a cat", "--model", p["base"], "-i", p["init"], "--steps", "3", "-s", "2"]
                 + ["--controlnet", p["union"], "--control-image", p["control_image"], "--control-mode", "3"]
@@ -292,6 +301,10 @@ def runs(paths, tmp_path_factory):
                 dirs["lora"],
             ),
             "cn_again": (["minsdxl", "--from-png", str(dirs["lora"] / "cn.png"), "-o", "cn_again.png"], dirs["lora"]),
+            "cn_multi_again": (
+                ["minsdxl", "--from-png", str(dirs["lora"] / "cn_multi.png"), "-o", "cn_multi_again.png"],
+                dirs["lora"],
+            ),
         },
         paths["cache"],
     )
@@ -441,6 +454,34 @@ def test_controlnet_flags_metadata_and_from_png(runs, api, paths):
     assert call["controlnet_conditioning_scale"] == 0.7 and call["control_guidance_end"] == 0.7
     _ok(runs["cn_again"])  # --from-png loads the ControlNet and the control image again
     assert np.array_equal(_pixels(folder / "cn_again.png"), _pixels(folder / "cn.png"))
+
+
+def test_several_controlnets(runs, api, paths):
+    _ok(runs["cn_multi"])
+    folder = runs["dirs"]["lora"]
+    net = minsdxl.load_controlnet(paths["controlnet"])
+    images = [PIL.Image.open(paths[k]) for k in ("control_image", "control_image_2")]
+    kw = dict(prompt="a cat", num_inference_steps=3, seed=4, progress=False, image=images, controlnet=[net, net])
+    made = minsdxl.text2img(api["base"], **kw, controlnet_conditioning_scale=[0.5, 0.8])[0]
+    _same(folder / "cn_multi.png", made)
+    meta = read_png_metadata(folder / "cn_multi.png")["minsdxl"]
+    assert [m["sha256"] for m in meta["control_image"]] == [
+        hashlib.sha256(paths[k].read_bytes()).hexdigest() for k in ("control_image", "control_image_2")
+    ]
+    call = meta["calls"][0]["kwargs"]
+    assert call["controlnet"] == [str(paths["controlnet"].resolve())] * 2
+    assert call["image"] == [str(paths[k].resolve()) for k in ("control_image", "control_image_2")]
+    assert call["controlnet_conditioning_scale"] == [0.5, 0.8]
+    _ok(runs["cn_multi_again"])  # --from-png loads both again
+    assert np.array_equal(_pixels(folder / "cn_multi_again.png"), _pixels(folder / "cn_multi.png"))
+
+
+def test_list_flags_are_parsed(capsys):
+    args = build_parser()[1]["generate"].parse_args(["--controlnet-scale", "0.5,0.8", "--control-mode", "3"])
+    assert args.controlnet_scale == [0.5, 0.8] and args.control_mode == 3  # one value stays a number
+    with pytest.raises(SystemExit) as e:  # argparse's usage error
+        main(["generate", "--controlnet-scale", "0.5,x"])
+    assert e.value.code == 2 and "expected a float or a comma-separated list, got '0.5,x'" in capsys.readouterr().err
 
 
 def test_controlnet_union_img2img(runs, api, paths):

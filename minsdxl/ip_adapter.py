@@ -9,7 +9,12 @@ prepare_ip_adapter_image_embeds), so after `load_ip_adapter` the UNet's state_di
 (`encoder_hid_proj.image_projection_layers.N.*`, `...attn2.processor.to_k_ip.N.weight`). Two kinds of
 adapter file exist for SDXL, both handled: ip-adapter_sdxl(_vit-h) (ImageProjection: the pooled,
 projected image embedding -> 4 tokens) and ip-adapter-plus(-face)_sdxl_vit-h (a perceiver resampler
-over the encoder's penultimate hidden states -> 16 tokens). FaceID and full-face adapters are refused.
+over the encoder's penultimate hidden states -> 16 tokens). h94/IP-Adapter-FaceID's SDXL files load too:
+ip-adapter-faceid_sdxl (IPAdapterFaceIDImageProjection: an insightface face embedding -> 4 tokens) and
+ip-adapter-faceid-plus(v2)_sdxl (IPAdapterFaceIDPlusImageProjection: those tokens refined by a resampler over
+the CLIP hidden states set as its `clip_embeds`); both carry a LoRA for every attention layer, merged through
+minsdxl.lora as the adapter "faceid_N" (= diffusers' load_ip_adapter). Only `ip_adapter_image_embeds` drives
+them: minsdxl has no insightface. Full-face (SD 1.5) adapters are refused.
 """
 
 import math
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from .checkpoint import CheckpointError, _build, load_image_encoder, read_state_dict
 from .image import to_tensor
 from .image_encoder import preprocess
+from .lora import _owned, delete_adapters, get_active_adapters, load_lora_weights, read_lora, set_adapters
 from .unet import Attention
 
 # ------------------------------------------------------------------------------------------------
@@ -57,18 +63,20 @@ class ImageProjection(nn.Module):
 class _GELU(nn.Module):
     """diffusers' GELU activation module: proj, then exact gelu (key net.0.proj)."""
 
-    def __init__(self, dim: int, inner: int):
+    def __init__(self, dim: int, inner: int, bias: bool = False):
         super().__init__()
-        self.proj = nn.Linear(dim, inner, bias=False)
+        self.proj = nn.Linear(dim, inner, bias=bias)
 
     def forward(self, x):
         return F.gelu(self.proj(x))
 
 
 class _FeedForward(nn.Module):
-    def __init__(self, dim: int, inner: int):
+    """diffusers' FeedForward(activation_fn="gelu"): dim -> inner -> out (default dim)."""
+
+    def __init__(self, dim: int, inner: int, out: int | None = None, bias: bool = False):
         super().__init__()
-        self.net = nn.ModuleList([_GELU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim, bias=False)])
+        self.net = nn.ModuleList([_GELU(dim, inner, bias), nn.Dropout(0.0), nn.Linear(inner, out or dim, bias=bias)])
 
     def forward(self, x):
         return self.net[2](self.net[0](x))
@@ -113,11 +121,105 @@ class IPAdapterPlusImageProjection(nn.Module):
         return self.norm_out.normalized_shape[0]
 
     def forward(self, x):
-        latents = self.latents.repeat(x.shape[0], 1, 1)
-        x = self.proj_in(x)
-        for block in self.layers:
-            latents = block(x, latents)
-        return self.norm_out(self.proj_out(latents))
+        return _resample(self, self.proj_in(x), self.latents.repeat(x.shape[0], 1, 1))
+
+
+def _resample(proj, x, latents):
+    """The perceiver blocks of a Plus / FaceID Plus projection: `latents` attend to the projected
+    image tokens `x`, then proj_out and norm_out."""
+    for block in proj.layers:
+        latents = block(x, latents)
+    return proj.norm_out(proj.proj_out(latents))
+
+
+class IPAdapterFaceIDImageProjection(nn.Module):
+    """ip-adapter-faceid_sdxl (= diffusers IPAdapterFaceIDImageProjection): an insightface face embedding
+    [B, 512] -> FeedForward (exact gelu, biases) -> [B, tokens, width] -> LayerNorm. Reads no image encoder."""
+
+    face_id = True
+    hidden_states = False
+    in_features = None  # no image encoder feature
+
+    def __init__(self, id_dim: int, inner: int, cross_attention_dim: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.ff = _FeedForward(id_dim, inner, cross_attention_dim * num_tokens, bias=True)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    @property
+    def id_features(self) -> int:  # the face embedding's width (insightface: 512)
+        return self.ff.net[0].proj.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.norm.normalized_shape[0]
+
+    def forward(self, x):
+        x = self.ff(x.to(self.norm.weight.dtype))
+        return self.norm(x.reshape(-1, self.num_tokens, self.out_features))
+
+
+class IPAdapterFaceIDPlusImageProjection(nn.Module):
+    """ip-adapter-faceid-plus(v2)_sdxl (= diffusers IPAdapterFaceIDPlusImageProjection): the face embedding
+    [B, 512] -> `num_tokens` normed tokens, which then attend through perceiver blocks to the image encoder's
+    penultimate hidden states, set beforehand as the attribute `clip_embeds` ([rows, images, 257, 1280], one
+    row per UNet batch row, as diffusers' prepare_ip_adapter_image_embeds makes them). Plus v2:
+    `shortcut = True` adds those tokens back, the resampler's output scaled by `shortcut_scale`."""
+
+    face_id = True
+    hidden_states = True  # clip_embeds are the encoder's hidden states (ip_adapter_image makes them)
+
+    def __init__(self, id_dim, id_inner, embed_dims, num_tokens, hidden_dims, output_dims, depth, heads, ff_inner):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.clip_embeds = None  # diffusers' attributes, set by the user
+        self.shortcut = False
+        self.shortcut_scale = 1.0
+        self.proj = _FeedForward(id_dim, id_inner, embed_dims * num_tokens, bias=True)
+        self.norm = nn.LayerNorm(embed_dims)
+        self.proj_in = nn.Linear(hidden_dims, embed_dims)
+        self.proj_out = nn.Linear(embed_dims, output_dims)
+        self.norm_out = nn.LayerNorm(output_dims)
+        self.layers = nn.ModuleList(ResamplerBlock(embed_dims, heads, ff_inner) for _ in range(depth))
+
+    @property
+    def id_features(self) -> int:
+        return self.proj.net[0].proj.in_features
+
+    @property
+    def in_features(self) -> int:  # the image encoder's hidden_size clip_embeds have
+        return self.proj_in.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.norm_out.normalized_shape[0]
+
+    def forward(self, id_embeds):
+        clip = self.clip_embeds
+        if not isinstance(clip, torch.Tensor) or clip.ndim != 4:
+            raise ValueError(_CLIP_EMBEDS.format(i="i", width=self.in_features))
+        w = self.proj_in.weight
+        ids = self.proj(id_embeds.to(w.dtype))
+        ids = self.norm(ids.reshape(-1, self.num_tokens, self.norm.normalized_shape[0]))
+        x = self.proj_in(clip.to(device=w.device, dtype=w.dtype)).flatten(0, 1)
+        if x.shape[0] != ids.shape[0]:  # diffusers fails in the attention's concatenation
+            raise ValueError(
+                f"a FaceID Plus adapter's clip_embeds hold {clip.shape[0]} rows x {clip.shape[1]} images for "
+                f"{ids.shape[0]} face embeddings: give one row per row of the UNet batch (under guidance the "
+                "negative half, then the positive; prompts x num_images_per_prompt rows each), the images as in "
+                "ip_adapter_image_embeds"
+            )
+        out = _resample(self, x, ids)
+        return ids + self.shortcut_scale * out if self.shortcut else out
+
+
+_CLIP_EMBEDS = (
+    "a FaceID Plus adapter needs the face image's CLIP hidden states: set "
+    "model.unet.encoder_hid_proj.image_projection_layers[{i}].clip_embeds to a [rows, faces, tokens, {width}] "
+    "tensor, one row per row of the UNet batch (= diffusers' prepare_ip_adapter_image_embeds; with the image "
+    "encoder loaded and one adapter: minsdxl.ip_adapter.image_embeds(model, [face_image], None, "
+    "num_images_per_prompt, True, prompts * num_images_per_prompt, device)[0]), and .shortcut = True for Plus v2"
+)
 
 
 class MultiIPAdapterImageProjection(nn.Module):
@@ -126,6 +228,10 @@ class MultiIPAdapterImageProjection(nn.Module):
     def __init__(self, layers):
         super().__init__()
         self.image_projection_layers = nn.ModuleList(layers)
+        # FaceID adapters' LoRAs (names in minsdxl.lora) and the adapters active before they were loaded,
+        # {name: weight}: unload_ip_adapter removes the first and brings back the second
+        self.loras: list[str] = []
+        self.active_before: dict = {}
 
     def forward(self, image_embeds: list) -> list:
         """One [B, images, dim] (or [B, images, tokens, dim]) per adapter -> [B, images, tokens, width] each."""
@@ -222,11 +328,6 @@ _PLUS_NAMES = (
     (r"layers\.(\d+)\.1\.1\.", r"layers.\1.ff.1.net.0.proj."),
     (r"layers\.(\d+)\.1\.3\.", r"layers.\1.ff.1.net.2."),
 )
-_UNSUPPORTED = {
-    "proj.3.weight": "an IP-Adapter full-face (SD 1.5) file",
-    "perceiver_resampler.proj_in.weight": "an IP-Adapter FaceID Plus file (it needs insightface face embeddings)",
-    "norm.weight": "an IP-Adapter FaceID file (it needs insightface face embeddings)",
-}
 
 
 def _split(sd: dict, name: str) -> tuple[dict, dict]:
@@ -247,33 +348,82 @@ def _split(sd: dict, name: str) -> tuple[dict, dict]:
     return parts
 
 
+def _resampler(p: dict) -> dict:
+    """A Resampler's weights in the original names -> diffusers' (to_kv split into to_k, to_v)."""
+    sd = {}
+    for k, v in p.items():
+        for pattern, repl in _PLUS_NAMES:
+            k = re.sub("^" + pattern, repl, k)
+        if ".to_kv." in k:
+            sd[k.replace(".to_kv.", ".to_k.")], sd[k.replace(".to_kv.", ".to_v.")] = v.chunk(2)
+        else:
+            sd[k] = v
+    return sd
+
+
+def _blocks(sd: dict) -> dict:
+    """A resampler's depth, heads (64 wide, as diffusers assumes) and feed-forward width, off its weights."""
+    depth = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
+    return dict(
+        depth=depth,
+        heads=sd["layers.0.attn.to_q.weight"].shape[0] // 64 if depth else 1,
+        ff_inner=sd["layers.0.ff.1.net.0.proj.weight"].shape[0] if depth else 1,
+    )
+
+
+def _ff(key: str, prefix: str) -> str:
+    """The original Sequential(Linear, GELU, Linear) `proj.0` / `proj.2` -> FeedForward's `net.0.proj` / `net.2`."""
+    return re.sub(r"^proj\.2\.", prefix + "net.2.", re.sub(r"^proj\.0\.", prefix + "net.0.proj.", key))
+
+
+def _need(p: dict, keys, what: str, name: str) -> None:
+    missing = [k for k in keys if k not in p]
+    if missing:
+        raise CheckpointError(f"{name} looks like {what} file but its image_proj has no {missing}: it is damaged")
+
+
 def _projection(p: dict, name: str, dtype, device) -> nn.Module:
-    """The adapter's image projection, its kind and sizes read off the weights' shapes."""
-    for key, what in _UNSUPPORTED.items():
-        if key in p and "proj.weight" not in p:
-            raise CheckpointError(f"{name} is {what}; minsdxl supports the IP-Adapter and IP-Adapter Plus kinds")
+    """The adapter's image projection, its kind told by its keys in diffusers' order
+    (_convert_ip_adapter_image_proj_to_diffusers), its sizes read off the weights' shapes."""
     if "proj.weight" in p:  # 4 tokens, as diffusers assumes for this kind
         sd = {("image_embeds." + k[5:] if k.startswith("proj.") else k): v for k, v in p.items()}
         w = sd["image_embeds.weight"]
         make = lambda _: ImageProjection(w.shape[1], w.shape[0] // 4)  # noqa: E731
+    elif "proj.3.weight" in p:
+        raise CheckpointError(
+            f"{name} is an IP-Adapter full-face (SD 1.5) file; minsdxl supports the SDXL IP-Adapter, Plus and FaceID "
+            "kinds"
+        )
+    elif "perceiver_resampler.proj_in.weight" in p:  # FaceID Plus (v2: the same weights, shortcut=True)
+        _need(p, ("proj.0.weight", "proj.2.weight", "norm.weight"), "an IP-Adapter FaceID Plus", name)
+        prefix = "perceiver_resampler."
+        sd = {_ff(k, "proj."): v for k, v in p.items() if not k.startswith(prefix)}
+        sd |= _resampler({k[len(prefix) :]: v for k, v in p.items() if k.startswith(prefix)})
+        embed = sd["norm.weight"].shape[0]
+        sizes = dict(
+            id_dim=p["proj.0.weight"].shape[1],
+            id_inner=p["proj.0.weight"].shape[0],
+            embed_dims=embed,
+            num_tokens=p["proj.2.weight"].shape[0] // embed,  # diffusers' fixed 4 (ProjPlusModel's)
+            hidden_dims=sd["proj_in.weight"].shape[1],
+            output_dims=sd["proj_out.weight"].shape[0],
+            **_blocks(sd),
+        )
+        make = lambda _: IPAdapterFaceIDPlusImageProjection(**sizes)  # noqa: E731
+    elif "norm.weight" in p:  # FaceID: tokens = proj.2's rows / the width, as diffusers reads them
+        _need(p, ("proj.0.weight", "proj.2.weight"), "an IP-Adapter FaceID", name)
+        sd = {_ff(k, "ff."): v for k, v in p.items()}
+        (inner, id_dim), width = p["proj.0.weight"].shape, p["norm.weight"].shape[0]
+        tokens = p["proj.2.weight"].shape[0] // width
+        make = lambda _: IPAdapterFaceIDImageProjection(id_dim, inner, width, tokens)  # noqa: E731
     elif "latents" in p and "proj_in.weight" in p:
-        sd = {}
-        for k, v in p.items():
-            for pattern, repl in _PLUS_NAMES:
-                k = re.sub("^" + pattern, repl, k)
-            if ".to_kv." in k:
-                sd[k.replace(".to_kv.", ".to_k.")], sd[k.replace(".to_kv.", ".to_v.")] = v.chunk(2)
-            else:
-                sd[k] = v
-        depth = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
+        sd = _resampler(p)
         sizes = dict(
             embed_dims=sd["proj_in.weight"].shape[1],
             output_dims=sd["proj_out.weight"].shape[0],
             hidden_dims=sd["latents"].shape[2],
-            depth=depth,
-            heads=sd["layers.0.attn.to_q.weight"].shape[0] // 64 if depth else 1,  # 64-wide heads, as diffusers
             num_queries=sd["latents"].shape[1],
-            ff_inner=sd["layers.0.ff.1.net.0.proj.weight"].shape[0] if depth else 1,
+            **_blocks(sd),
         )
         make = lambda _: IPAdapterPlusImageProjection(**sizes)  # noqa: E731
     else:
@@ -319,7 +469,9 @@ def load_ip_adapter(
     unless the model has one: from `image_encoder_folder` under the subfolder (a name without "/") or
     under the path (with "/", e.g. "models/image_encoder" for h94/IP-Adapter's ViT-H adapters), or an
     absolute path; None loads none (then pass ip_adapter_image_embeds=). Weights take the UNet's dtype
-    and device. Raises before changing the model if anything does not fit."""
+    and device. A FaceID file's LoRA is merged as the LoRA adapter "faceid_<its index>", which (as in
+    diffusers' set_adapters there) is then the only active LoRA; unload_ip_adapter, or loading other
+    adapters, removes it again. Raises before changing the model if anything does not fit."""
     unet = model.unet
     names = _as_list(weight_name, 1)
     sources = _as_list(pretrained_model_name_or_path_or_dict, len(names))
@@ -328,10 +480,12 @@ def load_ip_adapter(
         raise ValueError("weight_name, subfolder and the paths must be lists of the same length (or single values)")
     dtype, device = unet.dtype, unet.device
     attns = _cross_attentions(unet)
-    projections, layers = [], [dict() for _ in attns]
+    projections, layers, loras = [], [dict() for _ in attns], {}
     for source, sub, weight in zip(sources, subfolders, names):
         sd, name = _read(source, sub, weight)
         proj_sd, ip_sd = _split(sd, name)
+        lora = {k: v for k, v in ip_sd.items() if _LORA_KEY.match(k)}
+        ip_sd = {k: v for k, v in ip_sd.items() if k not in lora}
         proj = _projection(proj_sd, name, dtype, device)
         width = proj.out_features
         if width != unet.config.cross_attention_dim:
@@ -355,6 +509,8 @@ def load_ip_adapter(
                         f"{(attn.to_q.out_features, width)}"
                     )
                 layers[j][f"to_{kv}_ip.{len(projections)}.weight"] = w
+        if lora:  # = diffusers: the LoRA of adapter k is "faceid_k"
+            loras[f"faceid_{len(projections)}"] = _faceid_lora(model, lora, attns, name)
         projections.append(proj)
 
     encoder = model.image_encoder
@@ -367,7 +523,7 @@ def load_ip_adapter(
             folder = root / folder if "/" in image_encoder_folder else root / (subfolders[0] or "") / folder
         encoder = load_image_encoder(folder, dtype, device)
     for proj, name in zip(projections, names):
-        if encoder is not None:
+        if encoder is not None and proj.in_features is not None:  # plain FaceID reads no encoder
             wants = encoder.config.hidden_size if proj.hidden_states else encoder.config.projection_dim
             if wants != proj.in_features:
                 raise CheckpointError(
@@ -376,7 +532,18 @@ def load_ip_adapter(
                     "models/image_encoder (ViT-H)"
                 )
 
+    ours = getattr(unet.encoder_hid_proj, "loras", [])
+    taken = [n for n in loras if n in _lora_adapters(model) and n not in ours]
+    if taken:
+        raise ValueError(
+            f"a LoRA named {taken[0]!r} is loaded, and this FaceID adapter's LoRA takes that name: "
+            f"minsdxl.delete_adapters(model, {taken[0]!r}) first"
+        )
+    if loras:
+        _owned(model, {("unet", None)})  # a UNet shared with another model carries that model's LoRAs only
+
     # everything fits: install
+    _remove_loras(model)
     model.image_encoder = encoder
     unet.encoder_hid_proj = MultiIPAdapterImageProjection(projections)
     ctx = unet.config.cross_attention_dim
@@ -385,10 +552,61 @@ def load_ip_adapter(
             layer = IPAdapterLayer(attn.to_q.out_features, ctx, len(projections))
         layer.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, assign=True)
         attn.processor = layer.eval().requires_grad_(False)
+    if loras:
+        active = [a for a in _lora_adapters(model).values() if a.active]
+        unet.encoder_hid_proj.active_before = {a.name: a.weight for a in active}
+    for adapter, lora in loras.items():
+        # = diffusers' load_lora_weights(lora, adapter_name=...) + set_adapters([adapter], [1.0]): minsdxl's
+        # load_lora_weights, like PEFT's, leaves the adapter just loaded the only active one, at weight 1
+        load_lora_weights(model, lora, adapter_name=adapter)
+        unet.encoder_hid_proj.loras.append(adapter)
+
+
+# a FaceID file's LoRA, per attention processor (numbered as its to_k_ip keys are): 0.to_q_lora.down.weight
+_LORA_KEY = re.compile(r"^(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+
+
+def _faceid_lora(model, lora: dict, attns: list, name: str) -> dict:
+    """A FaceID file's LoRA keys -> diffusers' old processor-LoRA keys (= UNet2DConditionModel
+    _load_ip_adapter_loras), checked against the model by minsdxl.lora.read_lora. diffusers numbers every
+    attention processor: each block's attn1, then its attn2 (its to_k_ip is at 2j+1)."""
+    processors = [n for a, _ in attns for n in (a[:-1] + "1", a)]
+    out = {}
+    for k, v in lora.items():
+        i, rest = k.split(".", 1)
+        if int(i) >= len(processors):
+            raise CheckpointError(
+                f"{name} has LoRA weights for attention layer {i} but this UNet has {len(processors)}: it is not an "
+                "adapter for this model"
+            )
+        out[f"unet.{processors[int(i)]}.processor.{rest}"] = v
+    read_lora(model, out)  # every name and shape checked now, before anything changes
+    return out
+
+
+def _lora_adapters(model) -> dict:
+    """minsdxl.lora's loaded adapters by name (without creating its state)."""
+    return model.lora.adapters if getattr(model, "lora", None) is not None else {}
+
+
+def _remove_loras(model) -> None:
+    """Remove the FaceID LoRAs load_ip_adapter merged (those still loaded). The LoRAs active before come
+    back, with their weights, unless the active set was changed since (set_adapters, another load)."""
+    proj, loaded = model.unet.encoder_hid_proj, _lora_adapters(model)
+    ours = [n for n in getattr(proj, "loras", []) if n in loaded]
+    if not ours:
+        return
+    before = {n: w for n, w in proj.active_before.items() if n in loaded and n not in ours}
+    if before and set(get_active_adapters(model)) <= set(ours):
+        set_adapters(model, list(before), list(before.values()))
+    delete_adapters(model, ours)
+    proj.loras = []
 
 
 def unload_ip_adapter(model) -> None:
-    """= diffusers' unload_ip_adapter: drop the image encoder, the projections and every image k/v."""
+    """= diffusers' unload_ip_adapter: drop the image encoder, the projections and every image k/v; and,
+    unlike diffusers (which leaves it merged), a FaceID adapter's LoRA: the weights are as before loading."""
+    _remove_loras(model)
     model.image_encoder = None
     model.unet.encoder_hid_proj = None
     for _, attn in _cross_attentions(model.unet):
@@ -498,6 +716,16 @@ def check_inputs(model, image, embeds) -> None:
             f"{what} has {count} entries for {n} loaded IP-Adapters: give one per adapter (several images for "
             "one adapter go in a nested list: [[image_a, image_b]])"
         )
+    layers = proj.image_projection_layers
+    for i, layer in enumerate(layers):
+        if getattr(layer, "face_id", False) and embeds is None:
+            raise ValueError(
+                f"IP-Adapter {i} is a FaceID adapter: it reads an insightface face embedding, which minsdxl cannot "
+                "make from an image. Pass ip_adapter_image_embeds=[...] instead: the face's normed_embedding "
+                f"(insightface FaceAnalysis) as a [2, faces, {layer.id_features}] tensor, zeros then the embedding, "
+                f"under guidance ([1, faces, {layer.id_features}] without)"
+                + (", and set the layer's clip_embeds" if layer.hidden_states else "")
+            )
     if embeds is None and model.image_encoder is None:
         raise ValueError(
             "no image encoder is loaded (load_ip_adapter(..., image_encoder_folder=None)): pass "
@@ -506,9 +734,19 @@ def check_inputs(model, image, embeds) -> None:
     if embeds is not None:
         if not isinstance(embeds, list):
             raise ValueError(f"ip_adapter_image_embeds must be a list of tensors, got {type(embeds).__name__}")
-        for e in embeds:
+        for i, (e, layer) in enumerate(zip(embeds, layers)):
             if not isinstance(e, torch.Tensor) or e.ndim not in (3, 4):
                 raise ValueError("ip_adapter_image_embeds must be a list of 3D or 4D tensors (one per adapter)")
+            if not getattr(layer, "face_id", False):
+                continue
+            if e.ndim != 3 or e.shape[-1] != layer.id_features:
+                raise ValueError(
+                    f"ip_adapter_image_embeds[{i}] has shape {tuple(e.shape)}; FaceID adapter {i} takes insightface "
+                    f"embeddings [rows, faces, {layer.id_features}] (rows: negative then positive under guidance)"
+                )
+            clip = layer.clip_embeds if layer.hidden_states else None  # FaceID Plus
+            if layer.hidden_states and (not isinstance(clip, torch.Tensor) or clip.shape[-1:] != (layer.in_features,)):
+                raise ValueError(_CLIP_EMBEDS.format(i=i, width=layer.in_features))
 
 
 def check_masks(model, masks, image, embeds) -> list | None:

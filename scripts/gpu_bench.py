@@ -27,9 +27,12 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
     to <out dir>/profile_*.txt.
     --lora: a random LoRA on every layer loaded into minsdxl.compile's defaults (weights written in place
     under CUDA graphs) and unloaded: output changed, no new graphs, compiled vs eager, bit-equal after.
+ 5. (--controlnet) SDXL base + a ControlNet of controlnet-canny-sdxl-1.0's shapes: latent parity, and ms per
+    step / end to end eager and compiled, minsdxl (compile(model, controlnet=net)) vs diffusers.
 """
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -274,6 +277,34 @@ def generate(which, pipe, model, kw, callback=None):
     return minsdxl.text2img(model, **kw, seed=0, progress=False, callback_on_step_end=callback)
 
 
+def timed(call, dev):
+    """One timed call(callback) that makes images: (first image, ms per denoising step, end-to-end s, ms before
+    the first step, ms after the last), from CUDA events (CPU clocks) at callback_on_step_end."""
+    stamps = []
+
+    def stamp(*_):
+        if dev == "cuda":
+            stamps.append(torch.cuda.Event(enable_timing=True))
+            stamps[-1].record()
+        else:
+            stamps.append(time.perf_counter())
+        return {}
+
+    t0 = time.perf_counter()
+    stamp()  # the GPU is idle here and after the call: the first and last stamps are wall times
+    image = call(stamp)[0]
+    sync(dev)
+    end_s = time.perf_counter() - t0
+    stamp()
+    sync(dev)  # the last event must have completed before elapsed_time
+    ms = [stamps[0].elapsed_time(e) for e in stamps] if dev == "cuda" else [(t - stamps[0]) * 1e3 for t in stamps]
+    # stamps: call start, the end of each step, call end
+    step_ms = (ms[-2] - ms[1]) / (len(ms) - 3)
+    before_ms = ms[1] - step_ms  # prompt encoding, latents, timesteps: before the first step
+    after_ms = ms[-1] - ms[-2]  # VAE decode and the PIL images
+    return image, step_ms, end_s, before_ms, after_ms
+
+
 def image_levels(a, b):
     """Mean |difference| of two PIL images in 8-bit levels (None without a reference)."""
     import numpy as np
@@ -488,31 +519,8 @@ def run_configs(args, pipe, model):
             sync(dev)
             first = time.perf_counter() - t0
             graphs = unique_graphs()
-            stamps = []
-
-            def stamp(*_, stamps=stamps):
-                if dev == "cuda":
-                    stamps.append(torch.cuda.Event(enable_timing=True))
-                    stamps[-1].record()
-                else:
-                    stamps.append(time.perf_counter())
-                return {}
-
-            t0 = time.perf_counter()
-            stamp()  # the GPU is idle here and after the call: the first and last stamps are wall times
-            image = generate(which, pipe, model, kw, callback=stamp)[0]
-            sync(dev)
-            end_s = time.perf_counter() - t0
-            stamp()
-            sync(dev)  # the last event must have completed before elapsed_time
-            if dev == "cuda":
-                ms = [stamps[0].elapsed_time(e) for e in stamps]
-            else:
-                ms = [(t - stamps[0]) * 1e3 for t in stamps]
-            # stamps: call start, the end of each step, call end
-            step_ms = (ms[-2] - ms[1]) / (len(ms) - 3)
-            before_ms = ms[1] - step_ms  # prompt encoding, latents, timesteps: before the first step
-            after_ms = ms[-1] - ms[-2]  # VAE decode and the PIL images
+            call = functools.partial(generate, which, pipe, model, kw)
+            image, step_ms, end_s, before_ms, after_ms = timed(call, dev)
             row = dict(
                 config=name,
                 first_run_s=first,
@@ -549,6 +557,86 @@ def run_configs(args, pipe, model):
                 model.cuda_graphs = False
                 minsdxl.speed.set_fused_geglu(model, False)
     minsdxl.set_attention("sdpa", model)
+
+
+def controlnet_section(args, pipe, model):
+    """5. (--controlnet) SDXL base + one ControlNet of controlnet-canny-sdxl-1.0's shapes (diffusers' from_unet,
+    random control convs so its residuals count): final-latent parity in eager mode, then ms per step and end to
+    end, eager and compiled, both libraries (minsdxl.compile(model, controlnet=net): CUDA graphs + Triton on
+    CUDA; diffusers: UNet, ControlNet and VAE decoder torch.compile'd)."""
+    import diffusers
+    import numpy as np
+    import PIL.Image
+    from sdxl_testing import randomize_
+
+    import minsdxl
+
+    dev, dtype = args.device, next(pipe.unet.parameters()).dtype
+    channels = (4, 8, 8, 16) if args.tiny else (16, 32, 96, 256)  # controlnet-canny-sdxl-1.0's hint encoder
+    net = diffusers.ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=channels)
+    net = randomize_(net, 5).to(dev, dtype).eval()
+    folder = Path(tempfile.mkdtemp()) / "controlnet"
+    net.save_pretrained(folder)
+    ours = minsdxl.load_controlnet(folder, dtype=dtype, device=dev)
+    cpipe = diffusers.StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=net)
+    cpipe.set_progress_bar_config(disable=True)
+    edges = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    kw = dict(prompt="a house", image=PIL.Image.fromarray(edges), num_inference_steps=args.steps)
+    kw |= dict(height=args.size, width=args.size, controlnet_conditioning_scale=0.5)
+
+    def generate_cn(which, kw, callback=None):
+        if which == "diffusers":
+            gen = torch.Generator("cpu").manual_seed(0)
+            return cpipe(**kw, generator=gen, callback_on_step_end=callback).images
+        return minsdxl.text2img(model, **kw, controlnet=ours, seed=0, progress=False, callback_on_step_end=callback)
+
+    few = {**kw, "num_inference_steps": min(args.steps, 10), "output_type": "latent"}
+    ref, got = (generate_cn(w, few).float() for w in ("diffusers", "minsdxl"))
+    rel = ((got - ref).abs().max() / ref.abs().max()).item()
+    out = RESULTS.setdefault("controlnet", {"parity_rel_max_diff": rel, "rows": []})
+    log(f"\n5. ControlNet ({sum(p.numel() for p in net.parameters()) / 1e9:.2f} B params), {dtype}: parity {rel:.3e}")
+    log(f"{'config':44} {'first run s':>11} {'ms/step':>8} {'end-to-end s':>12} {'peak GiB':>9} {'new graphs':>10}")
+    for name, which, compiled in (
+        ("controlnet: minsdxl eager", "minsdxl", False),
+        ("controlnet: diffusers eager", "diffusers", False),
+        ("controlnet: minsdxl compile defaults", "minsdxl", True),
+        ("controlnet: diffusers compile", "diffusers", True),
+    ):
+        if args.skip_compile and compiled:
+            continue
+        try:
+            if compiled:
+                torch._dynamo.reset()
+                if which == "minsdxl":
+                    minsdxl.compile(model, controlnet=ours, text_encoders=False)
+                else:
+                    for m in (cpipe.unet, cpipe.controlnet, cpipe.vae.decoder):
+                        m.compile(fullgraph=True)
+            reset_peak(dev)
+            t0 = time.perf_counter()
+            generate_cn(which, kw)  # warm-up (compiles when compiled)
+            if compiled and which == "minsdxl" and model.cuda_graphs:  # graphs record on a 2nd call
+                generate_cn(which, {**kw, "num_inference_steps": 2})
+            sync(dev)
+            first, graphs = time.perf_counter() - t0, unique_graphs()
+            _, step_ms, end_s, _, _ = timed(functools.partial(generate_cn, which, kw), dev)
+            row = dict(config=name, first_run_s=first, ms_per_step=step_ms, end_to_end_s=end_s, peak_gib=peak_gib(dev))
+            row["new_graphs_in_timed_run"] = unique_graphs() - graphs
+            out["rows"].append(row)
+            log(
+                f"{name:44} {first:11.1f} {step_ms:8.1f} {end_s:12.3f} {row['peak_gib']:9.2f} "
+                f"{row['new_graphs_in_timed_run']:10d}"
+            )
+        except Exception as e:  # report and go on
+            out["rows"].append(dict(config=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
+            log(f"{name:44} FAILED: {out['rows'][-1]['error']}")
+        finally:
+            save(args)
+            if compiled:
+                torch._dynamo.reset()
+                for m in (*compiled_parts(model), ours, cpipe.unet, cpipe.controlnet, cpipe.vae.decoder):
+                    m._compiled_call_impl = None
+                model.cuda_graphs = False
 
 
 def compiled_parts(model) -> list:
@@ -636,6 +724,7 @@ def main():
     )
     ap.add_argument("--all", action="store_true", help="also time the ablation rows (see 4. above)")
     ap.add_argument("--offload", action="store_true", help="also measure model offload's peak memory")
+    ap.add_argument("--controlnet", action="store_true", help="also time SDXL + a ControlNet (5.), both libraries")
     ap.add_argument("--profile", action="store_true", help="top GPU kernels of each compiled library")
     ap.add_argument(
         "--lora",
@@ -668,6 +757,8 @@ def main():
         offload_section(args, pipe, model)
         log(f"   [{time.perf_counter() - t0:.0f} s]")
     run_configs(args, pipe, model)
+    if args.controlnet:
+        controlnet_section(args, pipe, model)
     log(f"\ndone in {time.perf_counter() - t0:.0f} s")
 
 

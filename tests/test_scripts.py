@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_bench_dry_run_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_bench.py"), "--tiny", "--device", "cpu", "--skip-attention"]
-    cmd += ["--size", "64", "--steps", "3", "--out", str(out), "--all", "--lora"]  # the ablations too
+    cmd += ["--size", "64", "--steps", "3", "--out", str(out), "--all", "--lora", "--controlnet"]  # ablations too
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -46,3 +46,14 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     assert "error" not in lora, lora
     assert lora["new_graphs"] == 0 and lora["lora_changes_output_rel"] > 1e-2 and lora["bit_equal_after_unload"]
     assert lora["compiled_vs_eager_rel_with_lora"] <= 1e-5
+    # SDXL + a ControlNet: same latents as diffusers, every row timed, compiled once
+    cn = res["controlnet"]
+    assert cn["parity_rel_max_diff"] <= 1e-5  # fp32 on the CPU
+    assert [r["config"] for r in cn["rows"]] == [
+        "controlnet: minsdxl eager",
+        "controlnet: diffusers eager",
+        "controlnet: minsdxl compile defaults",
+        "controlnet: diffusers compile",
+    ]
+    for r in cn["rows"]:
+        assert "error" not in r and r["ms_per_step"] > 0 and r["new_graphs_in_timed_run"] == 0, r

@@ -10,6 +10,7 @@ import types
 
 import diffusers
 import numpy as np
+import PIL.Image
 import pytest
 import safetensors.torch
 import torch
@@ -26,7 +27,7 @@ from test_schedulers_edm import COSXL  # stabilityai/cosxl's scheduler: EDM Eule
 
 import minsdxl
 from minsdxl.checkpoint import PLAYGROUND_SCHEDULER_CONFIG, diffusers_to_sgm, read_checkpoint
-from minsdxl.cli import _scheduler_info, describe_checkpoint
+from minsdxl.cli import _scheduler_info, describe_checkpoint, main, read_png_metadata
 
 # playgroundai/playground-v2.5-1024px-aesthetic vae/config.json
 MEAN = [-1.6574, 1.886, -1.383, 2.5155]
@@ -213,3 +214,24 @@ def test_single_file_v_prediction_markers(playground, tmp_path):
     assert _scheduler_info(configs["scheduler"]) == "EulerDiscreteScheduler (zero terminal SNR)"  # `minsdxl info`
     # config= describes the file instead
     assert minsdxl.load(path, config=folder).scheduler_config["_class_name"].startswith("EDM")
+
+
+def test_command_line_with_an_edm_model(playground, tmp_path):
+    """minsdxl generate on Playground: its EDM scheduler by default, a VP name mapped onto EDM, and --from-png
+    makes the same image again."""
+    _, folder, model = playground
+    run = ["-p", "a cat", "--model", str(folder), "-W", "64", "-H", "64", "--steps", "3", "-s", "1", "-q"]
+    assert main([*run, "-o", str(tmp_path / "a.png")]) == 0
+    meta = read_png_metadata(tmp_path / "a.png")
+    assert meta["minsdxl"]["scheduler"]["name"] == "edm_dpmpp_2m_karras"
+    assert "Sampler: edm_dpmpp_2m_karras" in meta["parameters"]
+    made = minsdxl.text2img(model, "a cat", num_inference_steps=3, seed=1, progress=False, **SIZE)[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "a.png").convert("RGB")), np.asarray(made))
+    assert main(["--from-png", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.png"), "-q"]) == 0
+    assert np.array_equal(
+        np.asarray(PIL.Image.open(tmp_path / "b.png")), np.asarray(PIL.Image.open(tmp_path / "a.png"))
+    )
+    assert main([*run, "--sampler", "Euler", "-o", str(tmp_path / "c.png")]) == 0
+    assert read_png_metadata(tmp_path / "c.png")["minsdxl"]["scheduler"]["name"] == "edm_euler_karras"
+    assert main([*run, "--sampler", "Heun", "-o", str(tmp_path / "d.png")]) == 1  # no EDM Heun: said, not made
+    assert not (tmp_path / "d.png").exists()

@@ -788,9 +788,9 @@ def _check_masks_fit(model, embeds: list, masks) -> None:
 
 def image_embeds(model, image, embeds, num_images_per_prompt: int, cfg: bool, batch: int, device) -> list | None:
     """= prepare_ip_adapter_image_embeds: one tensor per adapter, [negative, positive] rows under CFG,
-    each half `batch` rows. diffusers makes num_images_per_prompt rows per half, which fits one prompt;
-    with several prompts one image prompt is spread over all of them here (diffusers' processor would
-    regroup its tokens across rows)."""
+    each half `batch` rows. diffusers makes num_images_per_prompt rows per half; with several prompts one
+    image prompt is spread over all of them here, which gives diffusers' (0.42) images: each prompt as if
+    run alone (tests/test_ip_adapter.py)."""
     if image is None and embeds is None:
         return None
     layers = model.unet.encoder_hid_proj.image_projection_layers

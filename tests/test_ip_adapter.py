@@ -184,10 +184,11 @@ def test_several_images_per_prompt_match_diffusers(repo):
 
 
 def test_one_image_prompt_spreads_over_several_text_prompts(repo):
-    """diffusers makes num_images_per_prompt rows of image embeddings whatever the number of prompts, and
-    its processor then regroups their tokens across rows; here each prompt sees the whole image prompt:
-    the batch equals each prompt run alone (same starting latents)."""
-    _, model = _both(repo, PLAIN)
+    """One image prompt over several text prompts: each prompt sees the whole image prompt, the batch equals
+    each prompt run alone (same starting latents), and diffusers' batch is ours (diffusers makes
+    num_images_per_prompt rows of image embeddings whatever the number of prompts; its attention spreads
+    them: measured equal to the prompts run alone, 9.7e-7)."""
+    pipe, model = _both(repo, PLAIN)
     kw = dict(num_inference_steps=2, height=64, width=64, output_type="latent", progress=False)
     kw["ip_adapter_image_embeds"] = [_embeds(8, (2, 1, 24))]
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
@@ -195,6 +196,8 @@ def test_one_image_prompt_spreads_over_several_text_prompts(repo):
     for i, prompt in enumerate(["a cat", "a dog"]):
         alone = minsdxl.text2img(model, prompt, latents=latents[i : i + 1], **kw)
         assert rel_err(both[i : i + 1], alone) <= 1e-5
+    kw = {k: v for k, v in kw.items() if k != "progress"}
+    assert rel_err(both, pipe(["a cat", "a dog"], latents=latents.clone(), **kw).images) <= 1e-5
 
 
 def test_unet_forward_takes_image_embeds_like_diffusers(repo):

@@ -145,8 +145,9 @@ def _numbers(kind):
 
 
 def _each(value) -> list:
-    """A flag that may be given once or several times (a path, or a list of them) as a list."""
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
+    """A flag that may be given once or several times (a path, or a list of them), or a metadata file entry
+    (one {path, sha256, ...}, or a list of them), as a list."""
+    return [] if value is None else [value] if isinstance(value, (str, dict)) else list(value)
 
 
 def _one_or_list(value):
@@ -831,7 +832,7 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
     if source is not None:  # --from-png: say when the result cannot be the same image
         kinds = ("model", "refiner", "vae", "init_image", "mask", "ip_adapter", "ip_adapter_image", "controlnet")
         for what in (*kinds, "control_image", "t2i_adapter", "adapter_image"):
-            for was, now in zip(_infos(source.get(what)), _infos(about[what])):
+            for was, now in zip(_each(source.get(what)), _each(about[what])):
                 old, new = was.get("sha256"), now.get("sha256")
                 if old and new and old != new:
                     _warn(
@@ -845,11 +846,6 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
         if source.get("version") != minsdxl.__version__:
             _warn(f"{args.from_png} was made by minsdxl {source.get('version')}, this is {minsdxl.__version__}")
     return about
-
-
-def _infos(value) -> list:
-    """A metadata file entry (None, one {path, sha256, ...}, or a list of them, for several ControlNets) as a list."""
-    return [] if value is None else [value] if isinstance(value, dict) else list(value)
 
 
 def _file_info(path, model=None, dtype=None) -> dict:

@@ -275,7 +275,7 @@ def _check_common(model, a, mode):
             f"{_CALLBACK_INPUTS} (CFG-ordered: prompt_embeds, add_text_embeds and add_time_ids hold the negative "
             "half first)"
         )
-    _pag_layers(model, a)
+    a["pag_layers"] = _pag_layers(model, a)  # found once: _finish perturbs these
     ip_adapter.check_inputs(model, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
     masks = (a["cross_attention_kwargs"] or {}).get("ip_adapter_masks")
     a["ip_adapter_masks"] = ip_adapter.check_masks(model, masks, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
@@ -495,7 +495,7 @@ def _pairs(a, keys):
 
 
 def _finish(model, run, a):
-    run.pag_layers = _pag_layers(model, a)
+    run.pag_layers = a["pag_layers"]
     with _on_device(model, "unet", *(c.net for c in run.controls or ())), _perturbed(run):
         x = _denoise(model, run, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], a["progress"])
     if a["output_type"] == "latent":

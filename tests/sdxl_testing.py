@@ -392,17 +392,25 @@ def plus_adapter(unet, seed=1, width=128, embed_dim=TINY_VISION.hidden_size):
         "proj_out.bias": _normal(g, cross),
         **_norm(g, cross, "norm_out."),
     }
-    for i in range(4):  # diffusers builds the resampler with depth 4 and ff ratio 4
-        p = f"layers.{i}."
+    proj |= resampler_blocks(g, w, w)
+    return {"image_proj": proj, "ip_adapter": _ip_layers(unet, g)}
+
+
+def resampler_blocks(g, w, inner, prefix=""):
+    """A Resampler's 4 blocks in the original names (diffusers builds it with depth 4 and ff ratio 4): width
+    `w`, attention `inner` wide."""
+    proj = {}
+    for i in range(4):
+        p = f"{prefix}layers.{i}."
         proj |= _norm(g, w, p + "0.norm1.") | _norm(g, w, p + "0.norm2.") | _norm(g, w, p + "1.0.")
         proj |= {
-            p + "0.to_q.weight": _normal(g, w, w),
-            p + "0.to_kv.weight": _normal(g, 2 * w, w),
-            p + "0.to_out.weight": _normal(g, w, w),
+            p + "0.to_q.weight": _normal(g, inner, w),
+            p + "0.to_kv.weight": _normal(g, 2 * inner, w),
+            p + "0.to_out.weight": _normal(g, w, inner),
             p + "1.1.weight": _normal(g, 4 * w, w),
             p + "1.3.weight": _normal(g, w, 4 * w),
         }
-    return {"image_proj": proj, "ip_adapter": _ip_layers(unet, g)}
+    return proj
 
 
 def flat_ip_adapter(sd):

@@ -30,6 +30,7 @@ from sdxl_testing import (
     random_lora_pairs,
     random_state_dict,
     rel_err,
+    resampler_blocks,
 )
 
 import minsdxl
@@ -83,16 +84,7 @@ def faceid_plus_adapter(unet, seed=3, inner=128, embed_dim=TINY_VISION.hidden_si
         r + "proj_out.bias": _normal(g, w),
         **_norm(g, w, r + "norm_out."),
     }
-    for i in range(4):
-        p = f"{r}layers.{i}."
-        proj |= _norm(g, w, p + "0.norm1.") | _norm(g, w, p + "0.norm2.") | _norm(g, w, p + "1.0.")
-        proj |= {
-            p + "0.to_q.weight": _normal(g, inner, w),
-            p + "0.to_kv.weight": _normal(g, 2 * inner, w),
-            p + "0.to_out.weight": _normal(g, w, inner),
-            p + "1.1.weight": _normal(g, 4 * w, w),
-            p + "1.3.weight": _normal(g, w, 4 * w),
-        }
+    proj |= resampler_blocks(g, w, inner, r)
     return {"image_proj": proj, "ip_adapter": _ip_layers(unet, g) | _lora(unet, g)}
 
 

@@ -68,6 +68,7 @@ API_KWARGS = {
     "aesthetic_score": "aesthetic_score",
     "negative_aesthetic_score": "negative_aesthetic_score",
     "clip_skip": "clip_skip",
+    "prompt_weighting": "prompt_weighting",
     "eta": "eta",
     "controlnet_scale": "controlnet_conditioning_scale",
     "control_start": "control_guidance_start",
@@ -341,6 +342,9 @@ def build_parser():
     add("--negative-aesthetic-score",  type=float, default=None,      help="refiner negative aesthetic score")
     add("--clip-skip",                 type=int,   default=None,      help="read N layers before SDXL's penultimate "
                                                                            "CLIP layer (diffusers' clip_skip)")
+    add("--prompt-weighting",          choices=("a1111",), default=None, help="read the prompts in A1111's syntax: "
+                                                                           "(word:1.3), (word), [word], BREAK, "
+                                                                           "no 77-token limit (off: diffusers')")
     add("--dtype",           choices=("auto", *DTYPES), default="auto", help="auto: fp16 on CUDA, else fp32")
     add("--device",                                default="auto",    help="cpu, cuda, cuda:N (auto: cuda if any)")
     add("--offload",                   action="store_true",           help="model offload: idle parts wait on the CPU")

@@ -6,6 +6,7 @@ The base conditions on both encoders: CLIP-L's and bigG's penultimate hidden sta
 embeddings are bigG's alone (1280 wide). Everything here works on a minsdxl.checkpoint.SDXL `model`.
 """
 
+import re
 import warnings
 
 import torch
@@ -99,19 +100,142 @@ def expand_textual_inversion(prompt: str, tokenizer) -> str:
     return prompt
 
 
-def _encode(pairs, prompt_lists, clip_skip, max_length=77, cuda_graphs=False):
+# ------------------------------------------------------------------------------------------------
+# A1111 prompt weighting: "(word:1.3)", "(word)", "[word]", "BREAK" and prompts of any length. The rules
+# are AUTOMATIC1111 webui's (modules/prompt_parser.py parse_prompt_attention, sd_hijack_clip.py), its
+# default "Original" emphasis and comma_padding_backtrack 20; diffusers itself has no prompt weighting
+
+# escaped \( \) \[ \] \\, a lone \, ( [, ":weight)", ) ], text, a lone ":"
+_ATTENTION = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+CHUNK = 75  # prompt tokens per 77-token CLIP window (BOS + 75 + EOS)
+COMMA_BACKTRACK = 20  # a full window ending at most this many tokens after a comma is cut after it
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str | None, float]]:
+    """A1111's prompt syntax -> [(text, weight)], runs of one weight merged, None for a BREAK:
+    "(x)" multiplies x's weight by 1.1, "[x]" divides it by 1.1, "(x:1.3)" multiplies it by 1.3 (nesting
+    multiplies), "\\(" etc. are literal brackets; unclosed brackets still apply (to the end)."""
+    out: list[list] = []
+    rounds, squares = [], []
+
+    def scale(start, factor):
+        for part in out[start:]:
+            part[1] *= factor
+
+    for m in _ATTENTION.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\"):
+            out.append([tok[1:], 1.0])
+        elif tok in "([":
+            (rounds if tok == "(" else squares).append(len(out))
+        elif weight is not None and rounds:
+            try:
+                scale(rounds.pop(), float(weight))
+            except ValueError:
+                raise ValueError(
+                    f"prompt weight {weight!r} in {text!r} is not a number: write e.g. (word:1.2)"
+                ) from None
+        elif tok == ")" and rounds:
+            scale(rounds.pop(), 1.1)
+        elif tok == "]" and squares:
+            scale(squares.pop(), 1 / 1.1)
+        else:  # text, or a bracket / ":w)" with nothing open: literal
+            for i, part in enumerate(_BREAK.split(tok)):
+                if i:
+                    out.append([None, 1.0])
+                out.append([part, 1.0])
+    for start in rounds:
+        scale(start, 1.1)
+    for start in squares:
+        scale(start, 1 / 1.1)
+    merged: list[list] = []
+    for part in out or [["", 1.0]]:
+        if merged and part[0] is not None and merged[-1][0] is not None and merged[-1][1] == part[1]:
+            merged[-1][0] += part[0]  # merged before tokenizing, as A1111 does: "(x)" tokenizes with its neighbours
+        else:
+            merged.append(part)
+    return [(t, w) for t, w in merged]
+
+
+def weighted_chunks(prompt: str, tokenizer) -> list[tuple[list[int], list[float]]]:
+    """A prompt -> its 75-token windows [(ids, weights)], as A1111's tokenize_line cuts them: a window is
+    closed when full (at its last comma when that is at most 20 tokens back, the rest moving on) or at a
+    BREAK; an empty prompt is one empty window."""
+    chunks, ids, weights, comma = [], [], [], -1
+    comma_id = tokenizer.encoder.get(",</w>")
+
+    def close():
+        nonlocal ids, weights, comma
+        chunks.append((ids, weights))
+        ids, weights, comma = [], [], -1
+
+    for text, w in parse_prompt_attention(expand_textual_inversion(prompt, tokenizer)):
+        if text is None:
+            close()
+            continue
+        for token in tokenizer.encode(text)[1:-1]:
+            if token == comma_id:
+                comma = len(ids)
+            elif len(ids) == CHUNK and comma != -1 and len(ids) - comma <= COMMA_BACKTRACK:
+                rest = ids[comma + 1 :], weights[comma + 1 :]
+                ids, weights = ids[: comma + 1], weights[: comma + 1]
+                close()
+                ids, weights = rest
+            if len(ids) == CHUNK:
+                close()
+            ids.append(token)
+            weights.append(w)
+    if ids or not chunks:
+        close()
+    return chunks
+
+
+def _windows(chunks, count, tokenizer):
+    """[(ids, weights)] -> ids [count, 77] (BOS, ids, EOS, pads; missing windows empty) and weights [count, 77]."""
+    chunks = chunks + [([], [])] * (count - len(chunks))
+    ids = torch.full((count, CHUNK + 2), tokenizer.pad_token_id, dtype=torch.long)
+    weights = torch.ones(count, CHUNK + 2)
+    for i, (c, w) in enumerate(chunks):
+        ids[i, : len(c) + 2] = torch.tensor([tokenizer.bos_token_id, *c, tokenizer.eos_token_id])
+        weights[i, 1 : len(c) + 1] = torch.tensor(w)
+    return ids, weights
+
+
+def _emphasis(hidden, weights):
+    """A1111's "Original" emphasis, per 77-token window: scale each token's hidden state by its weight, then
+    the window by old mean / new mean (A1111 takes the means over its whole batch; here over the window)."""
+    mean = hidden.mean(dim=(1, 2), keepdim=True)
+    hidden = hidden * weights[..., None].to(hidden)
+    return hidden * (mean / hidden.mean(dim=(1, 2), keepdim=True))
+
+
+def _windows_needed(groups, pairs) -> int:
+    """The most 77-token windows any prompt of `groups` ([prompts, prompts_2] lists) needs with weighting."""
+    return max(len(weighted_chunks(p, tok)) for g in groups for ps, (tok, _) in zip(g, pairs) for p in ps)
+
+
+def _encode(pairs, prompt_lists, clip_skip, max_length=77, cuda_graphs=False, weighting=None):
     """Concatenated hidden states of every encoder [B, 77, sum of widths] and bigG's pooled output.
+    weighting="a1111": A1111's weights and windows, max_length // 77 of them (pooled: the first window's).
     cuda_graphs: the encoders were compiled with CUDA graphs (minsdxl.compile), whose outputs live in
     buffers the next replay overwrites: each call starts a new graph step and its outputs are copied."""
     hidden, pooled = [], None
     for prompts, (tokenizer, encoder) in zip(prompt_lists, pairs):
-        prompts = [expand_textual_inversion(p, tokenizer) for p in prompts]
-        ids = tokenizer(prompts, max_length=max_length)  # warns, quoting what a >77-token prompt loses
+        if weighting:
+            count = max_length // (CHUNK + 2)
+            rows = [_windows(weighted_chunks(p, tokenizer), count, tokenizer) for p in prompts]
+            ids, weights = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+        else:
+            ids = tokenizer([expand_textual_inversion(p, tokenizer) for p in prompts], max_length=max_length)
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         h, p = encoder(ids.to(encoder.device), clip_skip=clip_skip)
         if cuda_graphs:
             h, p = h.clone(), None if p is None else p.clone()
+        if weighting:  # windows side by side; bigG's pooled output from each prompt's first window, as A1111
+            h = _emphasis(h, weights).reshape(len(prompts), max_length, -1)
+            p = None if p is None else p[::count]
         hidden.append(h)
         if p is not None:  # only bigG has a (projected) pooled output: SDXL's "final text encoder"
             pooled = p
@@ -133,6 +257,7 @@ def encode_prompt(
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
     device=None,
     lora_scale: float | None = None,
+    prompt_weighting: str | None = None,
 ):
     """-> (prompt_embeds [B*n, 77, 2048], negative_prompt_embeds, pooled_prompt_embeds [B*n, 1280],
     negative_pooled_prompt_embeds), n = num_images_per_prompt, each prompt's copies adjacent
@@ -143,7 +268,13 @@ def encode_prompt(
       - `negative_prompt=None` gives all-zero negatives when the model's `force_zeros_for_empty_prompt`
         (base: True, refiner: False); otherwise the negative text (None -> "") is encoded;
       - `clip_skip` k reads layer -(k + 2) for the prompt, never for the negative prompt;
-      - `lora_scale` multiplies the loaded LoRA adapters' weights in both text encoders for this call."""
+      - `lora_scale` multiplies the loaded LoRA adapters' weights in both text encoders for this call.
+    Extra (diffusers has no prompt weighting): prompt_weighting="a1111" reads the prompts in A1111's syntax,
+    "(word:1.3)", "(word)" = 1.1, "[word]" = 1/1.1, "BREAK" (a new 77-token window), and never truncates: a
+    prompt of more than 75 tokens takes several windows side by side ([B, 77 * windows, 2048]; A1111's cuts,
+    its "Original" emphasis; pooled from the first window). Prompt and negative get the same number of
+    windows (the shorter padded with empty ones, as A1111's pad_cond_uncond); without any syntax and within
+    75 tokens the result is the unweighted one, bit for bit."""
     # ---- checks, before any heavy work
     pairs = _encoders(model)
     refiner = len(pairs) == 1
@@ -173,7 +304,7 @@ def encode_prompt(
         negative_prompt_2 = negative_prompt_2 or negative_prompt
         negative_prompt = _prompt_list("negative_prompt", negative_prompt, batch)
         negative_prompt_2 = _prompt_list("negative_prompt_2", negative_prompt_2, batch)
-        if prompt_embeds is not None and prompt_embeds.shape[1] > 77:
+        if prompt_embeds is not None and prompt_embeds.shape[1] > 77 and not prompt_weighting:
             raise ValueError(
                 f"`prompt_embeds` are {prompt_embeds.shape[1]} tokens long, but a negative prompt is encoded to"
                 " the same length and CLIP has 77 positions: pass `negative_prompt_embeds` as well"
@@ -188,11 +319,26 @@ def encode_prompt(
                 stacklevel=2,
             )
 
+    length = 77
+    if prompt_weighting is not None:
+        if prompt_weighting != "a1111":
+            raise ValueError(f"prompt_weighting must be None or 'a1111' (A1111's syntax), got {prompt_weighting!r}")
+        groups = [[negative_prompt, negative_prompt_2]] if encode_negative else []
+        if prompt_embeds is None:
+            length = 77 * _windows_needed([[prompt, prompt_2], *groups], pairs)
+        elif groups and (prompt_embeds.shape[1] % 77 or _windows_needed(groups, pairs) > prompt_embeds.shape[1] // 77):
+            raise ValueError(
+                f"the negative prompt needs {_windows_needed(groups, pairs)} windows of 77 tokens but `prompt_embeds`"
+                f" are {prompt_embeds.shape[1]} tokens long: pass `negative_prompt_embeds` as well"
+            )
+
     # ---- encode (lora_scale = diffusers' scale_lora_layers on both text encoders for this call)
     graphs = getattr(model, "cuda_graphs", False)
     with lora.scaled(model, lora_scale, ("text_encoder", "text_encoder_2")):
         if prompt_embeds is None:
-            prompt_embeds, pooled = _encode(pairs, [prompt, prompt_2], clip_skip, cuda_graphs=graphs)
+            prompt_embeds, pooled = _encode(
+                pairs, [prompt, prompt_2], clip_skip, length, cuda_graphs=graphs, weighting=prompt_weighting
+            )
             if pooled_prompt_embeds is None:
                 pooled_prompt_embeds = pooled
 
@@ -202,7 +348,7 @@ def encode_prompt(
         elif encode_negative:
             # diffusers tokenizes the negative to prompt_embeds' length and reads hidden_states[-2] (no clip_skip)
             negative_prompt_embeds, pooled = _encode(
-                pairs, [negative_prompt, negative_prompt_2], None, prompt_embeds.shape[1], graphs
+                pairs, [negative_prompt, negative_prompt_2], None, prompt_embeds.shape[1], graphs, prompt_weighting
             )
             if negative_pooled_prompt_embeds is None:
                 negative_pooled_prompt_embeds = pooled
@@ -303,4 +449,4 @@ def _set_token_embeddings(embedding: torch.nn.Embedding, ids: list[int], vectors
     embedding.num_embeddings = w.shape[0]
 
 
-__all__ = ["encode_prompt", "load_textual_inversion", "expand_textual_inversion"]
+__all__ = ["encode_prompt", "load_textual_inversion", "expand_textual_inversion", "parse_prompt_attention"]

@@ -399,6 +399,7 @@ def _encode(model, a, cfg):
         pooled_prompt_embeds=a["pooled_prompt_embeds"],
         negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
         device=_device(model),
+        prompt_weighting=a["prompt_weighting"],
     )
 
 
@@ -899,9 +900,11 @@ def text2img(
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
+    prompt_weighting=None,
 ):
     """= StableDiffusionXLPipeline.__call__(...).images. Extra: seed=int (a CPU generator), scheduler=
-    (a name such as "euler", "DPM++ 2M Karras", or a minsdxl scheduler), progress=False hides the bar.
+    (a name such as "euler", "DPM++ 2M Karras", or a minsdxl scheduler), progress=False hides the bar,
+    prompt_weighting="a1111" (A1111's "(word:1.3)" syntax and prompts of any length; encode_prompt's).
     With controlnet= (minsdxl.load_controlnet; a list for several) = StableDiffusionXLControlNetPipeline:
     image= is the control image (a list, one per ControlNet), whose size is the default height x width; a
     ControlNet-Union (= StableDiffusionXLControlNetUnionPipeline) takes control_image= (a list) and
@@ -1014,6 +1017,7 @@ def img2img(
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
+    prompt_weighting=None,
 ):
     """= StableDiffusionXLImg2ImgPipeline.__call__(...).images. `image` may be 4-channel latents (e.g. a
     base model's output_type="latent" for the refiner with denoising_start). Extras as text2img;
@@ -1105,6 +1109,7 @@ def inpaint(
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
+    prompt_weighting=None,
 ):
     """= StableDiffusionXLInpaintPipeline.__call__(...).images. White (>= 0.5) mask pixels are repainted.
     Works with the 9-channel inpainting UNet (mask and masked-image latents as extra UNet inputs) and
@@ -1247,6 +1252,7 @@ def instruct_pix2pix(
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
+    prompt_weighting=None,
 ):
     """Edit `image` as the prompt instructs (an 8-channel InstructPix2Pix UNet, e.g.
     diffusers/sdxl-instructpix2pix-768, CosXL Edit with model.is_cosxl_edit = True) = StableDiffusionXL-

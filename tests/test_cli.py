@@ -180,6 +180,7 @@ T2I_FLAGS = ["-p", T2I["prompt"], "-n", T2I["negative_prompt"], *SIZE, "--cfg", 
 T2I_FLAGS += ["--crop-top-left", "0,8", "--original-size", "128x96"]
 
 
+WEIGHTED = "a (red:1.3) cat, [sitting] BREAK on a sofa"
 TINY_PROMPT = "a yellow circle at the bottom left on a black background"
 
 
@@ -258,9 +259,10 @@ def runs(paths, tmp_path_factory):
                 + ["0.5", "-o", "adapter.png", "-q"],
                 dirs["lora"],
             ),
-            "pag": (
+            "pag": (  # with A1111's prompt syntax
                 ["minsdxl", *T2I_FLAGS, "--model", p["base"], "-s", "7", "--pag-scale", "3", "--pag-layers"]
-                + ["mid,up_blocks.0.attentions.1", "-o", "pag.png", "-q"],
+                + ["mid,up_blocks.0.attentions.1", "-o", "pag.png", "-q", "-p", WEIGHTED, "--prompt-weighting"]
+                + ["a1111"],
                 dirs["lora"],
             ),
             "pix2pix": (  # edits the init image at its size rounded down to 8 (64x72)
@@ -518,13 +520,16 @@ def test_t2i_adapter_flags_metadata_and_from_png(runs, api, paths):
     assert np.array_equal(_pixels(folder / "adapter_again.png"), _pixels(folder / "adapter.png"))
 
 
-def test_pag_flags(runs, api):
+def test_pag_and_prompt_weighting_flags(runs, api):
     _ok(runs["pag"])
     layers = ["mid", "up_blocks.0.attentions.1"]
-    made = minsdxl.text2img(api["base"], **T2I, seed=7, pag_scale=3.0, pag_applied_layers=layers, progress=False)[0]
+    kw = dict(T2I, prompt=WEIGHTED, seed=7, pag_scale=3.0, pag_applied_layers=layers, prompt_weighting="a1111")
+    made = minsdxl.text2img(api["base"], **kw, progress=False)[0]
     _same(runs["dirs"]["lora"] / "pag.png", made)
     call = read_png_metadata(runs["dirs"]["lora"] / "pag.png")["minsdxl"]["calls"][0]["kwargs"]
-    assert call["pag_scale"] == 3.0 and call["pag_applied_layers"] == layers
+    assert call["pag_scale"] == 3.0 and call["pag_applied_layers"] == layers and call["prompt_weighting"] == "a1111"
+    plain = minsdxl.text2img(api["base"], **dict(kw, prompt_weighting=None), progress=False)[0]
+    assert np.abs(np.asarray(plain, dtype=float) - np.asarray(made, dtype=float)).max() > 0  # the syntax was read
 
 
 def test_info_on_controlnets_and_adapters(paths, capsys):

@@ -179,6 +179,34 @@ def _lora_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _embedding_spec(spec: str) -> tuple[str, str]:
+    """`PATH[:TOKEN]` -> (path, token), the token defaulting to the file's name; a colon of the path stays."""
+    path, sep, token = spec.rpartition(":")
+    return (path, token) if sep and path and not Path(spec).is_file() else (spec, Path(spec).stem)
+
+
+def _embeddings(args) -> list[tuple[str, str]]:
+    """Every textual-inversion embedding of the run as (path, token): --embedding PATH[:TOKEN] flags (the
+    token defaults to the file's name), then, as A1111 finds them, each --embedding-dir file whose name the
+    prompts use as a word ("negativeXL_D" in the negative prompt loads negativeXL_D.safetensors)."""
+    specs = []
+    for spec in args.embedding or ():
+        path, token = _embedding_spec(spec)
+        if not Path(path).is_file():
+            raise ValueError(f"--embedding {spec}: no file {path} (the form: PATH or PATH:TOKEN)")
+        specs.append((path, token))
+    if args.embedding_dir is not None:
+        if not Path(args.embedding_dir).is_dir():
+            raise ValueError(f"--embedding-dir {args.embedding_dir}: no such folder")
+        text = " ".join(t for t in (args.prompt, args.prompt_2, args.negative_prompt, args.negative_prompt_2) if t)
+        taken = {t.lower() for _, t in specs}
+        for f in sorted(Path(args.embedding_dir).glob("*.safetensors")):
+            used = re.search(rf"(?<![\w-]){re.escape(f.stem)}(?![\w-])", text, re.IGNORECASE)
+            if used and f.stem.lower() not in taken:
+                specs.append((str(f), f.stem))
+    return specs
+
+
 # A1111 / stable-diffusion.cpp extra-network tags: <lora:NAME> or <lora:NAME:W>
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 
@@ -288,6 +316,14 @@ def build_parser():
                                                                       help="a LoRA for the base model (kohya or "
                                                                            "diffusers .safetensors), SCALE default "
                                                                            "1; repeat to combine several")
+    add("--embedding", metavar="PATH[:TOKEN]", action="append", default=None,
+                                                                      help="an SDXL textual-inversion embedding "
+                                                                           "(.safetensors with clip_l, clip_g), "
+                                                                           "used where the prompts say TOKEN "
+                                                                           "(default: the file's name); repeatable")
+    add("--embedding-dir", "--embd-dir", metavar="DIR", default=None, help="embeddings a prompt names by file "
+                                                                           "name load from here (A1111's "
+                                                                           "embeddings/ folder)")
     add("--ip-adapter", metavar="FILE",            default=None,      help="an IP-Adapter for the base model (e.g. "
                                                                            "ip-adapter_sdxl.safetensors): "
                                                                            "--ip-adapter-image is the image prompt")
@@ -405,7 +441,7 @@ def main(argv=None) -> int:
             # stored values fill the namespace first; argparse then sets only what the command line gives
             stored = {k: v for k, v in source["args"].items() if k not in RUN_ONLY}
             # appending flags: given now, they replace the stored list
-            kept = {k: stored.pop(k, None) for k in ("lora", "controlnet", "control_image")}
+            kept = {k: stored.pop(k, None) for k in ("lora", "embedding", "controlnet", "control_image")}
             args = commands["generate"].parse_args(argv, namespace=argparse.Namespace(**stored))
             for k, v in kept.items():
                 setattr(args, k, _each(v) if getattr(args, k) is None and v else getattr(args, k))
@@ -534,6 +570,7 @@ def _check(args, mode):
     if args.sampler is not None:
         minsdxl.make_scheduler(args.sampler)  # unknown names raise, listing the valid ones
     _loras(args)  # missing files and bad weights
+    _embeddings(args)
     if bool(args.ip_adapter) != bool(args.ip_adapter_image):
         raise ValueError("--ip-adapter FILE and --ip-adapter-image IMAGE go together: pass both")
     if (args.ip_adapter_scale is not None or args.image_encoder) and not args.ip_adapter:
@@ -683,6 +720,11 @@ def _load(args, auto_dtype=False):
             names.append(minsdxl.load_lora_weights(base, path, adapter_name=_unique(Path(path).stem, names)))
         minsdxl.set_adapters(base, names, [w for _, w in specs])
         _log(args, f"merged {len(names)} LoRA(s) into the base in {time.perf_counter() - t:.1f} s")
+    for path, token in _embeddings(args):  # before the refiner: it shares tokenizer_2 and text_encoder_2
+        minsdxl.load_textual_inversion(base, path, token)
+        _log(args, f"loaded the embedding {path} as {token!r}")
+    if args.embedding:  # absolute, for --from-png
+        args.embedding = [f"{Path(p).resolve()}:{t}" for p, t in map(_embedding_spec, args.embedding)]
     if args.ip_adapter:
         t = time.perf_counter()
         encoder = str(Path(args.image_encoder).resolve()) if args.image_encoder else "image_encoder"
@@ -711,7 +753,17 @@ def _load(args, auto_dtype=False):
             )
         _log(args, f"loaded refiner {args.refiner} in {time.perf_counter() - t:.1f} s (text encoder 2 and VAE shared)")
     # absolute paths in the metadata, so --from-png works from any folder ("tiny" stays a name)
-    files = ("model", "vae", "refiner", "model_config", "refiner_config", "init_image", "mask", "lora_dir")
+    files = (
+        "model",
+        "vae",
+        "refiner",
+        "model_config",
+        "refiner_config",
+        "init_image",
+        "mask",
+        "lora_dir",
+        "embedding_dir",
+    )
     extras = ("ip_adapter", "ip_adapter_image", "image_encoder", "controlnet", "control_image", "t2i_adapter")
     for name in (*files, *extras, "adapter_image"):
         if getattr(args, name) and not (name == "model" and args.model == tiny.NAME):
@@ -814,6 +866,7 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
             {**_file_info(path), "name": name, "scale": w}
             for (path, w), name in zip(_loras(args), base.lora.adapters if base.lora else ())
         ],
+        "embeddings": [{**_file_info(path), "token": token} for path, token in _embeddings(args)],
         "refiner": _file_info(args.refiner, refiner, args.dtype) if refiner else None,
         "init_image": _file_info(args.init_image) if args.init_image else None,
         "mask": _file_info(args.mask) if args.mask else None,
@@ -843,10 +896,13 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
                         f"the {what.replace('_', ' ')} differs from the one that made {args.from_png} "
                         f"(sha256 {new[:10]}, was {old[:10]}): the image will differ",
                     )
-        old = {x["path"]: x["sha256"] for x in source.get("loras") or ()}
-        for x in about["loras"]:
-            if x["path"] in old and old[x["path"]] != x["sha256"]:
-                _warn(f"the LoRA {x['path']} differs from the one that made {args.from_png}: the image will differ")
+        for kind, name in (("loras", "LoRA"), ("embeddings", "embedding")):
+            old = {x["path"]: x["sha256"] for x in source.get(kind) or ()}
+            for x in about[kind]:
+                if x["path"] in old and old[x["path"]] != x["sha256"]:
+                    _warn(
+                        f"the {name} {x['path']} differs from the one that made {args.from_png}: the image will differ"
+                    )
         if source.get("version") != minsdxl.__version__:
             _warn(f"{args.from_png} was made by minsdxl {source.get('version')}, this is {minsdxl.__version__}")
     return about
@@ -940,6 +996,7 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
         "Eta": args.eta or None,  # = A1111: written when not the default
         # = A1111's extra_generation_params["Lora hashes"] (its <lora:name:w> lives in the prompt text)
         "Lora hashes": ", ".join(f"{x['name']}: {x['hash']}" for x in about["loras"]) or None,
+        "TI hashes": ", ".join(f"{x['token']}: {x['hash']}" for x in about["embeddings"]) or None,  # = A1111's
         "Inpaint area": "Only masked" if args.mask_padding is not None else None,
         "Masked area padding": args.mask_padding,
         # A1111's "Clip skip" counts the layer read from the end (1 = last, 2 = penultimate); diffusers'

@@ -107,6 +107,12 @@ def paths(tiny_base, tiny_refiner, tiny_inpaint, tmp_path_factory):
     layers = lora_layers(model, only=lambda n: "attn" in n or "mlp" in n)
     save_safetensors(kohya_lora(model, random_lora_pairs(layers, seed=1), alpha=2.0), root / "style.safetensors")
     save_safetensors(peft_lora(random_lora_pairs(layers, seed=2)), root / "detail.safetensors")
+    # textual-inversion embeddings: two in an A1111-style folder (one of them named by a prompt), one alone
+    (root / "embeddings").mkdir()
+    widths = {"clip_l": model.text_encoder.config.hidden_size, "clip_g": model.text_encoder_2.config.hidden_size}
+    for seed, file in enumerate(("embeddings/mystyle", "embeddings/unused", "neg")):
+        g = torch.Generator().manual_seed(seed)
+        save_safetensors({k: torch.randn(2, w, generator=g) for k, w in widths.items()}, root / f"{file}.safetensors")
     # an IP-Adapter with its image encoder beside it (the layout of h94/IP-Adapter's sdxl_models/)
     import transformers
 
@@ -148,6 +154,8 @@ def paths(tiny_base, tiny_refiner, tiny_inpaint, tmp_path_factory):
         "ip_adapter": root / "ip-adapter.safetensors",
         "ip_image": root / "style.png",
         "lora_style": root / "style.safetensors",
+        "embeddings": root / "embeddings",
+        "neg_embedding": root / "neg.safetensors",
         "lora_detail": root / "detail.safetensors",
         "base": tiny_base[1],
         "refiner": tiny_refiner[1],
@@ -180,7 +188,8 @@ T2I_FLAGS = ["-p", T2I["prompt"], "-n", T2I["negative_prompt"], *SIZE, "--cfg", 
 T2I_FLAGS += ["--crop-top-left", "0,8", "--original-size", "128x96"]
 
 
-WEIGHTED = "a (red:1.3) cat, [sitting] BREAK on a sofa"
+WEIGHTED = "a (red:1.3) cat, [sitting] BREAK on a sofa, (mystyle:1.2)"
+NEGATIVE = "<neg>, blurry"
 TINY_PROMPT = "a yellow circle at the bottom left on a black background"
 
 
@@ -259,10 +268,11 @@ def runs(paths, tmp_path_factory):
                 + ["0.5", "-o", "adapter.png", "-q"],
                 dirs["lora"],
             ),
-            "pag": (  # with A1111's prompt syntax
+            "pag": (  # with A1111's prompt syntax and textual-inversion embeddings
                 ["minsdxl", *T2I_FLAGS, "--model", p["base"], "-s", "7", "--pag-scale", "3", "--pag-layers"]
                 + ["mid,up_blocks.0.attentions.1", "-o", "pag.png", "-q", "-p", WEIGHTED, "--prompt-weighting"]
-                + ["a1111"],
+                + ["a1111", "-n", NEGATIVE, "--embedding-dir", p["embeddings"], "--embedding"]
+                + [p["neg_embedding"] + ":<neg>"],
                 dirs["lora"],
             ),
             "pix2pix": (  # edits the init image at its size rounded down to 8 (64x72)
@@ -520,15 +530,26 @@ def test_t2i_adapter_flags_metadata_and_from_png(runs, api, paths):
     assert np.array_equal(_pixels(folder / "adapter_again.png"), _pixels(folder / "adapter.png"))
 
 
-def test_pag_and_prompt_weighting_flags(runs, api):
+def test_pag_prompt_weighting_and_embedding_flags(runs, paths):
     _ok(runs["pag"])
+    model = minsdxl.load(paths["base"])
+    minsdxl.load_textual_inversion(model, paths["embeddings"] / "mystyle.safetensors", "mystyle")
+    minsdxl.load_textual_inversion(model, paths["neg_embedding"], "<neg>")
     layers = ["mid", "up_blocks.0.attentions.1"]
-    kw = dict(T2I, prompt=WEIGHTED, seed=7, pag_scale=3.0, pag_applied_layers=layers, prompt_weighting="a1111")
-    made = minsdxl.text2img(api["base"], **kw, progress=False)[0]
-    _same(runs["dirs"]["lora"] / "pag.png", made)
-    call = read_png_metadata(runs["dirs"]["lora"] / "pag.png")["minsdxl"]["calls"][0]["kwargs"]
+    kw = dict(T2I, prompt=WEIGHTED, negative_prompt=NEGATIVE, seed=7, pag_scale=3.0, pag_applied_layers=layers)
+    made = minsdxl.text2img(model, **kw, prompt_weighting="a1111", progress=False)[0]
+    png = runs["dirs"]["lora"] / "pag.png"
+    _same(png, made)
+    meta = read_png_metadata(png)
+    call = meta["minsdxl"]["calls"][0]["kwargs"]
     assert call["pag_scale"] == 3.0 and call["pag_applied_layers"] == layers and call["prompt_weighting"] == "a1111"
-    plain = minsdxl.text2img(api["base"], **dict(kw, prompt_weighting=None), progress=False)[0]
+    # the folder's embedding the prompt names is loaded, the other is not; A1111's "TI hashes"
+    assert [(Path(x["path"]).name, x["token"]) for x in meta["minsdxl"]["embeddings"]] == [
+        ("neg.safetensors", "<neg>"),
+        ("mystyle.safetensors", "mystyle"),
+    ]
+    assert meta["infotext"]["TI hashes"].startswith("<neg>: ") and ", mystyle: " in meta["infotext"]["TI hashes"]
+    plain = minsdxl.text2img(model, **kw, progress=False)[0]
     assert np.abs(np.asarray(plain, dtype=float) - np.asarray(made, dtype=float)).max() > 0  # the syntax was read
 
 
@@ -701,6 +722,11 @@ ERRORS = {
     "lora_missing": (["--model", "{base}", "--lora", "nope.safetensors:0.5"], "--lora nope.safetensors:0.5: no file"),
     "lora_tag_without_dir": (["--model", "{base}", "-p", "a cat <lora:x:0.5>"], "pass --lora-dir DIR"),
     "lora_not_a_lora": (["--model", "{base}", *SIZE, "--lora", "{init}"], "unknown weights format"),
+    "embedding_missing": (
+        ["--model", "{base}", "--embedding", "nope.safetensors:x"],
+        "--embedding nope.safetensors:x: no",
+    ),
+    "embedding_sd15": (["--model", "{base}", *SIZE, "--embedding", "{lora_style}"], "SDXL embedding carries `clip_l`"),
     "ip_adapter_without_image": (["--model", "{base}", "--ip-adapter", "{ip_adapter}"], "pass both"),
     "controlnet_without_image": (["--model", "{base}", "--controlnet", "{controlnet}"], "go together: pass both"),
     "adapter_in_img2img": (

@@ -150,6 +150,66 @@ def _control_residuals(run: _Run, i, x_in, t, state, cache: dict) -> dict:
     return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
 
+class _Pipeline:
+    """The `pipeline` argument of a step callback: the model's attributes, and what diffusers' pipelines offer
+    their callbacks: num_timesteps, guidance_scale and do_classifier_free_guidance, `_guidance_scale` to set
+    (from the next step on; at <= 1 guidance ends and the batch keeps its positive rows only: diffusers'
+    SDXLCFGCutoffCallback), `_interrupt = True` (the remaining steps are skipped, the latents so far are the
+    result: diffusers' interrupt), set_ip_adapter_scale (diffusers' IPAdapterScaleCutoffCallback)."""
+
+    def __init__(self, model, run: "_Run"):
+        vars(self).update(_model=model, _run=run, _interrupt=False, _reproject=False)
+
+    def __getattr__(self, name):  # what the view does not have is the model's
+        return getattr(self._model, name)
+
+    def __setattr__(self, name, value):
+        if name == "_guidance_scale":
+            self._run.guidance_scale = float(value)
+        elif name in ("_interrupt", "_reproject"):
+            vars(self)[name] = value
+        else:
+            setattr(self._model, name, value)
+
+    _guidance_scale = guidance_scale = property(lambda self: self._run.guidance_scale)
+    guidance_rescale = property(lambda self: self._run.guidance_rescale)
+    do_classifier_free_guidance = property(lambda self: self._run.cfg)
+    num_timesteps = property(lambda self: len(self._run.timesteps))
+    interrupt = property(lambda self: self._interrupt)
+    scheduler = property(lambda self: self._run.scheduler)
+
+    def set_ip_adapter_scale(self, scale):
+        ip_adapter.set_ip_adapter_scale(self._model, scale)
+        self._reproject = True  # the projected image k, v carry the scale
+
+
+def _drop_guidance_rows(run: _Run, state: dict, before: int, b: int):
+    """A callback ended guidance (its `_guidance_scale` <= 1): every CFG-batched input keeps its last
+    run.copies chunks of b rows (the negative ones lead), unless the callback already cut it (diffusers'
+    cutoff callbacks cut the prompt's three; the rest diffusers leaves, and fails on)."""
+    after = run.copies
+
+    def cut(name, t):
+        if not isinstance(t, torch.Tensor) or t.shape[0] == after * b:
+            return t
+        if t.shape[0] != before * b:
+            raise ValueError(
+                f"after a step callback ended guidance, {name} has {t.shape[0]} rows; {after * b} (without the "
+                f"negative ones) or {before * b} (all, cut here) fit this batch of {b}"
+            )
+        return t[(before - after) * b :]
+
+    state.update({k: cut(k, v) for k, v in state.items()})
+    run.image_embeds = run.image_embeds and [cut("an IP-Adapter's image_embeds", t) for t in run.image_embeds]
+    run.adapter_features = run.adapter_features and [cut("a T2I-Adapter's features", t) for t in run.adapter_features]
+    run.image_latents = cut("the InstructPix2Pix image latents", run.image_latents)
+    for c in run.controls or ():
+        c.images = [cut("a control image", t) for t in c.images]
+        c.kinds = cut("a ControlNet-Union's kinds", c.kinds)
+    for m in run.pag_layers or ():  # PAG's perturbed rows are still the last chunk, of fewer
+        m.pag = after
+
+
 def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), progress=True) -> torch.Tensor:
     """The one denoising loop: CFG batch [negative, positive], scale, (+ ControlNets), (+ mask inputs),
     UNet, guidance, scheduler step (+ 4-channel inpaint blend), callback."""
@@ -165,7 +225,10 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
     t_unet = run.timesteps.to(x.device)  # once, not a host-to-device copy per step
     projected = None  # (embeds, their version, project_context(embeds)): the prompt's (and image's) k, v
     control_cache = {}
+    view = _Pipeline(model, run)
     for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="denoising", leave=False)):
+        if view.interrupt:  # = diffusers: `continue` through the remaining steps
+            continue
         if getattr(model, "cuda_graphs", False):  # last step's UNet output buffers may be reused now
             torch.compiler.cudagraph_mark_step_begin()
         x_in = s.scale_model_input(torch.cat([x] * run.copies) if run.copies > 1 else x, t)
@@ -203,10 +266,20 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
             known = s.add_noise(image_latents, noise, run.timesteps[i + 1]) if i < n - 1 else image_latents
             x = (1 - mask) * known + mask * x
         if callback is not None:
-            out = callback(model, i, t, {k: (x if k == "latents" else state[k]) for k in callback_inputs})
+            copies = run.copies
+            out = callback(view, i, t, {k: (x if k == "latents" else state[k]) for k in callback_inputs})
             out = dict(out or {})
             x = out.pop("latents", x)
             state.update({k: v for k, v in out.items() if k in state})
+            if run.copies > copies:
+                raise ValueError(
+                    f"a step callback set guidance_scale {run.guidance_scale} at step {i}, turning classifier-free "
+                    "guidance on: the negative prompt was never encoded; start with guidance on and end it instead"
+                )
+            if run.copies < copies:
+                _drop_guidance_rows(run, state, copies, x.shape[0])
+            if view._reproject or run.copies < copies:
+                projected, view._reproject = None, False
     return x
 
 
@@ -268,6 +341,8 @@ def _check_common(model, a, mode):
     start, end = a.get("denoising_start"), a.get("denoising_end")
     if start is not None and end is not None and start >= end:
         raise ValueError(f"denoising_start={start} must be below denoising_end={end}")
+    if hasattr(a["callback_on_step_end"], "tensor_inputs"):  # = diffusers: a PipelineCallback names its own
+        a["callback_on_step_end_tensor_inputs"] = a["callback_on_step_end"].tensor_inputs
     bad = [k for k in a["callback_on_step_end_tensor_inputs"] if k not in _CALLBACK_INPUTS]
     if bad:
         raise ValueError(

@@ -161,6 +161,19 @@ def test_scale_zero_is_the_text_only_result(repo):
     assert torch.equal(with_zero, minsdxl.text2img(model, "a cat", **kw))
 
 
+def test_ip_adapter_scale_cutoff_callback_matches_diffusers(repo):
+    """diffusers' IPAdapterScaleCutoffCallback calls pipeline.set_ip_adapter_scale(0.0) mid-run: the image
+    prompt's projected k, v (projected once per run) are projected again with the new scale."""
+    from diffusers.callbacks import IPAdapterScaleCutoffCallback
+
+    pipe, model = _both(repo, PLAIN)
+    cutoff = IPAdapterScaleCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)
+    ref, got = _latents(pipe, model, ip_adapter_image=_image(0), callback_on_step_end=cutoff)
+    assert rel_err(got, ref) <= TOL
+    minsdxl.set_ip_adapter_scale(model, 1.0)
+    assert rel_err(got, _latents(pipe, model, ip_adapter_image=_image(0))[1]) > 1e-3  # the cut took effect
+
+
 @pytest.mark.parametrize("fn", ["img2img", "inpaint"])
 def test_img2img_and_inpaint_take_image_prompts_like_diffusers(repo, fn):
     root, base = repo

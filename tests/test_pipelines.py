@@ -530,6 +530,54 @@ def test_callback_on_step_end_changes_latents_and_conditioning(models, in_place)
     assert rel_err(plain, got) > 1e-3  # the callback's changes took effect
 
 
+def test_callbacks_end_guidance_change_it_and_interrupt_as_in_diffusers(models):
+    """The callback's `pipeline`: diffusers' SDXLCFGCutoffCallback (a PipelineCallback naming its own
+    tensor inputs, setting pipeline._guidance_scale = 0 and cutting the prompt's tensors to the positive
+    row), a new guidance scale mid-run, and `_interrupt` (the remaining steps skipped)."""
+    from diffusers.callbacks import SDXLCFGCutoffCallback
+
+    pipe, model = models["base"]
+    kw = dict(prompt="a red circle", negative_prompt="blue", num_inference_steps=5, **SIZE)
+
+    def both(callback):
+        ref = pipe(
+            **kw, callback_on_step_end=callback, generator=torch.Generator().manual_seed(0), output_type="latent"
+        )
+        got = minsdxl.text2img(model, **kw, callback_on_step_end=callback, seed=0, output_type="latent", progress=False)
+        _assert_close(ref.images, got)
+        return got
+
+    cutoff = both(SDXLCFGCutoffCallback(cutoff_step_ratio=0.4))
+
+    def lower_then_stop(p, i, t, tensors):
+        assert p.num_timesteps == 5 and p.do_classifier_free_guidance
+        if i == 1:
+            p._guidance_scale = 2.5
+        if i == 2:
+            p._interrupt = True
+        return {}
+
+    stopped = both(lower_then_stop)
+
+    def end_guidance_only(p, i, t, tensors):  # the prompt's tensors are left for minsdxl to cut
+        if i == int(p.num_timesteps * 0.4):
+            p._guidance_scale = 0.0
+        return {}
+
+    ours = minsdxl.text2img(model, **kw, callback_on_step_end=end_guidance_only, seed=0, output_type="latent",
+                            progress=False)  # fmt: skip
+    assert torch.equal(ours, cutoff)
+    plain = minsdxl.text2img(model, **kw, seed=0, output_type="latent", progress=False)
+    assert rel_err(plain, cutoff) > 1e-3 and rel_err(plain, stopped) > 1e-3
+
+    def guidance_on(p, i, t, tensors):
+        p._guidance_scale = 5.0
+        return {}
+
+    with pytest.raises(ValueError, match="turning classifier-free guidance on"):
+        minsdxl.text2img(model, **dict(kw, guidance_scale=1.0), callback_on_step_end=guidance_on, progress=False)
+
+
 def test_progress_bar_shown_by_default_and_hidden_on_request(models, capsys):
     _, model = models["base"]
     kw = dict(prompt="a cat", num_inference_steps=3, output_type="latent", seed=0, **SIZE)

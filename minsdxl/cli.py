@@ -32,7 +32,7 @@ import torch
 
 import minsdxl
 from minsdxl import checkpoint, tiny
-from minsdxl.image import watermark_available
+from minsdxl.image import blur_mask, watermark_available
 from minsdxl.metadata import SCHEMA, infotext, read_png_metadata, save_png, sha256, short_hash
 from minsdxl.schedulers import A1111_NAMES, SCHEDULERS
 
@@ -297,6 +297,9 @@ def build_parser():
     add("--mask-padding", metavar="N", type=int,   default=None,      help="inpaint only the box around the mask, "
                                                                            "N px wider, at -W x -H, and paste it "
                                                                            "back (A1111's 'only masked')")
+    add("--mask-blur", metavar="N",    type=int,   default=None,      help="blur the mask, radius N px (diffusers' "
+                                                                           "mask_processor.blur): --mask-padding "
+                                                                           "pastes back with the soft edge")
     add("-b", "--batch",               type=int,   default=1,         help="images, with seeds seed, seed+1, ...")
     out.add_argument("-o", "--output",             default=None,      help="output .png ({seed}, {index} allowed)")
     out.add_argument("--outdir",                   default="outputs", help="folder for {counter:05d}-{seed}.png")
@@ -554,6 +557,8 @@ def _check(args, mode):
         raise ValueError("--mask needs the image to repaint: pass it with -i/--init-image")
     if args.mask_padding is not None and args.mask_padding < 0:
         raise ValueError(f"--mask-padding must be 0 or more pixels, got {args.mask_padding}")
+    if args.mask_blur is not None and (args.mask_blur < 0 or not args.mask):
+        raise ValueError(f"--mask-blur {args.mask_blur}: a blur radius of 0 or more pixels, for an inpaint --mask")
     if args.mask_padding is not None and not args.mask:
         raise ValueError("--mask-padding crops around the mask: pass --mask (and -i) too")
     if args.mask_padding is not None and args.refiner and args.refiner_mode == "switch":
@@ -616,6 +621,8 @@ def _read_images(args, mode):
         return None, None, args.width, args.height
     init = _open(args.init_image, "init image")
     mask = _open(args.mask, "mask") if args.mask else None
+    if mask is not None and args.mask_blur:
+        mask = blur_mask(mask.convert("L"), args.mask_blur)
     if mask is not None and mask.size != init.size:
         raise ValueError(
             f"the mask is {mask.width}x{mask.height} but the init image is {init.width}x{init.height}; "
@@ -999,6 +1006,7 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
         "TI hashes": ", ".join(f"{x['token']}: {x['hash']}" for x in about["embeddings"]) or None,  # = A1111's
         "Inpaint area": "Only masked" if args.mask_padding is not None else None,
         "Masked area padding": args.mask_padding,
+        "Mask blur": args.mask_blur,
         # A1111's "Clip skip" counts the layer read from the end (1 = last, 2 = penultimate); diffusers'
         # SDXL clip_skip k reads hidden_states[-(k + 2)]
         "Clip skip": args.clip_skip + 2 if args.clip_skip is not None else None,

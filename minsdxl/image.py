@@ -3,6 +3,7 @@ VaeImageProcessor does for SDXL (image: resize, [0,1] -> [-1,1]; mask: grayscale
 
 import numpy as np
 import PIL.Image
+import PIL.ImageFilter
 import PIL.ImageOps
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,16 @@ def to_tensor(
         raise ValueError(f"an image needs 3 channels (RGB), got {x.shape[1]}")
     # = VaeImageProcessor.preprocess: a tensor already in [-1, 1] is not normalised again
     return x if x.min() < 0 else 2.0 * x - 1.0
+
+
+def blur_mask(mask: PIL.Image.Image, blur_factor: float = 4) -> PIL.Image.Image:
+    """A soft-edged mask (= diffusers' VaeImageProcessor.blur: PIL's GaussianBlur of radius blur_factor), for
+    an inpainted region that fades into the picture."""
+    if not isinstance(mask, PIL.Image.Image):
+        raise TypeError(f"blur_mask takes a PIL image, got {type(mask).__name__}")
+    if blur_factor < 0:
+        raise ValueError(f"blur_factor must be 0 or more (pixels), got {blur_factor}")
+    return mask.filter(PIL.ImageFilter.GaussianBlur(blur_factor))
 
 
 def mask_crop_region(mask: PIL.Image.Image, width: int, height: int, pad: int) -> tuple[int, int, int, int]:

@@ -16,6 +16,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import diffusers.image_processor
 import numpy as np
 import PIL.Image
 import pytest
@@ -40,6 +41,7 @@ from minsdxl.checkpoint import diffusers_to_sgm, read_safetensors, save_safetens
 from minsdxl.cli import build_parser, describe_control, main, read_png_metadata
 from minsdxl.config import ControlNetUnionConfig
 from minsdxl.controlnet import controlnet_config_json
+from minsdxl.image import blur_mask
 from minsdxl.metadata import infotext, parse_infotext, save_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,7 +220,8 @@ def runs(paths, tmp_path_factory):
             ),
             "inpaint_crop": (  # A1111's "only masked": the box around the mask at -W x -H, pasted back
                 ["minsdxl", "-p", "a dog", "--model", p["inpaint"], "-i", p["init"], "--mask", p["mask"]]
-                + ["--steps", "2", "--mask-padding", "4", "-W", "64", "-H", "64", "-s", "3", "-o", "crop.png", "-q"],
+                + ["--steps", "2", "--mask-padding", "4", "-W", "64", "-H", "64", "-s", "3", "-o", "crop.png", "-q"]
+                + ["--mask-blur", "3"],
                 dirs["inpaint"],
             ),
             # the console script, and a single file with its configs from --config
@@ -651,15 +654,22 @@ def test_refiner_switch_handoff_and_verbose(runs, api):
     assert "2 text2img + 2 img2img steps" in r.stderr and "peak memory" in r.stderr
 
 
-def test_inpaint_only_masked(runs, api, paths):
+def test_inpaint_only_masked_with_mask_blur(runs, api, paths):
     _ok(runs["inpaint_crop"])
     image, mask = PIL.Image.open(paths["init"]), PIL.Image.open(paths["mask"])
-    kw = dict(image=image, mask_image=mask, height=64, width=64, num_inference_steps=2, seed=3, padding_mask_crop=4)
+    blurred = diffusers.image_processor.VaeImageProcessor.blur(mask, blur_factor=3)
+    assert np.array_equal(np.asarray(blur_mask(mask, 3)), np.asarray(blurred))  # = diffusers' mask_processor.blur
+    kw = dict(image=image, height=64, width=64, num_inference_steps=2, seed=3, padding_mask_crop=4)
     path = runs["dirs"]["inpaint"] / "crop.png"
-    _same(path, minsdxl.inpaint(api["inpaint"], "a dog", **kw)[0])
+    made = minsdxl.inpaint(api["inpaint"], "a dog", mask_image=blurred, **kw)[0]
+    _same(path, made)
+    sharp = np.asarray(minsdxl.inpaint(api["inpaint"], "a dog", mask_image=mask, **kw)[0], dtype=float)
+    assert np.abs(sharp - np.asarray(made, dtype=float)).max() > 0  # the soft edge blends the paste-back
     assert PIL.Image.open(path).size == image.size  # pasted back into the whole image
     meta = read_png_metadata(path)
-    assert {"Inpaint area": "Only masked", "Masked area padding": "4"}.items() <= meta["infotext"].items()
+    assert {"Inpaint area": "Only masked", "Masked area padding": "4", "Mask blur": "3"}.items() <= meta[
+        "infotext"
+    ].items()
     assert meta["minsdxl"]["calls"][0]["kwargs"]["padding_mask_crop"] == 4
 
 

@@ -30,7 +30,7 @@ from .image import (
 )
 from .prompt import encode_prompt
 from .rng import randn
-from .schedulers import DDIM, Scheduler, make_scheduler
+from .schedulers import DDIM, DPMSolverSDE, Scheduler, make_scheduler
 from .t2i_adapter import T2IAdapter
 
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -411,6 +411,11 @@ def _scheduler(model, a) -> Scheduler:
     name = a["scheduler"]
     if not isinstance(name, Scheduler):
         name = make_scheduler(name if name is not None else getattr(model, "scheduler", None), model.scheduler_config)
+    if a["seed"] is not None and isinstance(name, DPMSolverSDE) and name.config["noise_sampler_seed"] is None:
+        # seed= fixes the Brownian motion too (diffusers seeds it from torch's global RNG: the seed its step
+        # draws after torch.manual_seed(seed)), so a seed, and the CLI's, always gives the same image
+        g = torch.Generator().manual_seed(int(a["seed"]))
+        name = type(name)({**name.config, "noise_sampler_seed": torch.randint(0, 2**63 - 1, [], generator=g).item()})
     if a["eta"] and type(name) is DDIM:  # the other schedulers' steps take no eta: ignored, as in diffusers
         raise ValueError("eta > 0 (stochastic DDIM) is not supported; use eta=0.0 or the 'euler_a' scheduler")
     # = retrieve_timesteps: custom timesteps or sigmas replace num_inference_steps (their count is the steps)

@@ -1,6 +1,6 @@
 """Noise schedules and update rules as diffusers has them: Euler, Euler a, Heun, DPM2 (a), LMS, DDIM, DPM++ 2M,
-3M, singlestep 2S, 3S and their SDE variants, UniPC, DEIS, LCM, TCD, and EDM Euler and EDM DPM++ (Playground
-v2.5, CosXL).
+3M, singlestep 2S, 3S and their SDE variants, DPM++ SDE (Brownian-tree noise), UniPC, DEIS, LCM, TCD, and EDM
+Euler and EDM DPM++ (Playground v2.5, CosXL).
 
 Each scheduler is built from a diffusers `scheduler_config.json` dict (missing keys take the defaults of the
 matching diffusers class, as `from_config` does) and reproduces that class's timesteps, sigmas and `step`.
@@ -33,7 +33,7 @@ import math
 import numpy as np
 import torch
 
-from minsdxl.rng import randn
+from minsdxl.rng import BrownianInterval, randn
 
 # diffusers loaders/single_file_utils.py SCHEDULER_DEFAULT_CONFIG, plus what SDXL's own scheduler_config.json
 # adds (stabilityai/stable-diffusion-xl-base-1.0 and the refiner ship the same file).
@@ -167,6 +167,7 @@ class Scheduler:
     extra_point = 0  # DPM-Solver spaces N+1 points and drops the last
     custom: tuple = ()  # which custom schedules this diffusers class's set_timesteps takes
     integer_timesteps = False  # DDIM and DPM-Solver round "linspace" timesteps to integers
+    timestep_dtype = np.float32  # of the spaced timesteps the σ are interpolated at (DPM++ SDE: float64)
     takes_eta = False  # step(..., eta=): the pipelines pass their eta to such a step (prepare_extra_step_kwargs)
     karras_in_name = False  # the instance's name says "_karras" when its sigmas are (dpm2_karras, lms_karras)
     edm = False  # an EDM scheduler: σ from the config's range, no betas (see _EDM)
@@ -294,7 +295,7 @@ class Scheduler:
         else:
             t = np.linspace(0, T - 1, m)
             t = (t.round() if self.integer_timesteps else t)[::-1][:n]
-        return t.astype(np.float32)
+        return t.astype(self.timestep_dtype)
 
     def _sigma_schedule(self, timesteps, n, karras_range, round_t=False):
         """The sigma table shared by Euler, Euler a and DPM++: σ_train linearly interpolated at `timesteps`,
@@ -392,14 +393,18 @@ class EulerDiscrete(Scheduler):
         # "leading" starts at σ(981) but scales the noise as if at sqrt(σ²+1) (diffusers init_noise_sigma)
         spacing = self.config["timestep_spacing"]
         self.init_noise_sigma = float(top if spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5)
-        self._sigma, self._in_scale = s, (s**2 + 1) ** 0.5
-        self._v_out, self._v_in = -s / (s**2 + 1) ** 0.5, s**2 + 1
+        self._unet_sigma_tables(s)
         self._keep, self._noise = torch.ones_like(s), s
         if self.ancestral:  # EulerAncestralDiscreteScheduler.step: go down to σ_down, add σ_up of fresh noise
             up = (s[1:] ** 2 * (s[:-1] ** 2 - s[1:] ** 2) / s[:-1] ** 2) ** 0.5
             self._dt, self._up = (s[1:] ** 2 - up**2) ** 0.5 - s[:-1], up
         else:
             self._dt = s[1:] - s[:-1]
+
+    def _unet_sigma_tables(self, s):
+        """What scale_model_input and _x0 read per UNet call: the σ the UNet sees, sqrt(σ² + 1), v's factors."""
+        self._sigma, self._in_scale = s, (s**2 + 1) ** 0.5
+        self._v_out, self._v_in = -s / (s**2 + 1) ** 0.5, s**2 + 1
 
     def scale_model_input(self, x, t=None):
         return x / self._in_scale[self._index(t)]
@@ -566,6 +571,107 @@ class KDPM2Ancestral(KDPM2):
     def _whole_step(self, start, slope, sigma, nxt, i, eps, generator):
         x = start + slope * (self._down[i] - sigma)
         return x + randn(eps.shape, generator, eps.device, eps.dtype) * self._up[i]
+
+
+class DPMSolverSDE(HeunDiscrete):
+    """DPM++ SDE, A1111's "DPM++ SDE (Karras)" (= diffusers DPMSolverSDEScheduler, k-diffusion's sample_dpmpp_sde):
+    each step from σ_i to σ_{i+1} is two ancestral DPM-Solver++(1) steps in t = -log σ from the same start: one
+    to the log-midpoint σ_mid = sqrt(σ_i σ_{i+1}), where the UNet runs again, then the whole step with the x0
+    found there. Each goes down to σ_down by the exponential integrator, σ_down/σ_from·x - expm1(t_from -
+    t_down)·x0, and adds σ_up of Brownian noise; the last step is Euler's to σ = 0. The UNet runs at t0, t_mid0,
+    t1, ..., t_{N-1} (2N-1 calls); σ, init_noise_sigma and add_noise are Heun's; nothing is upcast.
+
+    The noise is not the pipeline generator's but W(σ_to, σ_from)/sqrt(σ_from - σ_to) of a Brownian motion in
+    σ (rng.BrownianInterval: one over the whole batch, or one per image for a list of seeds), made at the first
+    step over the schedule's σ range with entropy noise_sampler_seed or, where the config has None, a number
+    drawn there from torch's global RNG (so torch.manual_seed before a call fixes it, as in diffusers)."""
+
+    name = "dpmpp_sde"
+    custom = ()
+    karras_in_name = True
+    defaults = dict(use_karras_sigmas=False, beta_start=0.00085, beta_end=0.012, noise_sampler_seed=None)
+    # diffusers' class always ends at σ = 0, and its _convert_to_karras (LMS's) reads no sigma_min / sigma_max
+    forced = dict(final_sigmas_type="zero", sigma_min=None, sigma_max=None)
+    timestep_dtype = np.float64  # set_timesteps spaces "linspace" in float64 and interpolates σ there
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        seed = self.config["noise_sampler_seed"]
+        if seed is not None and not all(
+            isinstance(e, int) and not isinstance(e, bool) and e >= 0
+            for e in (seed if isinstance(seed, (list, tuple)) else [seed])
+        ):
+            raise ValueError(
+                f"scheduler config noise_sampler_seed={seed!r} must be None (a seed from torch's global RNG), an int"
+                " >= 0, or a list of them, one per image"
+            )
+
+    def _schedule(self, timesteps, n):
+        """= set_timesteps: Heun's doubled σ and timesteps, the second of each pair replaced by the timestep
+        of the step's log-midpoint σ (= _second_order_timesteps, float64 numpy as there)."""
+        timesteps, sigmas = super()._schedule(timesteps, n)
+        t = -np.log(sigmas[:-1:2])  # t = -log σ at σ_0 .. σ_{N-1}
+        timesteps[1::2] = _sigma_to_t(np.exp(-(t[:-1] + np.diff(t) * 0.5)), np.log(self.train_sigmas))
+        return timesteps, sigmas
+
+    def _precompute(self):
+        """Per UNet call i (the first or second half of step i // 2, from σ to σ_next), the float32 scalars
+        DPMSolverSDEScheduler.step computes from 0-d tensors, in its order: the σ the UNet sees (σ, then σ_mid
+        = sigma_fn(t_proposed)), the ancestral step from σ_from = sigma_fn(t) to σ_to = sigma_fn(t_proposed)
+        (first half) or sigma_fn(t_next) (second half): σ_up, σ_down, the update's factors, and the noise's
+        query times and scale. Euler's tables stay on the doubled σ (add_noise, the last step's dt)."""
+        super()._precompute()
+        s, n = self.sigmas, len(self.timesteps)
+        t, t_next = s[0::2].log().neg(), s[1::2].log().neg()  # per step; t_next = inf at the final σ of 0
+        t_mid = t + (t_next - t) * 0.5
+
+        def per_call(first_half, second_half):
+            return torch.stack([first_half, second_half], dim=1).reshape(-1)[:n]
+
+        self._unet_sigma_tables(per_call(s[0::2], t_mid.neg().exp()))
+        self._euler = per_call(s[1::2] == 0, s[1::2] == 0).tolist()  # the last step, to σ = 0: Euler's
+        t_from = per_call(t, t)
+        sigma_from, sigma_to = t_from.neg().exp(), per_call(t_mid, t_next).neg().exp()
+        up = torch.minimum(sigma_to, (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+        t_down = ((sigma_to**2 - up**2) ** 0.5).log().neg()
+        self._ratio, self._c, self._up = t_down.neg().exp() / sigma_from, (t_from - t_down).expm1(), up
+        self._query = list(zip(sigma_to.tolist(), sigma_from.tolist()))  # W(ta, tb) with ta < tb: σ_to first
+        self._span = (sigma_to - sigma_from).abs().sqrt()
+
+    def _start(self, begin):
+        super()._start(begin)
+        self._brownian = None  # made at the first step (set_timesteps drops diffusers' noise_sampler)
+
+    def _brownian_noise(self, x):
+        """= step's BrownianTreeNoiseSampler: over the schedule's σ > 0 (all of it, also in a cut run), in the
+        first step's sample's shape, dtype and device; a list of seeds gives each image its own motion."""
+        seed = self.config["noise_sampler_seed"]
+        if seed is None:  # = BatchedBrownianTree: drawn from the global RNG at the first step
+            seed = torch.randint(0, 2**63 - 1, []).item()
+        s = self.sigmas
+        span = (float(s[s > 0].min()), float(s.max()))
+        if not isinstance(seed, (list, tuple)):
+            return BrownianInterval(*span, x.shape, x.dtype, x.device, seed)
+        if len(seed) != len(x):
+            raise ValueError(f"scheduler config noise_sampler_seed has {len(seed)} seeds for a batch of {len(x)}")
+        motions = [BrownianInterval(*span, x.shape[1:], x.dtype, x.device, e) for e in seed]
+        return lambda ta, tb: torch.stack([w(ta, tb) for w in motions])
+
+    def step(self, eps, t, x, generator=None):  # = DPMSolverSDEScheduler.step; the generator is not used
+        i = self._index(t)
+        self.step_index += 1
+        if self._brownian is None:
+            self._brownian = self._brownian_noise(x)
+        x0 = self._x0(eps, x, i)
+        if self._euler[i]:
+            return x + (x - x0) / self._sigma[i] * self._dt[i]
+        if self._first is None:  # the first half, to σ_mid; its start is the second half's too
+            start = self._first = x
+        else:
+            start, self._first = self._first, None
+        x_next = self._ratio[i] * start - self._c[i] * x0
+        # BatchedBrownianTree sorts the query times up and so negates W (σ_to < σ_from)
+        return x_next + -self._brownian(*self._query[i]) / self._span[i] * self._up[i]
 
 
 class LMSDiscrete(EulerDiscrete):
@@ -1360,6 +1466,8 @@ SCHEDULERS = {
     "dpmpp_3s_sde": (DPMSolverSinglestep, _dpm(3, False, "sde-dpmsolver++")),
     "dpmpp_3s_sde_karras": (DPMSolverSinglestep, _dpm(3, True, "sde-dpmsolver++")),
     "heun": (HeunDiscrete, {}),
+    "dpmpp_sde": (DPMSolverSDE, {"use_karras_sigmas": False}),
+    "dpmpp_sde_karras": (DPMSolverSDE, {"use_karras_sigmas": True}),
     "dpm2": (KDPM2, {"use_karras_sigmas": False}),
     "dpm2_karras": (KDPM2, {"use_karras_sigmas": True}),
     "dpm2_a": (KDPM2Ancestral, {"use_karras_sigmas": False}),
@@ -1392,6 +1500,8 @@ A1111_NAMES = {
     "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
     "DPM++ 3M SDE": "dpmpp_3m_sde",  # A1111 has no 3M without SDE
     "DPM++ 3M SDE Karras": "dpmpp_3m_sde_karras",
+    "DPM++ SDE": "dpmpp_sde",
+    "DPM++ SDE Karras": "dpmpp_sde_karras",
     "Heun": "heun",
     "DPM2": "dpm2",
     "DPM2 Karras": "dpm2_karras",
@@ -1410,6 +1520,7 @@ DIFFUSERS_CLASSES = {
     "DPMSolverMultistepScheduler": DPMSolverMultistep,
     "DPMSolverSinglestepScheduler": DPMSolverSinglestep,
     "HeunDiscreteScheduler": HeunDiscrete,
+    "DPMSolverSDEScheduler": DPMSolverSDE,
     "KDPM2DiscreteScheduler": KDPM2,
     "KDPM2AncestralDiscreteScheduler": KDPM2Ancestral,
     "LMSDiscreteScheduler": LMSDiscrete,
@@ -1428,8 +1539,8 @@ def make_scheduler(name: str | None = None, config: dict | None = None) -> Sched
     `_class_name` names. The config is a diffusers scheduler_config.json dict; None or {} means SDXL's
     (a single-file checkpoint carries none, and diffusers' bare class defaults are not SDXL's betas).
     "euler"/"euler_a"/"ddim" take the config as it is (as diffusers' from_config); the DPM++ names pin
-    solver_order (2M, 3M), use_karras_sigmas and algorithm_type (SDE or not) to what they say, the DPM2,
-    LMS and DEIS names use_karras_sigmas (DEIS's solver_order comes from the config). The EDM names take the
+    solver_order (2M, 3M), use_karras_sigmas and algorithm_type (SDE or not) to what they say, the DPM++ SDE,
+    DPM2, LMS and DEIS names use_karras_sigmas (DEIS's solver_order comes from the config). The EDM names take the
     config's sigma_schedule ("_karras": Karras σ) and pin what they say (solver_order, algorithm_type). For an
     EDM model's config (Playground v2.5, CosXL) a VP name means its EDM counterpart where one exists ("euler"
     edm_euler, "DPM++ 2M Karras" edm_dpmpp_2m_karras, ...), as no VP scheduler can sample an EDM model."""

@@ -33,7 +33,7 @@ import torch
 import minsdxl
 from minsdxl import checkpoint, tiny
 from minsdxl.image import blur_mask, watermark_available
-from minsdxl.metadata import SCHEMA, infotext, read_png_metadata, save_png, sha256, short_hash
+from minsdxl.metadata import SCHEMA, infotext, parse_infotext, read_png_metadata, save_png, sha256, short_hash
 from minsdxl.schedulers import A1111_NAMES, SCHEDULERS
 
 __all__ = ["main", "read_png_metadata", "describe_checkpoint"]
@@ -448,6 +448,13 @@ def main(argv=None) -> int:
             args = commands["generate"].parse_args(argv, namespace=argparse.Namespace(**stored))
             for k, v in kept.items():
                 setattr(args, k, _each(v) if getattr(args, k) is None and v else getattr(args, k))
+            if source.get("a1111") and args.model == tiny.NAME:
+                raise ValueError(
+                    f"{args.from_png} was made by A1111 with the model {source['a1111']}: pass --model PATH (a "
+                    "model is not found by its name)"
+                )
+            if source.get("a1111"):
+                _warn(f"{args.from_png} is A1111's: its settings, not its pixels (A1111 draws its noise otherwise)")
         return generate(args, source)
     except KeyboardInterrupt:
         print("minsdxl: interrupted", file=sys.stderr)
@@ -910,7 +917,7 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
                     _warn(
                         f"the {name} {x['path']} differs from the one that made {args.from_png}: the image will differ"
                     )
-        if source.get("version") != minsdxl.__version__:
+        if "version" in source and source["version"] != minsdxl.__version__:
             _warn(f"{args.from_png} was made by minsdxl {source.get('version')}, this is {minsdxl.__version__}")
     return about
 
@@ -1023,13 +1030,64 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
     }
 
 
+# A1111 infotext entries --from-png takes over as they are: (flag, type)
+A1111_PARAMS = {
+    "Steps": ("steps", int),
+    "CFG scale": ("cfg", float),
+    "Seed": ("seed", int),
+    "Denoising strength": ("strength", float),
+    "Mask blur": ("mask_blur", int),
+    "Masked area padding": ("mask_padding", int),
+    "Eta": ("eta", float),
+    "Refiner switch at": ("refiner_switch", float),
+}
+# what A1111 writes that changes the picture and minsdxl does not do
+A1111_NOT_DONE = ("Hires upscale", "ADetailer model", "Tiling", "Variation seed", "Face restoration", "Schedule rho")
+
+
+def _from_a1111(path, text: str) -> dict:
+    """--from-png for a PNG from AUTOMATIC1111 / Forge (or a site writing its `parameters` text): its settings
+    as this CLI's flags, prompt syntax read as A1111 reads it. Not its pixels: A1111 draws its noise otherwise."""
+    p = parse_infotext(text)
+    args = {"prompt": p["Prompt"], "negative_prompt": p["Negative prompt"]}
+    try:
+        for key, (flag, kind) in A1111_PARAMS.items():
+            if key in p:
+                args[flag] = kind(p[key])
+        if "Size" in p:
+            args["width"], args["height"] = map(int, p["Size"].split("x"))
+        if int(p.get("Clip skip", 2)) > 2:  # our writer's convention; A1111's SDXL reads penultimate either way
+            args["clip_skip"] = int(p["Clip skip"]) - 2
+    except ValueError as e:
+        raise ValueError(f"{path}: cannot read its A1111 parameters ({e})") from None
+    if "Sampler" in p:  # A1111 >= 1.9 writes the schedule apart: "DPM++ 2M" + "Karras" = "DPM++ 2M Karras"
+        schedule = p.get("Schedule type", "Automatic")
+        args["sampler"] = p["Sampler"] + ("" if schedule == "Automatic" else f" {schedule}")
+    if p.get("Emphasis", "Original") == "Original":  # its default; "No norm" / "None" are not A1111's syntax here
+        args["prompt_weighting"] = "a1111"
+    if "Hires upscale" in p:
+        args.pop("strength", None)  # the hires pass's, not an img2img's
+    args = {k: v for k, v in args.items() if v != ""}
+    not_done = [k for k in A1111_NOT_DONE if k in p]
+    if "Emphasis" in p and "prompt_weighting" not in args:
+        not_done.append(f"Emphasis: {p['Emphasis']}")
+    if not_done:
+        _warn(f"{path} asks for what minsdxl does not do, left out: {', '.join(not_done)}")
+    model = p.get("Model", "?") + (f" [{p['Model hash']}]" if "Model hash" in p else "")
+    return {"args": args, "a1111": model}
+
+
 def _read_source(path) -> dict:
-    """The minsdxl JSON of a PNG made by this CLI, for --from-png."""
-    meta = read_png_metadata(path)["minsdxl"]
+    """The minsdxl JSON of a PNG made by this CLI, or the A1111 parameters of one made by AUTOMATIC1111 (or a
+    tool writing them), for --from-png."""
+    found = read_png_metadata(path)
+    meta = found["minsdxl"]
+    if meta is None and found["parameters"]:
+        return _from_a1111(path, found["parameters"])
     if meta is None:
         raise ValueError(
-            f"{path} has no minsdxl metadata (made by another tool, or with --no-metadata); "
-            "--from-png needs an image this CLI wrote"
+            f"{path} has no minsdxl metadata and no A1111 parameters (made by another tool, or with "
+            "--no-metadata); --from-png needs an image this CLI or AUTOMATIC1111 wrote"
         )
     if meta.get("schema", 0) > SCHEMA:
         raise ValueError(f"{path} has metadata schema {meta['schema']}; this minsdxl reads up to {SCHEMA}: upgrade it")

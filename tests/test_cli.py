@@ -449,6 +449,32 @@ def test_lora_flags_metadata_and_from_png(runs, api, paths):
     assert np.array_equal(_pixels(folder / "again.png"), _pixels(folder / "lora.png"))
 
 
+A1111_PARAMETERS = """a (red:1.2) cat <lora:detail:0.5>
+Negative prompt: blurry, [dark]
+Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6, Seed: 42, Size: 64x72, Model hash: 31e35c80fc, \
+Model: sd_xl_base_1.0, Clip skip: 2, Hires upscale: 2, Denoising strength: 0.5, Version: v1.10.1"""
+
+
+def test_from_png_of_an_a1111_image_takes_its_settings(paths, tmp_path, capsys):
+    """An AUTOMATIC1111 PNG: its prompt (syntax, <lora:> tags), negative, steps, sampler with its schedule
+    type, CFG, seed and size drive the run; the hires fix it asks for is named as left out."""
+    png = tmp_path / "a1111.png"
+    save_png(PIL.Image.new("RGB", (64, 72)), png, {"parameters": A1111_PARAMETERS})
+    argv = ["--from-png", str(png), "--lora-dir", str(paths["lora_detail"].parent), "-o", str(tmp_path / "x.png")]
+    assert main(argv) == 1  # no --model: A1111's model is known by name only
+    assert "made by A1111 with the model sd_xl_base_1.0 [31e35c80fc]: pass --model PATH" in capsys.readouterr().err
+    assert main([*argv, "--model", str(paths["base"]), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "left out: Hires upscale" in err and "its settings, not its pixels" in err
+    model = minsdxl.load(paths["base"])
+    minsdxl.load_lora_weights(model, paths["lora_detail"], adapter_name="detail")
+    minsdxl.set_adapters(model, ["detail"], [0.5])
+    kw = dict(negative_prompt="blurry, [dark]", num_inference_steps=3, guidance_scale=6.0, width=64, height=72)
+    made = minsdxl.text2img(model, "a (red:1.2) cat ", **kw, scheduler="DPM++ 2M Karras", seed=42,
+                            prompt_weighting="a1111", progress=False)  # fmt: skip
+    _same(tmp_path / "x.png", made[0])
+
+
 def test_controlnet_flags_metadata_and_from_png(runs, api, paths):
     _ok(runs["cn"])
     folder = runs["dirs"]["lora"]

@@ -45,6 +45,18 @@ MODES = {
     "instruct_pix2pix": minsdxl.instruct_pix2pix,
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# A1111's hires-fix upscalers that need no upscaler model: latent ones (F.interpolate's mode, antialias) and
+# image ones (PIL's resampling); A1111's names
+HIRES_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+    "Lanczos": PIL.Image.LANCZOS,
+    "Nearest": PIL.Image.NEAREST,
+}
 
 # CLI argument -> sampler keyword. Unset (None), the keyword keeps the API's default.
 API_KWARGS = {
@@ -300,6 +312,14 @@ def build_parser():
     add("--mask-blur", metavar="N",    type=int,   default=None,      help="blur the mask, radius N px (diffusers' "
                                                                            "mask_processor.blur): --mask-padding "
                                                                            "pastes back with the soft edge")
+    add("--hires-scale", metavar="F",  type=float, default=None,      help="A1111's hires fix: the text2img image "
+                                                                           "is upscaled F times and reworked by "
+                                                                           "img2img at --hires-strength")
+    add("--hires-upscaler", choices=HIRES_UPSCALERS, default="Latent", help="how the hires fix upscales: the latents "
+                                                                           "(interpolated) or the image (resized)")
+    add("--hires-steps", metavar="N",  type=int,   default=None,      help="the hires pass's steps (default: "
+                                                                           "--steps)")
+    add("--hires-strength",            type=float, default=0.7,       help="the hires pass's denoising strength")
     add("-b", "--batch",               type=int,   default=1,         help="images, with seeds seed, seed+1, ...")
     out.add_argument("-o", "--output",             default=None,      help="output .png ({seed}, {index} allowed)")
     out.add_argument("--outdir",                   default="outputs", help="folder for {counter:05d}-{seed}.png")
@@ -573,6 +593,17 @@ def _check(args, mode):
             "--mask-padding pastes a finished image back, but --refiner-mode switch hands noisy latents to the "
             "refiner: use --refiner-mode img2img with it"
         )
+    if args.hires_scale is not None:
+        if mode != "text2img" or (args.refiner and args.refiner_mode == "switch"):
+            raise ValueError(
+                "--hires-scale reworks a text2img image: drop -i/--init-image, and with --refiner use "
+                "--refiner-mode img2img (the refiner then reworks the hires image)"
+            )
+        if args.hires_scale < 1 or not 0 < args.hires_strength <= 1 or (args.hires_steps or 1) < 1:
+            raise ValueError(
+                f"--hires-scale {args.hires_scale} (>= 1), --hires-strength {args.hires_strength} (in (0, 1]) and "
+                f"--hires-steps {args.hires_steps} (>= 1) are out of range"
+            )
     if args.strength is not None and mode == "text2img":
         raise ValueError("--strength applies to img2img and inpaint: pass an image with -i/--init-image")
     if args.refiner and not 0 < args.refiner_switch < 1:
@@ -846,9 +877,25 @@ def _generate_one(args, mode, base, refiner, init, mask, extra, width, height, s
     switch = refiner is not None and args.refiner_mode == "switch"
     if switch:  # = diffusers' ensemble of expert denoisers: the base stops at the switch, noisy latents out
         kw.update(denoising_end=args.refiner_switch, output_type="latent")
-    calls = [(fn, kw)]
+    latent = args.hires_upscaler.startswith("Latent")
+    if args.hires_scale is not None:  # the first pass's size written out: A1111's "Size" and the upscale's base
+        sample = base.unet.config.sample_size * 8
+        kw.update(output_type="latent" if latent else "pil", width=width or sample, height=height or sample)
+    calls = [(fn, kw, None)]
     steps.append(0)
     out = fn(base, **kw, **hooks)
+    if args.hires_scale is not None:  # = A1111's hires fix: upscale, then img2img at the hires strength
+        hkw = {**_api_kwargs(args, minsdxl.img2img, skip=("strength", "width", "height", "steps")), **common}
+        n = args.hires_steps or kw.get("num_inference_steps") or _api_default_value("num_inference_steps")
+        total = _hires_total(n, args.hires_strength)
+        hkw.update(image=_hires_upscale(out if latent else out[0], args, kw), strength=args.hires_strength)
+        hkw["num_inference_steps"] = total
+        if "ip_adapter_image" in extra:  # the image prompt again; a ControlNet's image is the first pass's size
+            hkw["ip_adapter_image"] = extra["ip_adapter_image"]
+        what = "latents" if latent else "image"
+        calls.append((minsdxl.img2img, hkw, f"the base call's {what}, x{args.hires_scale} ({args.hires_upscaler})"))
+        steps.append(0)
+        out = minsdxl.img2img(base, **hkw, **hooks)
     if refiner is not None:
         rfn = minsdxl.inpaint if switch and mode == "inpaint" else minsdxl.img2img
         rkw = {**_api_kwargs(args, rfn, skip=("strength", "width", "height")), **common}
@@ -858,10 +905,32 @@ def _generate_one(args, mode, base, refiner, init, mask, extra, width, height, s
                 rkw.update(mask_image=mask, width=width, height=height)
         else:
             rkw.update(image=out[0], strength=args.refiner_strength)
-        calls.append((rfn, rkw))
+        calls.append((rfn, rkw, "the previous call's " + ("latents" if switch else "image")))
         steps.append(0)
         out = rfn(refiner, **rkw, **hooks)
-    return out[0], calls, [f"{n} {f.__name__}" for n, (f, _) in zip(steps, calls)]
+    return out[0], calls, [f"{n} {f.__name__}" for n, (f, _, _) in zip(steps, calls)]
+
+
+def _hires_total(n: int, strength: float) -> int:
+    """The schedule length whose strength cut runs n steps: A1111's hires pass runs its steps whatever the
+    strength (diffusers' img2img runs int(total * strength) of `total`)."""
+    total = int(n / strength)
+    while int(total * strength) < n:  # the smallest such schedule
+        total += 1
+    return total
+
+
+def _hires_upscale(out, args, kw):
+    """The first pass at --hires-scale times its size (multiples of 8): latents interpolated, or the image resized."""
+    w, h = (int(kw[k] * args.hires_scale) // 8 * 8 for k in ("width", "height"))
+    how = HIRES_UPSCALERS[args.hires_upscaler]
+    if isinstance(how, tuple):  # = A1111's latent upscale: F.interpolate to the target's latent size
+        return torch.nn.functional.interpolate(out, size=(h // 8, w // 8), mode=how[0], antialias=how[1])
+    return out.resize((w, h), resample=how)
+
+
+def _api_default_value(keyword: str):
+    return inspect.signature(minsdxl.text2img).parameters[keyword].default
 
 
 # ------------------------------------------------------------------------------------------------
@@ -972,11 +1041,10 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
     if about["mode"] == "text2img" and (args.controlnet or args.t2i_adapter):
         # text2img's image= is the adapter's image, else the control image
         base_images["image"] = args.adapter_image or args.control_image
-    refiner_images = {
-        "image": "the base call's " + ("latents" if args.refiner_mode == "switch" else "image"),
-        "mask_image": args.mask,
-    }
-    records = [_record(fn, kw, base_images if i == 0 else refiner_images) for i, (fn, kw) in enumerate(calls)]
+    records = [
+        _record(fn, kw, base_images if image is None else {"image": image, "mask_image": args.mask})
+        for fn, kw, image in calls
+    ]
     refiner_settings = None
     if about["refiner"] is not None:
         refiner_settings = {"mode": args.refiner_mode, "switch": args.refiner_switch, "strength": args.refiner_strength}
@@ -993,20 +1061,25 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
         "dtype": args.dtype,
         "size": [image.width, image.height],
         "refiner_settings": refiner_settings,
-        "calls": [{"function": fn.__name__, "kwargs": rec} for (fn, _), rec in zip(calls, records)],
+        "calls": [{"function": fn.__name__, "kwargs": rec} for (fn, _, _), rec in zip(calls, records)],
     }
     refiner = about["refiner"]
+    hires = records[1] if args.hires_scale is not None else None
     params = {
         "Steps": records[0]["num_inference_steps"],
         "Sampler": about["scheduler"]["a1111"],
         "CFG scale": records[0]["guidance_scale"],
         "Seed": seed,
-        "Size": f"{image.width}x{image.height}",
+        # A1111 writes the first pass's size beside the hires fix's factor
+        "Size": f"{image.width}x{image.height}" if hires is None else "{width}x{height}".format(**records[0]),
         "Model hash": about["model"]["hash"],
         "Model": Path(args.model).stem,
         "VAE hash": about["vae"]["hash"] if about["vae"] else None,
         "VAE": Path(args.vae).stem if args.vae else None,
-        "Denoising strength": records[0].get("strength"),
+        "Denoising strength": records[0].get("strength") if hires is None else hires["strength"],
+        "Hires upscale": args.hires_scale,
+        "Hires steps": args.hires_steps,
+        "Hires upscaler": args.hires_upscaler if hires is not None else None,
         "Eta": args.eta or None,  # = A1111: written when not the default
         # = A1111's extra_generation_params["Lora hashes"] (its <lora:name:w> lives in the prompt text)
         "Lora hashes": ", ".join(f"{x['name']}: {x['hash']}" for x in about["loras"]) or None,
@@ -1040,9 +1113,11 @@ A1111_PARAMS = {
     "Masked area padding": ("mask_padding", int),
     "Eta": ("eta", float),
     "Refiner switch at": ("refiner_switch", float),
+    "Hires upscale": ("hires_scale", float),
+    "Hires steps": ("hires_steps", int),
 }
 # what A1111 writes that changes the picture and minsdxl does not do
-A1111_NOT_DONE = ("Hires upscale", "ADetailer model", "Tiling", "Variation seed", "Face restoration", "Schedule rho")
+A1111_NOT_DONE = ("ADetailer model", "Tiling", "Variation seed", "Face restoration", "Schedule rho")
 
 
 def _from_a1111(path, text: str) -> dict:
@@ -1065,10 +1140,14 @@ def _from_a1111(path, text: str) -> dict:
         args["sampler"] = p["Sampler"] + ("" if schedule == "Automatic" else f" {schedule}")
     if p.get("Emphasis", "Original") == "Original":  # its default; "No norm" / "None" are not A1111's syntax here
         args["prompt_weighting"] = "a1111"
-    if "Hires upscale" in p:
-        args.pop("strength", None)  # the hires pass's, not an img2img's
-    args = {k: v for k, v in args.items() if v != ""}
     not_done = [k for k in A1111_NOT_DONE if k in p]
+    if "Hires upscale" in p:  # the hires fix's: its strength, its upscaler (an upscaler model: Lanczos here)
+        args["hires_strength"] = args.pop("strength", 0.7)
+        args["hires_upscaler"] = p.get("Hires upscaler", "Latent")
+        if args["hires_upscaler"] not in HIRES_UPSCALERS:
+            not_done.append(f"Hires upscaler: {args['hires_upscaler']} (Lanczos instead)")
+            args["hires_upscaler"] = "Lanczos"
+    args = {k: v for k, v in args.items() if v != ""}
     if "Emphasis" in p and "prompt_weighting" not in args:
         not_done.append(f"Emphasis: {p['Emphasis']}")
     if not_done:

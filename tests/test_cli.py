@@ -452,12 +452,14 @@ def test_lora_flags_metadata_and_from_png(runs, api, paths):
 A1111_PARAMETERS = """a (red:1.2) cat <lora:detail:0.5>
 Negative prompt: blurry, [dark]
 Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6, Seed: 42, Size: 64x72, Model hash: 31e35c80fc, \
-Model: sd_xl_base_1.0, Clip skip: 2, Hires upscale: 2, Denoising strength: 0.5, Version: v1.10.1"""
+Model: sd_xl_base_1.0, Clip skip: 2, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: 4x-UltraSharp, \
+Denoising strength: 0.5, ADetailer model: face_yolov8n.pt, Version: v1.10.1"""
 
 
 def test_from_png_of_an_a1111_image_takes_its_settings(paths, tmp_path, capsys):
     """An AUTOMATIC1111 PNG: its prompt (syntax, <lora:> tags), negative, steps, sampler with its schedule
-    type, CFG, seed and size drive the run; the hires fix it asks for is named as left out."""
+    type, CFG, seed, size and hires fix drive the run (its upscaler model is not here: Lanczos); what minsdxl
+    does not do (ADetailer) is named as left out."""
     png = tmp_path / "a1111.png"
     save_png(PIL.Image.new("RGB", (64, 72)), png, {"parameters": A1111_PARAMETERS})
     argv = ["--from-png", str(png), "--lora-dir", str(paths["lora_detail"].parent), "-o", str(tmp_path / "x.png")]
@@ -465,14 +467,45 @@ def test_from_png_of_an_a1111_image_takes_its_settings(paths, tmp_path, capsys):
     assert "made by A1111 with the model sd_xl_base_1.0 [31e35c80fc]: pass --model PATH" in capsys.readouterr().err
     assert main([*argv, "--model", str(paths["base"]), "-q"]) == 0
     err = capsys.readouterr().err
-    assert "left out: Hires upscale" in err and "its settings, not its pixels" in err
+    assert "left out: ADetailer model, Hires upscaler: 4x-UltraSharp (Lanczos instead)" in err
+    assert "its settings, not its pixels" in err
     model = minsdxl.load(paths["base"])
     minsdxl.load_lora_weights(model, paths["lora_detail"], adapter_name="detail")
     minsdxl.set_adapters(model, ["detail"], [0.5])
-    kw = dict(negative_prompt="blurry, [dark]", num_inference_steps=3, guidance_scale=6.0, width=64, height=72)
-    made = minsdxl.text2img(model, "a (red:1.2) cat ", **kw, scheduler="DPM++ 2M Karras", seed=42,
-                            prompt_weighting="a1111", progress=False)  # fmt: skip
+    kw = dict(prompt="a (red:1.2) cat ", negative_prompt="blurry, [dark]", guidance_scale=6.0, seed=42)
+    kw.update(scheduler="DPM++ 2M Karras", prompt_weighting="a1111", progress=False)
+    first = minsdxl.text2img(model, **kw, num_inference_steps=3, width=64, height=72)[0]
+    # the hires pass: resized 1.5x (72 * 1.5 = 108 -> 104, a multiple of 8), 2 of 4 steps at strength 0.5
+    made = minsdxl.img2img(model, **kw, image=first.resize((96, 104), PIL.Image.LANCZOS), strength=0.5,
+                           num_inference_steps=4)  # fmt: skip
     _same(tmp_path / "x.png", made[0])
+    info = read_png_metadata(tmp_path / "x.png")["infotext"]
+    expected = {"Size": "64x72", "Hires upscale": "1.5", "Hires steps": "2", "Hires upscaler": "Lanczos"}
+    assert expected.items() <= info.items() and info["Denoising strength"] == "0.5"
+
+
+def test_hires_fix_with_a_latent_upscaler(paths, tmp_path):
+    """--hires-scale: text2img's latents interpolated as A1111's "Latent" upscaler does, then img2img runs
+    --hires-steps steps at --hires-strength (a schedule of 3 / 0.6 -> 5 steps, 3 of them run)."""
+    out = tmp_path / "hires.png"
+    argv = ["-p", "a cat", "--model", str(paths["base"]), "-W", "64", "-H", "64", "--steps", "2", "-s", "9", "-q"]
+    argv += ["--hires-scale", "1.5", "--hires-steps", "3", "--hires-strength", "0.6", "-o", str(out)]
+    assert main(argv) == 0
+    model = minsdxl.load(paths["base"])
+    kw = dict(prompt="a cat", seed=9, progress=False)
+    latents = minsdxl.text2img(model, **kw, num_inference_steps=2, width=64, height=64, output_type="latent")
+    big = torch.nn.functional.interpolate(latents, size=(12, 12), mode="bilinear", antialias=False)
+    steps = []
+    made = minsdxl.img2img(model, **kw, image=big, strength=0.6, num_inference_steps=5,
+                           callback_on_step_end=lambda p, i, t, x: steps.append(i) or {})  # fmt: skip
+    assert len(steps) == 3
+    _same(out, made[0])
+    calls = read_png_metadata(out)["minsdxl"]["calls"]
+    assert [c["function"] for c in calls] == ["text2img", "img2img"]
+    assert calls[1]["kwargs"]["image"] == "the base call's latents, x1.5 (Latent)"
+    with pytest.raises(SystemExit):  # argparse: an upscaler model is not one of the choices
+        main([*argv, "--hires-upscaler", "4x-UltraSharp"])
+    assert main([*argv, "-i", str(paths["init"])]) == 1  # img2img: no hires fix
 
 
 def test_controlnet_flags_metadata_and_from_png(runs, api, paths):

@@ -475,6 +475,8 @@ def main(argv=None) -> int:
                 )
             if source.get("a1111"):
                 _warn(f"{args.from_png} is A1111's: its settings, not its pixels (A1111 draws its noise otherwise)")
+            if source.get("a1111_refiner") and not args.refiner:
+                _warn(f"{args.from_png} was refined with {source['a1111_refiner']}: pass --refiner PATH for that")
         return generate(args, source)
     except KeyboardInterrupt:
         print("minsdxl: interrupted", file=sys.stderr)
@@ -1153,7 +1155,7 @@ def _from_a1111(path, text: str) -> dict:
     if not_done:
         _warn(f"{path} asks for what minsdxl does not do, left out: {', '.join(not_done)}")
     model = p.get("Model", "?") + (f" [{p['Model hash']}]" if "Model hash" in p else "")
-    return {"args": args, "a1111": model}
+    return {"args": args, "a1111": model, "a1111_refiner": p.get("Refiner")}
 
 
 def _read_source(path) -> dict:

@@ -453,7 +453,8 @@ A1111_PARAMETERS = """a (red:1.2) cat <lora:detail:0.5>
 Negative prompt: blurry, [dark]
 Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6, Seed: 42, Size: 64x72, Model hash: 31e35c80fc, \
 Model: sd_xl_base_1.0, Clip skip: 2, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: 4x-UltraSharp, \
-Denoising strength: 0.5, ADetailer model: face_yolov8n.pt, Version: v1.10.1"""
+Denoising strength: 0.5, ADetailer model: face_yolov8n.pt, Refiner: sd_xl_refiner_1.0 [7440042bbd], \
+Refiner switch at: 0.8, Version: v1.10.1"""
 
 
 def test_from_png_of_an_a1111_image_takes_its_settings(paths, tmp_path, capsys):
@@ -469,6 +470,7 @@ def test_from_png_of_an_a1111_image_takes_its_settings(paths, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "left out: ADetailer model, Hires upscaler: 4x-UltraSharp (Lanczos instead)" in err
     assert "its settings, not its pixels" in err
+    assert "refined with sd_xl_refiner_1.0 [7440042bbd]: pass --refiner PATH" in err
     model = minsdxl.load(paths["base"])
     minsdxl.load_lora_weights(model, paths["lora_detail"], adapter_name="detail")
     minsdxl.set_adapters(model, ["detail"], [0.5])

@@ -1,6 +1,8 @@
 """Noise schedules and update rules as diffusers has them: Euler, Euler a, Heun, DPM2 (a), LMS, DDIM, DPM++ 2M,
 3M, singlestep 2S, 3S and their SDE variants, DPM++ SDE (Brownian-tree noise), UniPC, DEIS, LCM, TCD, and EDM
-Euler and EDM DPM++ (Playground v2.5, CosXL).
+Euler and EDM DPM++ (Playground v2.5, CosXL). Where diffusers' class takes them, the σ follow its Karras,
+exponential or beta schedules (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas; names "_karras",
+"_exponential", "_beta").
 
 Each scheduler is built from a diffusers `scheduler_config.json` dict (missing keys take the defaults of the
 matching diffusers class, as `from_config` does) and reproduces that class's timesteps, sigmas and `step`.
@@ -65,7 +67,7 @@ _COMMON_DEFAULTS = dict(
     prediction_type="epsilon",
     timestep_spacing="linspace",
     steps_offset=0,
-    sigma_min=None,  # Karras range override; diffusers reads it whenever the config has the key
+    sigma_min=None,  # the Karras / exponential / beta σ range's override; diffusers reads it whenever the config has it
     sigma_max=None,
     rescale_betas_zero_snr=False,
 )
@@ -98,6 +100,80 @@ def _sigma_to_t(sigmas, log_sigmas):
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
     return (1 - w) * low + w * (low + 1)
+
+
+# diffusers' σ schedules other than σ_train at the spaced timesteps: the name suffix that pins each -> its config key
+SIGMA_SCHEDULES = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
+
+
+def _schedule_sigmas(kind, sigma_min, sigma_max, n):
+    """n float64 σ from sigma_max down to sigma_min: Karras et al.'s ρ = 7 ramp, even steps in log σ, or
+    sigma_min + q·(sigma_max - sigma_min) at the Beta(0.6, 0.6) quantiles q of 1 .. 0 (arXiv:2407.12173, A1111's
+    "Beta") (= diffusers' _convert_to_karras, _convert_to_exponential, _convert_to_beta)."""
+    lo, hi = sigma_min, sigma_max
+    if kind == "karras":
+        ramp = np.linspace(0, 1, n)
+        return (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+    if kind == "exponential":
+        return np.exp(np.linspace(math.log(hi), math.log(lo), n))
+    return np.array([lo + beta_ppf(float(q), 0.6, 0.6) * (hi - lo) for q in 1 - np.linspace(0, 1, n)])
+
+
+def _log_beta(a, b):
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def _beta_cdf(x, a, b):
+    """I_x(a, b), the regularized incomplete beta function, for 0 < x < 1: its continued fraction (DLMF 8.17.22)
+    by the modified Lentz method where that converges fast, x < (a + 1) / (a + b + 2), else 1 - I_{1-x}(b, a)."""
+    if x > (a + 1) / (a + b + 2):
+        return 1 - _beta_cdf(1 - x, b, a)
+
+    def nonzero(v):  # Lentz's guard against a zero denominator
+        return v if abs(v) > 1e-300 else 1e-300
+
+    c, d = 1.0, 1 / nonzero(1 - (a + b) * x / (a + 1))
+    fraction = d
+    for m in range(1, 1000):
+        for coef in (  # the numerators d_2m and d_2m+1
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d, c = 1 / nonzero(1 + coef * d), nonzero(1 + coef / c)
+            fraction *= c * d
+        if abs(c * d - 1) <= 2**-52:  # the last factor is 1 to the ulp
+            break
+    return math.exp(a * math.log(x) + b * math.log1p(-x) - _log_beta(a, b)) * fraction / a
+
+
+def beta_ppf(p: float, a: float, b: float) -> float:
+    """The quantile of the Beta(a, b) distribution: the x in [0, 1] with I_x(a, b) = p (= scipy.stats.beta.ppf,
+    within 1.6e-15 at a = b = 0.6, 3.5e-15 at 0.1: tests; diffusers' beta σ without scipy). Newton's method on
+    I_x - p from the small-x approximation I_x ≈ x^a / (a·B(a, b)), bisecting where a step would leave the
+    bracket that the signs of I_x - p narrow; for p > 1/2 the same from the other end, x(p; a, b) =
+    1 - x(1 - p; b, a), so each tail is solved near 0."""
+    if p <= 0 or p >= 1:
+        return float(p >= 1)
+    if p > 0.5:
+        return 1 - beta_ppf(1 - p, b, a)
+    log_beta = _log_beta(a, b)
+    lo, hi = 0.0, 1.0
+    x = min(math.exp((math.log(a * p) + log_beta) / a), 0.5)
+    for _ in range(200):
+        if x == 0:  # the root lies below the smallest double
+            return x
+        f = _beta_cdf(x, a, b) - p
+        if f == 0:
+            return x
+        lo, hi = (x, hi) if f < 0 else (lo, x)
+        density = math.exp((a - 1) * math.log(x) + (b - 1) * math.log1p(-x) - log_beta)
+        x_new = x - f / density
+        if not lo < x_new < hi:
+            x_new = (lo + hi) / 2
+        if abs(x_new - x) <= 2**-52 * x:
+            return x_new
+        x = x_new
+    return x
 
 
 def cut_timesteps(
@@ -170,12 +246,16 @@ class Scheduler:
     timestep_dtype = np.float32  # of the spaced timesteps the σ are interpolated at (DPM++ SDE: float64)
     takes_eta = False  # step(..., eta=): the pipelines pass their eta to such a step (prepare_extra_step_kwargs)
     karras_in_name = False  # the instance's name says "_karras" when its sigmas are (dpm2_karras, lms_karras)
+    sigma_schedules: tuple = ()  # which of SIGMA_SCHEDULES this diffusers class's set_timesteps takes
+    karras_range_from_config = True  # its Karras σ span the config's sigma_min / sigma_max where set (not LMS's)
+    final_sigma_is_last = False  # final_sigmas_type "sigma_min" after such a schedule: its last σ (UniPC, DEIS)
     edm = False  # an EDM scheduler: σ from the config's range, no betas (see _EDM)
     # the classes whose diffusers twin takes rescale_betas_zero_snr: the last ᾱ they then use (None: refused)
     zero_snr_last: float | None = None
 
     def __init__(self, config: dict | None = None):
-        cfg = {**_COMMON_DEFAULTS, **self.defaults, **(config or SDXL_SCHEDULER_CONFIG), **self.forced}
+        keys = {SIGMA_SCHEDULES[kind]: False for kind in self.sigma_schedules}
+        cfg = {**_COMMON_DEFAULTS, **keys, **self.defaults, **(config or SDXL_SCHEDULER_CONFIG), **self.forced}
         if cfg["rescale_betas_zero_snr"] and self.zero_snr_last is None and not self.edm:
             raise ValueError(
                 f"{type(self).__name__}: scheduler config rescale_betas_zero_snr=True (zero terminal SNR, for "
@@ -193,11 +273,13 @@ class Scheduler:
         if "final_sigmas_type" in self.defaults:
             _choice(cfg, "final_sigmas_type", ("zero", "sigma_min"))
         self.config = cfg
+        self.sigma_schedule = self._sigma_schedule_of(cfg)  # None, "karras", "exponential" or "beta"
         if self.edm:  # no betas: the schedule is sigma_min..sigma_max, Karras's ρ ramp or exponential
             for key in ("sigma_min", "sigma_max", "sigma_data", "rho"):
                 if not _is_number(cfg[key]) or cfg[key] <= 0:
                     raise ValueError(f"{type(self).__name__}: scheduler config {key}={cfg[key]!r} must be a number > 0")
             self.karras = _choice(cfg, "sigma_schedule", ("karras", "exponential")) == "karras"
+            self.sigma_schedule = "karras" if self.karras else None  # (its exponential is the EDM classes' own)
         else:
             T = cfg["num_train_timesteps"]
             if cfg["trained_betas"] is not None:
@@ -213,13 +295,38 @@ class Scheduler:
                 self.alphas_cumprod[-1] = self.zero_snr_last
             # σ of each training timestep, float32 as diffusers computes it
             self.train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-            self.karras = "use_karras_sigmas" in self.defaults and bool(cfg["use_karras_sigmas"])
-        if self.karras_in_name:
-            self.name = type(self).name + "_karras" * self.karras
+            self.karras = self.sigma_schedule == "karras"
+        self.name = type(self).name + self._schedule_suffix()
         self.v_prediction = cfg["prediction_type"] == "v_prediction"
         self.timesteps = self.sigmas = self.num_inference_steps = None
         self.init_noise_sigma = 1.0
         self.step_index = self.begin_index = 0
+
+    def _sigma_schedule_of(self, cfg):
+        """The σ schedule the config's use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas turn on, or
+        None. At most one (diffusers' __init__ raises too); exponential and beta are refused where diffusers'
+        class has no such key (it would ignore it); Karras there is ignored, as it always was."""
+        on = [kind for kind, key in SIGMA_SCHEDULES.items() if cfg.get(key)]
+        for kind in on:
+            if kind != "karras" and kind not in self.sigma_schedules:
+                takes = [name for name in SCHEDULERS if name.endswith("_" + kind)]
+                raise ValueError(
+                    f"{type(self).__name__}: scheduler config {SIGMA_SCHEDULES[kind]}=True is not supported by this "
+                    f"scheduler (diffusers' {_diffusers_name(type(self))} has no {kind} sigmas: it ignores the key);"
+                    f" use one that takes it: {takes}"
+                )
+        on = [kind for kind in on if kind in self.sigma_schedules]
+        if len(on) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: scheduler config sets {' and '.join(SIGMA_SCHEDULES[k] for k in on)}: at most "
+                "one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas may be True (as in diffusers)"
+            )
+        return on[0] if on else None
+
+    def _schedule_suffix(self):
+        """The name's ending for the σ schedule: "_exponential", "_beta", and "_karras" where the names say it."""
+        kind = self.sigma_schedule
+        return "" if kind is None or (kind == "karras" and not self.karras_in_name) else "_" + kind
 
     # --- timesteps ----------------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, timesteps=None, sigmas=None):
@@ -256,16 +363,17 @@ class Scheduler:
 
     def _custom(self, kind, values):
         """A caller's `timesteps` or `sigmas` -> (timesteps, sigmas), as this diffusers class's set_timesteps."""
-        takes = [name for name, (cls, _) in SCHEDULERS.items() if kind in cls.custom]
+        scheduled = tuple("_" + k for k in SIGMA_SCHEDULES)  # (their timesteps are refused, their σ overridden)
+        takes = [name for name, (cls, _) in SCHEDULERS.items() if kind in cls.custom and not name.endswith(scheduled)]
         if kind not in self.custom:
             raise ValueError(
                 f"the {self.name} scheduler takes no custom {kind} (diffusers' {type(self).__name__} neither); use "
                 f"one that does: {takes}, or num_inference_steps"
             )
-        if kind == "timesteps" and self.karras:
+        if kind == "timesteps" and self.sigma_schedule:
             raise ValueError(
-                "custom timesteps cannot be combined with Karras sigmas (as in diffusers): pass sigmas= instead, or "
-                "a scheduler without Karras sigmas"
+                f"custom timesteps cannot be combined with {self.sigma_schedule.capitalize()} sigmas (as in "
+                f"diffusers): pass sigmas= instead, or a scheduler without {self.sigma_schedule.capitalize()} sigmas"
             )
         try:
             x = np.asarray(values.cpu() if torch.is_tensor(values) else values, dtype=np.float64)
@@ -279,7 +387,7 @@ class Scheduler:
                 raise ValueError(f"timesteps must lie in [0, {T - 1}] (the model's training steps), got {values!r}")
             # DPM-Solver casts them to int64 first (a fraction is dropped), Euler keeps float32
             x = (x.astype(np.int64) if self.integer_timesteps else x).astype(np.float32)
-            return self._schedule(x, len(x))  # not Karras (refused above): σ interpolated at them
+            return self._schedule(x, len(x))  # no σ schedule (refused above): σ interpolated at them
         if x.min() < 0:
             raise ValueError(f"sigmas must be >= 0, got {values!r}")
         s = x.astype(np.float32)  # the run ends at the last σ: no final σ appended
@@ -297,22 +405,29 @@ class Scheduler:
             t = (t.round() if self.integer_timesteps else t)[::-1][:n]
         return t.astype(self.timestep_dtype)
 
-    def _sigma_schedule(self, timesteps, n, karras_range, round_t=False):
-        """The sigma table shared by Euler, Euler a and DPM++: σ_train linearly interpolated at `timesteps`,
-        or with Karras sigmas n steps of the ρ=7 ramp over `karras_range` (σ_min, σ_max; the config's
-        sigma_min/sigma_max win) with the timesteps mapped back through log σ; then the final σ appended
-        (0, or σ_train[0] for final_sigmas_type "sigma_min").
-        = diffusers EulerDiscreteScheduler / DPMSolverMultistepScheduler set_timesteps + _convert_to_karras."""
-        train = self.train_sigmas
-        final_sigma = train[0] if self.config["final_sigmas_type"] == "sigma_min" else 0.0
-        if not self.karras:
+    def _sigma_schedule(self, timesteps, n, sigma_range, round_karras=False):
+        """The sigma table of every VP class but DDIM, LCM and TCD: σ_train linearly interpolated at `timesteps`,
+        or the config's σ schedule (_schedule_sigmas) over `sigma_range` (σ_min, σ_max; the config's sigma_min /
+        sigma_max win) with the timesteps mapped back through log σ, Karras's rounded where `round_karras` says,
+        an integer-timestep class's truncated (its int64 cast); then the final σ appended: 0, or for
+        final_sigmas_type "sigma_min" σ_train[0] (UniPC's and DEIS's after a schedule: its last σ again).
+        = diffusers' set_timesteps with _convert_to_karras / _convert_to_exponential / _convert_to_beta."""
+        cfg, train, kind = self.config, self.train_sigmas, self.sigma_schedule
+        final_sigma = train[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+        if kind is None:
             return timesteps, np.append(np.interp(timesteps, np.arange(len(train)), train), final_sigma)
-        lo = self.config["sigma_min"] if self.config["sigma_min"] is not None else float(karras_range[0])
-        hi = self.config["sigma_max"] if self.config["sigma_max"] is not None else float(karras_range[1])
-        ramp = np.linspace(0, 1, n)
-        sigmas = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+        override = kind != "karras" or self.karras_range_from_config
+        lo = cfg["sigma_min"] if override and cfg["sigma_min"] is not None else float(sigma_range[0])
+        hi = cfg["sigma_max"] if override and cfg["sigma_max"] is not None else float(sigma_range[1])
+        sigmas = _schedule_sigmas(kind, lo, hi, n)
         timesteps = _sigma_to_t(sigmas, np.log(train))
-        return (timesteps.round() if round_t else timesteps), np.append(sigmas, final_sigma)
+        if kind == "karras" and round_karras:
+            timesteps = timesteps.round()
+        elif self.integer_timesteps:
+            timesteps = np.trunc(timesteps)
+        if self.final_sigma_is_last and cfg["final_sigmas_type"] == "sigma_min":
+            final_sigma = sigmas[-1]
+        return timesteps, np.append(sigmas, final_sigma)
 
     def select_timesteps(self, strength=1.0, denoising_start=None, denoising_end=None) -> torch.Tensor:
         """The timesteps to run after img2img `strength`, refiner `denoising_start` and base `denoising_end`
@@ -378,15 +493,14 @@ class EulerDiscrete(Scheduler):
     name = "euler"
     custom = ("timesteps", "sigmas")
     zero_snr_last = 2**-24  # fp16's smallest subnormal, diffusers' value: the first σ is then 4096, not inf
-    defaults = dict(use_karras_sigmas=False, final_sigmas_type="zero")
-    fixed = dict(
-        interpolation_type="linear", timestep_type="discrete", use_exponential_sigmas=False, use_beta_sigmas=False
-    )
+    defaults = dict(final_sigmas_type="zero")
+    fixed = dict(interpolation_type="linear", timestep_type="discrete")
+    sigma_schedules = tuple(SIGMA_SCHEDULES)
     ancestral = False
 
     def _schedule(self, timesteps, n):
         interp = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
-        return self._sigma_schedule(timesteps, n, (interp[-1], interp[0]))  # Karras spans the spaced σ
+        return self._sigma_schedule(timesteps, n, (interp[-1], interp[0]))  # a σ schedule spans the spaced σ
 
     def _precompute(self):
         s, top = self.sigmas, self.sigmas.max()
@@ -426,11 +540,12 @@ class EulerDiscrete(Scheduler):
 
 class EulerAncestral(EulerDiscrete):
     """Euler a (= diffusers EulerAncestralDiscreteScheduler): no Karras sigmas and always a final σ of 0,
-    whatever the config says, as diffusers ignores those keys for this class."""
+    whatever the config says, as diffusers ignores those keys for this class; exponential and beta σ refused."""
 
     name = "euler_a"
     custom = ()
     ancestral = True
+    sigma_schedules = ()
     forced = dict(use_karras_sigmas=False, final_sigmas_type="zero")
 
 
@@ -443,11 +558,9 @@ class HeunDiscrete(EulerDiscrete):
     order = 2
     zero_snr_last = None
     custom = ("timesteps",)
-    defaults = dict(
-        use_karras_sigmas=False, clip_sample=False, clip_sample_range=1.0, beta_start=0.00085, beta_end=0.012
-    )
+    defaults = dict(clip_sample=False, clip_sample_range=1.0, beta_start=0.00085, beta_end=0.012)
     forced = dict(final_sigmas_type="zero")  # diffusers' Heun always ends at σ = 0
-    fixed = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
+    fixed: dict = {}  # (Euler's interpolation_type and timestep_type are no keys of diffusers' Heun)
 
     def _schedule(self, timesteps, n):
         timesteps, sigmas = super()._schedule(timesteps, n)
@@ -484,15 +597,14 @@ class KDPM2(HeunDiscrete):
 
     name = "dpm2"
     custom = ()
-    defaults = dict(use_karras_sigmas=False, beta_start=0.00085, beta_end=0.012)
+    defaults = dict(beta_start=0.00085, beta_end=0.012)
     forced = dict(final_sigmas_type="zero")
-    fixed = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
     karras_in_name = True
 
     def _sigmas(self, timesteps, n):
         """(timesteps, float32 torch σ with the final 0) as both DPM2 classes' set_timesteps start."""
         interp = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
-        t, sigmas = self._sigma_schedule(timesteps, n, (interp[-1], interp[0]), round_t=True)
+        t, sigmas = self._sigma_schedule(timesteps, n, (interp[-1], interp[0]), round_karras=True)
         return t, torch.from_numpy(sigmas.astype(np.float32))
 
     def _midpoint_timesteps(self, mid, t):
@@ -589,9 +701,9 @@ class DPMSolverSDE(HeunDiscrete):
     name = "dpmpp_sde"
     custom = ()
     karras_in_name = True
-    defaults = dict(use_karras_sigmas=False, beta_start=0.00085, beta_end=0.012, noise_sampler_seed=None)
-    # diffusers' class always ends at σ = 0, and its _convert_to_karras (LMS's) reads no sigma_min / sigma_max
-    forced = dict(final_sigmas_type="zero", sigma_min=None, sigma_max=None)
+    defaults = dict(beta_start=0.00085, beta_end=0.012, noise_sampler_seed=None)
+    forced = dict(final_sigmas_type="zero")  # diffusers' class always ends at σ = 0
+    karras_range_from_config = False  # its _convert_to_karras (LMS's) reads no sigma_min / sigma_max
     timestep_dtype = np.float64  # set_timesteps spaces "linspace" in float64 and interpolates σ there
 
     def __init__(self, config=None):
@@ -682,10 +794,10 @@ class LMSDiscrete(EulerDiscrete):
     name = "lms"
     zero_snr_last = None
     custom = ()
-    defaults = dict(use_karras_sigmas=False)
-    # diffusers' LMS always ends at σ = 0, and its _convert_to_karras reads no sigma_min / sigma_max
-    forced = dict(final_sigmas_type="zero", sigma_min=None, sigma_max=None)
-    fixed = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
+    defaults: dict = {}
+    forced = dict(final_sigmas_type="zero")  # diffusers' LMS always ends at σ = 0
+    fixed: dict = {}  # (Euler's interpolation_type and timestep_type are no keys of diffusers' LMS)
+    karras_range_from_config = False  # its _convert_to_karras reads no sigma_min / sigma_max (its others do)
     karras_in_name = True
 
     def _precompute(self):
@@ -877,7 +989,6 @@ class DPMSolverMultistep(Scheduler):
     zero_snr_last = 2**-24  # as Euler (and UniPC, which inherits it)
     custom = ("timesteps",)
     defaults = dict(
-        use_karras_sigmas=False,
         final_sigmas_type="zero",
         solver_order=2,
         solver_type="midpoint",
@@ -890,11 +1001,11 @@ class DPMSolverMultistep(Scheduler):
         variance_type=None,
         lambda_min_clipped=-math.inf,
         use_lu_lambdas=False,
-        use_exponential_sigmas=False,
-        use_beta_sigmas=False,
         use_flow_sigmas=False,
         use_dynamic_shifting=False,
     )
+    sigma_schedules = tuple(SIGMA_SCHEDULES)
+    karras_in_name = True  # (its name is composed in __init__)
     extra_point = 1
     integer_timesteps = True
     upcast = True  # step computes the update in fp32 (EDM's does not)
@@ -908,11 +1019,11 @@ class DPMSolverMultistep(Scheduler):
             cfg["solver_type"] = "midpoint"
         _choice(cfg, "solver_type", ("midpoint", "heun"))
         # solver_order 1 has no SCHEDULERS entry: its name "dpmpp_1m" only describes it
-        self.name = f"dpmpp_{self.solver_order}m" + "_sde" * self.sde + "_karras" * self.karras
+        self.name = f"dpmpp_{self.solver_order}m" + "_sde" * self.sde + self._schedule_suffix()
 
     def _schedule(self, timesteps, n):
-        train = self.train_sigmas  # Karras spans the whole training range here, unlike Euler
-        return self._sigma_schedule(timesteps, n, (train[0], train[-1]), round_t=True)
+        train = self.train_sigmas  # a σ schedule spans the whole training range here, unlike Euler
+        return self._sigma_schedule(timesteps, n, (train[0], train[-1]), round_karras=True)
 
     def _alpha_sigma_tables(self):
         """alpha, sigma (= _sigma_to_alpha_sigma_t: the sample is alpha·x0 + sigma·noise) and lambda =
@@ -1013,7 +1124,6 @@ class DPMSolverSinglestep(DPMSolverMultistep):
 
     name = "dpmpp_2s"
     defaults = dict(
-        use_karras_sigmas=False,
         final_sigmas_type="zero",
         solver_order=2,
         solver_type="midpoint",
@@ -1026,7 +1136,7 @@ class DPMSolverSinglestep(DPMSolverMultistep):
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.name = f"dpmpp_{self.solver_order}s" + "_sde" * self.sde + "_karras" * self.karras
+        self.name = f"dpmpp_{self.solver_order}s" + "_sde" * self.sde + self._schedule_suffix()
 
     def _precompute(self):
         self._alpha_sigma_tables()
@@ -1111,9 +1221,9 @@ class UniPCMultistep(DPMSolverMultistep):
 
     name = "unipc"
     karras_in_name = True
+    final_sigma_is_last = True
     custom = ()
     defaults = dict(
-        use_karras_sigmas=False,
         final_sigmas_type="zero",
         lower_order_final=True,
         solver_type="bh2",
@@ -1125,8 +1235,6 @@ class UniPCMultistep(DPMSolverMultistep):
         predict_x0=True,
         thresholding=False,
         solver_p=None,
-        use_exponential_sigmas=False,
-        use_beta_sigmas=False,
         use_flow_sigmas=False,
         use_dynamic_shifting=False,
     )
@@ -1199,17 +1307,17 @@ class DEISMultistep(DPMSolverMultistep):
     """DEIS, log-rho multistep of order solver_order 1, 2 (default) or 3 (= diffusers DEISMultistepScheduler,
     algorithm_type "deis", solver_type "logrho"). Timesteps, the alpha/sigma/lambda tables, x0, add_noise and
     the order rules (lowered after a (re)start and, under 15 steps, at the end) are DPM-Solver's. What
-    differs: the run ends at σ_train[0] (with Karras sigmas at the last Karras σ), never at 0, so the last
-    step is 1st order only under lower_order_final; the history holds ε re-derived from x0, not x0; and the
-    2nd/3rd-order steps integrate the Lagrange polynomial through the past ε in log ρ (ρ = σ/α) exactly.
+    differs: the run ends at σ_train[0] (after a Karras / exponential / beta schedule at its last σ), never at
+    0, so the last step is 1st order only under lower_order_final; the history holds ε re-derived from x0, not
+    x0; and the 2nd/3rd-order steps integrate the Lagrange polynomial through the past ε in log ρ (ρ = σ/α) exactly.
     Like diffusers' step, nothing is upcast: fp16 latents step in fp16."""
 
     name = "deis"
     zero_snr_last = None
     karras_in_name = True
+    final_sigma_is_last = True  # after a σ schedule its last σ, repeated; else σ_train[0]
     custom = ()
     defaults = dict(
-        use_karras_sigmas=False,
         solver_order=2,
         algorithm_type="deis",
         solver_type="logrho",
@@ -1218,13 +1326,7 @@ class DEISMultistep(DPMSolverMultistep):
     )
     # DEIS has neither key: it always ends at σ_train[0] and lowers the last step only for short runs
     forced = dict(final_sigmas_type="sigma_min", euler_at_final=False)
-    fixed = dict(
-        thresholding=False,
-        use_exponential_sigmas=False,
-        use_beta_sigmas=False,
-        use_flow_sigmas=False,
-        use_dynamic_shifting=False,
-    )
+    fixed = dict(thresholding=False, use_flow_sigmas=False, use_dynamic_shifting=False)
 
     def __init__(self, config=None):
         Scheduler.__init__(self, config)  # not DPM-Solver's: its algorithm and solver types differ
@@ -1238,12 +1340,6 @@ class DEISMultistep(DPMSolverMultistep):
         _choice(cfg, "solver_type", ("logrho",))
         self.sde = False
         self.solver_order = int(_choice(cfg, "solver_order", (1, 2, 3)))
-
-    def _schedule(self, timesteps, n):
-        timesteps, sigmas = super()._schedule(timesteps, n)
-        if self.karras:  # = set_timesteps: the last Karras σ repeated, not σ_train[0]
-            sigmas[-1] = sigmas[-2]
-        return timesteps, sigmas
 
     def _precompute(self):
         """Per step i (from point i to i+1), as diffusers computes them from float32 0-d tensors:
@@ -1315,6 +1411,7 @@ class _EDM:
 
     edm = True
     custom = ()  # see _custom
+    sigma_schedules = ()  # diffusers' EDM classes have no use_*_sigmas keys: their own sigma_schedule instead
     karras_in_name = True  # the names without "_karras" take the config's sigma_schedule
     defaults = dict(
         sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras", rho=7.0, final_sigmas_type="zero"
@@ -1431,9 +1528,14 @@ class EDMDPMSolverMultistep(_EDM, DPMSolverMultistep):
         return torch.tensor([self.config["sigma_min"]], dtype=torch.float32)  # the config's, not the last σ
 
 
-def _dpm(order, karras, algorithm):
-    """What a DPM++ name pins: its order (2M, 3M), Karras sigmas or not, SDE or not."""
-    return {"solver_order": order, "use_karras_sigmas": karras, "algorithm_type": algorithm}
+def _pin(schedule=None):
+    """What a name pins of the σ schedule: that one on (Karras, exponential, beta) and the others off."""
+    return {key: kind == schedule for kind, key in SIGMA_SCHEDULES.items()}
+
+
+def _dpm(order, schedule, algorithm):
+    """What a DPM++ name pins: its order (2M, 3M), its σ schedule, SDE or not."""
+    return {"solver_order": order, "algorithm_type": algorithm, **_pin(schedule)}
 
 
 _KARRAS = {"sigma_schedule": "karras"}
@@ -1445,39 +1547,39 @@ def _edm_dpm(order, karras, algorithm):
 
 
 # name -> (class, config overrides). The A1111 names users type map onto these, case-insensitively.
-SCHEDULERS = {
+_NAMED = {
     "euler": (EulerDiscrete, {}),
     "euler_a": (EulerAncestral, {}),
     "ddim": (DDIM, {}),
-    "dpmpp_2m": (DPMSolverMultistep, _dpm(2, False, "dpmsolver++")),
-    "dpmpp_2m_karras": (DPMSolverMultistep, _dpm(2, True, "dpmsolver++")),
-    "dpmpp_2m_sde": (DPMSolverMultistep, _dpm(2, False, "sde-dpmsolver++")),
-    "dpmpp_2m_sde_karras": (DPMSolverMultistep, _dpm(2, True, "sde-dpmsolver++")),
-    "dpmpp_3m": (DPMSolverMultistep, _dpm(3, False, "dpmsolver++")),
-    "dpmpp_3m_karras": (DPMSolverMultistep, _dpm(3, True, "dpmsolver++")),
-    "dpmpp_3m_sde": (DPMSolverMultistep, _dpm(3, False, "sde-dpmsolver++")),
-    "dpmpp_3m_sde_karras": (DPMSolverMultistep, _dpm(3, True, "sde-dpmsolver++")),
-    "dpmpp_2s": (DPMSolverSinglestep, _dpm(2, False, "dpmsolver++")),
-    "dpmpp_2s_karras": (DPMSolverSinglestep, _dpm(2, True, "dpmsolver++")),
-    "dpmpp_2s_sde": (DPMSolverSinglestep, _dpm(2, False, "sde-dpmsolver++")),
-    "dpmpp_2s_sde_karras": (DPMSolverSinglestep, _dpm(2, True, "sde-dpmsolver++")),
-    "dpmpp_3s": (DPMSolverSinglestep, _dpm(3, False, "dpmsolver++")),
-    "dpmpp_3s_karras": (DPMSolverSinglestep, _dpm(3, True, "dpmsolver++")),
-    "dpmpp_3s_sde": (DPMSolverSinglestep, _dpm(3, False, "sde-dpmsolver++")),
-    "dpmpp_3s_sde_karras": (DPMSolverSinglestep, _dpm(3, True, "sde-dpmsolver++")),
+    "dpmpp_2m": (DPMSolverMultistep, _dpm(2, None, "dpmsolver++")),
+    "dpmpp_2m_karras": (DPMSolverMultistep, _dpm(2, "karras", "dpmsolver++")),
+    "dpmpp_2m_sde": (DPMSolverMultistep, _dpm(2, None, "sde-dpmsolver++")),
+    "dpmpp_2m_sde_karras": (DPMSolverMultistep, _dpm(2, "karras", "sde-dpmsolver++")),
+    "dpmpp_3m": (DPMSolverMultistep, _dpm(3, None, "dpmsolver++")),
+    "dpmpp_3m_karras": (DPMSolverMultistep, _dpm(3, "karras", "dpmsolver++")),
+    "dpmpp_3m_sde": (DPMSolverMultistep, _dpm(3, None, "sde-dpmsolver++")),
+    "dpmpp_3m_sde_karras": (DPMSolverMultistep, _dpm(3, "karras", "sde-dpmsolver++")),
+    "dpmpp_2s": (DPMSolverSinglestep, _dpm(2, None, "dpmsolver++")),
+    "dpmpp_2s_karras": (DPMSolverSinglestep, _dpm(2, "karras", "dpmsolver++")),
+    "dpmpp_2s_sde": (DPMSolverSinglestep, _dpm(2, None, "sde-dpmsolver++")),
+    "dpmpp_2s_sde_karras": (DPMSolverSinglestep, _dpm(2, "karras", "sde-dpmsolver++")),
+    "dpmpp_3s": (DPMSolverSinglestep, _dpm(3, None, "dpmsolver++")),
+    "dpmpp_3s_karras": (DPMSolverSinglestep, _dpm(3, "karras", "dpmsolver++")),
+    "dpmpp_3s_sde": (DPMSolverSinglestep, _dpm(3, None, "sde-dpmsolver++")),
+    "dpmpp_3s_sde_karras": (DPMSolverSinglestep, _dpm(3, "karras", "sde-dpmsolver++")),
     "heun": (HeunDiscrete, {}),
-    "dpmpp_sde": (DPMSolverSDE, {"use_karras_sigmas": False}),
-    "dpmpp_sde_karras": (DPMSolverSDE, {"use_karras_sigmas": True}),
-    "dpm2": (KDPM2, {"use_karras_sigmas": False}),
-    "dpm2_karras": (KDPM2, {"use_karras_sigmas": True}),
-    "dpm2_a": (KDPM2Ancestral, {"use_karras_sigmas": False}),
-    "dpm2_a_karras": (KDPM2Ancestral, {"use_karras_sigmas": True}),
-    "lms": (LMSDiscrete, {"use_karras_sigmas": False}),
-    "lms_karras": (LMSDiscrete, {"use_karras_sigmas": True}),
-    "unipc": (UniPCMultistep, {}),  # the config's use_karras_sigmas, as Euler and Heun
-    "unipc_karras": (UniPCMultistep, {"use_karras_sigmas": True}),  # what a Karras UniPC's name says
-    "deis": (DEISMultistep, {"use_karras_sigmas": False}),
-    "deis_karras": (DEISMultistep, {"use_karras_sigmas": True}),
+    "dpmpp_sde": (DPMSolverSDE, _pin()),
+    "dpmpp_sde_karras": (DPMSolverSDE, _pin("karras")),
+    "dpm2": (KDPM2, _pin()),
+    "dpm2_karras": (KDPM2, _pin("karras")),
+    "dpm2_a": (KDPM2Ancestral, _pin()),
+    "dpm2_a_karras": (KDPM2Ancestral, _pin("karras")),
+    "lms": (LMSDiscrete, _pin()),
+    "lms_karras": (LMSDiscrete, _pin("karras")),
+    "unipc": (UniPCMultistep, {}),  # the config's σ schedule (use_karras_sigmas, ...), as Euler and Heun
+    "unipc_karras": (UniPCMultistep, _pin("karras")),  # what a Karras UniPC's name says
+    "deis": (DEISMultistep, _pin()),
+    "deis_karras": (DEISMultistep, _pin("karras")),
     "lcm": (LCM, {}),
     "tcd": (TCD, {}),
     # EDM models (Playground v2.5, CosXL): the config's sigma_schedule, or with "_karras" Karras σ
@@ -1490,7 +1592,22 @@ SCHEDULERS = {
     "edm_dpmpp_3m": (EDMDPMSolverMultistep, _edm_dpm(3, False, "dpmsolver++")),
     "edm_dpmpp_3m_karras": (EDMDPMSolverMultistep, _edm_dpm(3, True, "dpmsolver++")),
 }
-A1111_NAMES = {
+
+
+def _with_schedules(named):
+    """`named` with the "_exponential" and "_beta" names of each name whose class takes diffusers' exponential
+    and beta σ, each after its name (after its "_karras" twin where it has one), pinning the σ schedule."""
+    out = {}
+    for name, (cls, overrides) in named.items():
+        out[name] = cls, overrides
+        base = name.removesuffix("_karras")
+        if "beta" in cls.sigma_schedules and (name != base or base + "_karras" not in named):
+            out.update({f"{base}_{kind}": (cls, {**named[base][1], **_pin(kind)}) for kind in ("exponential", "beta")})
+    return out
+
+
+SCHEDULERS = _with_schedules(_NAMED)
+_A1111_NAMED = {
     "Euler": "euler",
     "Euler a": "euler_a",
     "DDIM": "ddim",
@@ -1513,6 +1630,23 @@ A1111_NAMES = {
     "LCM": "lcm",
     "TCD": "tcd",
 }
+
+
+def _a1111_with_schedules(named):
+    """`named` with A1111's old-style names of the exponential and beta schedules ("DPM++ 2M Beta": its sampler
+    name and schedule type, as A1111 still reads them), each after its sampler's (after its Karras twin)."""
+    out = {}
+    for a1111, name in named.items():
+        out[a1111] = name
+        base = a1111.removesuffix(" Karras")
+        if a1111 != base or base + " Karras" not in named:
+            for kind in ("exponential", "beta"):
+                if f"{named[base]}_{kind}" in SCHEDULERS:
+                    out[f"{base} {kind.capitalize()}"] = f"{named[base]}_{kind}"
+    return out
+
+
+A1111_NAMES = _a1111_with_schedules(_A1111_NAMED)
 DIFFUSERS_CLASSES = {
     "EulerDiscreteScheduler": EulerDiscrete,
     "EulerAncestralDiscreteScheduler": EulerAncestral,
@@ -1531,6 +1665,12 @@ DIFFUSERS_CLASSES = {
     "EDMEulerScheduler": EDMEuler,
     "EDMDPMSolverMultistepScheduler": EDMDPMSolverMultistep,
 }
+
+
+def _diffusers_name(cls):
+    return next(name for name, c in DIFFUSERS_CLASSES.items() if c is cls)
+
+
 _ALIASES = {**{k: k for k in SCHEDULERS}, **{k.lower(): v for k, v in A1111_NAMES.items()}}
 
 
@@ -1539,8 +1679,11 @@ def make_scheduler(name: str | None = None, config: dict | None = None) -> Sched
     `_class_name` names. The config is a diffusers scheduler_config.json dict; None or {} means SDXL's
     (a single-file checkpoint carries none, and diffusers' bare class defaults are not SDXL's betas).
     "euler"/"euler_a"/"ddim" take the config as it is (as diffusers' from_config); the DPM++ names pin
-    solver_order (2M, 3M), use_karras_sigmas and algorithm_type (SDE or not) to what they say, the DPM++ SDE,
-    DPM2, LMS and DEIS names use_karras_sigmas (DEIS's solver_order comes from the config). The EDM names take the
+    solver_order (2M, 3M), the σ schedule (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: the one
+    the name ends in, "_karras", "_exponential" or "_beta", on, the others off) and algorithm_type (SDE or not)
+    to what they say, the DPM++ SDE, DPM2, LMS and DEIS names the σ schedule (DEIS's solver_order comes from the
+    config), and so do all "_exponential" and "_beta" names ("euler_beta", "heun_exponential", ...; A1111-style
+    "Euler Beta", "DPM++ 2M Exponential", ...). The EDM names take the
     config's sigma_schedule ("_karras": Karras σ) and pin what they say (solver_order, algorithm_type). For an
     EDM model's config (Playground v2.5, CosXL) a VP name means its EDM counterpart where one exists ("euler"
     edm_euler, "DPM++ 2M Karras" edm_dpmpp_2m_karras, ...), as no VP scheduler can sample an EDM model."""

@@ -270,8 +270,6 @@ def test_class_defaults_fill_a_sparse_config():
 @pytest.mark.parametrize(
     "key,value",
     [
-        ("use_exponential_sigmas", True),
-        ("use_beta_sigmas", True),
         ("rescale_betas_zero_snr", True),  # diffusers' class has no such key: it would ignore it
         ("prediction_type", "sample"),  # diffusers' step raises NotImplementedError
         ("beta_schedule", "squaredcos_cap_v2"),

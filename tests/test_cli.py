@@ -38,7 +38,7 @@ from sdxl_testing import (
 
 import minsdxl
 from minsdxl.checkpoint import diffusers_to_sgm, read_safetensors, save_safetensors
-from minsdxl.cli import build_parser, describe_control, main, read_png_metadata
+from minsdxl.cli import _from_a1111, build_parser, describe_control, main, read_png_metadata
 from minsdxl.config import ControlNetUnionConfig
 from minsdxl.controlnet import controlnet_config_json
 from minsdxl.image import blur_mask
@@ -484,6 +484,14 @@ def test_from_png_of_an_a1111_image_takes_its_settings(paths, tmp_path, capsys):
     info = read_png_metadata(tmp_path / "x.png")["infotext"]
     expected = {"Size": "64x72", "Hires upscale": "1.5", "Hires steps": "2", "Hires upscaler": "Lanczos"}
     assert expected.items() <= info.items() and info["Denoising strength"] == "0.5"
+
+
+@pytest.mark.parametrize("schedule", ["Automatic", "Karras", "Exponential", "Beta"])
+def test_a1111_schedule_types_name_our_schedulers(schedule):
+    text = f"a cat\nSteps: 20, Sampler: DPM++ 2M SDE, Schedule type: {schedule}, CFG scale: 7, Seed: 1, Size: 64x64"
+    name = _from_a1111("x.png", text)["args"]["sampler"]
+    expected = {"Automatic": "dpmpp_2m_sde", "Karras": "dpmpp_2m_sde_karras"}.get(schedule)
+    assert minsdxl.make_scheduler(name).name == (expected or f"dpmpp_2m_sde_{schedule.lower()}")
 
 
 def test_hires_fix_with_a_latent_upscaler(paths, tmp_path):

@@ -35,6 +35,7 @@ from minsdxl import checkpoint, tiny
 from minsdxl.image import blur_mask, watermark_available
 from minsdxl.metadata import SCHEMA, infotext, parse_infotext, read_png_metadata, save_png, sha256, short_hash
 from minsdxl.schedulers import A1111_NAMES, SCHEDULERS
+from minsdxl.upscaler import load_upscaler, upscale
 
 __all__ = ["main", "read_png_metadata", "describe_checkpoint"]
 
@@ -315,8 +316,13 @@ def build_parser():
     add("--hires-scale", metavar="F",  type=float, default=None,      help="A1111's hires fix: the text2img image "
                                                                            "is upscaled F times and reworked by "
                                                                            "img2img at --hires-strength")
-    add("--hires-upscaler", choices=HIRES_UPSCALERS, default="Latent", help="how the hires fix upscales: the latents "
-                                                                           "(interpolated) or the image (resized)")
+    add("--hires-upscaler", metavar="NAME", default="Latent",        help="how the hires fix upscales: "
+                                                                           + ", ".join(HIRES_UPSCALERS) + ", an "
+                                                                           "ESRGAN-family upscaler file (e.g. "
+                                                                           "4x-UltraSharp.pth), or its name in "
+                                                                           "--upscaler-dir")
+    add("--upscaler-dir", metavar="DIR", default=None,                help="where --hires-upscaler NAME (A1111's "
+                                                                           "models/ESRGAN) finds NAME.pth")
     add("--hires-steps", metavar="N",  type=int,   default=None,      help="the hires pass's steps (default: "
                                                                            "--steps)")
     add("--hires-strength",            type=float, default=0.7,       help="the hires pass's denoising strength")
@@ -475,6 +481,12 @@ def main(argv=None) -> int:
                 )
             if source.get("a1111"):
                 _warn(f"{args.from_png} is A1111's: its settings, not its pixels (A1111 draws its noise otherwise)")
+            if args.hires_scale is not None and _find_upscaler(args) is None:
+                _warn(
+                    f"{args.from_png}'s hires upscaler {args.hires_upscaler} is not here (pass --upscaler-dir DIR "
+                    "holding it): Lanczos instead"
+                )
+                args.hires_upscaler = "Lanczos"
             if source.get("a1111_refiner") and not args.refiner:
                 _warn(f"{args.from_png} was refined with {source['a1111_refiner']}: pass --refiner PATH for that")
         return generate(args, source)
@@ -601,6 +613,13 @@ def _check(args, mode):
                 "--hires-scale reworks a text2img image: drop -i/--init-image, and with --refiner use "
                 "--refiner-mode img2img (the refiner then reworks the hires image)"
             )
+        found = _find_upscaler(args)
+        if found is None:
+            raise ValueError(
+                f"--hires-upscaler {args.hires_upscaler}: not one of {', '.join(HIRES_UPSCALERS)}, no such file, and "
+                "no NAME.pth / NAME.safetensors in --upscaler-dir"
+            )
+        args.hires_upscaler = found
         if args.hires_scale < 1 or not 0 < args.hires_strength <= 1 or (args.hires_steps or 1) < 1:
             raise ValueError(
                 f"--hires-scale {args.hires_scale} (>= 1), --hires-strength {args.hires_strength} (in (0, 1]) and "
@@ -890,7 +909,7 @@ def _generate_one(args, mode, base, refiner, init, mask, extra, width, height, s
         hkw = {**_api_kwargs(args, minsdxl.img2img, skip=("strength", "width", "height", "steps")), **common}
         n = args.hires_steps or kw.get("num_inference_steps") or _api_default_value("num_inference_steps")
         total = _hires_total(n, args.hires_strength)
-        hkw.update(image=_hires_upscale(out if latent else out[0], args, kw), strength=args.hires_strength)
+        hkw.update(image=_hires_upscale(out if latent else out[0], args, kw, base), strength=args.hires_strength)
         hkw["num_inference_steps"] = total
         if "ip_adapter_image" in extra:  # the image prompt again; a ControlNet's image is the first pass's size
             hkw["ip_adapter_image"] = extra["ip_adapter_image"]
@@ -922,13 +941,34 @@ def _hires_total(n: int, strength: float) -> int:
     return total
 
 
-def _hires_upscale(out, args, kw):
-    """The first pass at --hires-scale times its size (multiples of 8): latents interpolated, or the image resized."""
+def _hires_upscale(out, args, kw, base):
+    """The first pass at --hires-scale times its size (multiples of 8): latents interpolated, the image resized,
+    or the image through an upscaler model (then resized to the multiple of 8, as A1111 does)."""
     w, h = (int(kw[k] * args.hires_scale) // 8 * 8 for k in ("width", "height"))
-    how = HIRES_UPSCALERS[args.hires_upscaler]
+    how = HIRES_UPSCALERS.get(args.hires_upscaler)
     if isinstance(how, tuple):  # = A1111's latent upscale: F.interpolate to the target's latent size
         return torch.nn.functional.interpolate(out, size=(h // 8, w // 8), mode=how[0], antialias=how[1])
-    return out.resize((w, h), resample=how)
+    if how is None:
+        out = upscale(_upscaler(args.hires_upscaler, base.unet.dtype, args.device), out, scale=args.hires_scale)
+    return out if out.size == (w, h) else out.resize((w, h), resample=how or PIL.Image.LANCZOS)
+
+
+@functools.cache
+def _upscaler(path, dtype, device):  # once per run, not per image
+    return load_upscaler(path, dtype=dtype, device=device)
+
+
+def _find_upscaler(args) -> str | None:
+    """--hires-upscaler as it is used: one of HIRES_UPSCALERS, an upscaler file (absolute), or NAME.pth /
+    NAME.safetensors in --upscaler-dir (A1111 names its upscalers by file: "4x-UltraSharp"); None: not found."""
+    name = args.hires_upscaler
+    if name in HIRES_UPSCALERS:
+        return name
+    folder = Path(args.upscaler_dir) if args.upscaler_dir else None
+    for p in [Path(name)] + ([folder / f"{name}{ext}" for ext in (".pth", ".safetensors")] if folder else []):
+        if p.is_file():
+            return str(p.resolve())
+    return None
 
 
 def _api_default_value(keyword: str):
@@ -961,6 +1001,7 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
         "control_image": _one_or_list([_file_info(p) for p in _each(args.control_image)]),
         "t2i_adapter": _file_info(_weights(args.t2i_adapter, args.dtype)) if args.t2i_adapter else None,
         "adapter_image": _file_info(args.adapter_image) if args.adapter_image else None,
+        "upscaler": _file_info(args.hires_upscaler) if Path(args.hires_upscaler).is_file() else None,
         # a scheduler no name makes again is described by its own name (e.g. "dpmpp_1m") and config
         "scheduler": {"name": args.sampler, "a1111": _a1111_name(args.sampler or sched.name), "config": sched.config},
         "dtypes": {
@@ -973,7 +1014,7 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
     _log(args, f"hashed the model files in {time.perf_counter() - t:.1f} s (sha256 {model['sha256'][:10]})")
     if source is not None:  # --from-png: say when the result cannot be the same image
         kinds = ("model", "refiner", "vae", "init_image", "mask", "ip_adapter", "ip_adapter_image", "controlnet")
-        for what in (*kinds, "control_image", "t2i_adapter", "adapter_image"):
+        for what in (*kinds, "control_image", "t2i_adapter", "adapter_image", "upscaler"):
             for was, now in zip(_each(source.get(what)), _each(about[what])):
                 old, new = was.get("sha256"), now.get("sha256")
                 if old and new and old != new:
@@ -1081,7 +1122,7 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
         "Denoising strength": records[0].get("strength") if hires is None else hires["strength"],
         "Hires upscale": args.hires_scale,
         "Hires steps": args.hires_steps,
-        "Hires upscaler": args.hires_upscaler if hires is not None else None,
+        "Hires upscaler": Path(args.hires_upscaler).stem if hires is not None else None,  # A1111 names it by file
         "Eta": args.eta or None,  # = A1111: written when not the default
         # = A1111's extra_generation_params["Lora hashes"] (its <lora:name:w> lives in the prompt text)
         "Lora hashes": ", ".join(f"{x['name']}: {x['hash']}" for x in about["loras"]) or None,
@@ -1145,10 +1186,7 @@ def _from_a1111(path, text: str) -> dict:
     not_done = [k for k in A1111_NOT_DONE if k in p]
     if "Hires upscale" in p:  # the hires fix's: its strength, its upscaler (an upscaler model: Lanczos here)
         args["hires_strength"] = args.pop("strength", 0.7)
-        args["hires_upscaler"] = p.get("Hires upscaler", "Latent")
-        if args["hires_upscaler"] not in HIRES_UPSCALERS:
-            not_done.append(f"Hires upscaler: {args['hires_upscaler']} (Lanczos instead)")
-            args["hires_upscaler"] = "Lanczos"
+        args["hires_upscaler"] = p.get("Hires upscaler", "Latent")  # an upscaler model: found in --upscaler-dir
     args = {k: v for k, v in args.items() if v != ""}
     if "Emphasis" in p and "prompt_weighting" not in args:
         not_done.append(f"Emphasis: {p['Emphasis']}")

@@ -35,6 +35,7 @@ from sdxl_testing import (
     random_lora_pairs,
     random_state_dict,
 )
+from test_upscaler import random_esrgan
 
 import minsdxl
 from minsdxl.checkpoint import diffusers_to_sgm, read_safetensors, save_safetensors
@@ -43,6 +44,7 @@ from minsdxl.config import ControlNetUnionConfig
 from minsdxl.controlnet import controlnet_config_json
 from minsdxl.image import blur_mask
 from minsdxl.metadata import infotext, parse_infotext, save_png
+from minsdxl.upscaler import load_upscaler, upscale
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = ["-W", "64", "-H", "64", "--steps", "2"]
@@ -468,8 +470,8 @@ def test_from_png_of_an_a1111_image_takes_its_settings(paths, tmp_path, capsys):
     assert "made by A1111 with the model sd_xl_base_1.0 [31e35c80fc]: pass --model PATH" in capsys.readouterr().err
     assert main([*argv, "--model", str(paths["base"]), "-q"]) == 0
     err = capsys.readouterr().err
-    assert "left out: ADetailer model, Hires upscaler: 4x-UltraSharp (Lanczos instead)" in err
-    assert "its settings, not its pixels" in err
+    assert "left out: ADetailer model" in err and "its settings, not its pixels" in err
+    assert "hires upscaler 4x-UltraSharp is not here (pass --upscaler-dir DIR holding it): Lanczos instead" in err
     assert "refined with sd_xl_refiner_1.0 [7440042bbd]: pass --refiner PATH" in err
     model = minsdxl.load(paths["base"])
     minsdxl.load_lora_weights(model, paths["lora_detail"], adapter_name="detail")
@@ -484,6 +486,18 @@ def test_from_png_of_an_a1111_image_takes_its_settings(paths, tmp_path, capsys):
     info = read_png_metadata(tmp_path / "x.png")["infotext"]
     expected = {"Size": "64x72", "Hires upscale": "1.5", "Hires steps": "2", "Hires upscaler": "Lanczos"}
     assert expected.items() <= info.items() and info["Denoising strength"] == "0.5"
+    # with A1111's upscaler folder: 4x-UltraSharp.pth (random ESRGAN weights) upscales, then to a multiple of 8
+    (tmp_path / "ESRGAN").mkdir()
+    torch.save(random_esrgan("old", nf=8, nb=1), tmp_path / "ESRGAN" / "4x-UltraSharp.pth")
+    argv += ["--model", str(paths["base"]), "-q", "--upscaler-dir", str(tmp_path / "ESRGAN"), "--overwrite"]
+    assert main(argv) == 0
+    big = upscale(load_upscaler(tmp_path / "ESRGAN" / "4x-UltraSharp.pth"), first, scale=1.5)
+    assert big.size == (96, 108)  # A1111's int(72 * 1.5), then resized to 104 as A1111 does for SDXL's VAE
+    made = minsdxl.img2img(model, **kw, image=big.resize((96, 104), PIL.Image.LANCZOS), strength=0.5,
+                           num_inference_steps=4)  # fmt: skip
+    _same(tmp_path / "x.png", made[0])
+    meta = read_png_metadata(tmp_path / "x.png")
+    assert meta["infotext"]["Hires upscaler"] == "4x-UltraSharp" and meta["minsdxl"]["upscaler"]["hash"]
 
 
 @pytest.mark.parametrize("schedule", ["Automatic", "Karras", "Exponential", "Beta"])
@@ -494,7 +508,7 @@ def test_a1111_schedule_types_name_our_schedulers(schedule):
     assert minsdxl.make_scheduler(name).name == (expected or f"dpmpp_2m_sde_{schedule.lower()}")
 
 
-def test_hires_fix_with_a_latent_upscaler(paths, tmp_path):
+def test_hires_fix_with_a_latent_upscaler(paths, tmp_path, capsys):
     """--hires-scale: text2img's latents interpolated as A1111's "Latent" upscaler does, then img2img runs
     --hires-steps steps at --hires-strength (a schedule of 3 / 0.6 -> 5 steps, 3 of them run)."""
     out = tmp_path / "hires.png"
@@ -513,8 +527,8 @@ def test_hires_fix_with_a_latent_upscaler(paths, tmp_path):
     calls = read_png_metadata(out)["minsdxl"]["calls"]
     assert [c["function"] for c in calls] == ["text2img", "img2img"]
     assert calls[1]["kwargs"]["image"] == "the base call's latents, x1.5 (Latent)"
-    with pytest.raises(SystemExit):  # argparse: an upscaler model is not one of the choices
-        main([*argv, "--hires-upscaler", "4x-UltraSharp"])
+    assert main([*argv, "--hires-upscaler", "4x-UltraSharp"]) == 1  # no such file, no --upscaler-dir
+    assert "no NAME.pth / NAME.safetensors in --upscaler-dir" in capsys.readouterr().err
     assert main([*argv, "-i", str(paths["init"])]) == 1  # img2img: no hires fix
 
 

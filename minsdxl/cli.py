@@ -32,7 +32,7 @@ import torch
 
 import minsdxl
 from minsdxl import checkpoint, tiny
-from minsdxl.image import blur_mask, watermark_available
+from minsdxl.image import blur_mask, outpaint_canvas, watermark_available
 from minsdxl.metadata import SCHEMA, infotext, parse_infotext, read_png_metadata, save_png, sha256, short_hash
 from minsdxl.schedulers import A1111_NAMES, SCHEDULERS
 from minsdxl.upscaler import load_upscaler, upscale
@@ -133,6 +133,14 @@ def _size(text: str) -> tuple:
     if not m:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x1024, got {text!r}")
     return int(m.group(2)), int(m.group(1))
+
+
+def _sides(text: str) -> tuple:
+    """`L,T,R,B` -> (left, top, right, bottom) pixels."""
+    m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected LEFT,TOP,RIGHT,BOTTOM pixels such as 0,0,256,0, got {text!r}")
+    return tuple(int(v) for v in m.groups())
 
 
 def _pair(text: str) -> tuple:
@@ -307,6 +315,11 @@ def build_parser():
                                                                            "(0.3 is TCD's usual)")
     add("-i", "--init-image",                      default=None,      help="start from this image (img2img)")
     add("--mask",                                  default=None,      help="with -i: repaint its white part")
+    add("--outpaint", metavar="L,T,R,B", type=_sides, default=None,   help="with -i: extend the image by these "
+                                                                           "pixels on its left, top, right and "
+                                                                           "bottom, inpainting the new area")
+    add("--outpaint-overlap", metavar="N", type=int, default=0,      help="--outpaint redraws N px of the image "
+                                                                           "along the extended sides too")
     add("--mask-padding", metavar="N", type=int,   default=None,      help="inpaint only the box around the mask, "
                                                                            "N px wider, at -W x -H, and paste it "
                                                                            "back (A1111's 'only masked')")
@@ -518,7 +531,7 @@ def _warn(message):  # also under -q, which only hides progress bars: these say 
 
 def generate(args, source=None) -> int:
     args.controlnet, args.control_image = _one_or_list(args.controlnet), _one_or_list(args.control_image)
-    mode = "inpaint" if args.mask else "img2img" if args.init_image else "text2img"
+    mode = "inpaint" if args.mask or args.outpaint else "img2img" if args.init_image else "text2img"
     _check(args, mode)
     model_path = checkpoint.resolve(args.model)
     if source is not None and args.model == source["args"].get("model") and not model_path.exists():
@@ -594,14 +607,18 @@ def _check(args, mode):
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.batch < 1:
         raise ValueError(f"-b/--batch must be at least 1, got {args.batch}")
-    if args.mask and not args.init_image:
-        raise ValueError("--mask needs the image to repaint: pass it with -i/--init-image")
+    if (args.mask or args.outpaint) and not args.init_image:
+        raise ValueError("--mask and --outpaint need the image to repaint: pass it with -i/--init-image")
+    if args.outpaint and args.mask:
+        raise ValueError("--outpaint makes its own mask (the added area): drop --mask")
+    if (args.outpaint and not any(args.outpaint)) or args.outpaint_overlap < 0:
+        raise ValueError(f"--outpaint {args.outpaint} adds nothing, or --outpaint-overlap is negative")
     if args.mask_padding is not None and args.mask_padding < 0:
         raise ValueError(f"--mask-padding must be 0 or more pixels, got {args.mask_padding}")
-    if args.mask_blur is not None and (args.mask_blur < 0 or not args.mask):
-        raise ValueError(f"--mask-blur {args.mask_blur}: a blur radius of 0 or more pixels, for an inpaint --mask")
-    if args.mask_padding is not None and not args.mask:
-        raise ValueError("--mask-padding crops around the mask: pass --mask (and -i) too")
+    if args.mask_blur is not None and (args.mask_blur < 0 or mode != "inpaint"):
+        raise ValueError(f"--mask-blur {args.mask_blur}: a blur radius of 0 or more pixels, for --mask or --outpaint")
+    if args.mask_padding is not None and mode != "inpaint":
+        raise ValueError("--mask-padding crops around the mask: pass --mask or --outpaint (and -i) too")
     if args.mask_padding is not None and args.refiner and args.refiner_mode == "switch":
         raise ValueError(
             "--mask-padding pastes a finished image back, but --refiner-mode switch hands noisy latents to the "
@@ -680,6 +697,8 @@ def _read_images(args, mode):
         return None, None, args.width, args.height
     init = _open(args.init_image, "init image")
     mask = _open(args.mask, "mask") if args.mask else None
+    if args.outpaint:
+        init, mask = outpaint_canvas(init, *args.outpaint, overlap=args.outpaint_overlap)
     if mask is not None and args.mask_blur:
         mask = blur_mask(mask.convert("L"), args.mask_blur)
     if mask is not None and mask.size != init.size:

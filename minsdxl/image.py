@@ -90,6 +90,25 @@ def blur_mask(mask: PIL.Image.Image, blur_factor: float = 4) -> PIL.Image.Image:
     return mask.filter(PIL.ImageFilter.GaussianBlur(blur_factor))
 
 
+def outpaint_canvas(
+    image: PIL.Image.Image, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0, overlap: int = 0
+) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+    """(canvas, mask) to extend a picture by inpainting: the image with `left`/`top`/`right`/`bottom` px added,
+    filled by repeating its edge pixels (colours the model can continue, not black it must paint over), and a
+    mask white on the added area and `overlap` px into the picture along those sides (so the seam is redrawn)."""
+    sides = (left, top, right, bottom)
+    if not all(isinstance(v, int) and v >= 0 for v in (*sides, overlap)) or not any(sides):
+        raise ValueError(f"outpaint sizes must be whole pixels >= 0, at least one side > 0; got {sides}, {overlap=}")
+    rgb = np.asarray(image.convert("RGB"))
+    canvas = PIL.Image.fromarray(np.pad(rgb, ((top, bottom), (left, right), (0, 0)), mode="edge"))
+    mask = np.full(canvas.size[::-1], 255, np.uint8)
+    h, w = rgb.shape[:2]
+    y0, x0 = top + overlap * (top > 0), left + overlap * (left > 0)  # the kept picture, less the overlap
+    y1, x1 = top + h - overlap * (bottom > 0), left + w - overlap * (right > 0)
+    mask[max(y0, 0) : max(y1, y0), max(x0, 0) : max(x1, x0)] = 0
+    return canvas, PIL.Image.fromarray(mask)
+
+
 def mask_crop_region(mask: PIL.Image.Image, width: int, height: int, pad: int) -> tuple[int, int, int, int]:
     """(x1, y1, x2, y2): the box around the mask's non-zero pixels, `pad` wider on every side, then grown
     to the width:height aspect ratio within the image (= VaeImageProcessor.get_crop_region)."""

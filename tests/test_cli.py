@@ -42,7 +42,7 @@ from minsdxl.checkpoint import diffusers_to_sgm, read_safetensors, save_safetens
 from minsdxl.cli import _from_a1111, build_parser, describe_control, main, read_png_metadata
 from minsdxl.config import ControlNetUnionConfig
 from minsdxl.controlnet import controlnet_config_json
-from minsdxl.image import blur_mask
+from minsdxl.image import blur_mask, outpaint_canvas
 from minsdxl.metadata import infotext, parse_infotext, save_png
 from minsdxl.upscaler import load_upscaler, upscale
 
@@ -754,6 +754,36 @@ def test_inpaint_only_masked_with_mask_blur(runs, api, paths):
         "infotext"
     ].items()
     assert meta["minsdxl"]["calls"][0]["kwargs"]["padding_mask_crop"] == 4
+
+
+def test_outpaint_canvas_and_mask():
+    rng = np.random.default_rng(1)
+    image = PIL.Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    canvas, mask = outpaint_canvas(image, left=8, top=0, right=2, bottom=4, overlap=3)
+    c, m, a = np.asarray(canvas), np.asarray(mask), np.asarray(image)
+    assert canvas.size == mask.size == (40, 24)
+    assert np.array_equal(c[0:20, 8:38], a)  # the picture where it was
+    assert np.array_equal(c[0:20, :8], np.repeat(a[:, :1], 8, axis=1))  # its edge column repeated
+    assert np.array_equal(c[20:, 8:38], np.repeat(a[-1:], 4, axis=0))
+    kept = np.zeros((24, 40), bool)
+    kept[0 : 20 - 3, 8 + 3 : 38 - 3] = True  # the picture less 3 px along the extended sides (not the top)
+    assert np.array_equal(m == 0, kept) and set(np.unique(m)) == {0, 255}
+    for bad in (dict(), dict(left=-8), dict(left=8, overlap=-1), dict(left=2.5)):
+        with pytest.raises(ValueError, match="outpaint sizes must be whole pixels"):
+            outpaint_canvas(image, **bad)
+
+
+def test_outpaint_flag(paths, tmp_path):
+    out = tmp_path / "wide.png"
+    argv = ["-p", "a dog", "--model", str(paths["inpaint"]), "-i", str(paths["init"]), "--outpaint", "16,0,8,4"]
+    assert main([*argv, "--outpaint-overlap", "4", "--steps", "2", "-s", "3", "-q", "-o", str(out)]) == 0
+    canvas, mask = outpaint_canvas(PIL.Image.open(paths["init"]), 16, 0, 8, 4, overlap=4)
+    assert canvas.size == (88, 80)  # 64x76 grown
+    model = minsdxl.load(paths["inpaint"])
+    made = minsdxl.inpaint(model, "a dog", image=canvas, mask_image=mask, width=88, height=80,
+                           num_inference_steps=2, seed=3, progress=False)  # fmt: skip
+    _same(out, made[0])
+    assert main([*argv, "--mask", str(paths["mask"])]) == 1  # it makes its own mask
 
 
 def test_inpaint_random_seed_no_metadata(runs, api, paths):

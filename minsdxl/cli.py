@@ -107,6 +107,7 @@ RUN_ONLY = (
     "no_metadata",
     "offload",
     "device",
+    "compile",
 )
 # sampler keywords the metadata leaves out (tensors and hooks the CLI never sets)
 UNRECORDED = (
@@ -426,6 +427,9 @@ def build_parser():
     add("--dtype",           choices=("auto", *DTYPES), default="auto", help="auto: fp16 on CUDA, else fp32")
     add("--device",                                default="auto",    help="cpu, cuda, cuda:N (auto: cuda if any)")
     add("--offload",                   action="store_true",           help="model offload: idle parts wait on the CPU")
+    add("--compile",                   action="store_true",           help="torch.compile the UNet, VAE decoder and "
+                                                                           "text encoders (minsdxl.compile; on CUDA "
+                                                                           "with CUDA graphs): pays off over a batch")
     add("--pag-scale",                 type=float, default=None,      help="Perturbed-Attention Guidance's scale "
                                                                            "(off by default; 3 is diffusers' PAG "
                                                                            "default)")
@@ -790,6 +794,7 @@ def _load(args, auto_dtype=False):
         config=args.model_config,
         add_watermarker=watermark,
         offload=args.offload,
+        compile=args.compile,
     )
     _log(args, f"loaded {args.model} (SDXL {base.kind}) in {time.perf_counter() - t:.1f} s")
     _log(args, f"device {args.device}; " + _dtype_note(base, auto_dtype))
@@ -830,6 +835,7 @@ def _load(args, auto_dtype=False):
             config=args.refiner_config,
             add_watermarker=watermark,
             offload=args.offload,
+            compile=args.compile,
         )
         if refiner.kind != "refiner":
             raise ValueError(

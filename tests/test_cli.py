@@ -582,6 +582,18 @@ def test_list_flags_are_parsed(capsys):
     assert e.value.code == 2 and "expected a float or a comma-separated list, got '0.5,x'" in capsys.readouterr().err
 
 
+def test_compile_flag_compiles_base_and_refiner_and_is_not_replayed(paths, tmp_path, monkeypatch):
+    """--compile reaches minsdxl.load(compile=True) for both models (compiling itself: tests/test_compile.py),
+    and is a run-only flag: --from-png does not store it."""
+    seen = []
+    monkeypatch.setattr(minsdxl.speed, "compile", lambda model, **kw: seen.append(model.kind) or model)
+    out = tmp_path / "c.png"
+    argv = ["-p", "a cat", "--model", str(paths["base"]), "-W", "64", "-H", "64", "--steps", "2", "-s", "1", "-q"]
+    argv += ["--refiner", str(paths["refiner"]), "--compile", "-o", str(out)]
+    assert main(argv) == 0 and seen == ["base", "refiner"]
+    assert "compile" not in read_png_metadata(out)["minsdxl"]["args"]
+
+
 def test_controlnet_union_img2img(runs, api, paths):
     _ok(runs["union"])
     init = PIL.Image.open(paths["init"])  # 64x76: the CLI rounds down to 64x72 and resizes (Lanczos)

@@ -628,6 +628,7 @@ def _unet_base(cj):
         norm_num_groups=cj.get("norm_num_groups", 32),
         sample_size=cj.get("sample_size", 128),
         addition_time_embed_dim=cj.get("addition_time_embed_dim", 256),
+        time_cond_proj_dim=cj.get("time_cond_proj_dim"),
     )
 
 
@@ -1028,6 +1029,7 @@ def unet_config_json(cfg: UNetConfig) -> dict:
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=cfg.addition_time_embed_dim,
+        time_cond_proj_dim=cfg.time_cond_proj_dim,
         projection_class_embeddings_input_dim=cfg.projection_class_embeddings_input_dim,
         norm_num_groups=cfg.norm_num_groups,
         act_fn="silu",
@@ -1162,6 +1164,11 @@ def save_single_file(model: SDXL, path, dtype=None) -> Path:
     terminal SNR scheduler as A1111's empty v_pred / ztsnr keys. Written under a temporary name, then renamed."""
     path = Path(path)
     _check_saving(model, path, "file")
+    if model.unet.config.time_cond_proj_dim is not None:
+        raise ValueError(
+            "this UNet is guidance-distilled (time_cond_proj_dim, e.g. LCM-SDXL): Stability's single-file layout has "
+            "no name for its time_embedding.cond_proj; save it as a diffusers folder (minsdxl.checkpoint.save)"
+        )
     names = ("unet", "vae", "text_encoder", "text_encoder_2")
     sd = diffusers_to_sgm({n: getattr(model, n).state_dict() for n in names if getattr(model, n) is not None})
     vae = model.vae.config

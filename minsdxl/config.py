@@ -19,6 +19,9 @@ class UNetConfig:
     projection_class_embeddings_input_dim: int = 2816  # pooled text (1280) + 6 or 5 time ids x 256
     norm_num_groups: int = 32
     sample_size: int = 128  # default latent size: 128 x 8 = 1024 px
+    # guidance-distilled UNets (latent-consistency/lcm-sdxl): the guidance scale's embedding width, added to the
+    # time embedding's input (diffusers' time_cond_proj_dim); None for every other SDXL UNet
+    time_cond_proj_dim: int | None = None
 
     @property
     def time_embed_dim(self) -> int:
@@ -182,6 +185,9 @@ def unet_config_from_state_dict(sd, base: UNetConfig | None = None) -> UNetConfi
         cross_attention_dim=sd[attn_key].shape[1],
         projection_class_embeddings_input_dim=sd["add_embedding.linear_1.weight"].shape[1],
         norm_num_groups=base.norm_num_groups,
+        time_cond_proj_dim=sd["time_embedding.cond_proj.weight"].shape[1]
+        if "time_embedding.cond_proj.weight" in sd
+        else None,
     )
 
 

@@ -32,6 +32,7 @@ from .prompt import encode_prompt
 from .rng import randn
 from .schedulers import DDIM, DPMSolverSDE, Scheduler, make_scheduler
 from .t2i_adapter import T2IAdapter
+from .unet import guidance_scale_embedding
 
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # what a step callback may read and replace (the loop's state; "mask", "masked_image_latents": 9-channel inpaint)
@@ -93,10 +94,15 @@ class _Run:
     # InstructPix2Pix: the image's latents beside the noisy ones ([none, image, image] with CFG) and its guidance
     image_latents: torch.Tensor | None = None
     image_guidance_scale: float | None = None
+    # a guidance-distilled UNet's guidance_scale_embedding [B, time_cond_proj_dim] (it is given the scale, no CFG)
+    guidance_embedding: torch.Tensor | None = None
 
     @property
     def cfg(self) -> bool:
-        # = the pix2pix pipeline's do_classifier_free_guidance: also image_guidance_scale >= 1
+        # = the pipelines' do_classifier_free_guidance: not for a guidance-distilled UNet (time_cond_proj_dim);
+        # pix2pix's: also image_guidance_scale >= 1
+        if self.guidance_embedding is not None:
+            return False
         return self.guidance_scale > 1.0 and (self.image_guidance_scale is None or self.image_guidance_scale >= 1.0)
 
     @property
@@ -243,6 +249,8 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
         if projected is None or projected[0] is not embeds or projected[1] != embeds._version:
             context = model.unet.project_context(embeds, run.image_embeds, run.image_masks)
             projected = (embeds, embeds._version, context)
+        if run.guidance_embedding is not None:
+            residuals["timestep_cond"] = run.guidance_embedding.repeat(run.copies, 1)
         eps = model.unet(x_in, t_unet[i], projected[2], state["add_text_embeds"], state["add_time_ids"], **residuals)
         if run.pag_scale:  # = PAGMixin._apply_perturbed_attention_guidance, its scale in torch as there
             *uncond, text, perturbed = eps.chunk(run.copies)
@@ -496,6 +504,7 @@ class _Setup:
     image_masks: list | None
     control_steps: int  # the steps before denoising_end's cut: what ControlNet guidance windows divide
     pag: bool = False  # Perturbed-Attention Guidance: the positive rows twice
+    guidance_dim: int | None = None  # a guidance-distilled UNet's time_cond_proj_dim
 
     def stack(self, negative, positive):
         """The UNet batch's rows: [negative,] positive[, positive again for PAG's perturbed chunk]."""
@@ -514,6 +523,14 @@ class _Setup:
     def pooled_dim(self):
         return self.embeds[2].shape[-1]
 
+    def guidance_embedding(self, a, latents):
+        """= the pipelines' step 9 for a guidance-distilled UNet: guidance_scale - 1 embedded once per image (fp32,
+        then the latents' dtype); None for any other UNet."""
+        if self.guidance_dim is None:
+            return None
+        w = torch.full((len(latents),), a["guidance_scale"] - 1)
+        return guidance_scale_embedding(w, self.guidance_dim).to(latents.device, latents.dtype)
+
     def run(self, a, latents, time_ids) -> _Run:
         pe, npe, ppe, nppe = self.embeds
         return _Run(
@@ -531,11 +548,13 @@ class _Setup:
             image_masks=self.image_masks,
             pag_scale=a["pag_scale"],
             pag_adaptive_scale=a["pag_adaptive_scale"],
+            guidance_embedding=self.guidance_embedding(a, latents),
         )
 
 
 def _setup(model, a, strength=1.0, denoising_start=None, cfg=None) -> _Setup:
-    cfg = a["guidance_scale"] > 1.0 if cfg is None else cfg
+    guidance_dim = model.unet.config.time_cond_proj_dim
+    cfg = a["guidance_scale"] > 1.0 and guidance_dim is None if cfg is None else cfg
     sched = _scheduler(model, a)
     # = the ControlNet pipelines: controlnet_keep is made before the denoising_end cut
     control_steps = len(sched.select_timesteps(strength, denoising_start, None))
@@ -555,7 +574,7 @@ def _setup(model, a, strength=1.0, denoising_start=None, cfg=None) -> _Setup:
     pag = bool(a["pag_scale"])
     if pag and images is not None:  # = the PAG pipelines: each image prompt's [negative,] positive, positive
         images = [torch.cat([*e.chunk(2), e.chunk(2)[1]]) if cfg else torch.cat([e, e]) for e in images]
-    return _Setup(sched, timesteps, _generator(a), embeds, cfg, images, masks, control_steps, pag)
+    return _Setup(sched, timesteps, _generator(a), embeds, cfg, images, masks, control_steps, pag, guidance_dim)
 
 
 def _time_ids(model, ids, neg_ids, pooled_dim, dtype):

@@ -27,13 +27,26 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, cond_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
+        # a guidance-distilled UNet's guidance embedding enters here (diffusers' cond_proj)
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim else None
 
-    def forward(self, x):
+    def forward(self, x, cond=None):
+        if cond is not None:
+            x = x + self.cond_proj(cond)
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """= diffusers' get_guidance_scale_embedding (the LCM pipelines'): [sin, cos] of 1000·w, frequencies over
+    half - 1 (not half, as timestep_embedding), fp32; w is guidance_scale - 1 per batch row."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    args = (w.float() * 1000.0)[:, None] * freqs[None]
+    return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=1), (0, dim % 2))
 
 
 class ResnetBlock2D(nn.Module):
@@ -322,7 +335,7 @@ class UNet2DConditionModel(nn.Module):
         and micro-conditioning embeddings, the down blocks and the middle block."""
         ch = cfg.block_out_channels
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
+        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, cfg.time_cond_proj_dim)
         self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
         self.down_blocks = down_blocks(cfg)
         self.mid_block = MidBlock(ch[-1], cfg)
@@ -398,13 +411,16 @@ class UNet2DConditionModel(nn.Module):
                 )
         return contexts[::-1]  # popped once per transformer block, in forward order (like skips)
 
-    def embed(self, sample, timestep, text_embeds, time_ids, extra=None) -> torch.Tensor:
+    def embed(self, sample, timestep, text_embeds, time_ids, extra=None, timestep_cond=None) -> torch.Tensor:
         """The time embedding plus SDXL's micro-conditioning (= diffusers get_aug_embed "text_time");
-        `extra` (a ControlNet-Union's control-type embedding) is added before it, in diffusers' order."""
+        `extra` (a ControlNet-Union's control-type embedding) is added before it, in diffusers' order;
+        `timestep_cond` (guidance_scale_embedding) for a guidance-distilled UNet."""
         b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(1).expand(b) if t.ndim == 0 else t.expand(b)
-        emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
+        emb = self.time_embedding(
+            timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype), timestep_cond
+        )
         if extra is not None:
             emb = emb + extra
         # [pooled, emb(time_ids)]
@@ -423,6 +439,7 @@ class UNet2DConditionModel(nn.Module):
         down_block_additional_residuals=None,
         mid_block_additional_residual=None,
         down_intrablock_additional_residuals=None,
+        timestep_cond=None,
     ) -> torch.Tensor:
         """sample [B, C, h, w]; timestep float or tensor (scalar or [B]); encoder_hidden_states
         [B, 77, context] (or project_context's list of it); text_embeds (pooled) [B, 1280]; time_ids
@@ -431,12 +448,18 @@ class UNet2DConditionModel(nn.Module):
         down_block_additional_residuals / mid_block_additional_residual: a ControlNet's output, added
         to the skips and to the middle block's output (= diffusers' UNet2DConditionModel.forward);
         down_intrablock_additional_residuals: a T2I-Adapter's feature maps, one per level (DownBlock.forward)
-        and one for the middle block's output where its shape fits."""
+        and one for the middle block's output where its shape fits; timestep_cond [B, time_cond_proj_dim]:
+        a guidance-distilled UNet's guidance embedding (guidance_scale_embedding)."""
         b = sample.shape[0]
         if image_embeds is not None and isinstance(encoder_hidden_states, torch.Tensor):
             encoder_hidden_states = self.project_context(encoder_hidden_states, image_embeds, ip_adapter_masks)
         contexts = self.contexts(encoder_hidden_states, b)
-        emb = self.embed(sample, timestep, text_embeds, time_ids)
+        if (timestep_cond is None) != (self.config.time_cond_proj_dim is None):
+            raise ValueError(
+                "timestep_cond (the guidance embedding) goes with a guidance-distilled UNet (time_cond_proj_dim), "
+                f"and only there; this UNet's time_cond_proj_dim is {self.config.time_cond_proj_dim}"
+            )
+        emb = self.embed(sample, timestep, text_embeds, time_ids, timestep_cond=timestep_cond)
 
         x = self.conv_in(sample)
         skips = [x]  # pushed by every resnet/downsample on the way down, popped in reverse on the way up

@@ -167,6 +167,8 @@ class _Pipeline:
         vars(self).update(_model=model, _run=run, _interrupt=False, _reproject=False)
 
     def __getattr__(self, name):  # what the view does not have is the model's
+        if name == "_model":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self._model, name)
 
     def __setattr__(self, name, value):

@@ -34,6 +34,7 @@ import minsdxl
 from minsdxl import checkpoint, tiny
 from minsdxl.image import blur_mask, outpaint_canvas, watermark_available
 from minsdxl.metadata import SCHEMA, infotext, parse_infotext, read_png_metadata, save_png, sha256, short_hash
+from minsdxl.prompt import WEIGHTINGS
 from minsdxl.schedulers import A1111_NAMES, SCHEDULERS
 from minsdxl.upscaler import load_upscaler, upscale
 
@@ -421,7 +422,7 @@ def build_parser():
     add("--negative-aesthetic-score",  type=float, default=None,      help="refiner negative aesthetic score")
     add("--clip-skip",                 type=int,   default=None,      help="read N layers before SDXL's penultimate "
                                                                            "CLIP layer (diffusers' clip_skip)")
-    add("--prompt-weighting",          choices=("a1111",), default=None, help="read the prompts in A1111's syntax: "
+    add("--prompt-weighting",          choices=WEIGHTINGS, default=None, help="read the prompts in A1111's syntax: "
                                                                            "(word:1.3), (word), [word], BREAK, "
                                                                            "no 77-token limit (off: diffusers')")
     add("--dtype",           choices=("auto", *DTYPES), default="auto", help="auto: fp16 on CUDA, else fp32")
@@ -1206,15 +1207,16 @@ def _from_a1111(path, text: str) -> dict:
     if "Sampler" in p:  # A1111 >= 1.9 writes the schedule apart: "DPM++ 2M" + "Karras" = "DPM++ 2M Karras"
         schedule = p.get("Schedule type", "Automatic")
         args["sampler"] = p["Sampler"] + ("" if schedule == "Automatic" else f" {schedule}")
-    if p.get("Emphasis", "Original") == "Original":  # its default; "No norm" / "None" are not A1111's syntax here
-        args["prompt_weighting"] = "a1111"
     not_done = [k for k in A1111_NOT_DONE if k in p]
+    emphasis = p.get("Emphasis", "Original")  # A1111's default; "No norm": the weights without the rescaling
+    if emphasis in ("Original", "No norm"):
+        args["prompt_weighting"] = "a1111" if emphasis == "Original" else "a1111_no_norm"
+    elif emphasis != "None":  # "None": the text as it is, as here without weighting; "Ignore" is not done
+        not_done.append(f"Emphasis: {emphasis}")
     if "Hires upscale" in p:  # the hires fix's: its strength, its upscaler (an upscaler model: Lanczos here)
         args["hires_strength"] = args.pop("strength", 0.7)
         args["hires_upscaler"] = p.get("Hires upscaler", "Latent")  # an upscaler model: found in --upscaler-dir
     args = {k: v for k, v in args.items() if v != ""}
-    if "Emphasis" in p and "prompt_weighting" not in args:
-        not_done.append(f"Emphasis: {p['Emphasis']}")
     if not_done:
         _warn(f"{path} asks for what minsdxl does not do, left out: {', '.join(not_done)}")
     model = p.get("Model", "?") + (f" [{p['Model hash']}]" if "Model hash" in p else "")

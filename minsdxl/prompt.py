@@ -202,12 +202,16 @@ def _windows(chunks, count, tokenizer):
     return ids, weights
 
 
-def _emphasis(hidden, weights):
-    """A1111's "Original" emphasis, per 77-token window: scale each token's hidden state by its weight, then
-    the window by old mean / new mean (A1111 takes the means over its whole batch; here over the window)."""
+WEIGHTINGS = ("a1111", "a1111_no_norm")  # A1111's emphasis modes "Original" and "No norm"
+
+
+def _emphasis(hidden, weights, weighting):
+    """A1111's emphasis, per 77-token window: each token's hidden state times its weight; "Original" (its default)
+    then scales the window by old mean / new mean (A1111 takes the means over its whole batch; here over the
+    window), "No norm" does not."""
     mean = hidden.mean(dim=(1, 2), keepdim=True)
     hidden = hidden * weights[..., None].to(hidden)
-    return hidden * (mean / hidden.mean(dim=(1, 2), keepdim=True))
+    return hidden if weighting == "a1111_no_norm" else hidden * (mean / hidden.mean(dim=(1, 2), keepdim=True))
 
 
 def _windows_needed(groups, pairs) -> int:
@@ -234,7 +238,7 @@ def _encode(pairs, prompt_lists, clip_skip, max_length=77, cuda_graphs=False, we
         if cuda_graphs:
             h, p = h.clone(), None if p is None else p.clone()
         if weighting:  # windows side by side; bigG's pooled output from each prompt's first window, as A1111
-            h = _emphasis(h, weights).reshape(len(prompts), max_length, -1)
+            h = _emphasis(h, weights, weighting).reshape(len(prompts), max_length, -1)
             p = None if p is None else p[::count]
         hidden.append(h)
         if p is not None:  # only bigG has a (projected) pooled output: SDXL's "final text encoder"
@@ -274,7 +278,8 @@ def encode_prompt(
     prompt of more than 75 tokens takes several windows side by side ([B, 77 * windows, 2048]; A1111's cuts,
     its "Original" emphasis; pooled from the first window). Prompt and negative get the same number of
     windows (the shorter padded with empty ones, as A1111's pad_cond_uncond); without any syntax and within
-    75 tokens the result is the unweighted one, bit for bit."""
+    75 tokens the result is the unweighted one, bit for bit; "a1111_no_norm": A1111's "No norm" emphasis (the
+    weights without the mean's rescaling)."""
     # ---- checks, before any heavy work
     pairs = _encoders(model)
     refiner = len(pairs) == 1
@@ -321,8 +326,11 @@ def encode_prompt(
 
     length = 77
     if prompt_weighting is not None:
-        if prompt_weighting != "a1111":
-            raise ValueError(f"prompt_weighting must be None or 'a1111' (A1111's syntax), got {prompt_weighting!r}")
+        if prompt_weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"prompt_weighting must be None, 'a1111' (A1111's syntax and its 'Original' emphasis) or "
+                f"'a1111_no_norm' (its 'No norm' emphasis), got {prompt_weighting!r}"
+            )
         groups = [[negative_prompt, negative_prompt_2]] if encode_negative else []
         if prompt_embeds is None:
             length = 77 * _windows_needed([[prompt, prompt_2], *groups], pairs)

@@ -500,6 +500,17 @@ def test_from_png_of_an_a1111_image_takes_its_settings(paths, tmp_path, capsys):
     assert meta["infotext"]["Hires upscaler"] == "4x-UltraSharp" and meta["minsdxl"]["upscaler"]["hash"]
 
 
+@pytest.mark.parametrize(
+    "emphasis,weighting", [(None, "a1111"), ("Original", "a1111"), ("No norm", "a1111_no_norm"), ("None", None)]
+)
+def test_a1111_emphasis_modes(emphasis, weighting, capsys):
+    text = "a (cat:1.2)\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64"
+    args = _from_a1111("x.png", text + (f", Emphasis: {emphasis}" if emphasis else ""))["args"]
+    assert args.get("prompt_weighting") == weighting and "left out" not in capsys.readouterr().err
+    _from_a1111("x.png", text + ", Emphasis: Ignore")
+    assert "left out: Emphasis: Ignore" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("schedule", ["Automatic", "Karras", "Exponential", "Beta"])
 def test_a1111_schedule_types_name_our_schedulers(schedule):
     text = f"a cat\nSteps: 20, Sampler: DPM++ 2M SDE, Schedule type: {schedule}, CFG scale: 7, Seed: 1, Size: 64x64"

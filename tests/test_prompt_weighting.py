@@ -140,6 +140,19 @@ def test_weighted_embeddings_match_the_a1111_recipe(models, clip_skip):
     assert rel_err(embeds, plain[0]) > 1e-3  # the weights change the embeddings
 
 
+def test_no_norm_emphasis_leaves_out_the_rescaling(models):
+    """A1111's "No norm": the hidden states times the weights, nothing more."""
+    pipe, model = models
+    fragments = [("a ", 1.0), ("red", 1.5), (" cat", 1.0)]
+    embeds = minsdxl.encode_prompt(model, "a (red:1.5) cat", do_classifier_free_guidance=False,
+                                   prompt_weighting="a1111_no_norm")[0]  # fmt: skip
+    plain = minsdxl.encode_prompt(model, "a red cat", do_classifier_free_guidance=False)[0]
+    n = sum(token_count(pipe, t) for t, _ in fragments)
+    weights = torch.ones(77)
+    weights[1 + token_count(pipe, "a ")] = 1.5  # BOS, "a", then "red"
+    assert n == 3 and rel_err(embeds, plain * weights[None, :, None]) <= TOL
+
+
 def test_long_prompts_take_several_windows(models):
     pipe, model = models
     long = "a cat sitting on a red sofa in a sunny room " * 11  # 11 * 11 = 121 tokens
@@ -200,7 +213,7 @@ def test_refiner_has_one_encoder(tiny_refiner):
 
 def test_errors_name_the_problem(models):
     _, model = models
-    with pytest.raises(ValueError, match="prompt_weighting must be None or 'a1111'"):
+    with pytest.raises(ValueError, match="prompt_weighting must be None, 'a1111' .* or 'a1111_no_norm'"):
         minsdxl.encode_prompt(model, "a cat", prompt_weighting="compel")
     embeds, _, pooled, _ = minsdxl.encode_prompt(model, "a cat", prompt_weighting="a1111")
     with pytest.raises(ValueError, match="needs 2 windows of 77 tokens .* pass `negative_prompt_embeds`"):

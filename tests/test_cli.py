@@ -535,6 +535,8 @@ def test_hires_fix_with_a_latent_upscaler(paths, tmp_path, capsys):
                            callback_on_step_end=lambda p, i, t, x: steps.append(i) or {})  # fmt: skip
     assert len(steps) == 3
     _same(out, made[0])
+    assert main(["--from-png", str(out), "-o", str(tmp_path / "again.png"), "-q"]) == 0  # replayed exactly
+    assert np.array_equal(_pixels(tmp_path / "again.png"), _pixels(out))
     calls = read_png_metadata(out)["minsdxl"]["calls"]
     assert [c["function"] for c in calls] == ["text2img", "img2img"]
     assert calls[1]["kwargs"]["image"] == "the base call's latents, x1.5 (Latent)"

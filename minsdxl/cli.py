@@ -32,7 +32,7 @@ import torch
 
 import minsdxl
 from minsdxl import checkpoint, tiny
-from minsdxl.image import blur_mask, outpaint_canvas, watermark_available
+from minsdxl.image import blur_mask, canny, outpaint_canvas, watermark_available
 from minsdxl.metadata import SCHEMA, infotext, parse_infotext, read_png_metadata, save_png, sha256, short_hash
 from minsdxl.prompt import WEIGHTINGS
 from minsdxl.schedulers import A1111_NAMES, SCHEDULERS
@@ -143,6 +143,15 @@ def _sides(text: str) -> tuple:
     if not m:
         raise argparse.ArgumentTypeError(f"expected LEFT,TOP,RIGHT,BOTTOM pixels such as 0,0,256,0, got {text!r}")
     return tuple(int(v) for v in m.groups())
+
+
+def _canny(text: str) -> tuple:
+    """`LOW,HIGH` -> Canny's two thresholds."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH thresholds such as 100,200, got {text!r}") from None
+    return low, high
 
 
 def _pair(text: str) -> tuple:
@@ -395,6 +404,11 @@ def build_parser():
     add("--control-mode", type=_numbers(int), default=None, help="a ControlNet-Union's kind of control "
                                                                            "image (xinsir: 0 openpose, 1 depth, 3 "
                                                                            "canny, ...); a,b: each image's")
+    add("--canny", metavar="LOW,HIGH", nargs="?", type=_canny, const=(100.0, 200.0), default=None,
+                                                                      help="the control / adapter images are "
+                                                                           "photos: their Canny edges (OpenCV's, "
+                                                                           "thresholds 100,200 unless given) drive "
+                                                                           "the ControlNet or T2I-Adapter")
     add("--t2i-adapter", metavar="PATH",           default=None,      help="an SDXL T2I-Adapter (text2img; "
                                                                            "diffusers folder or .safetensors): "
                                                                            "--adapter-image is its input")
@@ -548,11 +562,12 @@ def generate(args, source=None) -> int:
     extra = {}  # the base call's image prompt and ControlNet
     if args.ip_adapter_image:
         extra["ip_adapter_image"] = _open(args.ip_adapter_image, "IP-Adapter image")
+    edges = (lambda im: canny(im, *args.canny)) if args.canny else (lambda im: im)
     if args.control_image:  # = the ControlNet pipelines' names: text2img's image, the others' control_image
         key = "image" if mode == "text2img" and not args.t2i_adapter else "control_image"
-        extra[key] = _one_or_list([_open(path, "control image") for path in _each(args.control_image)])
+        extra[key] = _one_or_list([edges(_open(path, "control image")) for path in _each(args.control_image)])
     if args.adapter_image:  # = the adapter pipeline's image=
-        extra["image"] = _open(args.adapter_image, "adapter image")
+        extra["image"] = edges(_open(args.adapter_image, "adapter image"))
     if args.seed is None or args.seed < 0:
         args.seed = secrets.randbelow(2**32)
     seeds = [args.seed + k for k in range(args.batch)]
@@ -669,6 +684,8 @@ def _check(args, mode):
             "--controlnet-scale, --control-start, --control-end, --guess-mode and --control-mode apply to a "
             "--controlnet"
         )
+    if args.canny and not (args.controlnet or args.t2i_adapter):
+        raise ValueError("--canny turns control images into edges: pass a --controlnet or --t2i-adapter with it")
     if bool(args.t2i_adapter) != bool(args.adapter_image):
         raise ValueError("--t2i-adapter PATH and --adapter-image IMAGE go together: pass both")
     if not args.t2i_adapter and (args.adapter_scale is not None or args.adapter_factor is not None):

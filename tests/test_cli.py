@@ -42,7 +42,7 @@ from minsdxl.checkpoint import diffusers_to_sgm, read_safetensors, save_safetens
 from minsdxl.cli import _from_a1111, build_parser, describe_control, main, read_png_metadata
 from minsdxl.config import ControlNetUnionConfig
 from minsdxl.controlnet import controlnet_config_json
-from minsdxl.image import blur_mask, outpaint_canvas
+from minsdxl.image import blur_mask, canny, outpaint_canvas
 from minsdxl.metadata import infotext, parse_infotext, save_png
 from minsdxl.upscaler import load_upscaler, upscale
 
@@ -565,6 +565,35 @@ def test_controlnet_flags_metadata_and_from_png(runs, api, paths):
     assert call["controlnet_conditioning_scale"] == 0.7 and call["control_guidance_end"] == 0.7
     _ok(runs["cn_again"])  # --from-png loads the ControlNet and the control image again
     assert np.array_equal(_pixels(folder / "cn_again.png"), _pixels(folder / "cn.png"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_canny_equals_opencv(seed):
+    """minsdxl.image.canny = cv2.Canny(np.array(image), low, high) in 3 channels (diffusers' ControlNet docs)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(5, 90, 2)
+    small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
+    image = PIL.Image.fromarray(small).resize((w, h), PIL.Image.BICUBIC) if seed % 2 else PIL.Image.fromarray(
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8))  # fmt: skip
+    for low, high in ((100, 200), (50, 150), (200, 100), (10.5, 20.9)):
+        ref = cv2.Canny(np.array(image), low, high)
+        assert np.array_equal(np.asarray(canny(image, low, high)), np.repeat(ref[..., None], 3, axis=2))
+
+
+def test_canny_flag_turns_a_photo_into_the_control_image(paths, tmp_path, capsys):
+    out = tmp_path / "cn.png"
+    argv = ["-p", "a cat", "--model", str(paths["base"]), "--steps", "2", "-s", "4", "--controlnet"]
+    argv += [str(paths["controlnet"]), "--control-image", str(paths["init"]), "--canny", "50,120", "-q", "-o", str(out)]
+    assert main(argv) == 0
+    model, net = minsdxl.load(paths["base"]), minsdxl.load_controlnet(paths["controlnet"])
+    edges = canny(PIL.Image.open(paths["init"]), 50, 120)
+    _same(out, minsdxl.text2img(model, "a cat", image=edges, controlnet=net, num_inference_steps=2, seed=4,
+                                progress=False)[0])  # fmt: skip
+    assert read_png_metadata(out)["minsdxl"]["args"]["canny"] == [50.0, 120.0]
+    assert main(["-p", "a cat", "--model", str(paths["base"]), "--canny"]) == 1
+    assert "pass a --controlnet or --t2i-adapter with it" in capsys.readouterr().err
 
 
 def test_several_controlnets(runs, api, paths):

@@ -1283,6 +1283,10 @@ def info(args) -> int:
     if report is not None:
         print(json.dumps(report, indent=2) if args.json else _format_control(report))
         return 1 if "problem" in report else 0
+    report = describe_upscaler(path)
+    if report is not None:
+        print(json.dumps(report, indent=2) if args.json else _format_upscaler(report))
+        return 1 if "problem" in report else 0
     report = describe_checkpoint(path, args.config)
     print(json.dumps(report, indent=2) if args.json else _format_info(report))
     return 1 if any(c.get("problem") for c in report["components"].values()) else 0
@@ -1324,6 +1328,38 @@ def describe_control(path) -> dict | None:
     except checkpoint.CheckpointError as e:
         report["problem"] = str(e)
     return report
+
+
+# the first key of an ESRGAN-family upscaler in each layout minsdxl.upscaler reads (a .safetensors is told by them)
+_UPSCALER_KEYS = ("model.0.weight", "conv_first.weight", "params_ema.conv_first.weight", "params.conv_first.weight")
+
+
+def describe_upscaler(path) -> dict | None:
+    """An upscaler file (a .pth / .pt, or a .safetensors with an ESRGAN key): its architecture, scale and sizes,
+    or the reason it does not load; None for anything else."""
+    from minsdxl.upscaler import load_upscaler
+
+    if not path.is_file() or path.suffix not in (".pth", ".pt", ".safetensors"):
+        return None
+    if path.suffix == ".safetensors" and not any(k in checkpoint.read_safetensors(path) for k in _UPSCALER_KEYS):
+        return None
+    report = {"path": str(path), "kind": "upscaler"}
+    try:
+        model = load_upscaler(path, dtype=None, device="meta")
+    except checkpoint.CheckpointError as e:
+        return report | {"problem": str(e)}
+    c = model.config
+    return report | {"architecture": "ESRGAN (RRDBNet)", "scale": c.scale, "nf": c.nf, "nb": c.nb, "gc": c.gc,
+                     **_module_info(model)}  # fmt: skip
+
+
+def _format_upscaler(r: dict) -> str:
+    if "problem" in r:
+        return f"{r['path']}: does not load as an upscaler: {r['problem']}"
+    return (
+        f"{r['path']}: {r['architecture']} upscaler, x{r['scale']}, {r['nb']} blocks of {r['nf']} channels (growth "
+        f"{r['gc']}), {r['parameters'] / 1e6:.1f} M parameters ({', '.join(r['dtypes'])})"
+    )
 
 
 def _format_control(r: dict) -> str:

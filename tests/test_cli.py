@@ -582,6 +582,19 @@ def test_canny_equals_opencv(seed):
         assert np.array_equal(np.asarray(canny(image, low, high)), np.repeat(ref[..., None], 3, axis=2))
 
 
+def test_info_on_upscalers(tmp_path, capsys):
+    torch.save(random_esrgan("old", nf=8, nb=1), tmp_path / "4x-Test.pth")
+    save_safetensors(random_esrgan("new", nf=8, nb=2, n_up=1), tmp_path / "2x-Test.safetensors")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "4x-Test.pth").read_bytes()[:1000])
+    assert main(["info", str(tmp_path / "4x-Test.pth")]) == 0
+    assert "ESRGAN (RRDBNet) upscaler, x4, 1 blocks of 8 channels (growth 32)" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "2x-Test.safetensors"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["kind"], report["scale"], report["nb"], report["dtypes"]) == ("upscaler", 2, 2, ["float32"])
+    assert main(["info", str(tmp_path / "cut.pth")]) == 1
+    assert "does not load as an upscaler" in capsys.readouterr().out
+
+
 def test_canny_flag_turns_a_photo_into_the_control_image(paths, tmp_path, capsys):
     out = tmp_path / "cn.png"
     argv = ["-p", "a cat", "--model", str(paths["base"]), "--steps", "2", "-s", "4", "--controlnet"]

@@ -153,7 +153,7 @@ def outpaint_canvas(
     h, w = rgb.shape[:2]
     y0, x0 = top + overlap * (top > 0), left + overlap * (left > 0)  # the kept picture, less the overlap
     y1, x1 = top + h - overlap * (bottom > 0), left + w - overlap * (right > 0)
-    mask[max(y0, 0) : max(y1, y0), max(x0, 0) : max(x1, x0)] = 0
+    mask[y0 : max(y1, y0), x0 : max(x1, x0)] = 0  # nothing kept where the overlaps meet
     return canvas, PIL.Image.fromarray(mask)
 
 

@@ -334,11 +334,13 @@ def encode_prompt(
         groups = [[negative_prompt, negative_prompt_2]] if encode_negative else []
         if prompt_embeds is None:
             length = 77 * _windows_needed([[prompt, prompt_2], *groups], pairs)
-        elif groups and (prompt_embeds.shape[1] % 77 or _windows_needed(groups, pairs) > prompt_embeds.shape[1] // 77):
-            raise ValueError(
-                f"the negative prompt needs {_windows_needed(groups, pairs)} windows of 77 tokens but `prompt_embeds`"
-                f" are {prompt_embeds.shape[1]} tokens long: pass `negative_prompt_embeds` as well"
-            )
+        elif groups:
+            need = _windows_needed(groups, pairs)  # tokenized once, for the test and the message
+            if prompt_embeds.shape[1] % 77 or need > prompt_embeds.shape[1] // 77:
+                raise ValueError(
+                    f"the negative prompt needs {need} windows of 77 tokens but `prompt_embeds` are "
+                    f"{prompt_embeds.shape[1]} tokens long: pass `negative_prompt_embeds` as well"
+                )
 
     # ---- encode (lora_scale = diffusers' scale_lora_layers on both text encoders for this call)
     graphs = getattr(model, "cuda_graphs", False)

@@ -1004,17 +1004,20 @@ def _tokenizer(folder, name, pad):
 # Writing diffusers folders (config.json files as diffusers / transformers write them)
 
 
-def unet_config_json(cfg: UNetConfig) -> dict:
-    """diffusers' unet/config.json for a UNetConfig (diffusers' `attention_head_dim` is the head COUNT)."""
-    if cfg.transformer_layers[-1] and cfg.mid_transformer_layers != cfg.transformer_layers[-1]:
+def unet_config_json(cfg: UNetConfig, decoder: bool = True) -> dict:
+    """diffusers' unet/config.json for a UNetConfig (diffusers' `attention_head_dim` is the head COUNT);
+    decoder=False: without the decoder's fields (a ControlNet's encoder half)."""
+    levels = range(len(cfg.block_out_channels))
+    mid, last = cfg.mid_transformer_layers, cfg.down_depths(levels[-1])[0]
+    if mid and last and mid != last:
         raise ValueError(
-            "diffusers gives the mid block as many transformer layers as the last level "
-            f"({cfg.transformer_layers[-1]}), this UNet has {cfg.mid_transformer_layers}: its config cannot be "
-            "written for diffusers (add identity layers: all-zero weights, norms 1)"
+            f"diffusers gives the mid block as many transformer layers as the last level's first resnet ({last}), "
+            f"this UNet has {mid}: its config cannot be written for diffusers (add identity layers: all-zero "
+            "weights, norms 1)"
         )
-    down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_layers]
-    up = ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in cfg.transformer_layers[::-1]]
-    return dict(
+    down = ["CrossAttnDownBlock2D" if any(cfg.down_depths(i)) else "DownBlock2D" for i in levels]
+    up = ["CrossAttnUpBlock2D" if any(cfg.up_depths(i)) else "UpBlock2D" for i in levels] if decoder else None
+    out = dict(
         _class_name="UNet2DConditionModel",
         sample_size=cfg.sample_size,
         in_channels=cfg.in_channels,
@@ -1023,7 +1026,11 @@ def unet_config_json(cfg: UNetConfig) -> dict:
         up_block_types=up,
         block_out_channels=list(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,
-        transformer_layers_per_block=[d or cfg.mid_transformer_layers for d in cfg.transformer_layers],
+        # a level without attention ignores its number, the mid block reads the last one's: the mid depth there
+        transformer_layers_per_block=[
+            list(d) if isinstance(d, tuple) else d or mid or 1 for d in cfg.transformer_layers
+        ],
+        mid_block_type="UNetMidBlock2DCrossAttn" if mid else None if mid is None else "UNetMidBlock2D",
         attention_head_dim=[c // cfg.attention_head_dim for c in cfg.block_out_channels],
         cross_attention_dim=cfg.cross_attention_dim,
         use_linear_projection=True,
@@ -1038,6 +1045,10 @@ def unet_config_json(cfg: UNetConfig) -> dict:
         center_input_sample=False,
         upcast_attention=False,
     )
+    uneven = cfg.up_transformer_layers is not None or any(isinstance(d, tuple) for d in cfg.transformer_layers)
+    if decoder and uneven:  # (diffusers insists on it when the encoder's depths are per resnet)
+        out["reverse_transformer_layers_per_block"] = [list(cfg.up_depths(i)) for i in levels]
+    return out
 
 
 def vae_config_json(cfg: VAEConfig) -> dict:

@@ -10,9 +10,16 @@ class UNetConfig:
     in_channels: int = 4
     out_channels: int = 4
     block_out_channels: tuple = (320, 640, 1280)
-    layers_per_block: int = 2
-    transformer_layers: tuple = (0, 2, 10)  # per level; 0 = a level without attention
-    mid_transformer_layers: int = 10
+    layers_per_block: int = 2  # resnets per encoder level (a decoder level has one more)
+    # transformer blocks per encoder level: one number, or one per resnet (diffusers'
+    # transformer_layers_per_block; distilled UNets such as SSD-1B and Vega vary them); 0: no attention
+    transformer_layers: tuple = (0, 2, 10)
+    # per decoder level, in decoder order: a number or one per resnet (diffusers'
+    # reverse_transformer_layers_per_block); None: the encoder's, reversed
+    up_transformer_layers: tuple | None = None
+    # the middle block's transformer blocks; 0: the middle block is one resnet (diffusers' UNetMidBlock2D:
+    # SSD-1B, Vega); None: no middle block (diffusers' mid_block_type None)
+    mid_transformer_layers: int | None = 10
     attention_head_dim: int = 64  # the real head size (diffusers' "attention_head_dim" is the head count)
     cross_attention_dim: int = 2048
     addition_time_embed_dim: int = 256
@@ -26,6 +33,27 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
+
+    def down_depths(self, i: int) -> tuple:
+        """Transformer blocks after each resnet of encoder level i."""
+        return _per_resnet(self.transformer_layers[i], self.layers_per_block)
+
+    def up_depths(self, i: int) -> tuple:
+        """Transformer blocks after each resnet of decoder level i (0: the deepest)."""
+        if self.up_transformer_layers is not None:
+            return _per_resnet(self.up_transformer_layers[i], self.layers_per_block + 1)
+        d = self.transformer_layers[::-1][i]
+        if isinstance(d, tuple):  # as diffusers, which asks for reverse_transformer_layers_per_block then
+            raise ValueError("transformer_layers gives one depth per resnet: give up_transformer_layers too")
+        return (d,) * (self.layers_per_block + 1)
+
+
+def _per_resnet(depth, n: int) -> tuple:
+    if isinstance(depth, int):
+        return (depth,) * n
+    if len(depth) != n:
+        raise ValueError(f"{len(depth)} transformer depths for a level of {n} resnets")
+    return tuple(depth)
 
 
 @dataclass(frozen=True)
@@ -156,6 +184,15 @@ def _count(keys, prefix: str, after: str = "") -> int:
     return n
 
 
+def _depths(keys, prefix: str, n: int):
+    """Transformer blocks after each of the n resnets of the level under `prefix` (diffusers names), as one
+    number when they agree (0: a level without attention)."""
+    if not any(k.startswith(prefix + "attentions.") for k in keys):
+        return 0
+    d = tuple(_count(keys, f"{prefix}attentions.{j}.transformer_blocks.") for j in range(n))
+    return d[0] if len(set(d)) == 1 else d
+
+
 def unet_config_from_state_dict(sd, base: UNetConfig | None = None) -> UNetConfig:
     """Infer a UNetConfig from a diffusers-named UNet state dict (keys without the `unet.` prefix)."""
     keys = list(sd)
@@ -163,12 +200,19 @@ def unet_config_from_state_dict(sd, base: UNetConfig | None = None) -> UNetConfi
         raise ValueError("not an SDXL UNet: conv_in.weight or add_embedding.linear_1.weight is missing")
     levels = _count(keys, "down_blocks.")
     channels = tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels))
-    layers = tuple(_count(keys, f"down_blocks.{i}.attentions.0.transformer_blocks.") for i in range(levels))
-    mid_layers = _count(keys, "mid_block.attentions.0.transformer_blocks.")
+    n = _count(keys, "down_blocks.0.resnets.")
+    layers = tuple(_depths(keys, f"down_blocks.{i}.", n) for i in range(levels))
+    up = tuple(_depths(keys, f"up_blocks.{i}.", n + 1) for i in range(levels))
+    if not any(k.startswith("up_blocks.") for k in keys) or up == layers[::-1]:
+        up = None  # a ControlNet (no decoder), or the encoder's depths reversed
+    if any(k.startswith("mid_block.attentions.") for k in keys):
+        mid_layers = _count(keys, "mid_block.attentions.0.transformer_blocks.")
+    else:  # SSD-1B / Vega: one resnet; or no middle block at all
+        mid_layers = 0 if any(k.startswith("mid_block.resnets.") for k in keys) else None
     attn_key = next((k for k in keys if k.endswith("attn2.to_k.weight")), None)
     if attn_key is None:
         raise ValueError("not an SDXL UNet: it has no cross-attention layers")
-    first_attn = next(i for i, n in enumerate(layers) if n)
+    first_attn = next(i for i, d in enumerate(layers) if d)
     q = sd[f"down_blocks.{first_attn}.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
     base = base or UNetConfig()
     head_dim = base.attention_head_dim if q.shape[0] % base.attention_head_dim == 0 else q.shape[0]
@@ -178,8 +222,9 @@ def unet_config_from_state_dict(sd, base: UNetConfig | None = None) -> UNetConfi
         # a ControlNet has no conv_out
         out_channels=sd["conv_out.weight"].shape[0] if "conv_out.weight" in sd else base.out_channels,
         block_out_channels=channels,
-        layers_per_block=_count(keys, "down_blocks.0.resnets."),
+        layers_per_block=n,
         transformer_layers=layers,
+        up_transformer_layers=up,
         mid_transformer_layers=mid_layers,
         attention_head_dim=head_dim,
         cross_attention_dim=sd[attn_key].shape[1],

@@ -123,7 +123,8 @@ class ControlNetModel(nn.Module):
         skips = [x]
         for block in self.down_blocks:
             x = block(x, emb, contexts, skips)
-        x = self.mid_block(x, emb, contexts)
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, contexts)
         down = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(x)
         pool = self.config.global_pool_conditions
@@ -229,7 +230,7 @@ class ControlNetUnionModel(ControlNetModel):
 def controlnet_config_json(cfg: ControlNetConfig) -> dict:
     """diffusers' config.json for a ControlNetConfig or ControlNetUnionConfig (to save one, or build
     diffusers' model in tests)."""
-    unet = unet_config_json(cfg)
+    unet = unet_config_json(cfg, decoder=False)
     keep = (
         "in_channels",
         "block_out_channels",
@@ -247,6 +248,10 @@ def controlnet_config_json(cfg: ControlNetConfig) -> dict:
     )
     out = {k: unet[k] for k in keep if k in unet}
     out["down_block_types"] = unet["down_block_types"]
+    if (
+        unet["mid_block_type"] != "UNetMidBlock2DCrossAttn"
+    ):  # (a distilled UNet's; ControlNetUnionModel has no such key)
+        out["mid_block_type"] = unet["mid_block_type"]
     out |= {
         "_class_name": "ControlNetModel",
         "conditioning_channels": cfg.conditioning_channels,

@@ -208,17 +208,11 @@ class Upsample2D(nn.Module):
 class DownBlock(nn.Module):
     """One encoder level: `layers_per_block` x (resnet [+ transformer]), then a stride-2 conv."""
 
-    def __init__(self, cin, cout, cfg: UNetConfig, depth: int, downsample: bool):
+    def __init__(self, cin, cout, cfg: UNetConfig, depths: tuple, downsample: bool):
         super().__init__()
         temb, g = cfg.time_embed_dim, cfg.norm_num_groups
-        n = cfg.layers_per_block
-        self.resnets = nn.ModuleList(ResnetBlock2D(cin if j == 0 else cout, cout, temb, g) for j in range(n))
-        heads = cout // cfg.attention_head_dim
-        self.attentions = (
-            nn.ModuleList(Transformer2DModel(cout, heads, depth, cfg.cross_attention_dim, g) for _ in range(n))
-            if depth
-            else None
-        )
+        self.resnets = nn.ModuleList(ResnetBlock2D(cin if j == 0 else cout, cout, temb, g) for j in range(len(depths)))
+        self.attentions = level_transformers(cout, depths, cfg)
         self.downsamplers = nn.ModuleList([Downsample2D(cout)]) if downsample else None
 
     def forward(self, x, emb, contexts, skips: list, residual=None):
@@ -253,20 +247,15 @@ def fourier_filter(x: torch.Tensor, scale: float) -> torch.Tensor:
 class UpBlock(nn.Module):
     """One decoder level: `layers_per_block + 1` x (concat skip, resnet [+ transformer]), then x2."""
 
-    def __init__(self, cin, cout, prev, cfg: UNetConfig, depth: int, upsample: bool):
+    def __init__(self, cin, cout, prev, cfg: UNetConfig, depths: tuple, upsample: bool):
         super().__init__()
         temb, g = cfg.time_embed_dim, cfg.norm_num_groups
-        n = cfg.layers_per_block + 1
+        n = len(depths)
         # = diffusers CrossAttnUpBlock2D: the last resnet's skip comes from the level above
         self.resnets = nn.ModuleList(
             ResnetBlock2D((prev if j == 0 else cout) + (cin if j == n - 1 else cout), cout, temb, g) for j in range(n)
         )
-        heads = cout // cfg.attention_head_dim
-        self.attentions = (
-            nn.ModuleList(Transformer2DModel(cout, heads, depth, cfg.cross_attention_dim, g) for _ in range(n))
-            if depth
-            else None
-        )
+        self.attentions = level_transformers(cout, depths, cfg)
         self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if upsample else None
         self.freeu: tuple[float, float] | None = None  # (b, s): UNet2DConditionModel.enable_freeu
 
@@ -287,25 +276,33 @@ class UpBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
+    """resnet, transformer, resnet (= diffusers UNetMidBlock2DCrossAttn); with mid_transformer_layers 0 one
+    resnet alone (= UNetMidBlock2D(num_layers=0, add_attention=False), SSD-1B's and Vega's)."""
+
     def __init__(self, ch, cfg: UNetConfig):
         super().__init__()
-        temb, g = cfg.time_embed_dim, cfg.norm_num_groups
-        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb, g), ResnetBlock2D(ch, ch, temb, g)])
-        heads = ch // cfg.attention_head_dim
-        self.attentions = nn.ModuleList(
-            [Transformer2DModel(ch, heads, cfg.mid_transformer_layers, cfg.cross_attention_dim, g)]
-        )
+        temb, g, depth = cfg.time_embed_dim, cfg.norm_num_groups, cfg.mid_transformer_layers
+        self.resnets = nn.ModuleList(ResnetBlock2D(ch, ch, temb, g) for _ in range(2 if depth else 1))
+        self.attentions = level_transformers(ch, (depth,), cfg)
 
     def forward(self, x, emb, contexts):
         x = self.resnets[0](x, emb)
-        return self.resnets[1](self.attentions[0](x, contexts), emb)
+        return x if self.attentions is None else self.resnets[1](self.attentions[0](x, contexts), emb)
+
+
+def level_transformers(ch: int, depths: tuple, cfg: UNetConfig) -> nn.ModuleList | None:
+    """A level's Transformer2DModels, one per resnet with that many blocks; None for a level without attention."""
+    if not any(depths):
+        return None
+    heads, g = ch // cfg.attention_head_dim, cfg.norm_num_groups
+    return nn.ModuleList(Transformer2DModel(ch, heads, d, cfg.cross_attention_dim, g) for d in depths)
 
 
 def down_blocks(cfg: UNetConfig) -> nn.ModuleList:
     """The encoder levels (a UNet's and a ControlNet's)."""
     ch, last = cfg.block_out_channels, len(cfg.block_out_channels) - 1
     return nn.ModuleList(
-        DownBlock(ch[max(i - 1, 0)], ch[i], cfg, cfg.transformer_layers[i], downsample=i < last) for i in range(len(ch))
+        DownBlock(ch[max(i - 1, 0)], ch[i], cfg, cfg.down_depths(i), downsample=i < last) for i in range(len(ch))
     )
 
 
@@ -317,10 +314,9 @@ class UNet2DConditionModel(nn.Module):
         self.config = cfg = config
         ch = cfg.block_out_channels
         self.encoder_half(cfg)
-        last = len(ch) - 1
-        rch, rdepth = ch[::-1], cfg.transformer_layers[::-1]
+        last, rch = len(ch) - 1, ch[::-1]
         self.up_blocks = nn.ModuleList(
-            UpBlock(rch[min(i + 1, last)], rch[i], rch[max(i - 1, 0)], cfg, rdepth[i], upsample=i < last)
+            UpBlock(rch[min(i + 1, last)], rch[i], rch[max(i - 1, 0)], cfg, cfg.up_depths(i), upsample=i < last)
             for i in range(len(ch))
         )
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=1e-5)
@@ -338,7 +334,8 @@ class UNet2DConditionModel(nn.Module):
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, cfg.time_cond_proj_dim)
         self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
         self.down_blocks = down_blocks(cfg)
-        self.mid_block = MidBlock(ch[-1], cfg)
+        # (diffusers' mid_block_type None: KOALA-style UNets without one)
+        self.mid_block = None if cfg.mid_transformer_layers is None else MidBlock(ch[-1], cfg)
 
     @property
     def dtype(self):
@@ -473,9 +470,10 @@ class UNet2DConditionModel(nn.Module):
                     f"{len(skips)} skips: the ControlNet does not fit this UNet (a different topology)"
                 )
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
-        x = self.mid_block(x, emb, contexts)
-        if adapter and adapter[0].shape == x.shape:
-            x = x + adapter.pop(0)
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, contexts)
+            if adapter and adapter[0].shape == x.shape:  # (diffusers: only with a middle block)
+                x = x + adapter.pop(0)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual
         for block in self.up_blocks:

@@ -11,14 +11,16 @@ import functools
 import re
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import PIL.Image
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import ip_adapter, lora
+from . import guidance, ip_adapter, lora
 from .controlnet import ControlNetModel, ControlNetUnionModel
+from .guidance import rescale_noise_cfg
 from .image import (
     apply_watermark,
     mask_crop_region,
@@ -96,6 +98,7 @@ class _Run:
     image_guidance_scale: float | None = None
     # a guidance-distilled UNet's guidance_scale_embedding [B, time_cond_proj_dim] (it is given the scale, no CFG)
     guidance_embedding: torch.Tensor | None = None
+    guider: guidance.ClassifierFreeGuidance | None = None  # guider=: another rule than CFG (minsdxl.guidance)
 
     @property
     def cfg(self) -> bool:
@@ -103,6 +106,8 @@ class _Run:
         # pix2pix's: also image_guidance_scale >= 1
         if self.guidance_embedding is not None:
             return False
+        if self.guider is not None:
+            return self.guider.active
         return self.guidance_scale > 1.0 and (self.image_guidance_scale is None or self.image_guidance_scale >= 1.0)
 
     @property
@@ -110,13 +115,6 @@ class _Run:
         """How many times the latents are in the UNet's batch: [negative,] positive[, perturbed]; pix2pix
         with CFG: [no prompt and no image, image only, prompt and image]."""
         return 1 + self.cfg * (1 + (self.image_guidance_scale is not None)) + bool(self.pag_scale)
-
-
-def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale: float):
-    """= diffusers rescale_noise_cfg (arXiv:2305.08891 sec. 3.4): match the text branch's std."""
-    dims = list(range(1, noise_cfg.ndim))
-    rescaled = noise_cfg * (noise_pred_text.std(dim=dims, keepdim=True) / noise_cfg.std(dim=dims, keepdim=True))
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
 
 
 def _control_residuals(run: _Run, i, x_in, t, state, cache: dict) -> dict:
@@ -174,6 +172,8 @@ class _Pipeline:
     def __setattr__(self, name, value):
         if name == "_guidance_scale":
             self._run.guidance_scale = float(value)
+            if self._run.guider is not None:  # the guider's own rule says whether it still guides
+                self._run.guider = replace(self._run.guider, guidance_scale=float(value))
         elif name in ("_interrupt", "_reproject"):
             vars(self)[name] = value
         else:
@@ -233,6 +233,7 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
     t_unet = run.timesteps.to(x.device)  # once, not a host-to-device copy per step
     projected = None  # (embeds, their version, project_context(embeds)): the prompt's (and image's) k, v
     control_cache = {}
+    guider_state = {}  # a guider's memory for this call (APG's momentum)
     view = _Pipeline(model, run)
     for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="denoising", leave=False)):
         if view.interrupt:  # = diffusers: `continue` through the remaining steps
@@ -265,10 +266,13 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
         elif run.cfg and run.image_guidance_scale is not None:  # = the InstructPix2Pix pipeline's guidance
             uncond, image, text = eps.chunk(3)
             eps = uncond + run.guidance_scale * (text - image) + run.image_guidance_scale * (image - uncond)
+        elif run.cfg and run.guider is not None:  # = the Modular pipelines' guider(guider_state)
+            uncond, text = eps.chunk(2)
+            eps = run.guider(text, uncond, i, n, guider_state)
         elif run.cfg:
             uncond, text = eps.chunk(2)
             eps = uncond + run.guidance_scale * (text - uncond)
-        if run.cfg and run.guidance_rescale > 0.0:
+        if run.cfg and run.guidance_rescale > 0.0 and run.guider is None:
             eps = rescale_noise_cfg(eps, text, run.guidance_rescale)
         x = s.step(eps, t, x, generator=run.generator, **({"eta": run.eta} if s.takes_eta else {}))
         if run.blend is not None:  # = inpaint __call__: keep the unmasked part on the image's noisy path
@@ -321,6 +325,8 @@ def _check_common(model, a, mode):
         raise TypeError(f"guidance_scale must be a number, got {g!r}")
     if not 0.0 <= a["guidance_rescale"] <= 1.0:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {a['guidance_rescale']!r}")
+    if a.get("guider") is not None:
+        a["guider"] = _check_guider(model, a)
     n = a["num_images_per_prompt"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {n!r}")
@@ -364,6 +370,21 @@ def _check_common(model, a, mode):
     ip_adapter.check_inputs(model, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
     masks = (a["cross_attention_kwargs"] or {}).get("ip_adapter_masks")
     a["ip_adapter_masks"] = ip_adapter.check_masks(model, masks, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
+
+
+def _check_guider(model, a):
+    """guider=: one of minsdxl.guidance's, with the call's guidance_scale / guidance_rescale where it has none."""
+    g = a["guider"]
+    if not isinstance(g, guidance.ClassifierFreeGuidance):
+        names = ", ".join(c.__name__ for c in guidance.GUIDERS)
+        raise TypeError(f"guider must be one of minsdxl.guidance's ({names}), got {type(g).__name__}")
+    if a["pag_scale"]:
+        raise ValueError("guider= and pag_scale: PAG is its own guidance rule here; use one of them")
+    if model.unet.config.time_cond_proj_dim is not None:
+        raise ValueError("guider=: this guidance-distilled UNet is given the guidance scale and runs no CFG")
+    if not (0.0 <= g.start <= g.stop <= 1.0):
+        raise ValueError(f"guider start / stop must satisfy 0 <= start <= stop <= 1, got {g.start} / {g.stop}")
+    return g.with_scale(a["guidance_scale"], a["guidance_rescale"])
 
 
 def _pag_layers(model, a) -> list:
@@ -551,12 +572,15 @@ class _Setup:
             pag_scale=a["pag_scale"],
             pag_adaptive_scale=a["pag_adaptive_scale"],
             guidance_embedding=self.guidance_embedding(a, latents),
+            guider=a.get("guider"),
         )
 
 
 def _setup(model, a, strength=1.0, denoising_start=None, cfg=None) -> _Setup:
     guidance_dim = model.unet.config.time_cond_proj_dim
-    cfg = a["guidance_scale"] > 1.0 and guidance_dim is None if cfg is None else cfg
+    if cfg is None:
+        cfg = a["guidance_scale"] > 1.0 if a.get("guider") is None else a["guider"].active
+        cfg = cfg and guidance_dim is None
     sched = _scheduler(model, a)
     # = the ControlNet pipelines: controlnet_keep is made before the denoising_end cut
     control_steps = len(sched.select_timesteps(strength, denoising_start, None))
@@ -929,26 +953,53 @@ def _attach_adapters(model, run: _Run, adp, st: _Setup, a):
 # The three public functions
 
 
-def _lora_call(fn):
-    """cross_attention_kwargs={"scale": s}: the loaded LoRA adapters count s times in the text encoders and
-    the UNet for this call (= diffusers' lora_scale; the only key its default attention reads);
-    {"ip_adapter_masks": [...]}: the IP-Adapter image prompts' regions (read by _check_common)."""
+def _per_call(fn):
+    """What a call sets on the model for its duration only. cross_attention_kwargs={"scale": s}: the loaded
+    LoRA adapters count s times in the text encoders and the UNet (= diffusers' lora_scale; the only key its
+    default attention reads); {"ip_adapter_masks": [...]}: the IP-Adapter image prompts' regions (read by
+    _check_common). tiling=True: circular padding (`circular`)."""
 
     @functools.wraps(fn)
-    def call(model, *args, cross_attention_kwargs=None, **kw):
+    def call(model, *args, cross_attention_kwargs=None, tiling=False, **kw):
         extra = sorted(set(cross_attention_kwargs or {}) - {"scale", "ip_adapter_masks"})
         if extra:
             raise ValueError(
                 f"cross_attention_kwargs {extra} are not supported: SDXL's attention takes 'scale' (the LoRA "
                 "scale) and 'ip_adapter_masks'; custom attention processors are not part of minsdxl"
             )
-        with lora.scaled(model, (cross_attention_kwargs or {}).get("scale")):
-            return fn(model, *args, cross_attention_kwargs=cross_attention_kwargs, **kw)
+        with lora.scaled(model, (cross_attention_kwargs or {}).get("scale")), circular(model, tiling):
+            return fn(model, *args, cross_attention_kwargs=cross_attention_kwargs, tiling=tiling, **kw)
 
     return call
 
 
-@_lora_call
+@contextmanager
+def circular(model, on: bool = True):
+    """A1111's "Tiling" (its apply_circular): every padded conv of the UNet and the VAE pads circularly, so
+    the image wraps around: a seamless texture, tileable side by side. As in A1111, the VAE encoder's
+    asymmetric downsampling pad stays zeros (img2img of a tileable image still sees its edges there)."""
+    if not on:
+        yield
+        return
+    if model.vae.use_tiling:
+        raise ValueError(
+            "tiling=True (a seamless image) and the VAE's tiled decoding do not mix: each VAE tile would wrap "
+            "around on its own; call model.vae.disable_tiling() first"
+        )
+    convs = [
+        m for part in (model.unet, model.vae) for m in part.modules() if isinstance(m, nn.Conv2d) and any(m.padding)
+    ]
+    before = [m.padding_mode for m in convs]
+    for m in convs:
+        m.padding_mode = "circular"  # (nn.Conv2d pads by F.pad then, with the padding it was built with)
+    try:
+        yield
+    finally:
+        for m, mode in zip(convs, before):
+            m.padding_mode = mode
+
+
+@_per_call
 def text2img(
     model,
     prompt=None,
@@ -1002,10 +1053,15 @@ def text2img(
     cross_attention_kwargs=None,
     progress=True,
     prompt_weighting=None,
+    tiling=False,
+    guider=None,
 ):
     """= StableDiffusionXLPipeline.__call__(...).images. Extra: seed=int (a CPU generator), scheduler=
     (a name such as "euler", "DPM++ 2M Karras", or a minsdxl scheduler), progress=False hides the bar,
-    prompt_weighting="a1111" (A1111's "(word:1.3)" syntax and prompts of any length; encode_prompt's).
+    prompt_weighting="a1111" (A1111's "(word:1.3)" syntax and prompts of any length; encode_prompt's),
+    tiling=True (A1111's "Tiling": circular padding, a seamless image to tile side by side; every function),
+    guider= (text2img, img2img, inpaint): a minsdxl.guidance rule instead of CFG (APG, CFG-Zero*, TCFG, ...:
+    = diffusers' guiders in its Modular pipelines)
     With controlnet= (minsdxl.load_controlnet; a list for several) = StableDiffusionXLControlNetPipeline:
     image= is the control image (a list, one per ControlNet), whose size is the default height x width; a
     ControlNet-Union (= StableDiffusionXLControlNetUnionPipeline) takes control_image= (a list) and
@@ -1064,7 +1120,7 @@ def _refine_ids(model, a, height, width, pooled_dim, dtype, batch, st):
     return st.stack(neg.repeat(batch, 1), ids.repeat(batch, 1)).to(_device(model))
 
 
-@_lora_call
+@_per_call
 def img2img(
     model,
     prompt=None,
@@ -1119,6 +1175,8 @@ def img2img(
     cross_attention_kwargs=None,
     progress=True,
     prompt_weighting=None,
+    tiling=False,
+    guider=None,
 ):
     """= StableDiffusionXLImg2ImgPipeline.__call__(...).images. `image` may be 4-channel latents (e.g. a
     base model's output_type="latent" for the refiner with denoising_start). Extras as text2img;
@@ -1153,7 +1211,7 @@ def img2img(
     return _finish(model, run, a)
 
 
-@_lora_call
+@_per_call
 def inpaint(
     model,
     prompt=None,
@@ -1211,6 +1269,8 @@ def inpaint(
     cross_attention_kwargs=None,
     progress=True,
     prompt_weighting=None,
+    tiling=False,
+    guider=None,
 ):
     """= StableDiffusionXLInpaintPipeline.__call__(...).images. White (>= 0.5) mask pixels are repainted.
     Works with the 9-channel inpainting UNet (mask and masked-image latents as extra UNet inputs) and
@@ -1318,7 +1378,7 @@ _PIX2PIX_ABSENT = dict(
 )
 
 
-@_lora_call
+@_per_call
 def instruct_pix2pix(
     model,
     prompt=None,
@@ -1354,6 +1414,7 @@ def instruct_pix2pix(
     cross_attention_kwargs=None,
     progress=True,
     prompt_weighting=None,
+    tiling=False,
 ):
     """Edit `image` as the prompt instructs (an 8-channel InstructPix2Pix UNet, e.g.
     diffusers/sdxl-instructpix2pix-768, CosXL Edit with model.is_cosxl_edit = True) = StableDiffusionXL-

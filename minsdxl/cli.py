@@ -6,6 +6,7 @@ helpers (resolve, read_checkpoint, build_*) for `info` and its hashes.
     minsdxl generate -p "make it red" -i in.png --model edit     an InstructPix2Pix model edits the image
     minsdxl generate ... --refiner sdxl-refiner                  base -> refiner handoff at --refiner-switch
     minsdxl generate --from-png outputs/00000-42.png             the same image again (flags given override)
+    minsdxl generate --prompts-file prompts.txt --model sdxl-base   a job per line (prompt or flags), models loaded once
     minsdxl info sdxl-base                                       what a checkpoint is, without generating
     minsdxl convert sdxl-base sdxl.safetensors --dtype fp16      one layout to the other (.safetensors: one file)
 
@@ -16,12 +17,16 @@ sampler.py.
 """
 
 import argparse
+import contextlib
+import copy
+import dataclasses
 import functools
 import inspect
 import json
 import os
 import re
 import secrets
+import shlex
 import sys
 import time
 import traceback
@@ -94,6 +99,7 @@ API_KWARGS = {
     "pag_scale": "pag_scale",
     "pag_adaptive_scale": "pag_adaptive_scale",
     "pag_layers": "pag_applied_layers",
+    "tiling": "tiling",
 }
 # flags that say where and how a run runs, not what it makes: not stored for --from-png (a PNG made
 # on a GPU replays on a CPU), and ignored where an older file stored them
@@ -109,7 +115,40 @@ RUN_ONLY = (
     "offload",
     "device",
     "compile",
+    "prompts_file",
 )
+# what a --prompts-file line may set: what one image is made of (the sampler keywords, seed, sampler, batch, its
+# input images, hires fix, the refiner's handoff). The other flags load or change a model, or say where and how the
+# run runs: the command line's, once for every line
+LINE_OPTIONS = (
+    *API_KWARGS,
+    "seed",
+    "sampler",
+    "batch",
+    "init_image",
+    "mask",
+    "outpaint",
+    "outpaint_overlap",
+    "mask_blur",
+    "ip_adapter_image",
+    "control_image",
+    "adapter_image",
+    "canny",
+    "hires_scale",
+    "hires_steps",
+    "hires_strength",
+    "refiner_mode",
+    "refiner_switch",
+    "refiner_strength",
+)
+# AUTOMATIC1111's prompts_from_file.py spellings that are one of our flags (its --prompt, --steps, --seed, --width
+# and --height are ours already)
+A1111_LINE_FLAGS = {
+    "--negative_prompt": "--negative-prompt",
+    "--cfg_scale": "--cfg",
+    "--sampler_name": "--sampler",
+    "--batch_size": "--batch",
+}
 # sampler keywords the metadata leaves out (tensors and hooks the CLI never sets)
 UNRECORDED = (
     "generator",
@@ -356,6 +395,17 @@ def build_parser():
     add("--overwrite",                 action="store_true",           help="replace existing output files")
     add("--from-png",                              default=None,      help="make the image this PNG's metadata "
                                                                            "describes again (flags given override)")
+    add("--prompts-file", "--from-file", metavar="FILE", default=None, help="A1111's 'prompts from file': one "
+                                                                           "job a line of FILE (-: standard input; "
+                                                                           "blank and # lines skipped), models "
+                                                                           "loaded once. A plain line is the prompt; "
+                                                                           "a line starting with -- holds per-image "
+                                                                           "flags (-p, -n, --steps, --cfg, -s, -W, "
+                                                                           "-H, --sampler, -b, -i, ...; also A1111's "
+                                                                           "--negative_prompt, --cfg_scale, "
+                                                                           "--sampler_name, --batch_size) over these "
+                                                                           "for that line. Model flags and LoRAs "
+                                                                           "(--lora, not <lora:> tags) stay here")
     add("--model",                                 default="tiny",    help="diffusers SDXL folder or .safetensors "
                                                                            "(default: the bundled tiny model, which "
                                                                            "draws coloured shapes)")
@@ -453,6 +503,9 @@ def build_parser():
     add("--pag-layers", metavar="L1,L2", type=lambda t: t.split(","), default=None,
                                                                       help="the UNet layers PAG perturbs (default "
                                                                            "mid; e.g. mid,up_blocks.0.attentions.1)")
+    add("--tiling",                    action="store_true",           help="a seamless, tileable image (A1111's "
+                                                                           "Tiling: circular padding in the UNet "
+                                                                           "and VAE)")
     add("--freeu", metavar="S1,S2,B1,B2", type=_freeu, default=None, help="FreeU on the base UNet: skip and "
                                                                            "backbone factors (SDXL: 0.9,0.2,1.3,1.4)")
     add("--vae-tiling",                action="store_true",           help="VAE in overlapping tiles above the VAE's "
@@ -521,7 +574,11 @@ def main(argv=None) -> int:
                 args.hires_upscaler = "Lanczos"
             if source.get("a1111_refiner") and not args.refiner:
                 _warn(f"{args.from_png} was refined with {source['a1111_refiner']}: pass --refiner PATH for that")
-        return generate(args, source)
+        lines = _read_prompts_file(args.prompts_file, commands["generate"]) if args.prompts_file else ()
+        return generate(args, source, lines)
+    except PromptsFileError as e:  # a usage error, as argparse's: status 2
+        print(f"minsdxl: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("minsdxl: interrupted", file=sys.stderr)
         return 130
@@ -533,6 +590,95 @@ def main(argv=None) -> int:
             traceback.print_exc()
         print(f"minsdxl: error: {e}", file=sys.stderr)
         return 1
+
+
+class PromptsFileError(ValueError):
+    """A --prompts-file that cannot be read, or a line of it that is not a valid job (the message names FILE:LINE)."""
+
+
+def _read_prompts_file(path, parser) -> list:
+    """--prompts-file: [(FILE:LINE, {flag: value})], a line's own flags, read by the command line's parser (its
+    names, types and checks) and held to LINE_OPTIONS. A plain line is {"prompt": line}."""
+    name = "<stdin>" if path == "-" else path
+    try:
+        text = (sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()).decode("utf-8-sig")
+    except OSError as e:
+        raise PromptsFileError(f"--prompts-file {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise PromptsFileError(f"--prompts-file {path}: not UTF-8 text ({e}); save it as UTF-8") from None
+    parser = copy.copy(parser)  # raising where the command line's prints usage and exits
+
+    def error(message):
+        raise PromptsFileError(message)
+
+    parser.error = error
+    parser.print_help = lambda *_: error("-h/--help belongs on the command line")
+    # argparse sets a flag's default only where the namespace has no value: one of None everywhere leaves
+    # exactly the flags the line gives set
+    unset = dict.fromkeys(vars(parser.parse_args([])))
+    actions = parser._actions  # argparse keeps no public list of its flags
+    flags = {action.dest: "/".join(action.option_strings) for action in actions}
+    longest = {s: action.option_strings[-1] for action in actions for s in action.option_strings}
+    lines = []
+    for n, line in enumerate(text.split("\n"), 1):
+        line, where = line.strip(), f"{name}:{n}"
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("--"):  # = A1111: only a line starting with -- holds flags
+            first = line.split()[0]
+            if first in longest:  # "-s 3 -W 64" as a prompt: surely meant as flags
+                raise PromptsFileError(
+                    f"{where}: starts with the flag {first}, but only a line starting with -- holds flags (any "
+                    f"other is a prompt): write {longest[first]} for {first} there"
+                )
+            lines.append((where, {"prompt": line}))
+            continue
+        try:
+            words = [_ours(word) for word in shlex.split(line)]
+            given = {
+                k: v for k, v in vars(parser.parse_args(words, argparse.Namespace(**unset))).items() if v is not None
+            }
+        except ValueError as e:  # shlex's unclosed quote, argparse's unknown flag or bad value
+            raise PromptsFileError(f"{where}: {e}") from None
+        for dest in given:
+            if dest not in LINE_OPTIONS:
+                raise PromptsFileError(
+                    f"{where}: {flags[dest]} is not a per-image flag (it loads or changes a model, or sets where and "
+                    "how the whole run runs): give it on the command line, where it applies to every line"
+                )
+        lines.append((where, given))
+    if not lines:
+        raise PromptsFileError(f"--prompts-file {path} holds no prompt, only blank lines and # comments")
+    return lines
+
+
+def _ours(word: str) -> str:
+    """An A1111 prompts-file flag (--cfg_scale 7, --cfg_scale=7) in our spelling; any other word as it is."""
+    flag, eq, value = word.partition("=")
+    return A1111_LINE_FLAGS[flag] + eq + value if flag in A1111_LINE_FLAGS else word
+
+
+@contextlib.contextmanager
+def _at(where, error=PromptsFileError):
+    """A prompts-file line's errors name it (FILE:LINE: ...); the command line's (where None) are left as they are."""
+    try:
+        yield
+    except ValueError as e:
+        if where is None:
+            raise
+        raise error(f"{where}: {e}") from None
+
+
+def _no_lora_tags(args, whose):
+    """A <lora:...> tag loads a LoRA into the model, which a prompts file's lines share: refused there."""
+    tag = next((m for text in (args.prompt, args.prompt_2) if (m := _LORA_TAG.search(text or ""))), None)
+    if tag is not None:
+        weight = f":{tag.group(2)}" if tag.group(2) else ""
+        raise PromptsFileError(
+            f"{whose} prompt has {tag.group(0)}, but with --prompts-file the LoRAs are merged into the model once for "
+            f"every line: pass --lora {args.lora_dir or 'DIR'}/{tag.group(1)}.safetensors{weight} on the command line "
+            "instead (it applies to every line)"
+        )
 
 
 def _log(args, message):
@@ -548,35 +694,24 @@ def _warn(message):  # also under -q, which only hides progress bars: these say 
 # generate
 
 
-def generate(args, source=None) -> int:
-    args.controlnet, args.control_image = _one_or_list(args.controlnet), _one_or_list(args.control_image)
-    mode = "inpaint" if args.mask or args.outpaint else "img2img" if args.init_image else "text2img"
-    _check(args, mode)
+def generate(args, source=None, lines=()) -> int:
+    """The command line's images, or with `lines` (a prompts file's, from _read_prompts_file) each line's in
+    turn: every line checked before a model loads, the models loaded once."""
+    jobs = _jobs(args, lines)
     model_path = checkpoint.resolve(args.model)
     if source is not None and args.model == source["args"].get("model") and not model_path.exists():
         raise ValueError(
             f"{args.from_png} was made with the model {args.model}, which is not there any more; pass --model PATH "
             f"(its sha256 began {source.get('model', {}).get('hash')})"
         )
-    init, mask, width, height = _read_images(args, mode)
-    extra = {}  # the base call's image prompt and ControlNet
-    if args.ip_adapter_image:
-        extra["ip_adapter_image"] = _open(args.ip_adapter_image, "IP-Adapter image")
-    edges = (lambda im: canny(im, *args.canny)) if args.canny else (lambda im: im)
-    if args.control_image:  # = the ControlNet pipelines' names: text2img's image, the others' control_image
-        key = "image" if mode == "text2img" and not args.t2i_adapter else "control_image"
-        extra[key] = _one_or_list([edges(_open(path, "control image")) for path in _each(args.control_image)])
-    if args.adapter_image:  # = the adapter pipeline's image=
-        extra["image"] = edges(_open(args.adapter_image, "adapter image"))
-    if args.seed is None or args.seed < 0:
-        args.seed = secrets.randbelow(2**32)
-    seeds = [args.seed + k for k in range(args.batch)]
-    paths = _output_paths(args, seeds)
+    seeds = [job.args.seed + k for job in jobs for k in range(job.args.batch)]
+    paths = iter(_output_paths(args, seeds))  # one numbering over every line's images
     args.device = _device(args.device)
     auto = args.dtype == "auto"
     args.dtype = args.dtype if not auto else "fp16" if args.device.startswith("cuda") else "fp32"
     base, refiner = _load(args, auto)
     where = "cpu" if base.offload_device else args.device  # offload: the sampler moves them, as the UNet
+    nets = {}  # the base call's ControlNet / T2I-Adapter
     for paths_, key, load in (
         (args.controlnet, "controlnet", functools.partial(minsdxl.load_controlnet, unet=base.unet)),  # Control-LoRA
         (args.t2i_adapter, "adapter", minsdxl.load_t2i_adapter),
@@ -587,7 +722,81 @@ def generate(args, source=None) -> int:
             loaded.append(load(path, dtype=base.unet.dtype, device=where))
             _log(args, f"loaded the {loaded[-1].kind} {path} in {time.perf_counter() - t:.1f} s")
         if loaded:  # several: diffusers' MultiControlNetModel, summed
-            extra[key] = loaded if len(loaded) > 1 else loaded[0]
+            nets[key] = loaded if len(loaded) > 1 else loaded[0]
+    for job in jobs:  # what needs the model, for every line before the first image is written
+        job.args.device, job.args.dtype = args.device, args.dtype
+        _absolute(job.args)  # a line's own files; the rest as _load made them
+        with _at(job.where):
+            job.mode = _model_mode(job.args, job.mode, base)
+            job.sched = minsdxl.make_scheduler(job.args.sampler or base.scheduler, base.scheduler_config)
+        # stored resolved, so --from-png does not depend on the model's default (where a name says it)
+        job.args.sampler = _scheduler_name(job.sched, base.scheduler_config)
+
+    done = 0
+    for job in jobs:
+        a = job.args
+        with _at(job.where, ValueError):  # exit status 1: earlier lines' images are written
+            about = None if a.no_metadata else _describe_run(a, job.mode, base, refiner, job.sched, source)
+            source = None  # its warnings once
+            init, mask, width, height = _read_images(a, _mode(a))
+            extra = {**_image_prompts(a, _mode(a)), **nets}
+            for k in range(a.batch):
+                seed, path, t = a.seed + k, next(paths), time.perf_counter()
+                image, calls, steps = _generate_one(a, job.mode, base, refiner, init, mask, extra, width, height, seed)
+                done += 1
+                _log(a, f"image {done}/{len(seeds)}: {' + '.join(steps)} steps in {time.perf_counter() - t:.1f} s")
+                text = {} if about is None else _metadata(a, about, image, calls, seed, k)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_png(image, path, text, overwrite=a.overwrite)
+                print(f"saved {path} (seed {seed})")
+    _log(args, _peak_memory(args.device))
+    return 0
+
+
+@dataclasses.dataclass
+class _Job:
+    """The images of the command line, or of one prompts-file line: its own arguments (the command line's with
+    the line's flags over them), where it was written (FILE:LINE, for messages), its mode and scheduler."""
+
+    args: argparse.Namespace
+    where: str | None = None
+    mode: str = ""
+    sched: object = None
+
+
+def _jobs(args, lines) -> list:
+    """The run's jobs, each checked, its images read and its seed drawn before anything loads: the
+    command line, or one per prompts-file line."""
+    if not lines:
+        jobs = [_Job(args)]
+    else:
+        _no_lora_tags(args, "the command line's")
+        jobs = [_Job(argparse.Namespace(**{**vars(args), **given}), where) for where, given in lines]
+    for job in jobs:
+        a = job.args
+        with _at(job.where):
+            if lines:
+                _no_lora_tags(a, "this line's")
+            a.controlnet, a.control_image = _one_or_list(a.controlnet), _one_or_list(a.control_image)
+            job.mode = _mode(a)
+            _check(a, job.mode)
+            _read_images(a, job.mode)  # readable, sizes agree; read again when its turn comes
+            _image_prompts(a, job.mode, with_edges=False)
+        if a.seed is None or a.seed < 0:  # per line: a line without a seed anywhere gets its own
+            a.seed = secrets.randbelow(2**32)
+    if lines:  # the embeddings any line names in --embedding-dir load once, for all (as A1111 loads its folder)
+        found = {t.lower(): f"{p}:{t}" for job in jobs for p, t in _embeddings(job.args)}
+        for a in (args, *(job.args for job in jobs)):
+            a.embedding = list(found.values()) or a.embedding  # every line's metadata names them all: exact replay
+    return jobs
+
+
+def _mode(args) -> str:
+    return "inpaint" if args.mask or args.outpaint else "img2img" if args.init_image else "text2img"
+
+
+def _model_mode(args, mode, base) -> str:
+    """The checks only the loaded model can make; an InstructPix2Pix model's mode."""
     if base.kind == "inpaint" and mode != "inpaint":
         raise ValueError(f"--model {args.model} is an SDXL inpainting model: pass -i IMAGE and --mask MASK")
     if base.kind == "instruct_pix2pix" or args.image_cfg is not None:
@@ -598,21 +807,7 @@ def generate(args, source=None) -> int:
             f"--model {args.model} is an SDXL refiner, which only refines: pass -i IMAGE, or give it "
             "as --refiner after a base --model"
         )
-    sched = minsdxl.make_scheduler(args.sampler or base.scheduler, base.scheduler_config)
-    # stored resolved, so --from-png does not depend on the model's default (where a name says it)
-    args.sampler = _scheduler_name(sched, base.scheduler_config)
-    about = None if args.no_metadata else _describe_run(args, mode, base, refiner, sched, source)
-
-    for k, (seed, path) in enumerate(zip(seeds, paths)):
-        t = time.perf_counter()
-        image, calls, steps = _generate_one(args, mode, base, refiner, init, mask, extra, width, height, seed)
-        _log(args, f"image {k + 1}/{len(seeds)}: {' + '.join(steps)} steps in {time.perf_counter() - t:.1f} s")
-        text = {} if about is None else _metadata(args, about, image, calls, seed, k)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(image, path, text, overwrite=args.overwrite)
-        print(f"saved {path} (seed {seed})")
-    _log(args, _peak_memory(args.device))
-    return 0
+    return mode
 
 
 def _check(args, mode):
@@ -737,6 +932,21 @@ def _read_images(args, mode):
     return init, mask, width, height
 
 
+def _image_prompts(args, mode, with_edges=True) -> dict:
+    """The base call's other images: the IP-Adapter's image prompt, control images (their edges with --canny,
+    unless with_edges=False: opened only, to check them) and the T2I-Adapter's image, under the API's names."""
+    extra = {}
+    if args.ip_adapter_image:
+        extra["ip_adapter_image"] = _open(args.ip_adapter_image, "IP-Adapter image")
+    edges = (lambda im: canny(im, *args.canny)) if args.canny and with_edges else (lambda im: im)
+    if args.control_image:  # = the ControlNet pipelines' names: text2img's image, the others' control_image
+        key = "image" if mode == "text2img" and not args.t2i_adapter else "control_image"
+        extra[key] = _one_or_list([edges(_open(path, "control image")) for path in _each(args.control_image)])
+    if args.adapter_image:  # = the adapter pipeline's image=
+        extra["image"] = edges(_open(args.adapter_image, "adapter image"))
+    return extra
+
+
 def _open(path, what):
     try:
         with PIL.Image.open(path) as im:
@@ -831,8 +1041,6 @@ def _load(args, auto_dtype=False):
     for path, token in _embeddings(args):  # before the refiner: it shares tokenizer_2 and text_encoder_2
         minsdxl.load_textual_inversion(base, path, token)
         _log(args, f"loaded the embedding {path} as {token!r}")
-    if args.embedding:  # absolute, for --from-png
-        args.embedding = [f"{Path(p).resolve()}:{t}" for p, t in map(_embedding_spec, args.embedding)]
     if args.ip_adapter:
         t = time.perf_counter()
         encoder = str(Path(args.image_encoder).resolve()) if args.image_encoder else "image_encoder"
@@ -840,8 +1048,6 @@ def _load(args, auto_dtype=False):
         if args.ip_adapter_scale is not None:
             minsdxl.set_ip_adapter_scale(base, args.ip_adapter_scale)
         _log(args, f"loaded the IP-Adapter {args.ip_adapter} and its image encoder in {time.perf_counter() - t:.1f} s")
-    if args.lora:  # absolute, for --from-png
-        args.lora = [f"{Path(p).resolve()}:{w!r}" for p, w in map(_lora_spec, args.lora)]  # exact on replay
     refiner = None
     if args.refiner:
         t = time.perf_counter()
@@ -861,7 +1067,17 @@ def _load(args, auto_dtype=False):
                 "text encoder or a 9-channel UNet); pass the refiner, e.g. stable-diffusion-xl-refiner-1.0"
             )
         _log(args, f"loaded refiner {args.refiner} in {time.perf_counter() - t:.1f} s (text encoder 2 and VAE shared)")
-    # absolute paths in the metadata, so --from-png works from any folder ("tiny" stays a name)
+    _absolute(args)
+    return base, refiner
+
+
+def _absolute(args):
+    """Absolute paths in the metadata, so --from-png works from any folder ("tiny" stays a name); again on a
+    prompts-file line's arguments, which may name their own images."""
+    if args.embedding:
+        args.embedding = [f"{Path(p).resolve()}:{t}" for p, t in map(_embedding_spec, args.embedding)]
+    if args.lora:
+        args.lora = [f"{Path(p).resolve()}:{w!r}" for p, w in map(_lora_spec, args.lora)]  # exact on replay
     files = (
         "model",
         "vae",
@@ -878,7 +1094,6 @@ def _load(args, auto_dtype=False):
         if getattr(args, name) and not (name == "model" and args.model == tiny.NAME):
             resolved = [str(Path(p).resolve()) for p in _each(getattr(args, name))]
             setattr(args, name, _one_or_list(resolved))
-    return base, refiner
 
 
 def _unique(name: str, taken: list) -> str:
@@ -1173,6 +1388,7 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
         "Inpaint area": "Only masked" if args.mask_padding is not None else None,
         "Masked area padding": args.mask_padding,
         "Mask blur": args.mask_blur,
+        "Tiling": True if args.tiling else None,  # = A1111: written when on
         # A1111's "Clip skip" counts the layer read from the end (1 = last, 2 = penultimate); diffusers'
         # SDXL clip_skip k reads hidden_states[-(k + 2)]
         "Clip skip": args.clip_skip + 2 if args.clip_skip is not None else None,
@@ -1203,7 +1419,7 @@ A1111_PARAMS = {
     "Hires steps": ("hires_steps", int),
 }
 # what A1111 writes that changes the picture and minsdxl does not do
-A1111_NOT_DONE = ("ADetailer model", "Tiling", "Variation seed", "Face restoration", "Schedule rho")
+A1111_NOT_DONE = ("ADetailer model", "Variation seed", "Face restoration", "Schedule rho")
 
 
 def _from_a1111(path, text: str) -> dict:
@@ -1217,6 +1433,8 @@ def _from_a1111(path, text: str) -> dict:
                 args[flag] = kind(p[key])
         if "Size" in p:
             args["width"], args["height"] = map(int, p["Size"].split("x"))
+        if p.get("Tiling") == "True":
+            args["tiling"] = True
         if int(p.get("Clip skip", 2)) > 2:  # our writer's convention; A1111's SDXL reads penultimate either way
             args["clip_skip"] = int(p["Clip skip"]) - 2
     except ValueError as e:

@@ -1760,7 +1760,23 @@ def _module_info(module) -> dict:
     out["dtypes"] = sorted({str(p.dtype).removeprefix("torch.") for p in params})
     if hasattr(module, "config") and hasattr(module.config, "in_channels"):
         out["in_channels"] = module.config.in_channels
+    if hasattr(module, "up_blocks"):  # a UNet: distilled ones (SSD-1B, Vega, ...) differ here
+        out["topology"] = unet_topology(module.config)
     return out
+
+
+def unet_topology(cfg) -> str:
+    """A UNet's levels: widths, resnets, and the transformer blocks of encoder | middle | decoder (a level's
+    depths per resnet where they differ)."""
+    levels = range(len(cfg.block_out_channels))
+    depth = lambda d: str(d[0]) if len(set(d)) == 1 else ",".join(map(str, d))  # noqa: E731
+    mid = cfg.mid_transformer_layers
+    mid = "none" if mid is None else "one resnet" if mid == 0 else str(mid)
+    return (
+        f"widths {'/'.join(map(str, cfg.block_out_channels))}, resnets per level {cfg.layers_per_block}; transformer "
+        f"blocks: encoder {' | '.join(depth(cfg.down_depths(i)) for i in levels)}, middle {mid}, decoder "
+        f"{' | '.join(depth(cfg.up_depths(i)) for i in levels)}"
+    )
 
 
 def _format_info(r: dict) -> str:
@@ -1775,6 +1791,9 @@ def _format_info(r: dict) -> str:
     lines.append(f"  {'total':<16}{total:>15,}")
     if r.get("scheduler"):
         lines.append(f"  scheduler: {r['scheduler']}")
+    for name, c in r["components"].items():
+        if c.get("topology"):
+            lines.append(f"  {name}: {c['topology']}")
     for name, c in r["components"].items():
         if c.get("files"):
             lines.append(f"  {name} files: {', '.join(c['files'])}")

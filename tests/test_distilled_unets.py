@@ -19,6 +19,7 @@ from test_unet import _check, _digests, diffusers_unet_config_model
 
 import minsdxl
 from minsdxl.checkpoint import diffusers_to_sgm, load_component, save_safetensors, save_single_file, unet_config_json
+from minsdxl.cli import describe_checkpoint, unet_topology
 from minsdxl.config import unet_config_from_state_dict
 from minsdxl.controlnet import controlnet_config_json
 from minsdxl.unet import UNet2DConditionModel
@@ -94,6 +95,11 @@ def test_single_file_layout_is_diffusers_own(name, tmp_path):
     assert _digests(judge.state_dict()) == _digests(sd)
     unet = load_component(path, config=tmp_path / "config" / "unet")
     assert unet.config == cfg
+    # `minsdxl info` on the file shows the topology (diffusers' names: the middle block, the decoder's depths)
+    info = describe_checkpoint(path, config=tmp_path / "config" / "unet")["components"]
+    topology = next(c["topology"] for c in info.values() if "topology" in c)
+    assert topology == unet_topology(cfg)
+    assert ("middle one resnet" in topology) == (name != "koala") and ("middle none" in topology) == (name == "koala")
     assert _digests(unet.state_dict()) == _digests(sd)
 
 

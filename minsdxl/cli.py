@@ -1169,8 +1169,14 @@ def _generate_one(args, mode, base, refiner, init, mask, extra, width, height, s
         total = _hires_total(n, args.hires_strength)
         hkw.update(image=_hires_upscale(out if latent else out[0], args, kw, base), strength=args.hires_strength)
         hkw["num_inference_steps"] = total
-        if "ip_adapter_image" in extra:  # the image prompt again; a ControlNet's image is the first pass's size
+        if "ip_adapter_image" in extra:  # the image prompt again
             hkw["ip_adapter_image"] = extra["ip_adapter_image"]
+        if "controlnet" in extra:  # = A1111's ControlNet extension (its default Hr Option "Both"): the hires pass
+            # is guided too, the control image resized to the hires size (the ControlNet img2img pipeline's resize)
+            hkw.update(controlnet=extra["controlnet"], control_image=extra.get("control_image", extra.get("image")))
+            up = hkw["image"]
+            width_, height_ = (up.shape[-1] * 8, up.shape[-2] * 8) if latent else up.size
+            hkw.update(width=width_, height=height_)
         what = "latents" if latent else "image"
         calls.append((minsdxl.img2img, hkw, f"the base call's {what}, x{args.hires_scale} ({args.hires_upscaler})"))
         steps.append(0)

@@ -545,6 +545,29 @@ def test_hires_fix_with_a_latent_upscaler(paths, tmp_path, capsys):
     assert main([*argv, "-i", str(paths["init"])]) == 1  # img2img: no hires fix
 
 
+def test_hires_fix_keeps_the_controlnet(paths, tmp_path):
+    """With a ControlNet the hires pass is guided too (A1111's ControlNet extension, Hr Option "Both"): the
+    ControlNet img2img call at the hires size, the control image resized to it, the same scale."""
+    out = tmp_path / "hires_cn.png"
+    argv = ["-p", "a cat", "--model", str(paths["base"]), "-W", "80", "-H", "64", "--steps", "2", "-s", "3", "-q"]
+    argv += ["--controlnet", str(paths["controlnet"]), "--control-image", str(paths["control_image"])]
+    argv += ["--controlnet-scale", "0.7", "--hires-scale", "1.5", "--hires-upscaler", "Lanczos"]
+    argv += ["--hires-steps", "2", "--hires-strength", "0.5", "-o", str(out)]
+    assert main(argv) == 0
+    model, net = minsdxl.load(paths["base"]), minsdxl.load_controlnet(paths["controlnet"])
+    edges = PIL.Image.open(paths["control_image"])
+    kw = dict(prompt="a cat", seed=3, progress=False, controlnet=net, controlnet_conditioning_scale=0.7)
+    first = minsdxl.text2img(model, **kw, image=edges, num_inference_steps=2, width=80, height=64)[0]
+    big = first.resize((120, 96), PIL.Image.LANCZOS)  # 80 x 1.5, 64 x 1.5: multiples of 8 already
+    made = minsdxl.img2img(model, **kw, image=big, control_image=edges, strength=0.5, num_inference_steps=4,
+                           width=120, height=96)[0]  # fmt: skip
+    _same(out, made)
+    plain = minsdxl.img2img(model, "a cat", image=big, strength=0.5, num_inference_steps=4, seed=3, progress=False)
+    assert not np.array_equal(np.asarray(plain[0]), _pixels(out))  # the ControlNet changed the hires pass
+    calls = read_png_metadata(out)["minsdxl"]["calls"]
+    assert calls[1]["kwargs"]["controlnet_conditioning_scale"] == 0.7 and calls[1]["kwargs"]["width"] == 120
+
+
 def test_controlnet_flags_metadata_and_from_png(runs, api, paths):
     _ok(runs["cn"])
     folder = runs["dirs"]["lora"]

@@ -36,7 +36,7 @@ import PIL.Image
 import torch
 
 import minsdxl
-from minsdxl import checkpoint, tiny
+from minsdxl import checkpoint, guidance, tiny
 from minsdxl.image import blur_mask, canny, outpaint_canvas, watermark_available
 from minsdxl.metadata import SCHEMA, infotext, parse_infotext, read_png_metadata, save_png, sha256, short_hash
 from minsdxl.prompt import WEIGHTINGS
@@ -100,6 +100,7 @@ API_KWARGS = {
     "pag_adaptive_scale": "pag_adaptive_scale",
     "pag_layers": "pag_applied_layers",
     "tiling": "tiling",
+    "guider": "guider",
 }
 # flags that say where and how a run runs, not what it makes: not stored for --from-png (a PNG made
 # on a GPU replays on a CPU), and ignored where an older file stored them
@@ -237,6 +238,48 @@ def _freeu(text: str) -> tuple:
     if len(factors) != 4:
         raise argparse.ArgumentTypeError(f"expected S1,S2,B1,B2 such as 0.9,0.2,1.3,1.4 (SDXL's), got {text!r}")
     return factors
+
+
+GUIDERS = {  # --guider NAME: minsdxl.guidance's rules (= diffusers' guiders)
+    "cfg": "ClassifierFreeGuidance",
+    "apg": "AdaptiveProjectedGuidance",
+    "cfg_zero_star": "ClassifierFreeZeroStarGuidance",
+    "tcfg": "TangentialClassifierFreeGuidance",
+    "mambo": "MagnitudeAwareGuidance",
+}
+# the APG paper's names for diffusers' long ones
+GUIDER_ALIASES = {
+    "momentum": "adaptive_projected_guidance_momentum",
+    "norm_threshold": "adaptive_projected_guidance_rescale",
+}
+
+
+def make_guider(spec: str):
+    """`NAME[:KEY=VALUE,...]` -> a minsdxl.guidance rule, e.g. apg:momentum=-0.5,norm_threshold=15,eta=1 or
+    cfg:stop=0.8 (keys: the rule's own argument names; its guidance_scale defaults to --cfg)."""
+    name, _, rest = spec.partition(":")
+    if name not in GUIDERS:
+        raise argparse.ArgumentTypeError(f"unknown guider {name!r}; one of {', '.join(GUIDERS)} (e.g. apg:eta=0.5)")
+    cls = getattr(guidance, GUIDERS[name])
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kw = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        key = GUIDER_ALIASES.get(key.strip(), key.strip())
+        if key not in fields or not eq:
+            raise argparse.ArgumentTypeError(
+                f"--guider {spec}: {item!r} is not KEY=VALUE with a key of {name}'s: {', '.join(fields)}"
+            )
+        try:  # a number, or a step count for zero_init_steps; "none" for no momentum
+            kw[key] = None if value.lower() == "none" else int(value) if key == "zero_init_steps" else float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--guider {spec}: {key} takes a number, got {value!r}") from None
+    return cls(**kw)
+
+
+def _guider(text: str) -> str:
+    make_guider(text)  # checked now; stored as written, made per call (and so replayed by --from-png)
+    return text
 
 
 def _lora_spec(text: str) -> tuple[str, float]:
@@ -503,6 +546,13 @@ def build_parser():
     add("--pag-layers", metavar="L1,L2", type=lambda t: t.split(","), default=None,
                                                                       help="the UNet layers PAG perturbs (default "
                                                                            "mid; e.g. mid,up_blocks.0.attentions.1)")
+    add("--guider", metavar="NAME[:K=V,...]", type=_guider, default=None,
+                                                                      help="another guidance rule than CFG "
+                                                                           "(diffusers' guiders): apg, "
+                                                                           "cfg_zero_star, tcfg, mambo, or cfg with "
+                                                                           "start / stop; e.g. apg:momentum=-0.5,"
+                                                                           "norm_threshold=15,eta=1. Its scale is "
+                                                                           "--cfg")
     add("--tiling",                    action="store_true",           help="a seamless, tileable image (A1111's "
                                                                            "Tiling: circular padding in the UNet "
                                                                            "and VAE)")
@@ -802,6 +852,8 @@ def _model_mode(args, mode, base) -> str:
     if base.kind == "instruct_pix2pix" or args.image_cfg is not None:
         _check_pix2pix(args, base, mode)
         mode = "instruct_pix2pix"  # the image it edits is the -i image, at the size img2img would give it
+        if args.guider:
+            raise ValueError("--guider: an InstructPix2Pix model guides by prompt and image (--cfg, --image-cfg) only")
     if base.kind == "refiner" and mode == "text2img":
         raise ValueError(
             f"--model {args.model} is an SDXL refiner, which only refines: pass -i IMAGE, or give it "
@@ -1132,6 +1184,8 @@ def _api_kwargs(args, fn, skip=()) -> dict:
     for k in ("prompt", "prompt_2"):  # the tags name LoRAs, not words: A1111 takes them out of the text
         if k in kw:
             kw[k] = _LORA_TAG.sub("", kw[k])
+    if "guider" in kw:
+        kw["guider"] = make_guider(kw["guider"])
     return kw
 
 

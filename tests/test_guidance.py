@@ -183,3 +183,31 @@ def test_bad_guiders_are_refused(models):
     with pytest.raises(ValueError, match="give it once"):
         minsdxl.text2img(model, **kw, guider=mg.ClassifierFreeGuidance(guidance_rescale=0.3), guidance_rescale=0.7)
     assert dataclasses.is_dataclass(mg.AdaptiveProjectedGuidance())  # frozen, so a call never changes it
+
+
+def test_command_line_guider_is_made_recorded_and_replayed(tiny_base, tmp_path, capsys):
+    """--guider NAME:K=V: the same rule as the API's (the APG paper's momentum / norm_threshold names
+    too), the call's --cfg as its scale, stored as written so --from-png replays it; bad specs are usage errors."""
+    import numpy as np
+    import PIL.Image
+
+    from minsdxl.cli import main, make_guider, read_png_metadata
+
+    spec = "apg:momentum=-0.5,norm_threshold=3,eta=0.5"
+    assert make_guider(spec) == mg.AdaptiveProjectedGuidance(
+        adaptive_projected_guidance_momentum=-0.5, adaptive_projected_guidance_rescale=3.0, eta=0.5
+    )
+    out = tmp_path / "apg.png"
+    argv = ["-p", "a red fox", "--model", str(tiny_base[1]), "--steps", "3", "--cfg", "6", "-s", "2", "-q"]
+    assert main([*argv, "--guider", spec, "--no-watermark", "-o", str(out)]) == 0
+    model = minsdxl.load(tiny_base[1])
+    made = minsdxl.text2img(model, "a red fox", num_inference_steps=3, guidance_scale=6.0, seed=2, progress=False,
+                            guider=make_guider(spec))[0]  # fmt: skip
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(made))
+    assert read_png_metadata(out)["minsdxl"]["args"]["guider"] == spec
+    assert main(["--from-png", str(out), "-q", "-o", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "again.png")), np.asarray(made))
+    for bad, message in (("apgx", "unknown guider 'apgx'"), ("apg:beta=1", "not KEY=VALUE with a key of apg's")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--guider", bad])
+        assert message in capsys.readouterr().err

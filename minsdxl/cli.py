@@ -101,6 +101,8 @@ API_KWARGS = {
     "pag_layers": "pag_applied_layers",
     "tiling": "tiling",
     "guider": "guider",
+    "variation_seed": "variation_seed",
+    "variation_strength": "variation_strength",
 }
 # flags that say where and how a run runs, not what it makes: not stored for --from-png (a PNG made
 # on a GPU replays on a CPU), and ignored where an older file stored them
@@ -553,6 +555,14 @@ def build_parser():
                                                                            "start / stop; e.g. apg:momentum=-0.5,"
                                                                            "norm_threshold=15,eta=1. Its scale is "
                                                                            "--cfg")
+    add("--variation-seed", metavar="N", type=int, default=None,
+                                                                      help="A1111's variation seed: the starting "
+                                                                           "noise turned toward this seed's by "
+                                                                           "--variation-strength (counts up in a "
+                                                                           "batch, as -s)")
+    add("--variation-strength", metavar="F", type=float, default=None,
+                                                                      help="how far toward --variation-seed's "
+                                                                           "noise: 0 (none) .. 1 (all of it)")
     add("--tiling",                    action="store_true",           help="a seamless, tileable image (A1111's "
                                                                            "Tiling: circular padding in the UNet "
                                                                            "and VAE)")
@@ -874,6 +884,10 @@ def _check(args, mode):
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.batch < 1:
         raise ValueError(f"-b/--batch must be at least 1, got {args.batch}")
+    if args.variation_strength is not None and not 0 <= args.variation_strength <= 1:
+        raise ValueError(f"--variation-strength must be in [0, 1], got {args.variation_strength}")
+    if args.variation_strength and (args.variation_seed is None or args.variation_seed < 0):
+        raise ValueError("--variation-strength turns the noise toward another seed's: give it as --variation-seed N")
     if (args.mask or args.outpaint) and not args.init_image:
         raise ValueError("--mask and --outpaint need the image to repaint: pass it with -i/--init-image")
     if args.outpaint and args.mask:
@@ -1192,6 +1206,8 @@ def _api_kwargs(args, fn, skip=()) -> dict:
 def _generate_one(args, mode, base, refiner, init, mask, extra, width, height, seed):
     """One image: the base call (+ the refiner call). Returns (PIL image, [(function, kwargs)], steps run)."""
     common = dict(seed=seed, scheduler=args.sampler, progress=not args.quiet)
+    if args.variation_seed is not None:  # = A1111: a batch's variation seeds count up with its seeds
+        common["variation_seed"] = args.variation_seed + seed - args.seed
     steps = []  # per call, counted by the step callback (-v only)
 
     def count(model, i, t, tensors):
@@ -1397,6 +1413,8 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
     """The two PNG text chunks of one image: A1111's `parameters` and the `minsdxl` JSON."""
     stored = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     stored["seed"] = seed  # this image's own seed: --from-png makes this one image
+    if args.variation_seed is not None:  # and its own variation seed
+        stored["variation_seed"] = args.variation_seed + seed - args.seed
     base_images = {"image": args.init_image, "mask_image": args.mask, "ip_adapter_image": args.ip_adapter_image}
     base_images |= {"controlnet": args.controlnet, "control_image": args.control_image, "adapter": args.t2i_adapter}
     if about["mode"] == "text2img" and (args.controlnet or args.t2i_adapter):
@@ -1449,6 +1467,8 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
         "Masked area padding": args.mask_padding,
         "Mask blur": args.mask_blur,
         "Tiling": True if args.tiling else None,  # = A1111: written when on
+        "Variation seed": args.variation_seed + seed - args.seed if args.variation_strength else None,
+        "Variation seed strength": args.variation_strength or None,
         # A1111's "Clip skip" counts the layer read from the end (1 = last, 2 = penultimate); diffusers'
         # SDXL clip_skip k reads hidden_states[-(k + 2)]
         "Clip skip": args.clip_skip + 2 if args.clip_skip is not None else None,
@@ -1477,9 +1497,11 @@ A1111_PARAMS = {
     "Refiner switch at": ("refiner_switch", float),
     "Hires upscale": ("hires_scale", float),
     "Hires steps": ("hires_steps", int),
+    "Variation seed": ("variation_seed", int),
+    "Variation seed strength": ("variation_strength", float),
 }
 # what A1111 writes that changes the picture and minsdxl does not do
-A1111_NOT_DONE = ("ADetailer model", "Variation seed", "Face restoration", "Schedule rho")
+A1111_NOT_DONE = ("ADetailer model", "Seed resize from", "Face restoration", "Schedule rho")
 
 
 def _from_a1111(path, text: str) -> dict:

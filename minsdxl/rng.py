@@ -28,6 +28,19 @@ def randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
+def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111's variation seeds (= modules/processing.py slerp, on one image's noise [C, H, W]): `low`, the seed's
+    noise, turned toward `high`, the variation seed's, by the fraction val of the angle between them. The norms
+    and dot products run along dim 1 (per channel and column) as A1111 takes them, and its near-parallel
+    fallback is kept as written there (low·val + high·(1 - val))."""
+    dot = (low / low.norm(dim=1, keepdim=True) * (high / high.norm(dim=1, keepdim=True))).sum(1)
+    if dot.mean() > 0.9995:
+        return low * val + high * (1 - val)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
+
+
 class BrownianInterval:
     """A Brownian motion on [t0, t1] (one per element of a `size` tensor), queried by increments W(ta, tb):
     bit for bit torchsde.BrownianInterval(t0, t1, size, dtype, device, entropy, tol=1e-6, pool_size=24,

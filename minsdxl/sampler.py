@@ -31,7 +31,7 @@ from .image import (
     watermark_available,
 )
 from .prompt import encode_prompt
-from .rng import randn
+from .rng import randn, slerp
 from .schedulers import DDIM, DPMSolverSDE, Scheduler, make_scheduler
 from .t2i_adapter import T2IAdapter
 from .unet import guidance_scale_embedding
@@ -327,6 +327,13 @@ def _check_common(model, a, mode):
         raise ValueError(f"guidance_rescale must be in [0, 1], got {a['guidance_rescale']!r}")
     if a.get("guider") is not None:
         a["guider"] = _check_guider(model, a)
+    v = a["variation_strength"]
+    if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+        raise ValueError(
+            f"variation_strength must be in [0, 1] (0: the seed's noise, 1: the variation seed's), got {v!r}"
+        )
+    if v and not isinstance(a["variation_seed"], int):
+        raise ValueError(f"variation_strength {v} turns the noise toward variation_seed: give it (a whole number)")
     n = a["num_images_per_prompt"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {n!r}")
@@ -455,6 +462,17 @@ def _scheduler(model, a) -> Scheduler:
         raise ValueError("pass either timesteps= or sigmas=, not both")
     name.set_timesteps(None if custom else a["num_inference_steps"], timesteps=a["timesteps"], sigmas=a["sigmas"])
     return name
+
+
+def _noise(shape, generator, device, dtype, a) -> torch.Tensor:
+    """The starting noise (= randn_tensor), or with variation_strength > 0 A1111's variation of it: each image's
+    noise turned toward the same-shaped draw of variation_seed (rng.slerp), the seed's generator consumed as
+    without it, so the rest of the run draws the same."""
+    noise = randn(shape, generator, device, dtype)
+    if not a["variation_strength"]:
+        return noise
+    other = randn(shape, torch.Generator().manual_seed(a["variation_seed"]), device, dtype)
+    return torch.stack([slerp(a["variation_strength"], n, o) for n, o in zip(noise, other)])
 
 
 def _device(model):
@@ -1049,6 +1067,8 @@ def text2img(
     pag_adaptive_scale=0.0,
     pag_applied_layers="mid",
     seed=None,
+    variation_seed=None,
+    variation_strength=0.0,
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
@@ -1060,7 +1080,9 @@ def text2img(
     (a name such as "euler", "DPM++ 2M Karras", or a minsdxl scheduler), progress=False hides the bar,
     prompt_weighting="a1111" (A1111's "(word:1.3)" syntax and prompts of any length; encode_prompt's),
     tiling=True (A1111's "Tiling": circular padding, a seamless image to tile side by side; every function),
-    guider= (text2img, img2img, inpaint): a minsdxl.guidance rule instead of CFG (APG, CFG-Zero*, TCFG, ...:
+    variation_seed= and variation_strength= (every function: A1111's variation seeds, the starting noise turned
+    toward variation_seed's by that fraction; rng.slerp), guider= (text2img, img2img, inpaint): a
+    minsdxl.guidance rule instead of CFG (APG, CFG-Zero*, TCFG, ...:
     = diffusers' guiders in its Modular pipelines)
     With controlnet= (minsdxl.load_controlnet; a list for several) = StableDiffusionXLControlNetPipeline:
     image= is the control image (a list, one per ControlNet), whose size is the default height x width; a
@@ -1082,7 +1104,7 @@ def text2img(
     batch, device, dtype = st.batch, _device(model), st.dtype
     shape = (batch, 4, height // 8, width // 8)
     if latents is None:
-        latents = randn(shape, st.generator, device, dtype)
+        latents = _noise(shape, st.generator, device, dtype, a)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape} (batch, 4, H/8, W/8)")
     latents = latents.to(device) * st.scheduler.init_noise_sigma
@@ -1171,6 +1193,8 @@ def img2img(
     pag_adaptive_scale=0.0,
     pag_applied_layers="mid",
     seed=None,
+    variation_seed=None,
+    variation_strength=0.0,
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
@@ -1200,7 +1224,7 @@ def img2img(
         init = x.to(device, dtype) if x.shape[1] == 4 else encode_image(model, x, generator, dtype)
         init = _spread(init, batch, "images")
         if denoising_start is None:  # a refiner handoff continues the base's noisy latents as they are
-            latents = st.scheduler.add_noise(init, randn(init.shape, generator, device, dtype), st.timesteps[:1])
+            latents = st.scheduler.add_noise(init, _noise(init.shape, generator, device, dtype, a), st.timesteps[:1])
         else:
             latents = init
     height, width = (s * 8 for s in latents.shape[-2:])
@@ -1265,6 +1289,8 @@ def inpaint(
     pag_adaptive_scale=0.0,
     pag_applied_layers="mid",
     seed=None,
+    variation_seed=None,
+    variation_strength=0.0,
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
@@ -1319,7 +1345,7 @@ def inpaint(
     if latents is not None and tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape}")
     if latents is None and denoising_start is None:
-        noise = randn(shape, generator, device, dtype)
+        noise = _noise(shape, generator, device, dtype, a)
         latents = (
             noise * sched.init_noise_sigma if strength_max else sched.add_noise(image_latents, noise, st.timesteps[:1])
         )
@@ -1327,7 +1353,7 @@ def inpaint(
         noise = latents.to(device)
         latents = noise * sched.init_noise_sigma
     else:
-        noise = randn(shape, generator, device, dtype)
+        noise = _noise(shape, generator, device, dtype, a)
         latents = image_latents.to(device)
 
     # = prepare_mask_latents: mask to the latent grid; masked image encoded (another VAE draw)
@@ -1410,6 +1436,8 @@ def instruct_pix2pix(
     callback_on_step_end=None,
     callback_on_step_end_tensor_inputs=("latents",),
     seed=None,
+    variation_seed=None,
+    variation_strength=0.0,
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
@@ -1450,7 +1478,7 @@ def instruct_pix2pix(
     image_latents = _spread(image_latents.to(dtype), batch, "images")
     shape = (batch, 4, *image_latents.shape[-2:])
     if latents is None:
-        latents = randn(shape, st.generator, device, dtype)
+        latents = _noise(shape, st.generator, device, dtype, a)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape} (batch, 4, H/8, W/8)")
     latents = latents.to(device) * st.scheduler.init_noise_sigma

@@ -701,6 +701,8 @@ def _read_prompts_file(path, parser) -> list:
         except ValueError as e:  # shlex's unclosed quote, argparse's unknown flag or bad value
             raise PromptsFileError(f"{where}: {e}") from None
         for dest in given:
+            if dest == "hires_upscaler" and given[dest] in HIRES_UPSCALERS:  # a resize, no upscaler model to load
+                continue
             if dest not in LINE_OPTIONS:
                 raise PromptsFileError(
                     f"{where}: {flags[dest]} is not a per-image flag (it loads or changes a model, or sets where and "

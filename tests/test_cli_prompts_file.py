@@ -164,7 +164,7 @@ REFUSED = [
     ("--offload", "--offload"),
     ("--compile", "--compile"),
     ("--freeu 0.9,0.2,1.3,1.4", "--freeu"),
-    ("--hires-upscaler Lanczos", "--hires-upscaler"),
+    ("--hires-upscaler 4x-UltraSharp", "--hires-upscaler"),  # an upscaler model (Lanczos etc. are allowed)
     ("--from-png x.png", "--from-png"),
     ("--from-file other.txt", "--from-file"),
     ("--steps 2 --overwrite", "--overwrite"),
@@ -274,3 +274,13 @@ def test_standard_input(tmp_path):
 def test_help_describes_the_flag():
     text = build_parser()[1]["generate"].format_help()
     assert "--prompts-file FILE, --from-file FILE" in text and "--cfg_scale" in text
+
+
+def test_a_line_may_pick_a_resizing_hires_upscaler(tmp_path):
+    """A1111's latent and PIL hires upscalers load nothing: a line may choose one (an upscaler model may not)."""
+    from minsdxl.cli import HIRES_UPSCALERS, _read_prompts_file, build_parser
+
+    _write(tmp_path / "p.txt", "--hires-scale 1.5 --hires-upscaler Lanczos", "--hires-upscaler 'Latent (bicubic)'")
+    lines = _read_prompts_file(str(tmp_path / "p.txt"), build_parser()[1]["generate"])
+    assert [given["hires_upscaler"] for _, given in lines] == ["Lanczos", "Latent (bicubic)"]
+    assert {"Lanczos", "Latent (bicubic)"} <= set(HIRES_UPSCALERS)

@@ -327,6 +327,7 @@ def _check_common(model, a, mode):
         raise ValueError(f"guidance_rescale must be in [0, 1], got {a['guidance_rescale']!r}")
     if a.get("guider") is not None:
         a["guider"] = _check_guider(model, a)
+        a["guidance_scale"] = a["guider"].guidance_scale  # what a step callback's pipeline.guidance_scale reads
     v = a["variation_strength"]
     if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
         raise ValueError(

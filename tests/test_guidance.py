@@ -168,6 +168,10 @@ def test_the_calls_scale_fills_in_and_plain_cfg_is_the_same(models):
     spy = lambda pipe, i, t, k: seen.append(pipe.do_classifier_free_guidance) or {}  # noqa: E731
     alone = minsdxl.text2img(model, **kw, seed=1, guider=mg.AdaptiveProjectedGuidance(1.0), callback_on_step_end=spy)
     assert seen == [False] * 3
+    scales = []  # a callback reads the guider's scale
+    spy = lambda pipe, i, t, k: scales.append(pipe.guidance_scale) or {}  # noqa: E731
+    minsdxl.text2img(model, **kw, seed=1, guider=mg.AdaptiveProjectedGuidance(7.0), callback_on_step_end=spy)
+    assert scales == [7.0] * 3
     assert torch.equal(alone, minsdxl.text2img(model, **kw, seed=1, guidance_scale=1.0))
 
 

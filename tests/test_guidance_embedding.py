@@ -67,6 +67,28 @@ def test_img2img_and_inpaint_equal_diffusers(lcm, fn):
     assert rel_err(got, ref) <= 1e-5
 
 
+def test_text2img_with_a_controlnet_equals_diffusers(lcm):
+    """StableDiffusionXLControlNetPipeline embeds the scale for the UNet (not for the ControlNet, which gets no
+    timestep_cond) and runs no CFG: so does minsdxl. (diffusers' ControlNet img2img / inpaint pipelines do not
+    read time_cond_proj_dim: they run CFG and no embedding, which minsdxl does not copy: there it embeds as in
+    the plain img2img / inpaint pipelines.)"""
+    pipe, model, root = lcm
+    # (from_unet cannot copy a guidance-distilled UNet: the ControlNet it makes has no cond_proj to load)
+    plain_unet = diffusers.UNet2DConditionModel(**{**pipe.unet.config, "time_cond_proj_dim": None})
+    net = diffusers.ControlNetModel.from_unet(plain_unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    net = randomize_(net, 6)
+    net.eval().save_pretrained(root / "cn")
+    ref_pipe = diffusers.StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=net)
+    ref_pipe.set_progress_bar_config(disable=True)
+    kw = dict(KW, guidance_scale=5.0, image=smooth_image(4), controlnet_conditioning_scale=0.8)
+    ref = ref_pipe(**kw, generator=torch.Generator().manual_seed(2), output_type="latent").images
+    ours = minsdxl.load_controlnet(root / "cn")
+    got = minsdxl.text2img(model, **kw, controlnet=ours, seed=2, output_type="latent", progress=False)
+    assert rel_err(got, ref) <= 1e-5
+    plain = minsdxl.text2img(model, **dict(KW, guidance_scale=5.0), seed=2, output_type="latent", progress=False)
+    assert rel_err(got, plain) > 1e-3  # the ControlNet took part
+
+
 def test_saving_and_the_unet_call(lcm, tmp_path):
     pipe, model, root = lcm
     minsdxl.checkpoint.save(model, tmp_path / "again")

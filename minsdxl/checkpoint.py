@@ -910,12 +910,14 @@ def load(
     offload=False,
     attention=None,
     compile=False,
+    unet=None,
 ) -> SDXL:
     """Load an SDXL base, refiner or inpaint model from a diffusers folder or a single file; the name
     "tiny" loads the small SDXL-topology model bundled with minsdxl (see minsdxl.tiny).
 
     share: another loaded SDXL (the base) whose text_encoder_2, tokenizer_2 and VAE are reused (a
-    refiner then costs only its UNet). vae: a path to a VAE (file or folder) overriding the model's.
+    refiner then costs only its UNet). vae: a path to a VAE (file or folder) overriding the model's; unet: the
+    same for the UNet (e.g. an SDXL-Lightning or Hyper-SD UNet file, either layout, over its base model).
     variant: "fp16" to pick diffusers' *.fp16.safetensors (default: the file matching `dtype`).
     config: for a single file, a diffusers folder whose config files fill in what shapes cannot tell
     (head size, norm groups, VAE scaling factor, scheduler); SDXL's values are the default.
@@ -938,9 +940,12 @@ def load(
     comps, configs = read_checkpoint(path, config)
     layout = "diffusers" if Path(path).is_dir() else "sgm"
     index = configs.get("model_index", {})
-    if "unet" not in comps:
+    if unet is not None:  # the checkpoint's own UNet is not read
+        unet = _override(unet, UNet2DConditionModel, "unet", dtype, device, path if layout == "diffusers" else config)
+    elif "unet" not in comps:
         raise CheckpointError(f"{path} has no UNet; is it an SDXL checkpoint?")
-    unet = build_unet(read_component(comps["unet"], variant, dtype), dtype, device, configs.get("unet"))
+    else:
+        unet = build_unet(read_component(comps["unet"], variant, dtype), dtype, device, configs.get("unet"))
     refiner = "text_encoder" not in comps
     kind = _KINDS.get(unet.config.in_channels, "refiner" if refiner else "base")
     model = SDXL(
@@ -965,7 +970,8 @@ def load(
     else:
         model.text_encoder_2 = component("text_encoder_2", build_text_encoder, True)
         model.tokenizer_2 = _tokenizer(path if layout == "diffusers" else config, "tokenizer_2", pad="!")
-        model.vae = load_component(vae, dtype, device) if vae else component("vae", build_vae)
+        folder = path if layout == "diffusers" else config
+        model.vae = _override(vae, AutoencoderKL, "vae", dtype, device, folder) if vae else component("vae", build_vae)
     if not refiner:
         model.text_encoder = component("text_encoder", build_text_encoder, False)
         model.tokenizer = _tokenizer(path if layout == "diffusers" else config, "tokenizer", pad="<|endoftext|>")
@@ -974,6 +980,18 @@ def load(
     if compile:  # an explicit attention= stays: compile's "auto" would pick Triton on CUDA
         speed.compile(model, attention_backend=attention or "auto")
     return model
+
+
+def _override(path, cls, name, dtype, device, folder=None):
+    """load(vae=... / unet=...): that component from its own file or folder, checked to be one; what its shapes
+    cannot tell (head size, VAE scaling factor, ...) from the model folder's `name`/config.json where there is one."""
+    own = folder is not None and (Path(folder) / name / "config.json").is_file() and not Path(path).is_dir()
+    module = load_component(path, dtype, device, config=Path(folder) / name if own else None)
+    if not isinstance(module, cls):
+        raise CheckpointError(
+            f"{name}={path} holds {type(module).__name__} weights, not a {cls.__name__}: pass the {name}"
+        )
+    return module
 
 
 def resolve(path) -> Path:

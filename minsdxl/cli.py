@@ -457,6 +457,9 @@ def build_parser():
     add("--model-config",                          default=None,      help="diffusers folder with the configs of "
                                                                            "a non-SDXL single-file --model")
     add("--vae",                                   default=None,      help="VAE file or folder to use instead")
+    add("--unet",                                  default=None,      help="UNet file or folder to use instead "
+                                                                           "(e.g. SDXL-Lightning's or Hyper-SD's "
+                                                                           "UNet over its base --model)")
     add("--lora-dir", "--lora-model-dir", metavar="DIR", default=None, help="where <lora:NAME:W> in the prompt "
                                                                            "finds NAME.safetensors (A1111 / "
                                                                            "stable-diffusion.cpp)")
@@ -1087,6 +1090,7 @@ def _load(args, auto_dtype=False):
         dtype=dtype,
         device=args.device,
         vae=args.vae,
+        unet=args.unet,
         config=args.model_config,
         add_watermarker=watermark,
         offload=args.offload,
@@ -1149,6 +1153,7 @@ def _absolute(args):
     files = (
         "model",
         "vae",
+        "unet",
         "refiner",
         "model_config",
         "refiner_config",
@@ -1323,6 +1328,7 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
         "mode": mode,
         "model": model,
         "vae": _file_info(args.vae) if args.vae else None,
+        "unet": _file_info(args.unet) if args.unet else None,
         "loras": [
             {**_file_info(path), "name": name, "scale": w}
             for (path, w), name in zip(_loras(args), base.lora.adapters if base.lora else ())
@@ -1349,7 +1355,17 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
     }
     _log(args, f"hashed the model files in {time.perf_counter() - t:.1f} s (sha256 {model['sha256'][:10]})")
     if source is not None:  # --from-png: say when the result cannot be the same image
-        kinds = ("model", "refiner", "vae", "init_image", "mask", "ip_adapter", "ip_adapter_image", "controlnet")
+        kinds = (
+            "model",
+            "refiner",
+            "vae",
+            "unet",
+            "init_image",
+            "mask",
+            "ip_adapter",
+            "ip_adapter_image",
+            "controlnet",
+        )
         for what in (*kinds, "control_image", "t2i_adapter", "adapter_image", "upscaler"):
             for was, now in zip(_each(source.get(what)), _each(about[what])):
                 old, new = was.get("sha256"), now.get("sha256")

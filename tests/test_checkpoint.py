@@ -2,17 +2,20 @@
 own from_single_file, standalone components, and a clear error for every bad input."""
 
 import copy
+import hashlib
 import json
 import shutil
 
 import diffusers
+import numpy as np
+import PIL.Image
 import pytest
 import safetensors.torch
 import torch
-from sdxl_testing import component_state_dicts, rel_err
+from sdxl_testing import component_state_dicts, randomize_, rel_err
 
 import minsdxl
-from minsdxl.checkpoint import CheckpointError, diffusers_to_sgm, read_safetensors, sgm_to_diffusers
+from minsdxl.checkpoint import CheckpointError, diffusers_to_sgm, read_safetensors, save_safetensors, sgm_to_diffusers
 
 PIPELINES = {
     "base": diffusers.StableDiffusionXLPipeline,
@@ -185,6 +188,39 @@ def test_standalone_vae_and_legacy_attention_names(tiny_base, tmp_path):
     # a component folder, and the vae= override of load()
     model = minsdxl.load(folder, vae=folder / "vae")
     assert torch.equal(model.vae.decoder.conv_out.weight, pipe.vae.decoder.conv_out.weight)
+
+
+def test_unet_override_takes_a_unet_file_over_its_base(tiny_base, tmp_path):
+    """load(base, unet=FILE) = diffusers' `from_pretrained(base, unet=UNet2DConditionModel(...) with the file's
+    weights)` (SDXL-Lightning's recipe): a diffusers-named or sgm UNet file, its head size etc. from the base
+    folder's unet/config.json; the CLI's --unet the same, recorded with its hash; a VAE file there is refused."""
+    from minsdxl.cli import main, read_png_metadata
+
+    pipe, folder = tiny_base
+    other = randomize_(diffusers.UNet2DConditionModel(**pipe.unet.config), 11).eval()
+    sd = other.state_dict()
+    save_safetensors(sd, tmp_path / "lightning_unet.safetensors")
+    save_safetensors(diffusers_to_sgm({"unet": sd}), tmp_path / "lightning_sgm.safetensors")
+    for name in ("lightning_unet.safetensors", "lightning_sgm.safetensors"):
+        model = minsdxl.load(folder, unet=tmp_path / name)
+        assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in sd.items()), name
+    ref = diffusers.StableDiffusionXLPipeline(**{**pipe.components, "unet": other})
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a cat", num_inference_steps=2, height=64, width=64)
+    expected = ref(**kw, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    got = minsdxl.text2img(model, **kw, seed=0, output_type="latent", progress=False)
+    assert rel_err(got, expected) <= 1e-4  # the head size came from the base's config (8, not 64)
+    out = tmp_path / "x.png"
+    argv = ["-p", "a cat", "--model", str(folder), "--unet", str(tmp_path / name), "--steps", "2", "-W", "64"]
+    assert main([*argv, "-H", "64", "-s", "0", "-q", "--no-watermark", "-o", str(out)]) == 0
+    made = minsdxl.text2img(model, "a cat", num_inference_steps=2, height=64, width=64, seed=0, progress=False)[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(made))
+    assert (
+        read_png_metadata(out)["minsdxl"]["unet"]["sha256"]
+        == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+    )
+    with pytest.raises(CheckpointError, match="holds AutoencoderKL weights, not a UNet2DConditionModel"):
+        minsdxl.load(folder, unet=folder / "vae")
 
 
 def test_share_reuses_text_encoder_2_and_vae(tiny_base, tiny_refiner):

@@ -205,6 +205,159 @@ def _windows(chunks, count, tokenizer):
 WEIGHTINGS = ("a1111", "a1111_no_norm")  # A1111's emphasis modes "Original" and "No norm"
 
 
+# ------------------------------------------------------------------------------------------------
+# A1111 prompt editing: "[from:to:when]", "[to:when]", "[from::when]" and alternation "[a|b]", by the grammar
+# of A1111's modules/prompt_parser.py (schedule_parser, a lark grammar; parsed by hand here) and its
+# get_learned_conditioning_prompt_schedules: `when` with a "." is a fraction of the steps, else a step number;
+# the text at loop step i is the schedule's first entry whose end step is >= i (reconstruct_cond_batch)
+
+_NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")  # lark's SIGNED_NUMBER, then "]"
+_STRAY = "[]():"  # what the grammar's start rule lets stand alone (as text) outside any construct
+
+
+class _Fail(Exception):
+    pass
+
+
+def _parse_prompt(s: str, i: int, top: bool) -> tuple[list, int]:
+    """A1111's `prompt` rule from s[i]: [node] up to a character it cannot take (or, at the top, the end).
+    Nodes: str, ("sched", before, after, when), ("alt", [options]), ("emph", [nodes]) (its brackets kept)."""
+    nodes: list = []
+    while i < len(s):
+        c = s[i]
+        if c == "\\":
+            if i + 1 == len(s):
+                raise _Fail  # a lone trailing backslash: the grammar has no token for it
+            nodes.append(s[i : i + 2])
+            i += 2
+        elif c in "[(":
+            try:
+                node, i = (_parse_square if c == "[" else _parse_round)(s, i)
+                nodes.append(node)
+            except _Fail:
+                if not top:
+                    raise
+                nodes.append(c)  # = the start rule's stray bracket: the construct was not one
+                i += 1
+        elif c in _STRAY or c == "|":
+            if not top:
+                return nodes, i  # the enclosing construct decides
+            if c == "|":
+                raise _Fail  # not a stray character: A1111's parse fails and the prompt is taken as it is
+            nodes.append(c)
+            i += 1
+        else:
+            j = i
+            while j < len(s) and s[j] not in "\\[]():|":
+                j += 1
+            nodes.append(s[i:j])
+            i = j
+    return nodes, i
+
+
+def _parse_round(s, i):
+    """ "(" prompt ")" | "(" prompt ":" prompt ")" (A1111's emphasis, kept as text around its parts)."""
+    first, i = _parse_prompt(s, i + 1, top=False)
+    parts = ["(", *first]
+    if i < len(s) and s[i] == ":":
+        second, i = _parse_prompt(s, i + 1, top=False)
+        parts += [":", *second]
+    if i >= len(s) or s[i] != ")":
+        raise _Fail
+    return ("emph", [*parts, ")"]), i + 1
+
+
+def _parse_square(s, i):
+    """ "[" prompt "]" (emphasis) | scheduled "[" [prompt ":"] prompt ":" NUMBER "]" | alternate "[" prompt
+    ("|" prompt)+ "]"."""
+    first, i = _parse_prompt(s, i + 1, top=False)
+    if i < len(s) and s[i] == "]":
+        return ("emph", ["[", *first, "]"]), i + 1
+    if i < len(s) and s[i] == "|":
+        options = [first]
+        while i < len(s) and s[i] == "|":
+            option, i = _parse_prompt(s, i + 1, top=False)
+            options.append(option)
+        if i >= len(s) or s[i] != "]":
+            raise _Fail
+        return ("alt", options), i + 1
+    if i >= len(s) or s[i] != ":":
+        raise _Fail
+    if m := _NUMBER.match(s, i + 1):  # [to:when]
+        return ("sched", None, first, m.group(1)), m.end()
+    second, i = _parse_prompt(s, i + 1, top=False)
+    if i < len(s) and s[i] == ":" and (m := _NUMBER.match(s, i + 1)):  # [from:to:when]
+        return ("sched", first, second, m.group(1)), m.end()
+    raise _Fail
+
+
+def _when(number: str, steps: int) -> int:
+    # = CollectSteps.scheduled (hires_steps None): "0.25" is a fraction of the steps, "10" a step
+    v = float(number) * steps if "." in number else float(number)
+    return min(steps, int(v))
+
+
+def _steps_of(nodes, steps: int, out: set):
+    for n in nodes:
+        if isinstance(n, str):
+            continue
+        if n[0] == "sched":
+            _steps_of(n[1] or [], steps, out)
+            _steps_of(n[2], steps, out)
+            if _when(n[3], steps) >= 1:
+                out.add(_when(n[3], steps))
+        elif n[0] == "alt":
+            for option in n[1]:
+                _steps_of(option, steps, out)
+            out.update(range(1, steps + 1))
+        else:
+            _steps_of(n[1], steps, out)
+
+
+def _text_at(nodes, step: int, steps: int) -> str:
+    out = []
+    for n in nodes:
+        if isinstance(n, str):
+            out.append(n)
+        elif n[0] == "sched":  # = AtStep.scheduled: before (or nothing) up to `when`, after it after
+            out.append(_text_at((n[1] or []) if step <= _when(n[3], steps) else n[2], step, steps))
+        elif n[0] == "alt":  # = AtStep.alternate: the options in turn, one a step
+            out.append(_text_at(n[1][(step - 1) % len(n[1])], step, steps))
+        else:
+            out.append(_text_at(n[1], step, steps))
+    return "".join(out)
+
+
+def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+    """A1111's prompt editing: [(end step, the prompt text up to it)] for `steps` steps, e.g.
+    "a [dog:cat:0.5]" over 10 steps -> [(5, "a dog"), (10, "a cat")]. A prompt A1111 cannot parse (a "|" outside
+    brackets, a lone trailing backslash) is one entry, as it is."""
+    try:
+        nodes, _ = _parse_prompt(prompt, 0, top=True)
+    except _Fail:
+        return [(steps, prompt)]
+    ends = {steps}
+    _steps_of(nodes, steps, ends)
+    return [(t, _text_at(nodes, t, steps)) for t in sorted(ends)]
+
+
+def schedules(prompts: dict, steps: int) -> list[tuple[int, dict]] | None:
+    """Several prompts' schedules (each a str, a list of them, or None) merged: [(end step, {name: text(s)})],
+    runs of the same texts joined; None when no prompt has prompt editing."""
+    lists = {k: v if isinstance(v, list) else [v] for k, v in prompts.items() if isinstance(v, (str, list))}
+    per = {k: [prompt_schedule(p, steps) for p in v] for k, v in lists.items()}
+    ends = sorted({end for scheds in per.values() for sched in scheds for end, _ in sched})
+    out = []
+    for t in ends:
+        texts = {k: [next(text for end, text in sched if t <= end) for sched in v] for k, v in per.items()}
+        texts = {k: v if isinstance(prompts[k], list) else v[0] for k, v in texts.items()}
+        if out and out[-1][1] == texts:
+            out[-1] = (t, texts)
+        else:
+            out.append((t, texts))
+    return out if len(out) > 1 else None
+
+
 def _emphasis(hidden, weights, weighting):
     """A1111's emphasis, per 77-token window: each token's hidden state times its weight; "Original" (its default)
     then scales the window by old mean / new mean (A1111 takes the means over its whole batch; here over the

@@ -31,6 +31,7 @@ from .image import (
     watermark_available,
 )
 from .prompt import encode_prompt
+from .prompt import schedules as prompt_schedules
 from .rng import randn, slerp
 from .schedulers import DDIM, DPMSolverSDE, Scheduler, make_scheduler
 from .t2i_adapter import T2IAdapter
@@ -99,6 +100,8 @@ class _Run:
     # a guidance-distilled UNet's guidance_scale_embedding [B, time_cond_proj_dim] (it is given the scale, no CFG)
     guidance_embedding: torch.Tensor | None = None
     guider: guidance.ClassifierFreeGuidance | None = None  # guider=: another rule than CFG (minsdxl.guidance)
+    # A1111's prompt editing: [(last step, prompt_embeds, add_text_embeds)] (CFG-stacked), from step 0 on
+    prompt_schedule: list | None = None
 
     @property
     def cfg(self) -> bool:
@@ -208,6 +211,10 @@ def _drop_guidance_rows(run: _Run, state: dict, before: int, b: int):
         return t[(before - after) * b :]
 
     state.update({k: cut(k, v) for k, v in state.items()})
+    if run.prompt_schedule:
+        run.prompt_schedule = [
+            (e, cut("prompt_embeds", p), cut("add_text_embeds", q)) for e, p, q in run.prompt_schedule
+        ]
     run.image_embeds = run.image_embeds and [cut("an IP-Adapter's image_embeds", t) for t in run.image_embeds]
     run.adapter_features = run.adapter_features and [cut("a T2I-Adapter's features", t) for t in run.adapter_features]
     run.image_latents = cut("the InstructPix2Pix image latents", run.image_latents)
@@ -235,9 +242,13 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
     control_cache = {}
     guider_state = {}  # a guider's memory for this call (APG's momentum)
     view = _Pipeline(model, run)
+    edit = None  # the prompt schedule's entry in use
     for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="denoising", leave=False)):
         if view.interrupt:  # = diffusers: `continue` through the remaining steps
             continue
+        if run.prompt_schedule and edit is not (now := next(e for e in run.prompt_schedule if i <= e[0])):
+            edit = now  # = A1111's reconstruct_cond_batch: the first entry whose last step is >= i
+            state["prompt_embeds"], state["add_text_embeds"] = now[1], now[2]
         if getattr(model, "cuda_graphs", False):  # last step's UNet output buffers may be reused now
             torch.compiler.cudagraph_mark_step_begin()
         x_in = s.scale_model_input(torch.cat([x] * run.copies) if run.copies > 1 else x, t)
@@ -547,6 +558,7 @@ class _Setup:
     control_steps: int  # the steps before denoising_end's cut: what ControlNet guidance windows divide
     pag: bool = False  # Perturbed-Attention Guidance: the positive rows twice
     guidance_dim: int | None = None  # a guidance-distilled UNet's time_cond_proj_dim
+    schedule: list | None = None  # A1111's prompt editing: [(last step, embeds as `embeds`)], embeds the first's
 
     def stack(self, negative, positive):
         """The UNet batch's rows: [negative,] positive[, positive again for PAG's perturbed chunk]."""
@@ -592,6 +604,8 @@ class _Setup:
             pag_adaptive_scale=a["pag_adaptive_scale"],
             guidance_embedding=self.guidance_embedding(a, latents),
             guider=a.get("guider"),
+            prompt_schedule=self.schedule
+            and [(end, self.stack(e[1], e[0]), self.stack(e[3], e[2])) for end, e in self.schedule],
         )
 
 
@@ -604,7 +618,8 @@ def _setup(model, a, strength=1.0, denoising_start=None, cfg=None) -> _Setup:
     # = the ControlNet pipelines: controlnet_keep is made before the denoising_end cut
     control_steps = len(sched.select_timesteps(strength, denoising_start, None))
     timesteps = sched.select_timesteps(strength, denoising_start, a["denoising_end"])
-    embeds = _prompts(model, a, cfg)
+    schedule = _prompt_schedule(model, a, cfg, control_steps)
+    embeds = schedule[0][1] if schedule else _prompts(model, a, cfg)
     with _on_device(model, "image_encoder"):
         images, masks = ip_adapter.image_prompt(
             model,
@@ -619,7 +634,28 @@ def _setup(model, a, strength=1.0, denoising_start=None, cfg=None) -> _Setup:
     pag = bool(a["pag_scale"])
     if pag and images is not None:  # = the PAG pipelines: each image prompt's [negative,] positive, positive
         images = [torch.cat([*e.chunk(2), e.chunk(2)[1]]) if cfg else torch.cat([e, e]) for e in images]
-    return _Setup(sched, timesteps, _generator(a), embeds, cfg, images, masks, control_steps, pag, guidance_dim)
+    return _Setup(
+        sched, timesteps, _generator(a), embeds, cfg, images, masks, control_steps, pag, guidance_dim, schedule
+    )
+
+
+def _prompt_schedule(model, a, cfg, steps):
+    """A1111's prompt editing ([from:to:when], [a|b]; with prompt_weighting, whose syntax it is): each
+    stretch of steps' encode_prompt, [(last step, embeds)], over the steps run before a denoising_end cut
+    (A1111's: its sampling steps); None for prompts without it."""
+    if not a["prompt_weighting"] or a["prompt_embeds"] is not None:
+        return None
+    names = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
+    texts = prompt_schedules({k: a[k] for k in names}, steps)
+    if texts is None:
+        return None
+    encoded = {}  # an alternation comes back to the same texts
+    with _on_device(model, "text_encoder", "text_encoder_2"):
+        for _, t in texts:
+            key = repr(sorted(t.items()))
+            if key not in encoded:
+                encoded[key] = _encode(model, {**a, **t}, cfg)
+    return [(end, encoded[repr(sorted(t.items()))]) for end, t in texts]
 
 
 def _time_ids(model, ids, neg_ids, pooled_dim, dtype):
@@ -1491,6 +1527,9 @@ def instruct_pix2pix(
     pe, npe, ppe, nppe = st.embeds
     if cfg:  # [no prompt, no image], [no prompt, image], [prompt, image]
         run.prompt_embeds, run.text_embeds = torch.cat([npe, npe, pe]), torch.cat([nppe, nppe, ppe])
+        if st.schedule:
+            three = [(end, torch.cat([e[1], e[1], e[0]]), torch.cat([e[3], e[3], e[2]])) for end, e in st.schedule]
+            run.prompt_schedule = three
         image_latents = torch.cat([torch.zeros_like(image_latents), image_latents, image_latents])
     run.image_latents = image_latents.to(device)
     return _finish(model, run, a)

@@ -133,3 +133,17 @@ def test_kind_is_told_saved_and_guarded(pix2pix, tmp_path):
 
 def _base_unet():
     return randomize_(diffusers.UNet2DConditionModel(**diffusers_unet_config(TINY_UNET)), 1).eval()
+
+
+def test_prompt_editing_swaps_the_prompt_rows(pix2pix):
+    """A1111's prompt editing (with prompt_weighting) in the three-row batch [no prompt, no prompt, prompt]:
+    the prompt row takes the next text from the schedule's step on."""
+    _, model = pix2pix
+    seen = []
+    spy = lambda p, i, t, k: seen.append(k["prompt_embeds"].clone()) or {}  # noqa: E731
+    kw = dict(image=smooth_image(3), num_inference_steps=4, **SIZE, progress=False, output_type="latent", seed=0)
+    kw |= dict(callback_on_step_end=spy, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    minsdxl.instruct_pix2pix(model, "make it [red:blue:0.5]", prompt_weighting="a1111", **kw)
+    red, blue = (minsdxl.encode_prompt(model, f"make it {c}", prompt_weighting="a1111")[0][0] for c in ("red", "blue"))
+    assert [e.shape[0] for e in seen] == [3] * 4
+    assert [torch.equal(e[2], red) for e in seen] == [True, True, True, False] and torch.equal(seen[3][2], blue)

@@ -346,6 +346,8 @@ def _check_common(model, a, mode):
         )
     if v and not isinstance(a["variation_seed"], int):
         raise ValueError(f"variation_strength {v} turns the noise toward variation_seed: give it (a whole number)")
+    if v and a.get("latents") is not None:
+        raise ValueError("variation_strength varies the noise drawn from the seed; with latents= nothing is drawn")
     n = a["num_images_per_prompt"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {n!r}")

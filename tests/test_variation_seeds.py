@@ -76,6 +76,8 @@ def test_bad_variation_arguments(model):
         minsdxl.text2img(model, **KW, variation_seed=1, variation_strength=1.5)
     with pytest.raises(ValueError, match="give it"):
         minsdxl.text2img(model, **KW, variation_strength=0.5)
+    with pytest.raises(ValueError, match="with latents= nothing is drawn"):
+        minsdxl.text2img(model, **KW, variation_seed=1, variation_strength=0.5, latents=torch.zeros(1, 4, 8, 8))
 
 
 def test_command_line_variation_seeds_infotext_and_replay(tmp_path, capsys):

@@ -334,7 +334,7 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     brackets, a lone trailing backslash) is one entry, as it is."""
     try:
         nodes, _ = _parse_prompt(prompt, 0, top=True)
-    except _Fail:
+    except (_Fail, RecursionError):  # (brackets nested deeper than Python's stack: taken as text too)
         return [(steps, prompt)]
     ends = {steps}
     _steps_of(nodes, steps, ends)

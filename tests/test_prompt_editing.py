@@ -37,6 +37,11 @@ def test_schedules_are_a1111s(prompt):
     assert prompt_schedule(prompt, 10) == A1111_EXAMPLES[prompt]
 
 
+def test_malformed_and_deep_prompts_are_text():
+    for prompt in ("a | b [c:d:2]", "[a:b]", "a [b:c:x]", "trailing \\", "[" * 5000 + "a", "(" * 5000):
+        assert prompt_schedule(prompt, 10) == [(10, prompt)]  # (5000 levels: deeper than Python's stack)
+
+
 def test_several_prompts_merge_their_steps():
     got = schedules({"prompt": "a [red:blue:0.5] box", "negative_prompt": "[dark|dull]", "prompt_2": None}, 4)
     assert got == [

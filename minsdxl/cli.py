@@ -40,7 +40,7 @@ from minsdxl import checkpoint, guidance, tiny
 from minsdxl.image import blur_mask, canny, outpaint_canvas, watermark_available
 from minsdxl.metadata import SCHEMA, infotext, parse_infotext, read_png_metadata, save_png, sha256, short_hash
 from minsdxl.prompt import WEIGHTINGS
-from minsdxl.schedulers import A1111_NAMES, SCHEDULERS
+from minsdxl.schedulers import A1111_NAMES, SCHEDULERS, SDXL_SCHEDULER_CONFIG
 from minsdxl.upscaler import load_upscaler, upscale
 
 __all__ = ["main", "read_png_metadata", "describe_checkpoint"]
@@ -403,6 +403,10 @@ def build_parser():
     add("-H", "--height",              type=int,   default=None,      help="image height, a multiple of 8")
     add("--sampler",                               default=None,      help=f"{', '.join(SCHEDULERS)} or A1111's "
                                                    f"{', '.join(A1111_NAMES)} (default: the model's)")
+    add("--timestep-spacing", choices=("leading", "trailing", "linspace"), default=None,
+                                                                      help="the sampler's timestep spacing over "
+                                                                           "the model's (trailing for few-step "
+                                                                           "UNets: SDXL-Lightning, Hyper-SD, Turbo)")
     add("--strength",                  type=float, default=None,      help="img2img/inpaint: how much to change")
     add("--image-cfg",                 type=float, default=None,      help="InstructPix2Pix models: how closely to "
                                                                            "keep the image (1.5)")
@@ -1139,6 +1143,9 @@ def _load(args, auto_dtype=False):
                 "text encoder or a 9-channel UNet); pass the refiner, e.g. stable-diffusion-xl-refiner-1.0"
             )
         _log(args, f"loaded refiner {args.refiner} in {time.perf_counter() - t:.1f} s (text encoder 2 and VAE shared)")
+    for model in [m for m in (base, refiner) if m is not None and args.timestep_spacing]:  # for every call
+        config = model.scheduler_config or SDXL_SCHEDULER_CONFIG  # ({}: a single file's, SDXL's)
+        model.scheduler_config = {**config, "timestep_spacing": args.timestep_spacing}
     _absolute(args)
     return base, refiner
 

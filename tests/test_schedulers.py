@@ -913,3 +913,29 @@ def test_a_schedulers_own_name_makes_it_again(name, karras):
     s = S.make_scheduler(name, config)
     again = S.make_scheduler(s.name, config)
     assert type(again) is type(s) and again.config == s.config
+
+
+def test_command_line_timestep_spacing(tmp_path):
+    """--timestep-spacing trailing (few-step UNets' setting): the run's scheduler is the model's config with it,
+    as make_scheduler(name, {**config, "timestep_spacing": ...}) in the API; recorded and replayed."""
+    import numpy as np
+    import PIL.Image
+
+    import minsdxl
+    from minsdxl.cli import main, read_png_metadata
+
+    out = tmp_path / "t.png"
+    argv = ["-p", "a blue square", "--steps", "4", "-W", "64", "-H", "64", "-s", "1", "-q", "--no-watermark"]
+    assert main([*argv, "--sampler", "euler", "--timestep-spacing", "trailing", "-o", str(out)]) == 0
+    model = minsdxl.load("tiny")
+    sched = minsdxl.make_scheduler("euler", {**model.scheduler_config, "timestep_spacing": "trailing"})
+    made = minsdxl.text2img(model, "a blue square", num_inference_steps=4, width=64, height=64, seed=1,
+                            scheduler=sched, progress=False)[0]  # fmt: skip
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(made))
+    meta = read_png_metadata(out)["minsdxl"]
+    assert meta["scheduler"]["config"]["timestep_spacing"] == "trailing"
+    leading = minsdxl.text2img(model, "a blue square", num_inference_steps=4, width=64, height=64, seed=1,
+                               scheduler="euler", progress=False)[0]  # fmt: skip
+    assert not np.array_equal(np.asarray(leading), np.asarray(made))  # the tiny model's own spacing differs
+    assert main(["--from-png", str(out), "-q", "-o", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "again.png")), np.asarray(made))

@@ -1548,6 +1548,11 @@ def _from_a1111(path, text: str) -> dict:
         raise ValueError(f"{path}: cannot read its A1111 parameters ({e})") from None
     if "Sampler" in p:  # A1111 >= 1.9 writes the schedule apart: "DPM++ 2M" + "Karras" = "DPM++ 2M Karras"
         schedule = p.get("Schedule type", "Automatic")
+        if schedule == "SGM Uniform":  # linspace(999, 0, n + 1)[:-1] in continuous t: diffusers' trailing rounds it
+            args["timestep_spacing"], schedule = "trailing", "Automatic"
+            _warn(
+                f"{path}: A1111's SGM Uniform schedule is read as --timestep-spacing trailing (its timesteps rounded)"
+            )
         args["sampler"] = p["Sampler"] + ("" if schedule == "Automatic" else f" {schedule}")
     not_done = [k for k in A1111_NOT_DONE if k in p]
     emphasis = p.get("Emphasis", "Original")  # A1111's default; "No norm": the weights without the rescaling

@@ -939,3 +939,12 @@ def test_command_line_timestep_spacing(tmp_path):
     assert not np.array_equal(np.asarray(leading), np.asarray(made))  # the tiny model's own spacing differs
     assert main(["--from-png", str(out), "-q", "-o", str(tmp_path / "again.png")]) == 0
     assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "again.png")), np.asarray(made))
+
+
+def test_a1111_sgm_uniform_reads_as_trailing(capsys):
+    from minsdxl.cli import _from_a1111
+
+    text = "a cat\nSteps: 4, Sampler: Euler, Schedule type: SGM Uniform, CFG scale: 1, Seed: 1, Size: 64x64"
+    args = _from_a1111("x.png", text)["args"]
+    assert args["sampler"] == "Euler" and args["timestep_spacing"] == "trailing"
+    assert "SGM Uniform schedule is read as --timestep-spacing trailing" in capsys.readouterr().err

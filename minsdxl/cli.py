@@ -39,7 +39,7 @@ import minsdxl
 from minsdxl import checkpoint, guidance, tiny
 from minsdxl.image import blur_mask, canny, outpaint_canvas, watermark_available
 from minsdxl.metadata import SCHEMA, infotext, parse_infotext, read_png_metadata, save_png, sha256, short_hash
-from minsdxl.prompt import WEIGHTINGS
+from minsdxl.prompt import WEIGHTINGS, hires_prompt
 from minsdxl.schedulers import A1111_NAMES, SCHEDULERS, SDXL_SCHEDULER_CONFIG
 from minsdxl.upscaler import load_upscaler, upscale
 
@@ -1253,6 +1253,11 @@ def _generate_one(args, mode, base, refiner, init, mask, extra, width, height, s
         total = _hires_total(n, args.hires_strength)
         hkw.update(image=_hires_upscale(out if latent else out[0], args, kw, base), strength=args.hires_strength)
         hkw["num_inference_steps"] = total
+        if args.prompt_weighting:  # A1111's prompt editing counts the hires pass's steps after the first pass's
+            first = kw.get("num_inference_steps") or _api_default_value("num_inference_steps")
+            for k in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
+                if isinstance(hkw.get(k), str):
+                    hkw[k] = hires_prompt(hkw[k], first, n)
         if "ip_adapter_image" in extra:  # the image prompt again
             hkw["ip_adapter_image"] = extra["ip_adapter_image"]
         if "controlnet" in extra:  # = A1111's ControlNet extension (its default Hr Option "Both"): the hires pass

@@ -341,9 +341,42 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     return [(t, _text_at(nodes, t, steps)) for t in sorted(ends)]
 
 
+def _text_of(nodes, whens) -> str:
+    """The prompt text of parsed nodes, each scheduled node's `when` as whens(number) gives it."""
+    out = []
+    for n in nodes:
+        if isinstance(n, str):
+            out.append(n)
+        elif n[0] == "sched":
+            before = "" if n[1] is None else _text_of(n[1], whens) + ":"
+            out.append(f"[{before}{_text_of(n[2], whens)}:{whens(n[3])}]")
+        elif n[0] == "alt":
+            out.append("[" + "|".join(_text_of(o, whens) for o in n[1]) + "]")
+        else:
+            out.append(_text_of(n[1], whens))
+    return "".join(out)
+
+
+def hires_prompt(prompt: str, first_steps: int, hires_steps: int) -> str:
+    """The prompt for a hires fix's second pass: A1111 counts its `when`s past the first pass (hires_steps given:
+    "0.5" is the first pass's, "1.5" half the hires pass, an integer N step N - first_steps), so each becomes
+    the integer step of the hires pass it names (<= 0: the "to" text throughout)."""
+
+    def hires_when(number):  # = CollectSteps.scheduled with int_offset = first_steps, flt_offset = 1
+        v = float(number)
+        v = (v - 1.0) * hires_steps if "." in number else v - first_steps
+        return str(min(hires_steps, int(v)))
+
+    try:
+        nodes, _ = _parse_prompt(prompt, 0, top=True)
+    except (_Fail, RecursionError):
+        return prompt
+    return _text_of(nodes, hires_when)
+
+
 def schedules(prompts: dict, steps: int) -> list[tuple[int, dict]] | None:
     """Several prompts' schedules (each a str, a list of them, or None) merged: [(end step, {name: text(s)})],
-    runs of the same texts joined; None when no prompt has prompt editing."""
+    runs of the same texts joined; None when no prompt has prompt editing (one entry of the texts as given)."""
     lists = {k: v if isinstance(v, list) else [v] for k, v in prompts.items() if isinstance(v, (str, list))}
     per = {k: [prompt_schedule(p, steps) for p in v] for k, v in lists.items()}
     ends = sorted({end for scheds in per.values() for sched in scheds for end, _ in sched})
@@ -355,7 +388,8 @@ def schedules(prompts: dict, steps: int) -> list[tuple[int, dict]] | None:
             out[-1] = (t, texts)
         else:
             out.append((t, texts))
-    return out if len(out) > 1 else None
+    given = {k: v for k, v in prompts.items() if k in per}
+    return None if len(out) == 1 and out[0][1] == given else out  # ("[a:b:0]" is one entry, but "b", not the text)
 
 
 def _emphasis(hidden, weights, weighting):

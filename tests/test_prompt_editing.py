@@ -9,7 +9,7 @@ import torch
 from sdxl_testing import rel_err
 
 import minsdxl
-from minsdxl.prompt import prompt_schedule, schedules
+from minsdxl.prompt import hires_prompt, prompt_schedule, schedules
 
 # A1111's doctest examples: prompt -> its schedule over 10 steps
 A1111_EXAMPLES = {
@@ -37,6 +37,38 @@ def test_schedules_are_a1111s(prompt):
     assert prompt_schedule(prompt, 10) == A1111_EXAMPLES[prompt]
 
 
+def test_a_hires_pass_counts_after_the_first_as_a1111():
+    """A1111's doctests with hires_steps (10 first-pass steps, 10 hires steps): "0.5" ends in the first pass,
+    "1.5" halfway through the hires pass; hires_prompt rewrites them to the hires pass's own step numbers."""
+    assert prompt_schedule(hires_prompt("a [b:.5] c", 10, 10), 10) == [(10, "a b c")]
+    assert prompt_schedule(hires_prompt("a [b:1.5] c", 10, 10), 10) == [(5, "a  c"), (10, "a b c")]
+    assert prompt_schedule(hires_prompt("[x:y:14] [u|v]", 10, 6), 6)[:2] == [(1, "x u"), (2, "x v")]
+    assert prompt_schedule(hires_prompt("[x:y:14]", 10, 6), 6) == [(4, "x"), (6, "y")]  # step 14 = hires step 4
+
+
+def test_command_line_hires_pass_takes_the_edited_prompt(tmp_path):
+    """--hires-scale with A1111 prompt editing: "[red:blue:0.5]" ends in the first pass, so the hires pass
+    runs "blue" throughout (A1111's offsets), the same image as an img2img of the plain text."""
+    import numpy as np
+    import PIL.Image
+
+    from minsdxl.cli import main, read_png_metadata
+
+    out = tmp_path / "h.png"
+    argv = ["-p", "a [red:blue:0.5] circle", "--prompt-weighting", "a1111", "--steps", "2", "-W", "64", "-H", "64"]
+    argv += ["-s", "5", "-q", "--no-watermark", "--hires-scale", "1.5", "--hires-upscaler", "Lanczos"]
+    assert main([*argv, "--hires-steps", "2", "--hires-strength", "0.5", "-o", str(out)]) == 0
+    model = minsdxl.load("tiny")
+    kw = dict(seed=5, prompt_weighting="a1111", progress=False)
+    first = minsdxl.text2img(model, "a [red:blue:0.5] circle", num_inference_steps=2, width=64, height=64, **kw)[0]
+    big = first.resize((96, 96), PIL.Image.LANCZOS)
+    made = minsdxl.img2img(model, "a blue circle", image=big, strength=0.5, num_inference_steps=4, **kw)[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(made))
+    assert (
+        read_png_metadata(out)["minsdxl"]["calls"][1]["kwargs"]["prompt"] == "a [red:blue:-1] circle"
+    )  # (0.5 - 1) x 2 hires steps
+
+
 def test_malformed_and_deep_prompts_are_text():
     for prompt in ("a | b [c:d:2]", "[a:b]", "a [b:c:x]", "trailing \\", "[" * 5000 + "a", "(" * 5000):
         assert prompt_schedule(prompt, 10) == [(10, prompt)]  # (5000 levels: deeper than Python's stack)
@@ -55,6 +87,7 @@ def test_several_prompts_merge_their_steps():
         (4, {"prompt": ["a c", "plain"]}),
     ]
     assert schedules({"prompt": "no editing (here:1.2)"}, 4) is None
+    assert schedules({"prompt": "a [red:blue:0]"}, 4) == [(4, {"prompt": "a blue"})]  # one entry, edited all along
 
 
 @pytest.fixture(scope="module")

@@ -519,6 +519,15 @@ def encode_prompt(
                 f"'a1111_no_norm' (its 'No norm' emphasis), got {prompt_weighting!r}"
             )
         groups = [[negative_prompt, negative_prompt_2]] if encode_negative else []
+        texts = dict(
+            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2
+        )
+        if schedules(texts, 1000) is not None:  # (the sampler's texts come here resolved)
+            warnings.warn(
+                "the prompt has A1111 prompt editing ([from:to:when] or [a|b]), which needs the steps: encode_prompt "
+                "encodes the text as written; text2img / img2img / inpaint with prompt_weighting follow it",
+                stacklevel=2,
+            )
         if prompt_embeds is None:
             length = 77 * _windows_needed([[prompt, prompt_2], *groups], pairs)
         elif groups:

@@ -4,6 +4,8 @@
 diffusers' pipeline given the same per-step embeddings through its step callback (the texts encoded by
 encode_prompt, itself checked in test_prompt_weighting.py)."""
 
+import warnings
+
 import pytest
 import torch
 from sdxl_testing import rel_err
@@ -88,6 +90,15 @@ def test_several_prompts_merge_their_steps():
     ]
     assert schedules({"prompt": "no editing (here:1.2)"}, 4) is None
     assert schedules({"prompt": "a [red:blue:0]"}, 4) == [(4, {"prompt": "a blue"})]  # one entry, edited all along
+
+
+def test_encode_prompt_says_it_takes_edited_text_as_written():
+    model = minsdxl.load("tiny")
+    with pytest.warns(UserWarning, match="encodes the text as written"):
+        minsdxl.encode_prompt(model, "a [red:blue:0.5] box", prompt_weighting="a1111")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plain weighting syntax: no warning
+        minsdxl.encode_prompt(model, "a (red:1.2) [box]", negative_prompt="[dark]", prompt_weighting="a1111")
 
 
 @pytest.fixture(scope="module")

@@ -453,8 +453,8 @@ def build_parser():
                                                                            "-H, --sampler, -b, -i, ...; also A1111's "
                                                                            "--negative_prompt, --cfg_scale, "
                                                                            "--sampler_name, --batch_size) over these "
-                                                                           "for that line. Model flags and LoRAs "
-                                                                           "(--lora, not <lora:> tags) stay here")
+                                                                           "for that line (a line's <lora:> tags "
+                                                                           "are its own). Model flags stay here")
     add("--model",                                 default="tiny",    help="diffusers SDXL folder or .safetensors "
                                                                            "(default: the bundled tiny model, which "
                                                                            "draws coloured shapes)")
@@ -738,18 +738,6 @@ def _at(where, error=PromptsFileError):
         raise error(f"{where}: {e}") from None
 
 
-def _no_lora_tags(args, whose):
-    """A <lora:...> tag loads a LoRA into the model, which a prompts file's lines share: refused there."""
-    tag = next((m for text in (args.prompt, args.prompt_2) if (m := _LORA_TAG.search(text or ""))), None)
-    if tag is not None:
-        weight = f":{tag.group(2)}" if tag.group(2) else ""
-        raise PromptsFileError(
-            f"{whose} prompt has {tag.group(0)}, but with --prompts-file the LoRAs are merged into the model once for "
-            f"every line: pass --lora {args.lora_dir or 'DIR'}/{tag.group(1)}.safetensors{weight} on the command line "
-            "instead (it applies to every line)"
-        )
-
-
 def _log(args, message):
     if args.verbose:
         print(f"minsdxl: {message}", file=sys.stderr)
@@ -805,7 +793,8 @@ def generate(args, source=None, lines=()) -> int:
     for job in jobs:
         a = job.args
         with _at(job.where, ValueError):  # exit status 1: earlier lines' images are written
-            about = None if a.no_metadata else _describe_run(a, job.mode, base, refiner, job.sched, source)
+            active = None if job.loras is None else _activate_loras(a, base, job.loras)
+            about = None if a.no_metadata else _describe_run(a, job.mode, base, refiner, job.sched, source, active)
             source = None  # its warnings once
             init, mask, width, height = _read_images(a, _mode(a))
             extra = {**_image_prompts(a, _mode(a)), **nets}
@@ -831,6 +820,7 @@ class _Job:
     where: str | None = None
     mode: str = ""
     sched: object = None
+    loras: list | None = None  # a prompts-file line's [(path, weight)]
 
 
 def _jobs(args, lines) -> list:
@@ -839,13 +829,12 @@ def _jobs(args, lines) -> list:
     if not lines:
         jobs = [_Job(args)]
     else:
-        _no_lora_tags(args, "the command line's")
         jobs = [_Job(argparse.Namespace(**{**vars(args), **given}), where) for where, given in lines]
     for job in jobs:
         a = job.args
         with _at(job.where):
-            if lines:
-                _no_lora_tags(a, "this line's")
+            if lines:  # its LoRAs (--lora and its prompt's tags), checked now, made active for its images
+                job.loras = _loras(a)
             a.controlnet, a.control_image = _one_or_list(a.controlnet), _one_or_list(a.control_image)
             job.mode = _mode(a)
             _check(a, job.mode)
@@ -1176,6 +1165,34 @@ def _absolute(args):
             setattr(args, name, _one_or_list(resolved))
 
 
+def _activate_loras(args, base, specs) -> list:
+    """A prompts-file line's LoRAs: each (path, weight) given an adapter of that file (loaded the first time a
+    line needs it), these alone active at these weights (set_adapters recomputes W0 + their deltas exactly, so
+    the line's image is the one a run of that line alone makes). Returns [(path, weight, adapter name)]."""
+    t, loaded = time.perf_counter(), list(base.lora.adapters.values()) if base.lora else []
+    free = {}
+    for a in loaded:
+        free.setdefault(str(Path(a.source).resolve()), []).append(a.name)
+    taken, out = {}, []
+    for path, w in specs:
+        key = str(Path(path).resolve())
+        k = taken[key] = taken.get(key, -1) + 1
+        names = free.setdefault(key, [])
+        if k == len(names):  # (a file named twice in a line: two adapters, as in a run of it alone)
+            names.append(
+                minsdxl.load_lora_weights(
+                    base, path, adapter_name=_unique(Path(path).stem, [*base.lora.adapters] if base.lora else [])
+                )
+            )
+        out.append((path, w, names[k]))
+    minsdxl.set_adapters(base, [n for _, _, n in out], [w for _, w, _ in out])
+    _log(
+        args,
+        f"LoRAs for this line: {', '.join(f'{n}:{w}' for _, w, n in out) or 'none'} ({time.perf_counter() - t:.1f} s)",
+    )
+    return out
+
+
 def _unique(name: str, taken: list) -> str:
     out, k = name, 1
     while out in taken:
@@ -1332,8 +1349,9 @@ def _api_default_value(keyword: str):
 # Metadata
 
 
-def _describe_run(args, mode, base, refiner, sched, source) -> dict:
-    """What every image of this run shares: files and their hashes, dtypes, scheduler."""
+def _describe_run(args, mode, base, refiner, sched, source, loras=None) -> dict:
+    """What every image of this run (or prompts-file line) shares: files and their hashes, dtypes, scheduler;
+    loras: a line's [(path, weight, adapter name)] (else the command line's, as _load named them)."""
     t = time.perf_counter()
     model = _file_info(checkpoint.resolve(args.model), base, args.dtype)
     about = {
@@ -1343,7 +1361,8 @@ def _describe_run(args, mode, base, refiner, sched, source) -> dict:
         "unet": _file_info(args.unet) if args.unet else None,
         "loras": [
             {**_file_info(path), "name": name, "scale": w}
-            for (path, w), name in zip(_loras(args), base.lora.adapters if base.lora else ())
+            for path, w, name in loras
+            or [(p, w, n) for (p, w), n in zip(_loras(args), base.lora.adapters if base.lora else ())]
         ],
         "embeddings": [{**_file_info(path), "token": token} for path, token in _embeddings(args)],
         "refiner": _file_info(args.refiner, refiner, args.dtype) if refiner else None,

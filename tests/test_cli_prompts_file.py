@@ -8,12 +8,15 @@ process: the prompts file only saves the model loading. Most runs here are in-pr
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from sdxl_testing import kohya_lora, lora_layers, random_lora_pairs
 
+import minsdxl
 from minsdxl.checkpoint import save_safetensors
 from minsdxl.cli import build_parser, main, read_png_metadata
 
@@ -192,7 +195,7 @@ BAD_LAST_LINES = {  # line 7 of a file whose first six are fine: (line, what the
     "unknown_sampler": ("--sampler_name 'Heun++'", "unknown scheduler 'Heun++'"),
     "missing_image": ("--init-image missing.png", "cannot read the init image missing.png"),
     "short_flags": ("-s 3 -W 64", "only a line starting with -- holds flags (any other is a prompt): write --seed"),
-    "lora_tag": (f"{PLAIN} <lora:style:0.8>", "pass --lora DIR/style.safetensors:0.8 on the command line"),
+    "lora_tag_without_dir": (f"{PLAIN} <lora:style:0.8>", "the prompt has <lora:style:0.8>: pass --lora-dir DIR"),
     "needs_the_model": ("--init-image init.png --image-cfg 1.5", "--image-cfg applies to InstructPix2Pix models"),
 }
 
@@ -222,10 +225,6 @@ def test_file_level_errors(tmp_path, capsys):
     (tmp_path / "p.txt").write_bytes(b"caf\xe9\n")  # Latin-1
     assert main(argv) == 2
     assert "not UTF-8 text" in capsys.readouterr().err
-    _write(tmp_path / "p.txt", PLAIN)  # a <lora:> tag on the command line's prompt, which lines share
-    assert main([*argv, "-p", "a cat <lora:style:0.5>", "--lora-dir", "loras"]) == 2
-    assert "the command line's prompt has <lora:style:0.5>" in (err := capsys.readouterr().err)
-    assert "pass --lora loras/style.safetensors:0.5" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -284,3 +283,30 @@ def test_a_line_may_pick_a_resizing_hires_upscaler(tmp_path):
     lines = _read_prompts_file(str(tmp_path / "p.txt"), build_parser()[1]["generate"])
     assert [given["hires_upscaler"] for _, given in lines] == ["Lanczos", "Latent (bicubic)"]
     assert {"Lanczos", "Latent (bicubic)"} <= set(HIRES_UPSCALERS)
+
+
+def test_each_line_has_its_own_loras(tmp_path, monkeypatch):
+    """<lora:NAME:W> tags per line (and --lora for all): every file loads once, and each line's image is the
+    image a run of that line alone makes (the adapters set to that line's, the weights recomputed exactly)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loras").mkdir()
+    model = minsdxl.load("tiny")
+    layers = lora_layers(model, only=lambda n: "attn" in n or "mlp" in n)
+    for seed, name in ((1, "style"), (2, "detail")):
+        save_safetensors(
+            kohya_lora(model, random_lora_pairs(layers, seed=seed), alpha=2.0), f"loras/{name}.safetensors"
+        )
+    lines = (f"{PLAIN} <lora:style:0.8>", f"--prompt '{BLUE} <lora:detail:0.5> <lora:style:0.3>'", YELLOW)
+    _write(tmp_path / "p.txt", *lines)
+    common = [*SIZE, "-s", "4", "-q", "--lora-dir", "loras"]
+    assert main(["--prompts-file", "p.txt", *common, "--outdir", "out", "--lora", "loras/detail.safetensors:0.2"]) == 0
+    singles = (f"{PLAIN} <lora:style:0.8>", f"{BLUE} <lora:detail:0.5> <lora:style:0.3>", YELLOW)
+    for k, prompt in enumerate(singles):
+        assert main(["-p", prompt, *common, "--lora", "loras/detail.safetensors:0.2", "-o", f"single{k}.png"]) == 0
+        made = sorted(os.listdir("out"))[k]
+        assert np.array_equal(_pixels(tmp_path / "out" / made), _pixels(tmp_path / f"single{k}.png")), (k, made)
+        loras = {(Path(x["path"]).name, x["scale"]) for x in _ours(tmp_path / "out" / made)["loras"]}
+        assert loras == {(Path(x["path"]).name, x["scale"]) for x in _ours(tmp_path / f"single{k}.png")["loras"]}
+    again = tmp_path / "again.png"  # the second line's image, replayed from its metadata
+    assert main(["--from-png", str(tmp_path / "out" / sorted(os.listdir("out"))[1]), "-q", "-o", str(again)]) == 0
+    assert np.array_equal(_pixels(again), _pixels(tmp_path / "single1.png"))

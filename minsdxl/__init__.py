@@ -1,5 +1,6 @@
 """minsdxl: Stable Diffusion XL in plain PyTorch, numerically equal to diffusers."""
 
+from . import guidance, tome  # minsdxl.guidance's guider= rules, minsdxl.tome.apply_patch (Token Merging)
 from .checkpoint import SDXL, CheckpointError, load, load_component
 from .controlnet import ControlNetModel, load_controlnet
 from .ip_adapter import load_ip_adapter, set_ip_adapter_scale, unload_ip_adapter
@@ -47,5 +48,7 @@ __all__ = [
     "make_scheduler",
     "compile",
     "set_attention",
+    "guidance",
+    "tome",
     "__version__",
 ]

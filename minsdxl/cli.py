@@ -570,6 +570,12 @@ def build_parser():
     add("--variation-strength", metavar="F", type=float, default=None,
                                                                       help="how far toward --variation-seed's "
                                                                            "noise: 0 (none) .. 1 (all of it)")
+    add("--tome", metavar="RATIO", type=float, default=None,
+                                                                      help="Token Merging (tomesd; A1111's "
+                                                                           "token merging): this share of the "
+                                                                           "64x64-level tokens merged in "
+                                                                           "self-attention (0.5: faster, less "
+                                                                           "detail)")
     add("--tiling",                    action="store_true",           help="a seamless, tileable image (A1111's "
                                                                            "Tiling: circular padding in the UNet "
                                                                            "and VAE)")
@@ -882,6 +888,8 @@ def _check(args, mode):
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.batch < 1:
         raise ValueError(f"-b/--batch must be at least 1, got {args.batch}")
+    if args.tome is not None and not 0 <= args.tome <= 0.75:
+        raise ValueError(f"--tome {args.tome}: the share of tokens merged is in [0, 0.75] (2x2 cells keep one)")
     if args.variation_strength is not None and not 0 <= args.variation_strength <= 1:
         raise ValueError(f"--variation-strength must be in [0, 1], got {args.variation_strength}")
     if args.variation_strength and (args.variation_seed is None or args.variation_seed < 0):
@@ -1132,6 +1140,8 @@ def _load(args, auto_dtype=False):
                 "text encoder or a 9-channel UNet); pass the refiner, e.g. stable-diffusion-xl-refiner-1.0"
             )
         _log(args, f"loaded refiner {args.refiner} in {time.perf_counter() - t:.1f} s (text encoder 2 and VAE shared)")
+    for model in [m for m in (base, refiner) if m is not None and args.tome]:  # no random cells: replayable
+        minsdxl.tome.apply_patch(model, ratio=args.tome, max_downsample=2, use_rand=False)
     for model in [m for m in (base, refiner) if m is not None and args.timestep_spacing]:  # for every call
         config = model.scheduler_config or SDXL_SCHEDULER_CONFIG  # ({}: a single file's, SDXL's)
         model.scheduler_config = {**config, "timestep_spacing": args.timestep_spacing}

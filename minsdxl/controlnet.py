@@ -89,6 +89,7 @@ class ControlNetModel(nn.Module):
     dtype = UNet2DConditionModel.dtype
     device = UNet2DConditionModel.device
     cross_attentions = UNet2DConditionModel.cross_attentions
+    transformer_blocks = UNet2DConditionModel.transformer_blocks
     project_context = UNet2DConditionModel.project_context
     contexts = UNet2DConditionModel.contexts
     embed = UNet2DConditionModel.embed

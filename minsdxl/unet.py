@@ -158,8 +158,14 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, kv_dim=context_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
+        self.tome = None  # minsdxl.tome.apply_patch: Token Merging's settings, shared by the UNet's blocks
 
     def forward(self, x, context):
+        if self.tome is not None:  # = tomesd's ToMeBlock: tokens merged into each part, copied back after
+            ma, mc, mm, ua, uc, um = self.tome.functions(x)
+            x = x + ua(self.attn1(ma(self.norm1(x))))
+            x = x + uc(self.attn2(mc(self.norm2(x)), context))
+            return x + um(self.ff(mm(self.norm3(x))))
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -325,6 +331,7 @@ class UNet2DConditionModel(nn.Module):
         # IP-Adapters' image projections (minsdxl.ip_adapter.MultiIPAdapterImageProjection) once loaded:
         # diffusers' attribute name, so the keys are encoder_hid_proj.image_projection_layers.N.*
         self.encoder_hid_proj = None
+        self.tome = None  # minsdxl.tome.apply_patch: Token Merging (its blocks share these settings)
 
     def encoder_half(self, cfg: UNetConfig) -> None:
         """The layers a UNet and a ControlNet share (the ControlNet is a copy of them): conv_in, the time
@@ -360,7 +367,10 @@ class UNet2DConditionModel(nn.Module):
 
     def cross_attentions(self) -> list[Attention]:
         """Every attn2, in the order forward runs them (module registration order is forward order)."""
-        return [m.attn2 for m in self.modules() if isinstance(m, BasicTransformerBlock)]
+        return [m.attn2 for m in self.transformer_blocks()]
+
+    def transformer_blocks(self) -> list[BasicTransformerBlock]:
+        return [m for m in self.modules() if isinstance(m, BasicTransformerBlock)]
 
     def project_context(self, encoder_hidden_states: torch.Tensor, image_embeds=None, ip_adapter_masks=None) -> list:
         """Each cross-attention's (to_k, to_v, zeros, ip) of the prompt tokens. The prompt is the same at
@@ -457,6 +467,8 @@ class UNet2DConditionModel(nn.Module):
                 f"and only there; this UNet's time_cond_proj_dim is {self.config.time_cond_proj_dim}"
             )
         emb = self.embed(sample, timestep, text_embeds, time_ids, timestep_cond=timestep_cond)
+        if self.tome is not None:  # = tomesd's forward pre-hook: the blocks size their grids by it
+            self.tome.size = tuple(sample.shape[-2:])
 
         x = self.conv_in(sample)
         skips = [x]  # pushed by every resnet/downsample on the way down, popped in reverse on the way up

@@ -19,9 +19,11 @@ sampler.py.
 import argparse
 import contextlib
 import copy
+import csv
 import dataclasses
 import functools
 import inspect
+import itertools
 import json
 import os
 import re
@@ -119,6 +121,7 @@ RUN_ONLY = (
     "device",
     "compile",
     "prompts_file",
+    "xyz",
 )
 # what a --prompts-file line may set: what one image is made of (the sampler keywords, seed, sampler, batch, its
 # input images, hires fix, the refiner's handoff). The other flags load or change a model, or say where and how the
@@ -455,6 +458,14 @@ def build_parser():
                                                                            "--sampler_name, --batch_size) over these "
                                                                            "for that line (a line's <lora:> tags "
                                                                            "are its own). Model flags stay here")
+    add("--xyz", metavar="FLAG=V1,V2,...", action="append", default=None,
+                                                                      help="A1111's X/Y/Z plot: an axis (up to "
+                                                                           "three: X, Y, Z) of a per-image flag's "
+                                                                           "values (cfg=4,6,8; sampler=euler,"
+                                                                           "dpmpp_2m; prompt-sr=red,blue replaces "
+                                                                           "'red' in the prompt); every "
+                                                                           "combination's image and a labelled "
+                                                                           "grid of them")
     add("--model",                                 default="tiny",    help="diffusers SDXL folder or .safetensors "
                                                                            "(default: the bundled tiny model, which "
                                                                            "draws coloured shapes)")
@@ -648,7 +659,10 @@ def main(argv=None) -> int:
             if source.get("a1111_refiner") and not args.refiner:
                 _warn(f"{args.from_png} was refined with {source['a1111_refiner']}: pass --refiner PATH for that")
         lines = _read_prompts_file(args.prompts_file, commands["generate"]) if args.prompts_file else ()
-        return generate(args, source, lines)
+        axes = None
+        if args.xyz:
+            lines, axes = _xyz_lines(args, commands["generate"])
+        return generate(args, source, lines, axes)
     except PromptsFileError as e:  # a usage error, as argparse's: status 2
         print(f"minsdxl: error: {e}", file=sys.stderr)
         return 2
@@ -679,19 +693,7 @@ def _read_prompts_file(path, parser) -> list:
         raise PromptsFileError(f"--prompts-file {path}: cannot read it ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise PromptsFileError(f"--prompts-file {path}: not UTF-8 text ({e}); save it as UTF-8") from None
-    parser = copy.copy(parser)  # raising where the command line's prints usage and exits
-
-    def error(message):
-        raise PromptsFileError(message)
-
-    parser.error = error
-    parser.print_help = lambda *_: error("-h/--help belongs on the command line")
-    # argparse sets a flag's default only where the namespace has no value: one of None everywhere leaves
-    # exactly the flags the line gives set
-    unset = dict.fromkeys(vars(parser.parse_args([])))
-    actions = parser._actions  # argparse keeps no public list of its flags
-    flags = {action.dest: "/".join(action.option_strings) for action in actions}
-    longest = {s: action.option_strings[-1] for action in actions for s in action.option_strings}
+    parse, longest = _line_parser(parser)
     lines = []
     for n, line in enumerate(text.split("\n"), 1):
         line, where = line.strip(), f"{name}:{n}"
@@ -708,10 +710,37 @@ def _read_prompts_file(path, parser) -> list:
             continue
         try:
             words = [_ours(word) for word in shlex.split(line)]
+        except ValueError as e:  # shlex's unclosed quote
+            raise PromptsFileError(f"{where}: {e}") from None
+        lines.append((where, parse(words, where)))
+    if not lines:
+        raise PromptsFileError(f"--prompts-file {path} holds no prompt, only blank lines and # comments")
+    return lines
+
+
+def _line_parser(parser):
+    """(parse(words, where) -> {dest: value} of just the flags the words give, held to LINE_OPTIONS; {flag
+    spelling: its longest spelling}) for prompts-file lines and X/Y/Z values, by the command line's parser."""
+    parser = copy.copy(parser)  # raising where the command line's prints usage and exits
+
+    def error(message):
+        raise PromptsFileError(message)
+
+    parser.error = error
+    parser.print_help = lambda *_: error("-h/--help belongs on the command line")
+    # argparse sets a flag's default only where the namespace has no value: one of None everywhere leaves
+    # exactly the flags the words give set
+    unset = dict.fromkeys(vars(parser.parse_args([])))
+    actions = parser._actions  # argparse keeps no public list of its flags
+    flags = {action.dest: "/".join(action.option_strings) for action in actions}
+    longest = {s: action.option_strings[-1] for action in actions for s in action.option_strings}
+
+    def parse(words, where):
+        try:
             given = {
                 k: v for k, v in vars(parser.parse_args(words, argparse.Namespace(**unset))).items() if v is not None
             }
-        except ValueError as e:  # shlex's unclosed quote, argparse's unknown flag or bad value
+        except PromptsFileError as e:  # argparse's unknown flag or bad value
             raise PromptsFileError(f"{where}: {e}") from None
         for dest in given:
             if dest == "hires_upscaler" and given[dest] in HIRES_UPSCALERS:  # a resize, no upscaler model to load
@@ -719,12 +748,42 @@ def _read_prompts_file(path, parser) -> list:
             if dest not in LINE_OPTIONS:
                 raise PromptsFileError(
                     f"{where}: {flags[dest]} is not a per-image flag (it loads or changes a model, or sets where and "
-                    "how the whole run runs): give it on the command line, where it applies to every line"
+                    "how the whole run runs): give it on the command line, where it applies to every image"
                 )
-        lines.append((where, given))
-    if not lines:
-        raise PromptsFileError(f"--prompts-file {path} holds no prompt, only blank lines and # comments")
-    return lines
+        return given
+
+    return parse, longest
+
+
+def _xyz_lines(args, parser) -> tuple[list, list]:
+    """--xyz: A1111's X/Y/Z plot as jobs, X fastest: ([(where, {dest: value})], [(axis label, [value labels])]).
+    An axis is FLAG=V1,V2,... (CSV: quote a value holding a comma), FLAG a per-image flag's long name, or
+    prompt-sr (A1111's Prompt S/R: the first value is searched for in the prompts and replaced by each)."""
+    if len(args.xyz) > 3:
+        raise PromptsFileError(f"--xyz: at most three axes (X, Y, Z), got {len(args.xyz)}")
+    if args.prompts_file:
+        raise PromptsFileError("--xyz and --prompts-file: one or the other (an X/Y/Z plot of one prompt's settings)")
+    parse, _ = _line_parser(parser)
+    axes = []
+    for axis in args.xyz:
+        flag, eq, values = axis.partition("=")
+        values = next(csv.reader([values], skipinitialspace=True), []) if eq else []
+        if not flag or not values or "" in values:
+            raise PromptsFileError(f"--xyz {axis}: write FLAG=V1,V2,... (e.g. cfg=4,6,8 or sampler=euler,dpmpp_2m)")
+        if flag == "prompt-sr":  # = A1111's Prompt S/R: values[0] in the prompt and negative prompt, replaced
+            texts = {k: getattr(args, k) for k in ("prompt", "negative_prompt") if getattr(args, k)}
+            if values[0] not in texts.get("prompt", ""):
+                raise PromptsFileError(f"--xyz {axis}: Prompt S/R looks for {values[0]!r}, which the prompt lacks")
+            settings = [{k: t.replace(values[0], v) for k, t in texts.items()} for v in values]
+        else:
+            settings = [parse([f"--{flag}", v], f"--xyz {axis}") for v in values]
+        axes.append((flag, values, settings))
+    lines = []
+    for combo in itertools.product(*(list(zip(v, s)) for _, v, s in reversed(axes))):
+        combo = combo[::-1]  # X, Y, Z
+        where = "--xyz " + ", ".join(f"{flag}={v}" for (flag, _, _), (v, _) in zip(axes, combo))
+        lines.append((where, {k: x for _, given in combo for k, x in given.items()}))
+    return lines, [(flag, values) for flag, values, _ in axes]
 
 
 def _ours(word: str) -> str:
@@ -757,10 +816,11 @@ def _warn(message):  # also under -q, which only hides progress bars: these say 
 # generate
 
 
-def generate(args, source=None, lines=()) -> int:
-    """The command line's images, or with `lines` (a prompts file's, from _read_prompts_file) each line's in
-    turn: every line checked before a model loads, the models loaded once."""
+def generate(args, source=None, lines=(), axes=None) -> int:
+    """The command line's images, or with `lines` (a prompts file's, from _read_prompts_file, or an X/Y/Z plot's
+    cells, with its `axes`) each line's in turn: every line checked before a model loads, the models loaded once."""
     jobs = _jobs(args, lines)
+    grid = _grid_path(args) if axes else None  # (checked writable before anything loads)
     model_path = checkpoint.resolve(args.model)
     if source is not None and args.model == source["args"].get("model") and not model_path.exists():
         raise ValueError(
@@ -813,8 +873,58 @@ def generate(args, source=None, lines=()) -> int:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_png(image, path, text, overwrite=a.overwrite)
                 print(f"saved {path} (seed {seed})")
+                job.images.append((image, path))
+    if axes:
+        save_grid(grid, [job.images[0] for job in jobs], axes)
+        print(f"saved {grid} (the X/Y/Z grid)")
     _log(args, _peak_memory(args.device))
     return 0
+
+
+def _grid_path(args) -> Path:
+    """Where an X/Y/Z plot's grid goes: beside -o's images (NAME-grid.png), else --outdir's xyz_grid-NNNNN.png."""
+    if args.output:
+        p = Path(args.output.replace("{seed}", "").replace("{index}", ""))
+        path = p.with_name(p.stem.rstrip("-_") + "-grid.png")
+    else:
+        path = Path(args.outdir) / f"xyz_grid-{_next_counter(Path(args.outdir)):05d}.png"
+    _check_writable(path.parent)
+    if path.exists() and not args.overwrite:
+        raise ValueError(f"{path} already exists; pass --overwrite to replace it, or choose another -o name")
+    return path
+
+
+def save_grid(path, cells: list, axes: list) -> None:
+    """A1111's X/Y/Z grid: one picture per Z value side by side, each X columns by Y rows of the images (first
+    of each cell's batch), X values above, Y values left, Z above each; its PNG text says where each image is."""
+    from PIL import ImageDraw, ImageFont
+
+    n = [len(values) for _, values in axes] + [1] * (3 - len(axes))
+    labels = [[f"{flag}: {v}" for v in values] for flag, values in axes] + [[""]] * (3 - len(axes))
+    cw, ch = max(im.width for im, _ in cells), max(im.height for im, _ in cells)
+    font = ImageFont.load_default(size=max(12, ch // 16))
+    size = lambda text: ImageDraw.Draw(PIL.Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)[2:]  # noqa: E731
+    pad = max(4, ch // 32)
+    left = max(size(t)[0] for t in labels[1]) + 2 * pad if len(axes) > 1 else 0
+    line = size("Ag")[1] + 2 * pad
+    top = line * (1 + (len(axes) > 2))  # Z's title over X's labels
+    gw = left + n[0] * cw
+    grid = PIL.Image.new("RGB", (n[2] * gw + (n[2] - 1) * 2 * pad, top + n[1] * ch), "white")
+    draw, where = ImageDraw.Draw(grid), []
+    for k, (image, image_path) in enumerate(cells):  # X fastest, then Y, then Z
+        x, y, z = k % n[0], k // n[0] % n[1], k // (n[0] * n[1])
+        ox = z * (gw + 2 * pad)
+        px, py = ox + left + x * cw + (cw - image.width) // 2, top + y * ch + (ch - image.height) // 2
+        grid.paste(image, (px, py))
+        where.append({"x": px, "y": py, "width": image.width, "height": image.height, "image": str(image_path)})
+        if y == 0:
+            draw.text((ox + left + x * cw + cw // 2, top - line // 2), labels[0][x], "black", font, anchor="mm")
+        if x == 0 and left:
+            draw.text((ox + left - pad, top + y * ch + ch // 2), labels[1][y], "black", font, anchor="rm")
+        if x == 0 and y == 0 and len(axes) > 2:
+            draw.text((ox + left + n[0] * cw // 2, line // 2), labels[2][z], "black", font, anchor="mm")
+    axes_text = [{"flag": flag, "values": values} for flag, values in axes]
+    save_png(grid, path, {"minsdxl_grid": json.dumps({"axes": axes_text, "cells": where})}, overwrite=True)
 
 
 @dataclasses.dataclass
@@ -827,6 +937,7 @@ class _Job:
     mode: str = ""
     sched: object = None
     loras: list | None = None  # a prompts-file line's [(path, weight)]
+    images: list = dataclasses.field(default_factory=list)  # [(PIL image, path)] as saved
 
 
 def _jobs(args, lines) -> list:

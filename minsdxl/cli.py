@@ -415,8 +415,12 @@ def build_parser():
                                                                            "keep the image (1.5)")
     add("--eta",                       type=float, default=None,      help="--sampler tcd: its gamma in [0, 1] "
                                                                            "(0.3 is TCD's usual)")
-    add("-i", "--init-image",                      default=None,      help="start from this image (img2img)")
-    add("--mask",                                  default=None,      help="with -i: repaint its white part")
+    add("-i", "--init-image",                      default=None,      help="start from this image (img2img); a "
+                                                                           "folder: each image in it, the outputs "
+                                                                           "named as the inputs (A1111's batch)")
+    add("--mask",                                  default=None,      help="with -i: repaint its white part (with "
+                                                                           "an -i folder: a folder of masks named "
+                                                                           "as the images)")
     add("--outpaint", metavar="L,T,R,B", type=_sides, default=None,   help="with -i: extend the image by these "
                                                                            "pixels on its left, top, right and "
                                                                            "bottom, inpainting the new area")
@@ -662,6 +666,8 @@ def main(argv=None) -> int:
         axes = None
         if args.xyz:
             lines, axes = _xyz_lines(args, commands["generate"])
+        if args.init_image and Path(args.init_image).is_dir():
+            lines = _folder_lines(args)
         return generate(args, source, lines, axes)
     except PromptsFileError as e:  # a usage error, as argparse's: status 2
         print(f"minsdxl: error: {e}", file=sys.stderr)
@@ -755,6 +761,41 @@ def _line_parser(parser):
     return parse, longest
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _folder_lines(args) -> list:
+    """-i FOLDER (A1111's img2img batch): a job per image in it, by name; with --mask FOLDER, each image's mask is
+    the file of the same name (any image suffix) there."""
+    if args.prompts_file or args.xyz:
+        raise PromptsFileError("an -i folder (a batch of images) goes without --prompts-file and --xyz")
+    if args.output:
+        raise PromptsFileError("an -i folder names its outputs after its images: give --outdir, not -o")
+    images = sorted(p for p in Path(args.init_image).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise PromptsFileError(f"-i {args.init_image}: the folder holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    masks = {}
+    if args.mask:
+        if not Path(args.mask).is_dir():
+            raise PromptsFileError(f"--mask {args.mask}: with an -i folder, a folder of masks named as the images")
+        masks = {p.stem: p for p in Path(args.mask).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+        missing = [p.name for p in images if p.stem not in masks]
+        if missing:
+            raise PromptsFileError(f"--mask {args.mask} has no mask for {', '.join(missing[:5])}")
+    return [(str(p), {"init_image": str(p), **({"mask": str(masks[p.stem])} if masks else {})}) for p in images]
+
+
+def _folder_outputs(args, jobs) -> list:
+    """An -i folder's outputs: --outdir/NAME.png for each input NAME.* (NAME-K.png for a batch's K-th)."""
+    paths = []
+    for job in jobs:
+        stem, n = Path(job.args.init_image).stem, job.args.batch
+        paths += [Path(args.outdir) / (f"{stem}-{k}.png" if n > 1 else f"{stem}.png") for k in range(n)]
+    if len(set(paths)) < len(paths):
+        raise ValueError(f"-i {args.init_image} holds images of the same name and other suffixes: rename them")
+    return _free(paths, args)
+
+
 def _xyz_lines(args, parser) -> tuple[list, list]:
     """--xyz: A1111's X/Y/Z plot as jobs, X fastest: ([(where, {dest: value})], [(axis label, [value labels])]).
     An axis is FLAG=V1,V2,... (CSV: quote a value holding a comma), FLAG a per-image flag's long name, or
@@ -828,7 +869,8 @@ def generate(args, source=None, lines=(), axes=None) -> int:
             f"(its sha256 began {source.get('model', {}).get('hash')})"
         )
     seeds = [job.args.seed + k for job in jobs for k in range(job.args.batch)]
-    paths = iter(_output_paths(args, seeds))  # one numbering over every line's images
+    folder = args.init_image and Path(args.init_image).is_dir()  # A1111's img2img batch: outputs named as inputs
+    paths = iter(_folder_outputs(args, jobs) if folder else _output_paths(args, seeds))
     args.device = _device(args.device)
     auto = args.dtype == "auto"
     args.dtype = args.dtype if not auto else "fp16" if args.device.startswith("cuda") else "fp32"
@@ -1157,6 +1199,11 @@ def _output_paths(args, seeds) -> list:
         folder = Path(args.outdir)
         start = _next_counter(folder)
         paths = [folder / f"{start + k:05d}-{s}.png" for k, s in enumerate(seeds)]
+    return _free(paths, args)
+
+
+def _free(paths: list, args) -> list:
+    """The output paths, each folder writable and no file there already (unless --overwrite)."""
     for p in paths:
         _check_writable(p.parent)
         if p.exists() and not args.overwrite:

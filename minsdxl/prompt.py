@@ -378,6 +378,8 @@ def schedules(prompts: dict, steps: int) -> list[tuple[int, dict]] | None:
     """Several prompts' schedules (each a str, a list of them, or None) merged: [(end step, {name: text(s)})],
     runs of the same texts joined; None when no prompt has prompt editing (one entry of the texts as given)."""
     lists = {k: v if isinstance(v, list) else [v] for k, v in prompts.items() if isinstance(v, (str, list))}
+    if any(not isinstance(p, str) for v in lists.values() for p in v):
+        return None  # (encode_prompt says what is wrong with them)
     per = {k: [prompt_schedule(p, steps) for p in v] for k, v in lists.items()}
     ends = sorted({end for scheds in per.values() for sched in scheds for end, _ in sched})
     out = []

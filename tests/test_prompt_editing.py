@@ -89,6 +89,7 @@ def test_several_prompts_merge_their_steps():
         (4, {"prompt": ["a c", "plain"]}),
     ]
     assert schedules({"prompt": "no editing (here:1.2)"}, 4) is None
+    assert schedules({"prompt": ["a [b:c:2]", 3]}, 4) is None  # not texts: encode_prompt's type error says so
     assert schedules({"prompt": "a [red:blue:0]"}, 4) == [(4, {"prompt": "a blue"})]  # one entry, edited all along
 
 

@@ -1769,6 +1769,15 @@ def _read_source(path) -> dict:
     meta = found["minsdxl"]
     if meta is None and found["parameters"]:
         return _from_a1111(path, found["parameters"])
+    with PIL.Image.open(path) as im:
+        grid = getattr(im, "text", {}).get("minsdxl_grid")
+    if meta is None and grid:
+        cells = [c["image"] for c in json.loads(grid)["cells"]]
+        raise ValueError(
+            f"{path} is an X/Y/Z grid: --from-png one of its cells' images ({', '.join(cells[:4])}"
+            + (", ..." if len(cells) > 4 else "")
+            + ")"
+        )
     if meta is None:
         raise ValueError(
             f"{path} has no minsdxl metadata and no A1111 parameters (made by another tool, or with "

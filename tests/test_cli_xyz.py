@@ -17,7 +17,7 @@ def _pixels(path):
         return np.asarray(im.convert("RGB"))
 
 
-def test_a_two_axis_plot(tmp_path, monkeypatch):
+def test_a_two_axis_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main([*BASE, "--xyz", "cfg=4,7.5", "--xyz", "steps=1,3", "--outdir", "out"]) == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -36,6 +36,8 @@ def test_a_two_axis_plot(tmp_path, monkeypatch):
         assert np.array_equal(crop, _pixels(single)), k  # the grid shows it there
         info = read_png_metadata(cell["image"])["minsdxl"]["args"]
         assert (info["cfg"], info["steps"]) == (float(cfg), int(steps)) and "xyz" not in info
+    assert main(["--from-png", str(tmp_path / "out" / names[-1])]) == 1  # a grid: its cells are the images
+    assert "is an X/Y/Z grid: --from-png one of its cells' images (out/00000-3.png" in capsys.readouterr().err
     # the labels are drawn: the margins are not blank
     assert np.asarray(grid.convert("L"))[: meta["cells"][0]["y"]].min() < 128
 

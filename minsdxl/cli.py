@@ -137,6 +137,7 @@ LINE_OPTIONS = (
     "outpaint_overlap",
     "mask_blur",
     "ip_adapter_image",
+    "ip_adapter_embeds",
     "control_image",
     "adapter_image",
     "canny",
@@ -498,6 +499,12 @@ def build_parser():
                                                                            "ip-adapter_sdxl.safetensors): "
                                                                            "--ip-adapter-image is the image prompt")
     add("--ip-adapter-image", metavar="IMAGE",     default=None,      help="the image prompt for --ip-adapter")
+    add("--ip-adapter-embeds", metavar="FILE",     default=None,      help="instead of --ip-adapter-image: its "
+                                                                           "embeddings, as diffusers' "
+                                                                           "ip_adapter_image_embeds (a .safetensors "
+                                                                           "or .pt tensor, [negative, positive] "
+                                                                           "rows; e.g. a FaceID adapter's "
+                                                                           "insightface embeddings)")
     add("--ip-adapter-scale",          type=float, default=None,      help="how much the image prompt counts "
                                                                            "(default 1; 0.5 is a common mix)")
     add("--image-encoder", metavar="DIR",          default=None,      help="--ip-adapter's CLIP image encoder "
@@ -1092,8 +1099,14 @@ def _check(args, mode):
         minsdxl.make_scheduler(args.sampler)  # unknown names raise, listing the valid ones
     _loras(args)  # missing files and bad weights
     _embeddings(args)
-    if bool(args.ip_adapter) != bool(args.ip_adapter_image):
-        raise ValueError("--ip-adapter FILE and --ip-adapter-image IMAGE go together: pass both")
+    if args.ip_adapter_image and args.ip_adapter_embeds:
+        raise ValueError("--ip-adapter-image and --ip-adapter-embeds: the image or its embeddings, not both")
+    if bool(args.ip_adapter) != bool(args.ip_adapter_image or args.ip_adapter_embeds):
+        raise ValueError(
+            "--ip-adapter FILE and --ip-adapter-image IMAGE (or --ip-adapter-embeds) go together: pass both"
+        )
+    if args.ip_adapter_embeds:
+        _read_embeds(args.ip_adapter_embeds)
     if (args.ip_adapter_scale is not None or args.image_encoder) and not args.ip_adapter:
         raise ValueError("--ip-adapter-scale and --image-encoder apply to an --ip-adapter: pass one")
     if bool(args.controlnet) != bool(args.control_image):
@@ -1163,6 +1176,8 @@ def _image_prompts(args, mode, with_edges=True) -> dict:
     extra = {}
     if args.ip_adapter_image:
         extra["ip_adapter_image"] = _open(args.ip_adapter_image, "IP-Adapter image")
+    if args.ip_adapter_embeds:
+        extra["ip_adapter_image_embeds"] = _read_embeds(args.ip_adapter_embeds)
     edges = (lambda im: canny(im, *args.canny)) if args.canny and with_edges else (lambda im: im)
     if args.control_image:  # = the ControlNet pipelines' names: text2img's image, the others' control_image
         key = "image" if mode == "text2img" and not args.t2i_adapter else "control_image"
@@ -1170,6 +1185,22 @@ def _image_prompts(args, mode, with_edges=True) -> dict:
     if args.adapter_image:  # = the adapter pipeline's image=
         extra["image"] = edges(_open(args.adapter_image, "adapter image"))
     return extra
+
+
+def _read_embeds(path) -> list:
+    """--ip-adapter-embeds: diffusers' ip_adapter_image_embeds, one tensor per IP-Adapter, from a .safetensors
+    file (its tensors in key order) or a .pt / .pth / .bin (a tensor or a list of them; tensors only)."""
+    try:
+        if Path(path).suffix == ".safetensors":
+            found = list(checkpoint.read_safetensors(path).values())
+        else:
+            found = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, checkpoint.CheckpointError, RuntimeError, ValueError) as e:
+        raise ValueError(f"--ip-adapter-embeds {path}: cannot read it ({e})") from None
+    found = [found] if isinstance(found, torch.Tensor) else found
+    if not isinstance(found, (list, tuple)) or not found or not all(isinstance(t, torch.Tensor) for t in found):
+        raise ValueError(f"--ip-adapter-embeds {path}: expected a tensor or a list of tensors (one per IP-Adapter)")
+    return [t.float() for t in found]
 
 
 def _open(path, what):
@@ -1275,6 +1306,7 @@ def _load(args, auto_dtype=False):
     if args.ip_adapter:
         t = time.perf_counter()
         encoder = str(Path(args.image_encoder).resolve()) if args.image_encoder else "image_encoder"
+        encoder = None if args.ip_adapter_embeds else encoder  # embeddings given: no image to encode
         minsdxl.load_ip_adapter(base, args.ip_adapter, image_encoder_folder=encoder)
         if args.ip_adapter_scale is not None:
             minsdxl.set_ip_adapter_scale(base, args.ip_adapter_scale)
@@ -1326,7 +1358,8 @@ def _absolute(args):
         "lora_dir",
         "embedding_dir",
     )
-    extras = ("ip_adapter", "ip_adapter_image", "image_encoder", "controlnet", "control_image", "t2i_adapter")
+    extras = ("ip_adapter", "ip_adapter_image", "ip_adapter_embeds", "image_encoder", "controlnet", "control_image")
+    extras += ("t2i_adapter",)
     for name in (*files, *extras, "adapter_image"):
         if getattr(args, name) and not (name == "model" and args.model == tiny.NAME):
             resolved = [str(Path(p).resolve()) for p in _each(getattr(args, name))]
@@ -1443,8 +1476,9 @@ def _generate_one(args, mode, base, refiner, init, mask, extra, width, height, s
             for k in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
                 if isinstance(hkw.get(k), str):
                     hkw[k] = hires_prompt(hkw[k], first, n)
-        if "ip_adapter_image" in extra:  # the image prompt again
-            hkw["ip_adapter_image"] = extra["ip_adapter_image"]
+        for k in ("ip_adapter_image", "ip_adapter_image_embeds"):  # the image prompt again
+            if k in extra:
+                hkw[k] = extra[k]
         if "controlnet" in extra:  # = A1111's ControlNet extension (its default Hr Option "Both"): the hires pass
             # is guided too, the control image resized to the hires size (the ControlNet img2img pipeline's resize)
             hkw.update(controlnet=extra["controlnet"], control_image=extra.get("control_image", extra.get("image")))
@@ -1538,6 +1572,7 @@ def _describe_run(args, mode, base, refiner, sched, source, loras=None) -> dict:
         "mask": _file_info(args.mask) if args.mask else None,
         "ip_adapter": _file_info(args.ip_adapter) if args.ip_adapter else None,
         "ip_adapter_image": _file_info(args.ip_adapter_image) if args.ip_adapter_image else None,
+        "ip_adapter_embeds": _file_info(args.ip_adapter_embeds) if args.ip_adapter_embeds else None,
         "controlnet": _one_or_list([_file_info(_weights(p, args.dtype)) for p in _each(args.controlnet)]),
         "control_image": _one_or_list([_file_info(p) for p in _each(args.control_image)]),
         "t2i_adapter": _file_info(_weights(args.t2i_adapter, args.dtype)) if args.t2i_adapter else None,
@@ -1563,6 +1598,7 @@ def _describe_run(args, mode, base, refiner, sched, source, loras=None) -> dict:
             "mask",
             "ip_adapter",
             "ip_adapter_image",
+            "ip_adapter_embeds",
             "controlnet",
         )
         for what in (*kinds, "control_image", "t2i_adapter", "adapter_image", "upscaler"):
@@ -1632,13 +1668,14 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
     stored["seed"] = seed  # this image's own seed: --from-png makes this one image
     if args.variation_seed is not None:  # and its own variation seed
         stored["variation_seed"] = args.variation_seed + seed - args.seed
-    base_images = {"image": args.init_image, "mask_image": args.mask, "ip_adapter_image": args.ip_adapter_image}
+    prompts = {"ip_adapter_image": args.ip_adapter_image, "ip_adapter_image_embeds": args.ip_adapter_embeds}
+    base_images = {"image": args.init_image, "mask_image": args.mask, **prompts}
     base_images |= {"controlnet": args.controlnet, "control_image": args.control_image, "adapter": args.t2i_adapter}
     if about["mode"] == "text2img" and (args.controlnet or args.t2i_adapter):
         # text2img's image= is the adapter's image, else the control image
         base_images["image"] = args.adapter_image or args.control_image
     records = [
-        _record(fn, kw, base_images if image is None else {"image": image, "mask_image": args.mask})
+        _record(fn, kw, base_images if image is None else {"image": image, "mask_image": args.mask, **prompts})
         for fn, kw, image in calls
     ]
     refiner_settings = None

@@ -1029,3 +1029,33 @@ def test_sampler_name_stored_for_from_png():
     assert stored(None, _class_name="DPMSolverMultistepScheduler", solver_type="heun") == "dpmpp_2m"
     # no name makes a first-order DPM-Solver: None, and --from-png takes the model's default (its config)
     assert stored(None, _class_name="DPMSolverMultistepScheduler", solver_order=1) is None
+
+
+def test_ip_adapter_embeds_flag(paths, tmp_path, capsys):
+    """--ip-adapter-embeds FILE: diffusers' ip_adapter_image_embeds from a file (no image encoder needed, as for
+    a FaceID adapter's insightface embeddings): the API's image, its hash recorded, replayed by --from-png."""
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 1, TINY_VISION.projection_dim, generator=g)  # [negative, positive] rows, one image
+    save_safetensors({"embeds": embeds}, tmp_path / "face.safetensors")
+    torch.save([embeds], tmp_path / "face.pt")
+    out = tmp_path / "e.png"
+    argv = [*T2I_FLAGS, "--model", str(paths["base"]), "-s", "6", "-q", "--ip-adapter", str(paths["ip_adapter"])]
+    assert main([*argv, "--ip-adapter-embeds", str(tmp_path / "face.safetensors"), "-o", str(out)]) == 0
+    model = minsdxl.load(paths["base"])
+    minsdxl.load_ip_adapter(model, paths["ip_adapter"], image_encoder_folder=None)
+    made = minsdxl.text2img(model, **T2I, seed=6, ip_adapter_image_embeds=[embeds], progress=False)[0]
+    _same(out, made)
+    meta = read_png_metadata(out)["minsdxl"]
+    assert (
+        meta["ip_adapter_embeds"]["sha256"] == hashlib.sha256((tmp_path / "face.safetensors").read_bytes()).hexdigest()
+    )
+    assert meta["calls"][0]["kwargs"]["ip_adapter_image_embeds"].endswith("face.safetensors")
+    assert main(["--from-png", str(out), "-q", "-o", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(_pixels(tmp_path / "again.png"), _pixels(out))
+    assert main([*argv, "--ip-adapter-embeds", str(tmp_path / "face.pt"), "-o", str(tmp_path / "pt.png")]) == 0
+    assert np.array_equal(_pixels(tmp_path / "pt.png"), _pixels(out))  # a .pt list: the same
+    assert (
+        main([*argv, "--ip-adapter-embeds", str(tmp_path / "face.pt"), "--ip-adapter-image", str(paths["ip_image"])])
+        == 1
+    )
+    assert "the image or its embeddings, not both" in capsys.readouterr().err

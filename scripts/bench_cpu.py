@@ -12,7 +12,10 @@ the prompt is zeros, as generate() has it. minsdxl runs the step as its sampler 
 cross-attention k, v projected once per image, UNet2DConditionModel.project_context, which also
 skips the all-zero negative prompt's cross-attention) and also with the prompt tokens, as diffusers does.
 
-    python scripts/bench_cpu.py [--workdir /tmp/minsdxl_bench] [--size 512] [--steps 2] [--reps 5]
+With --tome RATIO the interleaved rounds add Token Merging at max_downsample 2 (fixed cells): minsdxl.tome on
+minsdxl's UNet and the tomesd package on diffusers', each a second model on the same mapped weights.
+
+    python scripts/bench_cpu.py [--workdir /tmp/minsdxl_bench] [--size 512] [--steps 2] [--reps 5] [--tome 0.5]
 """
 
 import argparse
@@ -63,7 +66,7 @@ def measure(lib: str, work: Path, size: int, steps: int):
     print(json.dumps(dict(load_s=t1 - t0, generate_s=t2 - t1, s_per_step=step, peak_rss_gib=rss)))
 
 
-def interleaved(work: Path, size: int, reps: int):
+def interleaved(work: Path, size: int, reps: int, tome: float = 0.0):
     import statistics
 
     import diffusers
@@ -98,6 +101,28 @@ def interleaved(work: Path, size: int, reps: int):
             "diffusers": lambda: ref(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample,
         }
         assert (runs["minsdxl (sampler's step)"]() - runs["diffusers"]()).abs().max() < 1e-3  # also faults pages in
+        if tome:  # second models on the same tensors (assign=True: no copy), patched
+            import tomesd
+
+            from minsdxl import tome as mt
+
+            with torch.device("meta"):
+                ours_t = UNet2DConditionModel(cfg)
+            ours_t.load_state_dict(sd, strict=True, assign=True)
+            mt.apply_patch(ours_t.eval(), ratio=tome, max_downsample=2, use_rand=False)
+            ref_t = tomesd.apply_patch(
+                meta_diffusers(diffusers.UNet2DConditionModel, diffusers_unet_config(cfg), sd),
+                ratio=tome,
+                max_downsample=2,
+                use_rand=False,
+            )
+            runs[f"minsdxl + ToMe {tome} (step)"] = lambda: ours_t(x, t, kv, pooled, ids)
+            runs[f"diffusers + tomesd {tome}"] = lambda: (
+                ref_t(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+            )
+            a, b = runs[f"minsdxl + ToMe {tome} (step)"](), runs[f"diffusers + tomesd {tome}"]()
+            rel = ((a - b).abs().max() / b.abs().max()).item()
+            print(f"ToMe parity: max |minsdxl - diffusers+tomesd| / max |diffusers+tomesd| = {rel:.1e}")
         times = {name: [] for name in runs}
         names = list(runs)
         for i in range(reps):
@@ -120,6 +145,7 @@ def main():
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5, help="interleaved UNet-step rounds (0: skip)")
+    ap.add_argument("--tome", type=float, default=0.0, help="also time Token Merging at this ratio (both libraries)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -162,7 +188,7 @@ def main():
             f"generate {m['generate_s'] / d['generate_s']:.2f}x, peak RSS {m['peak_rss_gib'] / d['peak_rss_gib']:.2f}x"
         )
     if args.reps:
-        interleaved(work, args.size, args.reps)
+        interleaved(work, args.size, args.reps, args.tome)
 
 
 if __name__ == "__main__":

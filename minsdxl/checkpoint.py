@@ -939,9 +939,10 @@ def load(
     path = resolve(path)
     comps, configs = read_checkpoint(path, config)
     layout = "diffusers" if Path(path).is_dir() else "sgm"
+    folder = path if layout == "diffusers" else config  # configs / tokenizers for what the weights cannot tell
     index = configs.get("model_index", {})
     if unet is not None:  # the checkpoint's own UNet is not read
-        unet = _override(unet, UNet2DConditionModel, "unet", dtype, device, path if layout == "diffusers" else config)
+        unet = _override(unet, UNet2DConditionModel, "unet", dtype, device, folder)
     elif "unet" not in comps:
         raise CheckpointError(f"{path} has no UNet; is it an SDXL checkpoint?")
     else:
@@ -969,12 +970,11 @@ def load(
         model.text_encoder_2, model.tokenizer_2, model.vae = share.text_encoder_2, share.tokenizer_2, share.vae
     else:
         model.text_encoder_2 = component("text_encoder_2", build_text_encoder, True)
-        model.tokenizer_2 = _tokenizer(path if layout == "diffusers" else config, "tokenizer_2", pad="!")
-        folder = path if layout == "diffusers" else config
+        model.tokenizer_2 = _tokenizer(folder, "tokenizer_2", pad="!")
         model.vae = _override(vae, AutoencoderKL, "vae", dtype, device, folder) if vae else component("vae", build_vae)
     if not refiner:
         model.text_encoder = component("text_encoder", build_text_encoder, False)
-        model.tokenizer = _tokenizer(path if layout == "diffusers" else config, "tokenizer", pad="<|endoftext|>")
+        model.tokenizer = _tokenizer(folder, "tokenizer", pad="<|endoftext|>")
     if attention is not None:
         speed.set_attention(attention, model)
     if compile:  # an explicit attention= stays: compile's "auto" would pick Triton on CUDA

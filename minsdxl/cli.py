@@ -922,9 +922,10 @@ def generate(args, source=None, lines=(), axes=None) -> int:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_png(image, path, text, overwrite=a.overwrite)
                 print(f"saved {path} (seed {seed})")
-                job.images.append((image, path))
+                if axes and k == 0:  # (only a grid needs images kept: a folder batch may be thousands)
+                    job.first = (image, path)
     if axes:
-        save_grid(grid, [job.images[0] for job in jobs], axes)
+        save_grid(grid, [job.first for job in jobs], axes)
         print(f"saved {grid} (the X/Y/Z grid)")
     _log(args, _peak_memory(args.device))
     return 0
@@ -937,10 +938,7 @@ def _grid_path(args) -> Path:
         path = p.with_name(p.stem.rstrip("-_") + "-grid.png")
     else:
         path = Path(args.outdir) / f"xyz_grid-{_next_counter(Path(args.outdir)):05d}.png"
-    _check_writable(path.parent)
-    if path.exists() and not args.overwrite:
-        raise ValueError(f"{path} already exists; pass --overwrite to replace it, or choose another -o name")
-    return path
+    return _free([path], args)[0]
 
 
 def save_grid(path, cells: list, axes: list) -> None:
@@ -986,7 +984,7 @@ class _Job:
     mode: str = ""
     sched: object = None
     loras: list | None = None  # a prompts-file line's [(path, weight)]
-    images: list = dataclasses.field(default_factory=list)  # [(PIL image, path)] as saved
+    first: tuple | None = None  # an X/Y/Z cell's (first image, its path), for the grid
 
 
 def _jobs(args, lines) -> list:
@@ -1105,8 +1103,6 @@ def _check(args, mode):
         raise ValueError(
             "--ip-adapter FILE and --ip-adapter-image IMAGE (or --ip-adapter-embeds) go together: pass both"
         )
-    if args.ip_adapter_embeds:
-        _read_embeds(args.ip_adapter_embeds)
     if (args.ip_adapter_scale is not None or args.image_encoder) and not args.ip_adapter:
         raise ValueError("--ip-adapter-scale and --image-encoder apply to an --ip-adapter: pass one")
     if bool(args.controlnet) != bool(args.control_image):
@@ -1172,7 +1168,8 @@ def _read_images(args, mode):
 
 def _image_prompts(args, mode, with_edges=True) -> dict:
     """The base call's other images: the IP-Adapter's image prompt, control images (their edges with --canny,
-    unless with_edges=False: opened only, to check them) and the T2I-Adapter's image, under the API's names."""
+    unless with_edges=False: opened only, to check them), an --ip-adapter-embeds file's tensors and the T2I-Adapter's
+    image, under the API's names."""
     extra = {}
     if args.ip_adapter_image:
         extra["ip_adapter_image"] = _open(args.ip_adapter_image, "IP-Adapter image")
@@ -1556,16 +1553,14 @@ def _describe_run(args, mode, base, refiner, sched, source, loras=None) -> dict:
     loras: a line's [(path, weight, adapter name)] (else the command line's, as _load named them)."""
     t = time.perf_counter()
     model = _file_info(checkpoint.resolve(args.model), base, args.dtype)
+    if loras is None:  # the command line's, as _load named them
+        loras = [(p, w, n) for (p, w), n in zip(_loras(args), base.lora.adapters if base.lora else ())]
     about = {
         "mode": mode,
         "model": model,
         "vae": _file_info(args.vae) if args.vae else None,
         "unet": _file_info(args.unet) if args.unet else None,
-        "loras": [
-            {**_file_info(path), "name": name, "scale": w}
-            for path, w, name in loras
-            or [(p, w, n) for (p, w), n in zip(_loras(args), base.lora.adapters if base.lora else ())]
-        ],
+        "loras": [{**_file_info(path), "name": name, "scale": w} for path, w, name in loras],
         "embeddings": [{**_file_info(path), "token": token} for path, token in _embeddings(args)],
         "refiner": _file_info(args.refiner, refiner, args.dtype) if refiner else None,
         "init_image": _file_info(args.init_image) if args.init_image else None,

@@ -249,9 +249,8 @@ def controlnet_config_json(cfg: ControlNetConfig) -> dict:
     )
     out = {k: unet[k] for k in keep if k in unet}
     out["down_block_types"] = unet["down_block_types"]
-    if (
-        unet["mid_block_type"] != "UNetMidBlock2DCrossAttn"
-    ):  # (a distilled UNet's; ControlNetUnionModel has no such key)
+    # a distilled UNet's middle block is named; diffusers' ControlNetUnionModel takes no such key
+    if unet["mid_block_type"] != "UNetMidBlock2DCrossAttn":
         out["mid_block_type"] = unet["mid_block_type"]
     out |= {
         "_class_name": "ControlNetModel",

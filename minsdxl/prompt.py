@@ -291,6 +291,15 @@ def _parse_square(s, i):
     raise _Fail
 
 
+def _parsed(prompt: str) -> list | None:
+    """A prompt's nodes, or None where A1111's parse fails (a "|" outside brackets, a lone trailing backslash,
+    brackets nested deeper than Python's stack): A1111 then takes the prompt as it is."""
+    try:
+        return _parse_prompt(prompt, 0, top=True)[0]
+    except (_Fail, RecursionError):
+        return None
+
+
 def _when(number: str, steps: int) -> int:
     # = CollectSteps.scheduled (hires_steps None): "0.25" is a fraction of the steps, "10" a step
     v = float(number) * steps if "." in number else float(number)
@@ -304,8 +313,8 @@ def _steps_of(nodes, steps: int, out: set):
         if n[0] == "sched":
             _steps_of(n[1] or [], steps, out)
             _steps_of(n[2], steps, out)
-            if _when(n[3], steps) >= 1:
-                out.add(_when(n[3], steps))
+            if (when := _when(n[3], steps)) >= 1:
+                out.add(when)
         elif n[0] == "alt":
             for option in n[1]:
                 _steps_of(option, steps, out)
@@ -332,9 +341,8 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     """A1111's prompt editing: [(end step, the prompt text up to it)] for `steps` steps, e.g.
     "a [dog:cat:0.5]" over 10 steps -> [(5, "a dog"), (10, "a cat")]. A prompt A1111 cannot parse (a "|" outside
     brackets, a lone trailing backslash) is one entry, as it is."""
-    try:
-        nodes, _ = _parse_prompt(prompt, 0, top=True)
-    except (_Fail, RecursionError):  # (brackets nested deeper than Python's stack: taken as text too)
+    nodes = _parsed(prompt)
+    if nodes is None:
         return [(steps, prompt)]
     ends = {steps}
     _steps_of(nodes, steps, ends)
@@ -367,11 +375,8 @@ def hires_prompt(prompt: str, first_steps: int, hires_steps: int) -> str:
         v = (v - 1.0) * hires_steps if "." in number else v - first_steps
         return str(min(hires_steps, int(v)))
 
-    try:
-        nodes, _ = _parse_prompt(prompt, 0, top=True)
-    except (_Fail, RecursionError):
-        return prompt
-    return _text_of(nodes, hires_when)
+    nodes = _parsed(prompt)
+    return prompt if nodes is None else _text_of(nodes, hires_when)
 
 
 def schedules(prompts: dict, steps: int) -> list[tuple[int, dict]] | None:
@@ -524,7 +529,8 @@ def encode_prompt(
         texts = dict(
             prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2
         )
-        if schedules(texts, 1000) is not None:  # (the sampler's texts come here resolved)
+        # one step is enough to tell: any [..:..] or [..|..] resolves to other text (the sampler's come resolved)
+        if schedules(texts, 1) is not None:
             warnings.warn(
                 "the prompt has A1111 prompt editing ([from:to:when] or [a|b]), which needs the steps: encode_prompt "
                 "encodes the text as written; text2img / img2img / inpaint with prompt_weighting follow it",

@@ -651,13 +651,14 @@ def _prompt_schedule(model, a, cfg, steps):
     texts = prompt_schedules({k: a[k] for k in names}, steps)
     if texts is None:
         return None
-    encoded = {}  # an alternation comes back to the same texts
+    encoded, out = {}, []  # an alternation comes back to the same texts: encoded once
     with _on_device(model, "text_encoder", "text_encoder_2"):
-        for _, t in texts:
+        for end, t in texts:
             key = repr(sorted(t.items()))
             if key not in encoded:
                 encoded[key] = _encode(model, {**a, **t}, cfg)
-    return [(end, encoded[repr(sorted(t.items()))]) for end, t in texts]
+            out.append((end, encoded[key]))
+    return out
 
 
 def _time_ids(model, ids, neg_ids, pooled_dim, dtype):
@@ -1526,12 +1527,11 @@ def instruct_pix2pix(
     ids, _ = _time_ids(model, ids, ids, st.pooled_dim, dtype)
     run = st.run(a, latents, ids.to(device).repeat(batch * (3 if cfg else 1), 1))
     run.image_guidance_scale = image_guidance_scale
-    pe, npe, ppe, nppe = st.embeds
     if cfg:  # [no prompt, no image], [no prompt, image], [prompt, image]
-        run.prompt_embeds, run.text_embeds = torch.cat([npe, npe, pe]), torch.cat([nppe, nppe, ppe])
-        if st.schedule:
-            three = [(end, torch.cat([e[1], e[1], e[0]]), torch.cat([e[3], e[3], e[2]])) for end, e in st.schedule]
-            run.prompt_schedule = three
+        rows = lambda e: (torch.cat([e[1], e[1], e[0]]), torch.cat([e[3], e[3], e[2]]))  # noqa: E731
+        run.prompt_embeds, run.text_embeds = rows(st.embeds)
+        if st.schedule:  # (A1111's prompt editing: each stretch's embeddings in these rows too)
+            run.prompt_schedule = [(end, *rows(e)) for end, e in st.schedule]
         image_latents = torch.cat([torch.zeros_like(image_latents), image_latents, image_latents])
     run.image_latents = image_latents.to(device)
     return _finish(model, run, a)

@@ -252,7 +252,15 @@ GUIDERS = {  # --guider NAME: minsdxl.guidance's rules (= diffusers' guiders)
     "cfg_zero_star": "ClassifierFreeZeroStarGuidance",
     "tcfg": "TangentialClassifierFreeGuidance",
     "mambo": "MagnitudeAwareGuidance",
+    "apg_mix": "AdaptiveProjectedMixGuidance",
+    "fdg": "FrequencyDecoupledGuidance",
+    "slg": "SkipLayerGuidance",
+    "pag": "PerturbedAttentionGuidance",
+    "seg": "SmoothedEnergyGuidance",
+    "auto": "AutoGuidance",
 }
+# a layer guider's layers=BLOCKS.I+BLOCKS.J and how each is perturbed (LayerSkipConfig's) go to its configs
+LAYER_KEYS = ("skip_attention", "skip_attention_scores", "skip_ff", "dropout")
 # the APG paper's names for diffusers' long ones
 GUIDER_ALIASES = {
     "momentum": "adaptive_projected_guidance_momentum",
@@ -267,20 +275,77 @@ def make_guider(spec: str):
     if name not in GUIDERS:
         raise argparse.ArgumentTypeError(f"unknown guider {name!r}; one of {', '.join(GUIDERS)} (e.g. apg:eta=0.5)")
     cls = getattr(guidance, GUIDERS[name])
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kw = {}
+    layered = name in ("slg", "pag", "seg", "auto")
+    fields = [f.name for f in dataclasses.fields(cls) if not f.name.endswith(("_layers", "_config"))]
+    keys = fields + (["layers"] + list(LAYER_KEYS) * (name != "seg")) * layered
+    kw, layer_kw, layers = {}, {}, None
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         key = GUIDER_ALIASES.get(key.strip(), key.strip())
-        if key not in fields or not eq:
+        if key not in keys or not eq:
             raise argparse.ArgumentTypeError(
-                f"--guider {spec}: {item!r} is not KEY=VALUE with a key of {name}'s: {', '.join(fields)}"
+                f"--guider {spec}: {item!r} is not KEY=VALUE with a key of {name}'s: {', '.join(keys)}"
             )
-        try:  # a number, or a step count for zero_init_steps; "none" for no momentum
-            kw[key] = None if value.lower() == "none" else int(value) if key == "zero_init_steps" else float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--guider {spec}: {key} takes a number, got {value!r}") from None
-    return cls(**kw)
+        try:
+            if key == "layers":
+                layers = _guider_layers(value)
+            else:
+                (layer_kw if key in LAYER_KEYS else kw)[key] = _guider_value(key, value)
+        except (ValueError, KeyError):
+            kind = (
+                "BLOCKS.INDEX[+...]"
+                if key == "layers"
+                else "1 or 0"
+                if key in GUIDER_FLAGS
+                else "data or freq"
+                if key == "guidance_rescale_space"
+                else "a number (N+M+...: one per frequency level)"
+            )
+            raise argparse.ArgumentTypeError(f"--guider {spec}: {key} takes {kind}, got {value!r}") from None
+    if layered:
+        if layers is None:
+            raise argparse.ArgumentTypeError(
+                f"--guider {spec}: {name} perturbs layers: give layers=BLOCKS.INDEX[+...], e.g. "
+                "layers=mid_block.attentions.0.transformer_blocks.0 (SDXL's middle block has 10, .0 to .9)"
+            )
+        make = guidance.SmoothedEnergyGuidanceConfig if name == "seg" else guidance.LayerSkipConfig
+        try:
+            configs = [make(indices, fqn, **layer_kw) for fqn, indices in layers.items()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"--guider {spec}: {e}") from None
+        kw[cls._config if name != "auto" else "auto_guidance_config"] = configs
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--guider {spec}: {e}") from None
+
+
+GUIDER_FLAGS = ("use_original_formulation", "upcast_to_double", "skip_attention", "skip_attention_scores", "skip_ff")
+
+
+def _guider_value(key: str, value: str):
+    """A --guider value: a flag (1/0), FDG's rescale space, a step count, N+M+... (FDG's per-level values), a
+    number, or "none" (no momentum)."""
+    if key in GUIDER_FLAGS:
+        return {"1": True, "true": True, "0": False, "false": False}[value.lower()]
+    if key == "guidance_rescale_space":
+        return {"data": "data", "freq": "freq"}[value]
+    if value.lower() == "none":
+        return None
+    if key in ("zero_init_steps", "adaptive_projected_guidance_start_step"):
+        return int(value)
+    return tuple(float(v) for v in value.split("+")) if "+" in value or key == "guidance_scales" else float(value)
+
+
+def _guider_layers(value: str) -> dict:
+    """`BLOCKS.I+BLOCKS.J+...` (transformer blocks by their diffusers names) -> {BLOCKS: [I, J]}, in order."""
+    out = {}
+    for name in value.split("+"):
+        fqn, _, index = name.strip().rpartition(".")
+        if not fqn:
+            raise ValueError(name)
+        out.setdefault(fqn, []).append(int(index))
+    return out
 
 
 def _guider(text: str) -> str:
@@ -582,8 +647,9 @@ def build_parser():
                                                                            "(diffusers' guiders): apg, "
                                                                            "cfg_zero_star, tcfg, mambo, or cfg with "
                                                                            "start / stop; e.g. apg:momentum=-0.5,"
-                                                                           "norm_threshold=15,eta=1. Its scale is "
-                                                                           "--cfg")
+                                                                           "norm_threshold=15,eta=1; with layers="
+                                                                           "BLOCKS.I[+...] perturbed: slg, pag, seg, "
+                                                                           "auto. Its scale is --cfg")
     add("--variation-seed", metavar="N", type=int, default=None,
                                                                       help="A1111's variation seed: the starting "
                                                                            "noise turned toward this seed's by "

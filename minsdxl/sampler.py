@@ -35,7 +35,7 @@ from .prompt import schedules as prompt_schedules
 from .rng import randn, slerp
 from .schedulers import DDIM, DPMSolverSDE, Scheduler, make_scheduler
 from .t2i_adapter import T2IAdapter
-from .unet import guidance_scale_embedding
+from .unet import Perturbation, guidance_scale_embedding
 
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # what a step callback may read and replace (the loop's state; "mask", "masked_image_latents": 9-channel inpaint)
@@ -93,7 +93,9 @@ class _Run:
     adapter_steps: int = 0  # the first steps that add them (adapter_conditioning_factor)
     pag_scale: float = 0.0  # Perturbed-Attention Guidance: the batch gains a chunk with identity self-attention
     pag_adaptive_scale: float = 0.0
-    pag_layers: list = None  # the self-attention layers perturbed
+    # the positive rows again, perturbed (PAG, a layer-perturbing guider), and the layers' perturbations
+    extra_chunk: bool = False
+    perturbations: list | None = None  # [(layer, minsdxl.unet.Perturbation)], set on the layers for the call
     # InstructPix2Pix: the image's latents beside the noisy ones ([none, image, image] with CFG) and its guidance
     image_latents: torch.Tensor | None = None
     image_guidance_scale: float | None = None
@@ -117,7 +119,7 @@ class _Run:
     def copies(self) -> int:
         """How many times the latents are in the UNet's batch: [negative,] positive[, perturbed]; pix2pix
         with CFG: [no prompt and no image, image only, prompt and image]."""
-        return 1 + self.cfg * (1 + (self.image_guidance_scale is not None)) + bool(self.pag_scale)
+        return 1 + self.cfg * (1 + (self.image_guidance_scale is not None)) + self.extra_chunk
 
 
 def _control_residuals(run: _Run, i, x_in, t, state, cache: dict) -> dict:
@@ -194,11 +196,13 @@ class _Pipeline:
         self._reproject = True  # the projected image k, v carry the scale
 
 
-def _drop_guidance_rows(run: _Run, state: dict, before: int, b: int):
-    """A callback ended guidance (its `_guidance_scale` <= 1): every CFG-batched input keeps its last
-    run.copies chunks of b rows (the negative ones lead), unless the callback already cut it (diffusers'
-    cutoff callbacks cut the prompt's three; the rest diffusers leaves, and fails on)."""
+def _drop_rows(run: _Run, state: dict, before: int, b: int, last: bool = False):
+    """A callback ended guidance (its `_guidance_scale` <= 1), or (last) no later step uses the extra
+    chunk: every batched input keeps run.copies chunks of b rows, the last ones (the negative ones lead) or
+    the first, unless the callback already cut it (diffusers' cutoff callbacks cut the prompt's three; the
+    rest diffusers leaves, and fails on)."""
     after = run.copies
+    rows = slice(0, after * b) if last else slice((before - after) * b, None)
 
     def cut(name, t):
         if not isinstance(t, torch.Tensor) or t.shape[0] == after * b:
@@ -208,7 +212,7 @@ def _drop_guidance_rows(run: _Run, state: dict, before: int, b: int):
                 f"after a step callback ended guidance, {name} has {t.shape[0]} rows; {after * b} (without the "
                 f"negative ones) or {before * b} (all, cut here) fit this batch of {b}"
             )
-        return t[(before - after) * b :]
+        return t[rows]
 
     state.update({k: cut(k, v) for k, v in state.items()})
     if run.prompt_schedule:
@@ -221,8 +225,10 @@ def _drop_guidance_rows(run: _Run, state: dict, before: int, b: int):
     for c in run.controls or ():
         c.images = [cut("a control image", t) for t in c.images]
         c.kinds = cut("a ControlNet-Union's kinds", c.kinds)
-    for m in run.pag_layers or ():  # PAG's perturbed rows are still the last chunk, of fewer
-        m.pag = after
+    for m, p in run.perturbations or ():  # the rows perturbed are still their chunk, of fewer, if kept
+        p.chunks = after
+        if (p.chunk == -1) == last:  # the extra chunk (last) or the negative rows (AutoGuidance's) are gone
+            m.perturb = None
 
 
 def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), progress=True) -> torch.Tensor:
@@ -265,6 +271,10 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
             projected = (embeds, embeds._version, context)
         if run.guidance_embedding is not None:
             residuals["timestep_cond"] = run.guidance_embedding.repeat(run.copies, 1)
+        if run.perturbations and run.guider is not None:  # a guider perturbs only the steps it uses
+            on = i in run.guider.perturbed_steps(n)
+            for _, p in run.perturbations:
+                p.on = on
         eps = model.unet(x_in, t_unet[i], projected[2], state["add_text_embeds"], state["add_time_ids"], **residuals)
         if run.pag_scale:  # = PAGMixin._apply_perturbed_attention_guidance, its scale in torch as there
             *uncond, text, perturbed = eps.chunk(run.copies)
@@ -277,9 +287,10 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
         elif run.cfg and run.image_guidance_scale is not None:  # = the InstructPix2Pix pipeline's guidance
             uncond, image, text = eps.chunk(3)
             eps = uncond + run.guidance_scale * (text - image) + run.image_guidance_scale * (image - uncond)
-        elif run.cfg and run.guider is not None:  # = the Modular pipelines' guider(guider_state)
-            uncond, text = eps.chunk(2)
-            eps = run.guider(text, uncond, i, n, guider_state)
+        elif run.guider is not None and run.copies > 1:  # = the Modular pipelines' guider(guider_state)
+            chunks = eps.chunk(run.copies)
+            uncond, text = (chunks[0], chunks[1]) if run.cfg else (None, chunks[0])
+            eps = run.guider(text, uncond, i, n, guider_state, chunks[-1] if run.extra_chunk else None)
         elif run.cfg:
             uncond, text = eps.chunk(2)
             eps = uncond + run.guidance_scale * (text - uncond)
@@ -302,9 +313,13 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
                     "guidance on: the negative prompt was never encoded; start with guidance on and end it instead"
                 )
             if run.copies < copies:
-                _drop_guidance_rows(run, state, copies, x.shape[0])
+                _drop_rows(run, state, copies, x.shape[0])
             if view._reproject or run.copies < copies:
                 projected, view._reproject = None, False
+        if run.extra_chunk and run.guider is not None and i + 1 >= run.guider.perturbed_steps(n).stop:
+            run.extra_chunk = False  # no later step uses the perturbed rows: the batch drops them
+            _drop_rows(run, state, run.copies + 1, x.shape[0], last=True)
+            projected = None
     return x
 
 
@@ -387,7 +402,10 @@ def _check_common(model, a, mode):
             f"{_CALLBACK_INPUTS} (CFG-ordered: prompt_embeds, add_text_embeds and add_time_ids hold the negative "
             "half first)"
         )
-    a["pag_layers"] = _pag_layers(model, a)  # found once: _finish perturbs these
+    # found once: _finish perturbs these; [(layer, minsdxl.unet.Perturbation's arguments)]
+    a["perturbations"] = _pag_layers(model, a) or (a["guider"].perturbations(model.unet) if a.get("guider") else [])
+    if len({id(m) for m, _ in a["perturbations"]}) < len(a["perturbations"]):
+        raise ValueError("the guider's configs perturb one layer twice: give each block once")
     ip_adapter.check_inputs(model, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
     masks = (a["cross_attention_kwargs"] or {}).get("ip_adapter_masks")
     a["ip_adapter_masks"] = ip_adapter.check_masks(model, masks, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
@@ -403,8 +421,11 @@ def _check_guider(model, a):
         raise ValueError("guider= and pag_scale: PAG is its own guidance rule here; use one of them")
     if model.unet.config.time_cond_proj_dim is not None:
         raise ValueError("guider=: this guidance-distilled UNet is given the guidance scale and runs no CFG")
-    if not (0.0 <= g.start <= g.stop <= 1.0):
-        raise ValueError(f"guider start / stop must satisfy 0 <= start <= stop <= 1, got {g.start} / {g.stop}")
+    for start, stop in g.windows():
+        if not (0.0 <= start <= stop <= 1.0):
+            raise ValueError(f"guider start / stop must satisfy 0 <= start <= stop <= 1, got {start} / {stop}")
+    if g.extra_chunk and a.get("controlnet") is not None and a["guess_mode"]:
+        raise ValueError(f"guider={type(g).__name__} with a ControlNet in guess_mode is not supported; use one")
     return g.with_scale(a["guidance_scale"], a["guidance_rescale"])
 
 
@@ -439,20 +460,27 @@ def _pag_layers(model, a) -> list:
                 "'down_blocks.2', 'up_blocks.0.attentions.1'"
             )
         found += [m for m in hits if m not in found]
-    return found
+    return [(m, dict(kind="identity")) for m in found]
 
 
 @contextmanager
-def _perturbed(run):
-    """PAG's layers perturb the last chunk of the batch for this call (= the PAG processors set per call)."""
-    layers = run.pag_layers or []
-    for m in layers:
-        m.pag = run.copies
+def _perturbed(model, run, found):
+    """The layers PAG or a guider perturbs, for this call (= the PAG processors set per call, the guiders'
+    hooks per batch): the extra chunk's rows, or AutoGuidance's negative ones."""
+    g = run.guider
+    if g is not None and g.extra_chunk and not run.extra_chunk:
+        found = []  # no step uses the perturbed prediction: _setup left the chunk out
+    chunk = 0 if g is not None and not g.extra_chunk else -1
+    size = tuple(run.latents.shape[-2:])
+    run.perturbations = [(m, Perturbation(chunks=run.copies, chunk=chunk, size=size, **kw)) for m, kw in found]
+    for m, p in run.perturbations:
+        m.perturb = p
     try:
         yield
     finally:
-        for m in layers:
-            m.pag = 0
+        for m in model.unet.modules():
+            if getattr(m, "perturb", None) is not None:
+                m.perturb = None
 
 
 def _generator(a):
@@ -558,13 +586,13 @@ class _Setup:
     image_embeds: list | None  # the IP-Adapter image prompt (ip_adapter.image_prompt)
     image_masks: list | None
     control_steps: int  # the steps before denoising_end's cut: what ControlNet guidance windows divide
-    pag: bool = False  # Perturbed-Attention Guidance: the positive rows twice
+    extra: bool = False  # the positive rows twice (PAG's, a layer-perturbing guider's perturbed chunk)
     guidance_dim: int | None = None  # a guidance-distilled UNet's time_cond_proj_dim
     schedule: list | None = None  # A1111's prompt editing: [(last step, embeds as `embeds`)], embeds the first's
 
     def stack(self, negative, positive):
-        """The UNet batch's rows: [negative,] positive[, positive again for PAG's perturbed chunk]."""
-        rows = [negative] * self.cfg + [positive] * (1 + self.pag)
+        """The UNet batch's rows: [negative,] positive[, positive again for the perturbed chunk]."""
+        rows = [negative] * self.cfg + [positive] * (1 + self.extra)
         return torch.cat(rows) if len(rows) > 1 else positive
 
     @property
@@ -604,6 +632,7 @@ class _Setup:
             image_masks=self.image_masks,
             pag_scale=a["pag_scale"],
             pag_adaptive_scale=a["pag_adaptive_scale"],
+            extra_chunk=self.extra,
             guidance_embedding=self.guidance_embedding(a, latents),
             guider=a.get("guider"),
             prompt_schedule=self.schedule
@@ -633,11 +662,12 @@ def _setup(model, a, strength=1.0, denoising_start=None, cfg=None) -> _Setup:
             embeds[0].shape[0],
             _device(model),
         )
-    pag = bool(a["pag_scale"])
-    if pag and images is not None:  # = the PAG pipelines: each image prompt's [negative,] positive, positive
+    g = a.get("guider")  # a guider's perturbed chunk, if a step uses it
+    extra = bool(a["pag_scale"]) or (g is not None and g.extra_chunk and len(g.perturbed_steps(len(timesteps))) > 0)
+    if extra and images is not None:  # = the PAG pipelines: each image prompt's [negative,] positive, positive
         images = [torch.cat([*e.chunk(2), e.chunk(2)[1]]) if cfg else torch.cat([e, e]) for e in images]
     return _Setup(
-        sched, timesteps, _generator(a), embeds, cfg, images, masks, control_steps, pag, guidance_dim, schedule
+        sched, timesteps, _generator(a), embeds, cfg, images, masks, control_steps, extra, guidance_dim, schedule
     )
 
 
@@ -679,8 +709,7 @@ def _pairs(a, keys):
 
 
 def _finish(model, run, a):
-    run.pag_layers = a["pag_layers"]
-    with _on_device(model, "unet", *(c.net for c in run.controls or ())), _perturbed(run):
+    with _on_device(model, "unet", *(c.net for c in run.controls or ())), _perturbed(model, run, a["perturbations"]):
         x = _denoise(model, run, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], a["progress"])
     if a["output_type"] == "latent":
         return x
@@ -899,7 +928,7 @@ def _attach_controls(run: _Run, controls, st: _Setup, a):
             "pass height= and width= (both are then resized) or a control image of that size"
         )
     # = __call__ (the ControlNet PAG pipelines: never guess mode)
-    guess = (a["guess_mode"] or controls[0].net.config.global_pool_conditions) and not st.pag
+    guess = (a["guess_mode"] or controls[0].net.config.global_pool_conditions) and not st.extra
     for c in controls:
         for k, x in enumerate(c.images):
             if x.shape[0] not in (1, prompts):

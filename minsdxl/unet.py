@@ -8,6 +8,7 @@ freq_shift=0).
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -67,6 +68,68 @@ class ResnetBlock2D(nn.Module):
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
+@dataclass
+class Perturbation:
+    """A guidance rule's change to one layer's output on one chunk of the batch's rows, set by the sampler for
+    one call (Perturbed-Attention Guidance; minsdxl.guidance's layer-perturbing guiders, which diffusers applies
+    with hooks on a separate UNet call). The batch is `chunks` equal chunks; `chunk` is the perturbed one."""
+
+    kind: str  # "identity": self-attention's output is v (no scores); "skip": the layer's output is its input;
+    # "smooth": self-attention with its queries blurred over the token grid (Smoothed Energy Guidance)
+    chunks: int
+    chunk: int = -1
+    dropout: float = 1.0  # "skip" below 1: the layer runs and its output is dropped out with this p instead
+    sigma: float = 0.0  # "smooth"'s blur; above sigma_inf, each query is the mean of them all
+    sigma_inf: float = 9999.0
+    size: tuple = (0, 0)  # "smooth": the latents' (height, width), which the token grids halve from
+    on: bool = True  # off for the steps that do not use the perturbed prediction (no dropout draws)
+
+    def rows(self, n: int) -> tuple[int, int]:
+        c, k = self.chunk % self.chunks, n // self.chunks
+        return c * k, (c + 1) * k
+
+    def split(self, x, normal, perturbed):
+        """normal(rows) on all but the perturbed rows, perturbed(rows) on those; both row-wise functions."""
+        a, b = self.rows(len(x))
+        rest = torch.cat([x[:a], x[b:]]) if a or b < len(x) else None
+        y, z = normal(rest) if rest is not None else None, perturbed(x[a:b])
+        return z if y is None else torch.cat([y[:a], z, y[a:]])
+
+    def dropped(self, y):
+        """A skipped layer's output on the perturbed rows (= diffusers' layer-skip hooks: F.dropout's
+        default training=True, so p < 1 draws from torch's global RNG, as there)."""
+        return F.dropout(y, p=self.dropout) if self.dropout < 1 else None
+
+    def blur(self, q):
+        """= diffusers' _gaussian_blur_2d as Smoothed Energy Guidance's paper code (SusungHong/SEG-SDXL)
+        reads: above sigma_inf every query becomes their mean, else a Gaussian blur of kernel ceil(6 sigma)
+        (odd, at most the grid's side) with reflected borders. diffusers swaps the two branches (its
+        SmoothedEnergyGuidance also never applies them: its prepare_models does not count the batches), and
+        takes the first isqrt(L)^2 tokens as a square grid: here the real grid, the same on square latents."""
+        n, length, c = q.shape
+        h, w = self.size
+        while h * w > length:  # each level of the UNet halves the grid (a stride-2 conv: ceil)
+            h, w = (h + 1) // 2, (w + 1) // 2
+        if h * w != length:
+            raise ValueError(
+                f"Smoothed Energy Guidance: {length} query tokens are no level of a {self.size} latent grid "
+                "(Token Merging on this layer?); perturb other layers or turn Token Merging off"
+            )
+        g = q.transpose(1, 2).reshape(n, c, h, w)
+        if self.sigma > self.sigma_inf:
+            g = g.mean(dim=(-2, -1), keepdim=True).expand(n, c, h, w)
+        else:
+            k = math.ceil(6 * self.sigma) + 1 - math.ceil(6 * self.sigma) % 2
+            side = min(h, w)
+            k = min(k, side - (side % 2 - 1))
+            x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, steps=k)
+            pdf = torch.exp(-0.5 * (x / self.sigma).pow(2))
+            k1 = (pdf / pdf.sum()).to(q)
+            kernel = (k1[:, None] @ k1[None, :]).expand(c, 1, k, k)
+            g = F.conv2d(F.pad(g, [k // 2] * 4, mode="reflect"), kernel, groups=c)
+        return g.reshape(n, c, length).transpose(1, 2)
+
+
 class Attention(nn.Module):
     """Multi-head attention with diffusers' names; cross-attention when `kv_dim` differs from `dim`.
     `inner` (default dim) and `out_bias` as diffusers' Attention(dim_head * heads, out_bias) for the
@@ -85,9 +148,7 @@ class Attention(nn.Module):
         # an attn2's IP-Adapter image k/v projections (minsdxl.ip_adapter.IPAdapterLayer) once loaded; named
         # `processor` so the keys are diffusers' IPAdapterAttnProcessor2_0's (attn2.processor.to_k_ip.0.weight)
         self.processor = None
-        # Perturbed-Attention Guidance (set by the sampler for one call): the batch is `pag` equal chunks and
-        # the last one's self-attention is the identity (each token attends to itself only)
-        self.pag = 0
+        self.perturb: Perturbation | None = None  # a guidance rule's, set by the sampler for one call
 
     def forward(self, x, context=None):
         """context: None (self-attention), the tokens to attend to, or (k, v, zeros, ip) already
@@ -95,13 +156,20 @@ class Attention(nn.Module):
         `zeros` rows of the batch, whose prompt tokens are all zeros; ip: one (k, v, scale, mask) per
         IP-Adapter image prompt, each attended to by the same queries and added, scaled (and masked:
         mask(q) gives [B, queries, 1] weights: minsdxl.ip_adapter.RegionMask)."""
-        if self.pag and context is None:  # = diffusers' PAG(CFG)IdentitySelfAttnProcessor2_0
-            n = len(x) // self.pag * (self.pag - 1)
-            # the perturbed chunk: softmax over its own key alone is 1, so the output is v itself
-            return torch.cat([self._attend(x[:n], None), self.to_out[0](self.to_v(x[n:]))])
+        p = self.perturb
+        if p is not None and p.on and context is None:
+            return p.split(x, lambda r: self._attend(r, None), lambda r: self._perturbed(r, p))
         return self._attend(x, context)
 
-    def _attend(self, x, context):
+    def _perturbed(self, x, p: Perturbation):
+        if p.kind == "identity":  # = diffusers' PAGIdentitySelfAttnProcessor2_0: each token attends to itself
+            return self.to_out[0](self.to_v(x))  # alone, a softmax of 1: the output is v
+        if p.kind == "smooth":
+            return self._attend(x, None, p.blur)
+        y = p.dropped(self._attend(x, None))
+        return x if y is None else y  # = diffusers' skip: AttnProcessor2_0's output replaced by its input
+
+    def _attend(self, x, context, blur=None):
         ip = ()
         if isinstance(context, tuple):
             k, v, zeros, ip = context
@@ -113,6 +181,8 @@ class Attention(nn.Module):
             if zeros == len(x):
                 return bias.clone()
         q = self.to_q(x[zeros:])
+        if blur is not None:
+            q = blur(q)
         o = attention(q, k, v, self.heads, backend=self.attention_backend)
         for k_ip, v_ip, scale, mask in ip:  # = IPAdapterAttnProcessor2_0: text attention + scale * image attention
             o_ip = attention(q, k_ip, v_ip, self.heads, backend=self.attention_backend)
@@ -144,8 +214,15 @@ class FeedForward(nn.Module):
         super().__init__()
         # net = [GEGLU, Dropout, Linear] as in diffusers, so the keys are net.0.proj and net.2
         self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
+        self.perturb: Perturbation | None = None  # "skip", set by the sampler for one call
 
     def forward(self, x):
+        p = self.perturb
+        if p is not None and p.on:
+            return p.split(x, self._ff, lambda r: r if p.dropout >= 1 else p.dropped(self._ff(r)))
+        return self._ff(x)
+
+    def _ff(self, x):
         return self.net[2](self.net[0](x))
 
 
@@ -159,8 +236,20 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
         self.tome = None  # minsdxl.tome.apply_patch: Token Merging's settings, shared by the UNet's blocks
+        self.perturb: Perturbation | None = None  # "skip", set by the sampler for one call
 
     def forward(self, x, context):
+        y = self._block(x, context)
+        p = self.perturb
+        if p is None or not p.on:
+            return y
+        # = diffusers' TransformerBlockSkipHook: the block's input (dropout 1) or its output dropped out. The
+        # block ran on the perturbed rows too (their context rows are not apart): a few blocks' waste
+        a, b = p.rows(len(x))
+        z = x[a:b] if p.dropout >= 1 else p.dropped(y[a:b])
+        return torch.cat([y[:a], z, y[b:]])
+
+    def _block(self, x, context):
         if self.tome is not None:  # = tomesd's ToMeBlock: tokens merged into each part, copied back after
             ma, mc, mm, ua, uc, um = self.tome.functions(x)
             x = x + ua(self.attn1(ma(self.norm1(x))))

@@ -53,6 +53,30 @@ PAIRS = {
         dg.TangentialClassifierFreeGuidance(guidance_scale=5.0, start=0.5),
         mg.TangentialClassifierFreeGuidance(5.0, start=0.5),
     ),
+    "apg_mix": (
+        dg.AdaptiveProjectedMixGuidance(guidance_scale=4.0, adaptive_projected_guidance_start_step=1, eta=0.2),
+        mg.AdaptiveProjectedMixGuidance(4.0, adaptive_projected_guidance_start_step=1, eta=0.2),
+    ),
+    "fdg": (
+        dg.FrequencyDecoupledGuidance(guidance_scales=[8.0, 3.0], parallel_weights=[0.5, 0.8], guidance_rescale=0.3),
+        mg.FrequencyDecoupledGuidance(guidance_scales=(8.0, 3.0), parallel_weights=(0.5, 0.8), guidance_rescale=0.3),
+    ),
+    "fdg_freq_rescale_three_levels": (
+        dg.FrequencyDecoupledGuidance(
+            guidance_scales=[9.0, 5.0, 2.0],
+            guidance_rescale=[0.2, 0.5, 0.0],
+            guidance_rescale_space="freq",
+            use_original_formulation=True,
+            stop=0.75,
+        ),
+        mg.FrequencyDecoupledGuidance(
+            guidance_scales=(9.0, 5.0, 2.0),
+            guidance_rescale=(0.2, 0.5, 0.0),
+            guidance_rescale_space="freq",
+            use_original_formulation=True,
+            stop=0.75,
+        ),
+    ),
     "mambo_original": (
         dg.MagnitudeAwareGuidance(guidance_scale=5.0, alpha=2.0, use_original_formulation=True),
         mg.MagnitudeAwareGuidance(5.0, alpha=2.0, use_original_formulation=True),
@@ -82,6 +106,28 @@ def test_each_rule_equals_diffusers_step_by_step(name):
     assert changed  # the rule guided at least one step
 
 
+def test_fdg_levels_windows_and_padded_sizes():
+    """A level outside its window keeps cond's band (diffusers appends a stale band there and fails); equal
+    scales and weights of 1 are plain CFG at any size, also those kornia pads (diffusers returns the padded
+    size there); the pyramid is kornia's, padding included."""
+    from diffusers.guiders.frequency_decoupled_guidance import build_image_from_pyramid
+    from kornia.geometry.transform import build_laplacian_pyramid
+
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 4, 12, 10, generator=g), torch.randn(2, 4, 12, 10, generator=g)
+    for ours, ref in zip(mg.laplacian_pyramid(cond, 3), build_laplacian_pyramid(cond, 3)):
+        assert ours.shape == ref.shape and (ours - ref).abs().max() <= 1e-6  # padded to 16x16, as kornia
+    same = mg.FrequencyDecoupledGuidance(guidance_scales=(5.0, 5.0, 5.0))(cond, uncond, 0, 10, {})
+    assert same.shape == cond.shape and (same - (uncond + 5.0 * (cond - uncond))).abs().max() <= 1e-5
+    cond, uncond = cond[..., :8, :8], uncond[..., :8, :8]
+    rule = mg.FrequencyDecoupledGuidance(guidance_scales=(6.0, 2.0), start=(0.0, 0.5))
+    c, u = build_laplacian_pyramid(cond, 2), build_laplacian_pyramid(uncond, 2)
+    expected = build_image_from_pyramid([u[0] + 6.0 * (c[0] - u[0]), c[1]])  # step 2 of 10: level 1 not yet
+    assert (rule(cond, uncond, 2, 10, {}) - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="start has 3 values for 2"):
+        mg.FrequencyDecoupledGuidance(start=(0.0, 0.1, 0.2))
+
+
 def test_mambo_guidance_runs_on_latents():
     cond, uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     got = mg.MagnitudeAwareGuidance(5.0, alpha=2.0)(cond, uncond, 0, 1, {})
@@ -109,6 +155,8 @@ RUNS = {
     ),
     "cfg_zero_star": lambda m: m.ClassifierFreeZeroStarGuidance(guidance_scale=6.0, zero_init_steps=1),
     "tcfg": lambda m: m.TangentialClassifierFreeGuidance(guidance_scale=6.0, stop=0.5),
+    "apg_mix": lambda m: m.AdaptiveProjectedMixGuidance(guidance_scale=6.0, adaptive_projected_guidance_start_step=1),
+    "fdg": lambda m: m.FrequencyDecoupledGuidance(guidance_scales=[9.0, 4.0], parallel_weights=0.6),
 }
 
 
@@ -211,7 +259,24 @@ def test_command_line_guider_is_made_recorded_and_replayed(tiny_base, tmp_path, 
     assert read_png_metadata(out)["minsdxl"]["args"]["guider"] == spec
     assert main(["--from-png", str(out), "-q", "-o", str(tmp_path / "again.png")]) == 0
     assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "again.png")), np.asarray(made))
-    for bad, message in (("apgx", "unknown guider 'apgx'"), ("apg:beta=1", "not KEY=VALUE with a key of apg's")):
+    # FDG's per-level values as N+M, its flags and rescale space; APG-Mix's step count
+    assert make_guider(
+        "fdg:guidance_scales=9+4,parallel_weights=0.5,upcast_to_double=0,guidance_rescale_space=freq"
+    ) == (
+        mg.FrequencyDecoupledGuidance(
+            guidance_scales=(9.0, 4.0), parallel_weights=0.5, upcast_to_double=False, guidance_rescale_space="freq"
+        )
+    )
+    assert make_guider("fdg:guidance_scales=7").guidance_scales == (7.0,)
+    assert make_guider("apg_mix:adaptive_projected_guidance_start_step=2") == mg.AdaptiveProjectedMixGuidance(
+        adaptive_projected_guidance_start_step=2
+    )
+    for bad, message in (
+        ("apgx", "unknown guider 'apgx'"),
+        ("apg:beta=1", "not KEY=VALUE with a key of apg's"),
+        ("fdg:guidance_rescale_space=pixels", "takes data or freq"),
+        ("fdg:guidance_scales=9+4,stop=1+1+1", "stop has 3 values for 2"),
+    ):
         with pytest.raises(SystemExit):
             main([*argv, "--guider", bad])
         assert message in capsys.readouterr().err

@@ -75,7 +75,7 @@ def test_matches_diffusers(models, case):
         progress=False,
     )
     assert rel_err(plain, ref) > 1e-4
-    assert all(m.pag == 0 for m in model.unet.modules() if hasattr(m, "pag"))
+    assert all(getattr(m, "perturb", None) is None for m in model.unet.modules())
 
 
 @pytest.mark.parametrize("kind", ["text2img", "img2img"])

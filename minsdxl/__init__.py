@@ -1,6 +1,6 @@
 """minsdxl: Stable Diffusion XL in plain PyTorch, numerically equal to diffusers."""
 
-from . import guidance, tome  # minsdxl.guidance's guider= rules, minsdxl.tome.apply_patch (Token Merging)
+from . import deepcache, guidance, tome  # guider= rules, Token Merging, DeepCache (enable / disable)
 from .checkpoint import SDXL, CheckpointError, load, load_component
 from .controlnet import ControlNetModel, load_controlnet
 from .ip_adapter import load_ip_adapter, set_ip_adapter_scale, unload_ip_adapter
@@ -50,5 +50,6 @@ __all__ = [
     "set_attention",
     "guidance",
     "tome",
+    "deepcache",
     "__version__",
 ]

@@ -37,6 +37,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the problem and the fix."""
 
 
+def require_model(model, what: str) -> None:
+    """A clear error where a function taking a loaded model (minsdxl.load) is given something else."""
+    if not isinstance(model, SDXL):
+        raise TypeError(f"{what} takes a model loaded by minsdxl.load(path), got {type(model).__name__}: {model!r:.80}")
+
+
 @dataclass
 class SDXL:
     """A loaded SDXL model: the components under diffusers' attribute names, plus what kind it is."""
@@ -539,11 +545,31 @@ def diffusers_to_sgm(components: dict) -> dict:
 # Building models
 
 
+def check_placement(dtype, device, what: str) -> None:
+    """dtype= (a floating torch dtype, or None: as stored) and device= (a torch device that exists), named."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(
+            f"{what}: dtype must be a floating torch dtype (torch.float32, float16, bfloat16), got {dtype!r}"
+        )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{what}: device {device!r} is not a torch device (cpu, cuda, cuda:1, mps): {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what}: device {device!r}, but torch finds no CUDA GPU here; use device='cpu'")
+
+
 def _build(cls, cfg, sd: dict, name: str, dtype, device):
     """Build `cls(cfg)` on the meta device and load `sd` into it with assign=True, after checking
     names and shapes (errors name every missing/unexpected key and both shapes of a mismatch)."""
-    with torch.device("meta"):
-        model = cls(cfg)
+    try:
+        with torch.device("meta"):
+            model = cls(cfg)
+    except ValueError as e:  # (GroupNorm: channels not divisible by groups) a config that does not fit
+        raise CheckpointError(
+            f"the {name} cannot be built from its config ({e}): a checkpoint of other than SDXL's sizes needs its "
+            "config.json files (a diffusers folder's, or config=DIR / --model-config DIR for a single file)"
+        ) from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -935,6 +961,7 @@ def load(
     """
     if attention is not None:  # before any weights are read
         speed.attention.check_backend(attention, "load(attention=...) got")
+    check_placement(dtype, device, "load")
     offload_device, device = (str(device), "cpu") if offload else (None, device)
     path = resolve(path)
     comps, configs = read_checkpoint(path, config)
@@ -967,6 +994,7 @@ def load(
         return build(read_component(comps[name], variant, dtype), *args, dtype, device, configs.get(name))
 
     if share is not None:
+        require_model(share, "load(share=)")
         model.text_encoder_2, model.tokenizer_2, model.vae = share.text_encoder_2, share.tokenizer_2, share.vae
     else:
         model.text_encoder_2 = component("text_encoder_2", build_text_encoder, True)

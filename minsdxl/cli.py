@@ -30,6 +30,7 @@ import re
 import secrets
 import shlex
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -353,6 +354,18 @@ def _guider(text: str) -> str:
     return text
 
 
+def _deepcache(text: str) -> list[int]:
+    """`N[:BRANCH]` -> [cache_interval, cache_branch_id] (a list: the PNG metadata's JSON keeps it one)."""
+    interval, _, branch = text.partition(":")
+    try:
+        value = [int(interval), int(branch or 0)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--deepcache {text}: give N or N:BRANCH, whole numbers (e.g. 3:0)") from None
+    if value[0] < 1 or not 0 <= value[1] <= 8:
+        raise argparse.ArgumentTypeError(f"--deepcache {text}: N >= 1 (steps between full UNets), BRANCH in 0..8")
+    return value
+
+
 def _lora_spec(text: str) -> tuple[str, float]:
     """`PATH[:SCALE]` -> (path, scale); a colon that belongs to the path (C:\\loras\\x) stays in it."""
     path, sep, scale = text.rpartition(":")
@@ -658,12 +671,22 @@ def build_parser():
     add("--variation-strength", metavar="F", type=float, default=None,
                                                                       help="how far toward --variation-seed's "
                                                                            "noise: 0 (none) .. 1 (all of it)")
+    add("--seed-resize-from", metavar="WxH", type=_size, default=None,
+                                                                      help="A1111's seed resize: this size's "
+                                                                           "noise of the seed in the middle of "
+                                                                           "the image's (keeps a composition "
+                                                                           "found at WxH)")
     add("--tome", metavar="RATIO", type=float, default=None,
                                                                       help="Token Merging (tomesd; A1111's "
                                                                            "token merging): this share of the "
                                                                            "64x64-level tokens merged in "
                                                                            "self-attention (0.5: faster, less "
                                                                            "detail)")
+    add("--deepcache", metavar="N[:BRANCH]", type=_deepcache, default=None,
+                                                                      help="DeepCache: the whole UNet every N "
+                                                                           "steps, its shallow branch BRANCH "
+                                                                           "(0-8, default 0: the fastest) on "
+                                                                           "cached deep features in between")
     add("--tiling",                    action="store_true",           help="a seamless, tileable image (A1111's "
                                                                            "Tiling: circular padding in the UNet "
                                                                            "and VAE)")
@@ -715,6 +738,7 @@ def main(argv=None) -> int:
             source = _read_source(args.from_png)
             # stored values fill the namespace first; argparse then sets only what the command line gives
             stored = {k: v for k, v in source["args"].items() if k not in RUN_ONLY}
+            _check_stored(stored, commands["generate"], args.from_png)
             # appending flags: given now, they replace the stored list
             kept = {k: stored.pop(k, None) for k in ("lora", "embedding", "controlnet", "control_image")}
             args = commands["generate"].parse_args(argv, namespace=argparse.Namespace(**stored))
@@ -884,6 +908,10 @@ def _xyz_lines(args, parser) -> tuple[list, list]:
         values = next(csv.reader([values], skipinitialspace=True), []) if eq else []
         if not flag or not values or "" in values:
             raise PromptsFileError(f"--xyz {axis}: write FLAG=V1,V2,... (e.g. cfg=4,6,8 or sampler=euler,dpmpp_2m)")
+        if flag in [f for f, _, _ in axes]:
+            raise PromptsFileError(f"--xyz {axis}: {flag} is on two axes; give each flag one axis")
+        if len(flag) == 1:
+            raise PromptsFileError(f"--xyz {axis}: name the flag by its long name (e.g. width=, height=, steps=)")
         if flag == "prompt-sr":  # = A1111's Prompt S/R: values[0] in the prompt and negative prompt, replaced
             texts = {k: getattr(args, k) for k in ("prompt", "negative_prompt") if getattr(args, k)}
             if values[0] not in texts.get("prompt", ""):
@@ -1148,7 +1176,11 @@ def _check(args, mode):
                 "no NAME.pth / NAME.safetensors in --upscaler-dir"
             )
         args.hires_upscaler = found
-        if args.hires_scale < 1 or not 0 < args.hires_strength <= 1 or (args.hires_steps or 1) < 1:
+        if (
+            args.hires_scale < 1
+            or not 0 < args.hires_strength <= 1
+            or (args.hires_steps is not None and args.hires_steps < 1)
+        ):
             raise ValueError(
                 f"--hires-scale {args.hires_scale} (>= 1), --hires-strength {args.hires_strength} (in (0, 1]) and "
                 f"--hires-steps {args.hires_steps} (>= 1) are out of range"
@@ -1285,7 +1317,7 @@ def _output_paths(args, seeds) -> list:
             pattern = str(p.with_name(p.stem + "-{index}" + p.suffix))
         try:
             paths = [Path(pattern.format(seed=s, index=k)) for k, s in enumerate(seeds)]
-        except (KeyError, IndexError, ValueError) as e:
+        except (KeyError, IndexError, ValueError, AttributeError) as e:  # ({seed.x}: an attribute of an int)
             raise ValueError(f"-o/--output {args.output}: only {{seed}} and {{index}} may be used ({e})") from None
         if len(set(paths)) < len(paths):
             raise ValueError(f"-o/--output {args.output} names the same file for several images; add {{index}}")
@@ -1320,6 +1352,10 @@ def _check_writable(folder: Path):
         raise ValueError(f"cannot write to {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write to {folder}: {existing} is not writable")
+    try:  # (os.access says yes to root everywhere, also where a file cannot be made: /proc)
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(f"cannot write to {folder}: no file can be made in {existing} ({e.strerror})") from None
 
 
 def _device(name: str) -> str:
@@ -1395,6 +1431,8 @@ def _load(args, auto_dtype=False):
         _log(args, f"loaded refiner {args.refiner} in {time.perf_counter() - t:.1f} s (text encoder 2 and VAE shared)")
     for model in [m for m in (base, refiner) if m is not None and args.tome]:  # no random cells: replayable
         minsdxl.tome.apply_patch(model, ratio=args.tome, max_downsample=2, use_rand=False)
+    for model in [m for m in (base, refiner) if m is not None and args.deepcache]:
+        minsdxl.deepcache.enable(model, *args.deepcache)
     for model in [m for m in (base, refiner) if m is not None and args.timestep_spacing]:  # for every call
         config = model.scheduler_config or SDXL_SCHEDULER_CONFIG  # ({}: a single file's, SDXL's)
         model.scheduler_config = {**config, "timestep_spacing": args.timestep_spacing}
@@ -1503,6 +1541,8 @@ def _generate_one(args, mode, base, refiner, init, mask, extra, width, height, s
     common = dict(seed=seed, scheduler=args.sampler, progress=not args.quiet)
     if args.variation_seed is not None:  # = A1111: a batch's variation seeds count up with its seeds
         common["variation_seed"] = args.variation_seed + seed - args.seed
+    if args.seed_resize_from is not None:  # (height, width)
+        common["seed_resize_from_h"], common["seed_resize_from_w"] = args.seed_resize_from
     steps = []  # per call, counted by the step callback (-v only)
 
     def count(model, i, t, tensors):
@@ -1784,6 +1824,7 @@ def _metadata(args, about, image, calls, seed, index) -> dict:
         "Tiling": True if args.tiling else None,  # = A1111: written when on
         "Variation seed": args.variation_seed + seed - args.seed if args.variation_strength else None,
         "Variation seed strength": args.variation_strength or None,
+        "Seed resize from": "x".join(map(str, args.seed_resize_from[::-1])) if args.seed_resize_from else None,
         # A1111's "Clip skip" counts the layer read from the end (1 = last, 2 = penultimate); diffusers'
         # SDXL clip_skip k reads hidden_states[-(k + 2)]
         "Clip skip": args.clip_skip + 2 if args.clip_skip is not None else None,
@@ -1816,7 +1857,7 @@ A1111_PARAMS = {
     "Variation seed strength": ("variation_strength", float),
 }
 # what A1111 writes that changes the picture and minsdxl does not do
-A1111_NOT_DONE = ("ADetailer model", "Seed resize from", "Face restoration", "Schedule rho")
+A1111_NOT_DONE = ("ADetailer model", "Face restoration", "Schedule rho")
 
 
 def _from_a1111(path, text: str) -> dict:
@@ -1830,6 +1871,8 @@ def _from_a1111(path, text: str) -> dict:
                 args[flag] = kind(p[key])
         if "Size" in p:
             args["width"], args["height"] = map(int, p["Size"].split("x"))
+        if "Seed resize from" in p:  # WxH, as Size; A1111 writes it where both sides are > 0
+            args["seed_resize_from"] = tuple(map(int, p["Seed resize from"].split("x")))[::-1]
         if p.get("Tiling") == "True":
             args["tiling"] = True
         if int(p.get("Clip skip", 2)) > 2:  # our writer's convention; A1111's SDXL reads penultimate either way
@@ -1883,8 +1926,31 @@ def _read_source(path) -> dict:
         )
     if meta.get("schema", 0) > SCHEMA:
         raise ValueError(f"{path} has metadata schema {meta['schema']}; this minsdxl reads up to {SCHEMA}: upgrade it")
+    if not isinstance(meta.get("args"), dict):
+        raise ValueError(f"{path}: its minsdxl metadata has no settings (args); it was not written by this CLI")
     meta["args"] = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["args"].items()}
     return meta
+
+
+def _check_stored(stored: dict, parser, path) -> None:
+    """A PNG's stored settings of the kinds its flags take (a number, a choice, on / off): an edited or foreign
+    PNG is named here, not deep inside a run."""
+    for action in parser._actions:
+        v = stored.get(action.dest)
+        if v is None:
+            continue
+        kind = (
+            bool
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+            else action.type
+            if action.type in (int, float)
+            else None
+        )
+        ok = kind is None or (isinstance(v, kind) if kind is not float else isinstance(v, (int, float)))
+        ok = ok and not (kind in (int, float) and isinstance(v, bool))
+        if not ok or (action.choices is not None and not isinstance(v, (list, tuple)) and v not in action.choices):
+            flag = (action.option_strings or [action.dest])[0]
+            raise ValueError(f"{path}: its stored {action.dest} is {v!r}, which {flag} does not take")
 
 
 def _peak_memory(device: str) -> str:
@@ -2002,6 +2068,8 @@ def convert(args) -> int:
     dest = Path(args.dest)
     if dest.exists():
         raise ValueError(f"{dest} exists; convert writes a new file or folder (remove it first)")
+    if not dest.parent.is_dir():
+        raise ValueError(f"{dest}: its folder {dest.parent} does not exist (create it first)")
     t = time.perf_counter()
     model = minsdxl.load(checkpoint.resolve(args.source), dtype=None, config=args.config)  # memory-mapped
     dtype = DTYPES[args.dtype] if args.dtype else None

@@ -29,6 +29,7 @@ from .checkpoint import (
     _build,
     _few,
     _unet_base,
+    check_placement,
     component_file,
     ldm_controlnet_to_diffusers,
     read_state_dict,
@@ -383,6 +384,7 @@ def load_controlnet(path, dtype=torch.float32, device="cpu", variant=None, confi
     was made for (model.unet, SDXL base): the ControlNet starts as a copy of its encoder half, with its
     current weights (a LoRA merged into it comes along, as with diffusers' ControlNetModel.from_unet), and
     the file's LoRA pairs merged in. unet= is not used for other ControlNets."""
+    check_placement(dtype, device, "load_controlnet")
     file, cj = component_file(path, variant, dtype, config)
     sd = read_state_dict(file)
     if sd.pop(CONTROL_LORA_MARK, None) is not None:

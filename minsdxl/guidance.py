@@ -15,11 +15,16 @@ perturbed batch as its own UNet call with hooks; the sampler sets `perturb` on t
 """
 
 import math
-from dataclasses import dataclass, replace
+import numbers
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale: float):
@@ -39,6 +44,23 @@ class ClassifierFreeGuidance:
     use_original_formulation: bool = False
     start: float = 0.0
     stop: float = 1.0
+
+    def __post_init__(self):
+        """Each setting of the kind its default is (a finite number, a flag; FDG's per-level ones a list of
+        numbers too), so a bad one is named here, not deep inside a step."""
+        what = type(self).__name__
+        for f in fields(self):
+            v, default = getattr(self, f.name), f.default
+            if isinstance(default, bool) and not isinstance(v, bool):
+                raise ValueError(f"{what}: {f.name} is True or False, got {v!r}")
+            is_number = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if (is_number or f.name == "guidance_scale") and not (v is None and default is None):
+                values = v if isinstance(v, (list, tuple)) and isinstance(self, FrequencyDecoupledGuidance) else [v]
+                if not values or not all(_real(x) for x in values):
+                    raise ValueError(f"{what}: {f.name} must be a finite number, got {v!r}")
+        rescale = self.guidance_rescale if isinstance(self.guidance_rescale, (list, tuple)) else [self.guidance_rescale]
+        if not all(0.0 <= r <= 1.0 for r in rescale):
+            raise ValueError(f"{what}: guidance_rescale must be in [0, 1], got {self.guidance_rescale!r}")
 
     def with_scale(self, guidance_scale: float, guidance_rescale: float):
         """This guider with the call's values where it leaves them open."""
@@ -110,6 +132,8 @@ class AdaptiveProjectedGuidance(ClassifierFreeGuidance):
         diff = cond - uncond
         nd = self.adaptive_projected_guidance_norm_dim
         dim = [-i for i in range(1, diff.ndim)] if nd is None else [nd] if isinstance(nd, int) else list(nd)
+        if not all(isinstance(d, int) and -diff.ndim <= d < diff.ndim for d in dim):
+            raise ValueError(f"adaptive_projected_guidance_norm_dim {nd!r}: dims of the {diff.ndim}-D predictions")
         diff = self._momentum(diff, state)
         if self.adaptive_projected_guidance_rescale > 0:
             norm = diff.norm(p=2, dim=dim, keepdim=True)
@@ -150,6 +174,11 @@ class ClassifierFreeZeroStarGuidance(ClassifierFreeGuidance):
     (diffusers rescales them with guidance_rescale > 0: 0/0, a NaN image)."""
 
     zero_init_steps: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.zero_init_steps, int) or self.zero_init_steps < 0:
+            raise ValueError(f"zero_init_steps must be a whole number >= 0, got {self.zero_init_steps!r}")
 
     def __call__(self, cond, uncond, step, steps, state, perturbed=None):
         if step < self.zero_init_steps:
@@ -217,6 +246,11 @@ def laplacian_pyramid(x, levels: int) -> list:
     stride = 1 << (levels - 1)
     if not (pow2(w) or pow2(h)) or h % stride or w % stride:
         x = F.pad(x, (0, (1 << (w - 1).bit_length()) - w, 0, (1 << (h - 1).bit_length()) - h), mode="reflect")
+    if min(x.shape[-2:]) >> (levels - 1) < 3:  # the blur's reflected border needs 3 pixels a side
+        raise ValueError(
+            f"FrequencyDecoupledGuidance: {levels} levels halve {tuple(x.shape[-2:])} latents below 3 pixels: "
+            "give fewer guidance_scales (or make a larger image)"
+        )
     gauss = [x]
     for _ in range(levels - 1):  # = pyrdown: blur, then bilinear to half (floor)
         g = gauss[-1]
@@ -242,6 +276,12 @@ class FrequencyDecoupledGuidance(ClassifierFreeGuidance):
     upcast_to_double: bool = True
 
     def __post_init__(self):
+        scales, weights = self.guidance_scales, self.parallel_weights
+        weights = [1.0] if weights is None else weights if isinstance(weights, (list, tuple)) else [weights]
+        for name, v in (("guidance_scales", scales), ("parallel_weights", weights)):
+            if not isinstance(v, (list, tuple)) or not v or not all(_real(x) for x in v):
+                raise ValueError(f"FrequencyDecoupledGuidance: {name} is a number per level, got {v!r}")
+        super().__post_init__()
         n = len(self.guidance_scales)
         for name in ("guidance_rescale", "parallel_weights", "start", "stop"):
             v = getattr(self, name)
@@ -404,6 +444,7 @@ class _LayerGuidance(ClassifierFreeGuidance):
         return getattr(self, self._config if name == "config" else f"{self._prefix}_{name}")
 
     def __post_init__(self):
+        super().__post_init__()
         what, start, stop = type(self).__name__, self._get("start"), self._get("stop")
         if not (0.0 <= start < 1.0 and start <= stop <= 1.0):
             raise ValueError(f"{what}: {self._prefix}_start / _stop must satisfy 0 <= start < 1 and start <= stop <= 1")
@@ -489,6 +530,13 @@ class SmoothedEnergyGuidance(_LayerGuidance):
 
     _prefix, _config = "seg_guidance", "seg_guidance_config"
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.seg_blur_sigma <= 0:
+            raise ValueError(
+                f"SmoothedEnergyGuidance: seg_blur_sigma must be > 0 (the blur's width), got {self.seg_blur_sigma}"
+            )
+
     def perturbations(self, unet):
         configs = _configs(self.seg_guidance_layers, self.seg_guidance_config, SmoothedEnergyGuidanceConfig, "SEG")
         s, inf = self.seg_blur_sigma, self.seg_blur_threshold_inf
@@ -506,6 +554,7 @@ class AutoGuidance(ClassifierFreeGuidance):
     dropout: float | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         if (self.auto_guidance_layers is None) == (self.auto_guidance_config is None):
             raise ValueError("AutoGuidance: give one of auto_guidance_layers and auto_guidance_config")
         if self.auto_guidance_config is None and self.dropout is None:

@@ -21,6 +21,24 @@ def _size(image, height, width, multiple: int = 8):
     return height - height % multiple, width - width % multiple
 
 
+def _check_pixels(x, mask: bool, kind: str) -> None:
+    """An array / tensor of pixels ([B, H, W, C] numpy or [B, C, H, W] torch): of that layout, at least 8x8,
+    floats in [0, 1] ([-1, 1] for tensors, as diffusers takes them); masks may hold 0/255 integers."""
+    hw = x.shape[1:3] if kind == "numpy" else x.shape[-2:]
+    layout = "[H, W, C] / [B, H, W, C]" if kind == "numpy" else "[C, H, W] / [B, C, H, W]"
+    if x.ndim != 4 or min(hw) < 8 or x.shape[0] == 0:
+        raise ValueError(
+            f"a {kind} image must be {layout} (channels {'last' if kind == 'numpy' else 'first'}) and at least "
+            f"8x8 pixels; got the shape {tuple(x.shape)} (as a batch)"
+        )
+    if mask:
+        return
+    if not (x.dtype.kind == "f" if kind == "numpy" else x.is_floating_point()):
+        raise ValueError(f"a {kind} image of {x.dtype} values: pass floats in [0, 1] (e.g. the array / 255)")
+    if float(x.max()) > 1.001:
+        raise ValueError(f"a {kind} image's values must be in [0, 1], its largest is {float(x.max()):g} (/ 255?)")
+
+
 def _as_list(image):
     return list(image) if isinstance(image, (list, tuple)) else [image]
 
@@ -42,6 +60,8 @@ def to_tensor(
         if not all(isinstance(i, PIL.Image.Image) for i in images):
             raise TypeError("a list of images must hold only PIL images")
         images = [i.crop(crop) for i in images] if crop is not None else images
+        if min(images[0].size) < 8:
+            raise ValueError(f"the image is {images[0].width}x{images[0].height}; it must be at least 8x8 pixels")
         height, width = _size(images[0], height, width)
         if crop is not None:
             images = [resize_fill(i, width, height) for i in images]
@@ -53,17 +73,21 @@ def to_tensor(
         x = x[..., None] if mask else x
         x = x.permute(0, 3, 1, 2)
     elif isinstance(first, np.ndarray):
+        if any(not isinstance(i, np.ndarray) or i.shape != first.shape for i in images):
+            raise ValueError("a list of numpy images must hold arrays of one shape (resize them to one size)")
         x = np.concatenate(images) if first.ndim == 4 else np.stack(images)
-        if x.ndim == 3:  # [B, H, W] masks
+        if x.ndim == 3 and mask:  # [B, H, W] masks
             x = x[..., None]
+        _check_pixels(x, mask, "numpy")
         x = torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2)
         x = _resize_tensor(x, height, width)
     elif isinstance(first, torch.Tensor):
         x = torch.cat(images) if first.ndim == 4 else torch.stack(images)
         if mask and x.ndim == 3:
             x = x.unsqueeze(1)
-        if not mask and normalize and x.shape[1] == latent_channels:
+        if not mask and normalize and x.ndim == 4 and x.shape[1] == latent_channels:
             return x  # latents: no preprocessing
+        _check_pixels(x, mask, "torch")
         x = _resize_tensor(x.float(), height, width)
     else:
         raise TypeError(

@@ -41,7 +41,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, _rename, diffusers_table, read_state_dict, safetensors_metadata
+from .checkpoint import (
+    CheckpointError,
+    _rename,
+    diffusers_table,
+    read_state_dict,
+    require_model,
+    safetensors_metadata,
+)
 
 ENCODERS = ("unet", "text_encoder", "text_encoder_2")
 _KOHYA = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te_": "text_encoder", "lora_te2_": "text_encoder_2"}
@@ -531,6 +538,7 @@ def load_lora_weights(
     diffusers keys) into the UNet and text encoders and merge it with `weight`. As in diffusers, the
     adapter just loaded is then the only active one: combine several with set_adapters(model, [names],
     [weights]). Returns its name ("default_0", "default_1", ... unless given, as diffusers names them)."""
+    require_model(model, "load_lora_weights")
     state = _state(model)
     if adapter_name is None:
         adapter_name = f"default_{len(state.adapters)}"
@@ -558,6 +566,8 @@ def _check_weight(w):
         raise TypeError("per-component / per-block adapter weights are not supported: pass one number per adapter")
     if not isinstance(w, (int, float)) or isinstance(w, bool):
         raise TypeError(f"an adapter weight must be a number, got {w!r}")
+    if not math.isfinite(w):
+        raise ValueError(f"an adapter weight must be a finite number, got {w!r}")
 
 
 def _names(model, names) -> list[str]:

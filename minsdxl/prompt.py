@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from . import lora
+from .checkpoint import require_model
 
 # ------------------------------------------------------------------------------------------------
 # checks (all before any tokenizing or encoding)
@@ -51,6 +52,21 @@ def _check_embeds(positive: tuple, negative: tuple):
         raise ValueError("pass a `prompt` (or precomputed `prompt_embeds` with `pooled_prompt_embeds`)")
     if prompt_embeds is not None and pooled is None:
         raise ValueError("`prompt_embeds` were given without `pooled_prompt_embeds`: pass both (from the same encoder)")
+    for name, t, ndim in (
+        ("prompt_embeds", prompt_embeds, 3),
+        ("pooled_prompt_embeds", pooled, 2),
+        ("negative_prompt_embeds", negative_embeds, 3),
+        ("negative_pooled_prompt_embeds", negative_pooled, 2),
+    ):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim == ndim):
+            form = "[batch, tokens, width]" if ndim == 3 else "[batch, width]"
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"`{name}` must be a floating-point torch.Tensor {form} (as encode_prompt returns), got {got}"
+            )
+    for embeds, pooled_ in ((prompt_embeds, pooled), (negative_embeds, negative_pooled)):
+        if embeds is not None and pooled_ is not None and len(embeds) != len(pooled_):
+            raise ValueError(f"prompt embeddings for {len(embeds)} prompts but pooled ones for {len(pooled_)}")
     if negative_embeds is not None:
         if negative_prompt is not None or negative_prompt_2 is not None:
             raise ValueError("pass either `negative_prompt(_2)` or `negative_prompt_embeds`, not both")
@@ -65,6 +81,7 @@ def _check_embeds(positive: tuple, negative: tuple):
 
 def _encoders(model):
     """[(tokenizer, encoder)] in diffusers' order: [CLIP-L, bigG], or [bigG] for the refiner."""
+    require_model(model, "encode_prompt")
     if model.text_encoder_2 is None or model.tokenizer_2 is None:
         raise ValueError("this model has no bigG text encoder/tokenizer_2: SDXL base and refiner both need one")
     if model.text_encoder is None:

@@ -8,6 +8,8 @@ timesteps are cut, how the first latents are made, and what the loop adds per st
 """
 
 import functools
+import math
+import numbers
 import re
 import warnings
 from contextlib import contextmanager
@@ -19,6 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import guidance, ip_adapter, lora
+from .checkpoint import require_model
 from .controlnet import ControlNetModel, ControlNetUnionModel
 from .guidance import rescale_noise_cfg
 from .image import (
@@ -271,11 +274,15 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
             projected = (embeds, embeds._version, context)
         if run.guidance_embedding is not None:
             residuals["timestep_cond"] = run.guidance_embedding.repeat(run.copies, 1)
+        if model.unet.deepcache is not None:  # a full UNet this step, or its cached deep features
+            model.unet.deepcache.start(i)
         if run.perturbations and run.guider is not None:  # a guider perturbs only the steps it uses
             on = i in run.guider.perturbed_steps(n)
             for _, p in run.perturbations:
                 p.on = on
         eps = model.unet(x_in, t_unet[i], projected[2], state["add_text_embeds"], state["add_time_ids"], **residuals)
+        if getattr(model, "cuda_graphs", False) and model.unet.deepcache is not None:
+            model.unet.deepcache.keep()  # a CUDA graph's output buffer is overwritten by its next replay
         if run.pag_scale:  # = PAGMixin._apply_perturbed_attention_guidance, its scale in torch as there
             *uncond, text, perturbed = eps.chunk(run.copies)
             pag = run.pag_scale - run.pag_adaptive_scale * (1000 - t)
@@ -304,7 +311,16 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
         if callback is not None:
             copies = run.copies
             out = callback(view, i, t, {k: (x if k == "latents" else state[k]) for k in callback_inputs})
+            if out is not None and not isinstance(out, dict):
+                raise TypeError(
+                    f"callback_on_step_end returned {type(out).__name__}; it returns a dict of the tensors it "
+                    "changes, e.g. {'latents': latents} (or {} / None)"
+                )
             out = dict(out or {})
+            new = out.get("latents", x)
+            if not (isinstance(new, torch.Tensor) and new.shape == x.shape):
+                got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                raise ValueError(f"callback_on_step_end returned latents of {got}; they must keep {tuple(x.shape)}")
             x = out.pop("latents", x)
             state.update({k: v for k, v in out.items() if k in state})
             if run.copies > copies:
@@ -320,6 +336,8 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
             run.extra_chunk = False  # no later step uses the perturbed rows: the batch drops them
             _drop_rows(run, state, run.copies + 1, x.shape[0], last=True)
             projected = None
+    if model.unet.deepcache is not None:
+        model.unet.deepcache.features = None  # not kept between calls
     return x
 
 
@@ -340,6 +358,7 @@ def _check_size(name, value):
 
 
 def _check_common(model, a, mode):
+    require_model(model, mode)
     if model.unet is None or model.vae is None:
         raise ValueError("the model has no UNet or VAE; load it with minsdxl.load(path)")
     if a["output_type"] not in _OUTPUT_TYPES:
@@ -349,6 +368,9 @@ def _check_common(model, a, mode):
     g = a["guidance_scale"]
     if not isinstance(g, (int, float)) or isinstance(g, bool):
         raise TypeError(f"guidance_scale must be a number, got {g!r}")
+    if not math.isfinite(g):
+        raise ValueError(f"guidance_scale must be a finite number (1 or less: no CFG), got {g}")
+    _number("guidance_rescale", a["guidance_rescale"])
     if not 0.0 <= a["guidance_rescale"] <= 1.0:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {a['guidance_rescale']!r}")
     if a.get("guider") is not None:
@@ -363,11 +385,30 @@ def _check_common(model, a, mode):
         raise ValueError(f"variation_strength {v} turns the noise toward variation_seed: give it (a whole number)")
     if v and a.get("latents") is not None:
         raise ValueError("variation_strength varies the noise drawn from the seed; with latents= nothing is drawn")
+    for k in ("seed_resize_from_h", "seed_resize_from_w"):
+        if isinstance(a[k], bool) or not isinstance(a[k], int):
+            raise ValueError(f"{k} must be a whole number of pixels (0 or less: off), got {a[k]!r}")
+    if (a["seed_resize_from_h"] > 0) != (a["seed_resize_from_w"] > 0):
+        raise ValueError("seed_resize_from_h and seed_resize_from_w go together: give both (or neither)")
+    if a["seed_resize_from_h"] > 0 and a.get("latents") is not None:
+        raise ValueError("seed_resize_from_h / _w resize the noise drawn from the seed; with latents= none is drawn")
     n = a["num_images_per_prompt"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {n!r}")
     if a["generator"] is not None and a["seed"] is not None:
         raise ValueError("pass either generator= or seed=, not both")
+    _check_randomness(a)
+    for k in ("original_size", "target_size", "crops_coords_top_left"):  # micro-conditioning pairs
+        for key in (k, "negative_" + k):
+            v = a.get(key)
+            if v is None:
+                continue
+            low = 0 if k.startswith("crops") else 1  # a size of 0 conditions on nothing real
+            if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(_is_number(x) and x >= low for x in v):
+                form = "(top, left) pixels" if k.startswith("crops") else "(height, width) pixels"
+                raise ValueError(
+                    f"{key} must be a pair {form}, numbers >= {low}, e.g. (1024, 1024) or (0, 0); got {v!r}"
+                )
     in_ch = model.unet.config.in_channels
     if mode != "inpaint" and in_ch == 9:
         raise ValueError(
@@ -395,6 +436,13 @@ def _check_common(model, a, mode):
         raise ValueError(f"denoising_start={start} must be below denoising_end={end}")
     if hasattr(a["callback_on_step_end"], "tensor_inputs"):  # = diffusers: a PipelineCallback names its own
         a["callback_on_step_end_tensor_inputs"] = a["callback_on_step_end"].tensor_inputs
+    if isinstance(a["callback_on_step_end_tensor_inputs"], str):  # one name
+        a["callback_on_step_end_tensor_inputs"] = [a["callback_on_step_end_tensor_inputs"]]
+    if not isinstance(a["callback_on_step_end_tensor_inputs"], (list, tuple)):
+        raise ValueError(
+            f"callback_on_step_end_tensor_inputs: a list of names such as ['latents'], got "
+            f"{a['callback_on_step_end_tensor_inputs']!r}"
+        )
     bad = [k for k in a["callback_on_step_end_tensor_inputs"] if k not in _CALLBACK_INPUTS]
     if bad:
         raise ValueError(
@@ -409,6 +457,22 @@ def _check_common(model, a, mode):
     ip_adapter.check_inputs(model, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
     masks = (a["cross_attention_kwargs"] or {}).get("ip_adapter_masks")
     a["ip_adapter_masks"] = ip_adapter.check_masks(model, masks, a["ip_adapter_image"], a["ip_adapter_image_embeds"])
+
+
+def _check_randomness(a):
+    """seed=, generator= and latents= of the kinds they must be."""
+    seed, gens, latents = a["seed"], a["generator"], a.get("latents")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be a whole number in [0, 2**64) (torch.manual_seed's range), got {seed!r}")
+    for g in gens if isinstance(gens, (list, tuple)) else [] if gens is None else [gens]:
+        if not isinstance(g, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator (or a list, one per image), got {type(g).__name__}; or pass "
+                "seed=N"
+            )
+    if latents is not None and not (isinstance(latents, torch.Tensor) and latents.is_floating_point()):
+        kind = f"a {latents.dtype} tensor" if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise TypeError(f"latents must be a floating-point torch.Tensor [batch, 4, H/8, W/8], got {kind}")
 
 
 def _check_guider(model, a):
@@ -443,9 +507,15 @@ def _pag_layers(model, a) -> list:
     if a.get("controlnet") is not None and a["guess_mode"]:  # (diffusers' ControlNet PAG pipelines have none)
         raise ValueError("pag_scale with a ControlNet in guess_mode is not supported; use one of them")
     found = []
+    if not isinstance(layers, (str, list, tuple)) or not layers:
+        raise ValueError(f"pag_applied_layers: a layer name or a list of them (regexes, e.g. 'mid'), got {layers!r}")
     for layer_id in [layers] if isinstance(layers, str) else list(layers):
         if not isinstance(layer_id, str):
             raise ValueError(f"pag_applied_layers: layer names are strings (regexes), got {layer_id!r}")
+        try:
+            re.compile(layer_id)
+        except re.error as e:
+            raise ValueError(f"pag_applied_layers: {layer_id!r} is not a regular expression ({e})") from None
         last = layer_id.split(".")[-1]
         hits = [
             m
@@ -509,12 +579,30 @@ def _scheduler(model, a) -> Scheduler:
 def _noise(shape, generator, device, dtype, a) -> torch.Tensor:
     """The starting noise (= randn_tensor), or with variation_strength > 0 A1111's variation of it: each image's
     noise turned toward the same-shaped draw of variation_seed (rng.slerp), the seed's generator consumed as
-    without it, so the rest of the run draws the same."""
-    noise = randn(shape, generator, device, dtype)
-    if not a["variation_strength"]:
+    without it, so the rest of the run draws the same. With seed_resize_from_h / _w (pixels; A1111's "Seed
+    resize from"), the noise (and its variation) the same seed gives at that size is pasted in the middle of
+    this size's own draw from the same generator state, cropped where it is larger (= A1111's ImageRNG.first):
+    the composition of that size's image kept at this one."""
+    small = tuple(shape[:2]) + (a["seed_resize_from_h"] // 8, a["seed_resize_from_w"] // 8)
+    resize = a["seed_resize_from_h"] > 0 and a["seed_resize_from_w"] > 0 and small != tuple(shape)
+    gens = [g for g in (generator if isinstance(generator, (list, tuple)) else [generator]) if g is not None]
+    states = [g.get_state() for g in gens] if resize else []  # (no generator: torch's global RNG, not rewound)
+    noise = randn(small if resize else shape, generator, device, dtype)
+    if a["variation_strength"]:
+        other = randn(noise.shape, torch.Generator().manual_seed(a["variation_seed"]), device, dtype)
+        noise = torch.stack([slerp(a["variation_strength"], n, o) for n, o in zip(noise, other)])
+    if not resize:
         return noise
-    other = randn(shape, torch.Generator().manual_seed(a["variation_seed"]), device, dtype)
-    return torch.stack([slerp(a["variation_strength"], n, o) for n, o in zip(noise, other)])
+    for g, state in zip(gens, states):
+        g.set_state(state)
+    full = randn(shape, generator, device, dtype)
+    (h, w), (sh, sw) = shape[-2:], small[-2:]
+    dy, dx = (h - sh) // 2, (w - sw) // 2  # the small noise's offset in the full one: < 0 where it is larger
+    ph, pw = sh + 2 * min(dy, 0), sw + 2 * min(dx, 0)  # (as A1111: an odd surplus leaves a row of the full draw)
+    full[..., max(dy, 0) : max(dy, 0) + ph, max(dx, 0) : max(dx, 0) + pw] = noise[
+        ..., max(-dy, 0) : max(-dy, 0) + ph, max(-dx, 0) : max(-dx, 0) + pw
+    ]
+    return full
 
 
 def _device(model):
@@ -698,8 +786,9 @@ def _time_ids(model, ids, neg_ids, pooled_dim, dtype):
     if got != expected:
         kind = "a refiner-style (aesthetic score)" if len(ids) == 5 else "a base-style (target size)"
         raise ValueError(
-            f"{kind} micro-conditioning gives {got} add-embedding inputs but the UNet expects {expected}: the "
-            "model's requires_aesthetics_score flag does not fit its UNet (base: False, refiner: True)"
+            f"{kind} micro-conditioning gives {got} add-embedding inputs ({len(ids)} time ids and pooled prompt "
+            f"embeddings {pooled_dim} wide) but the UNet expects {expected}: pooled_prompt_embeds of another width, "
+            "or the model's requires_aesthetics_score flag does not fit its UNet (base: False, refiner: True)"
         )
     return torch.tensor([list(ids)], dtype=dtype), torch.tensor([list(neg_ids)], dtype=dtype)
 
@@ -780,8 +869,12 @@ def _spread(x, batch, what):
 # ControlNet inputs (= the three ControlNet pipelines' check_inputs and prepare_(control_)image)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _number(name, v):
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
+    if not _is_number(v):
         raise TypeError(f"{name} must be a number, got {v!r}")
 
 
@@ -961,6 +1054,8 @@ def _check_adapters(model, a):
             if a[k] != 1.0:
                 raise ValueError(f"{k} is for a T2I-Adapter: pass adapter= (minsdxl.load_t2i_adapter) too")
         return None
+    if model.unet.deepcache is not None:  # (the package adds the features to its cached tensors in place)
+        raise ValueError("a T2I-Adapter with DeepCache is not supported: minsdxl.deepcache.disable(model) first")
     multi = isinstance(adapters, (list, tuple))
     adapters = list(adapters) if multi else [adapters]
     ch = model.unet.config.block_out_channels
@@ -1002,8 +1097,8 @@ def _adapter_pixels(adp, height, width):
         if height is None or width is None:
             h, w = _own_size(image, f)
             height, width = height or h, width or w
-        if height % f or width % f:
-            raise ValueError(f"a T2I-Adapter needs height and width multiples of {f}; got {height}x{width}")
+        if height % f or width % f or min(height, width) < f:
+            raise ValueError(f"a T2I-Adapter needs height and width multiples of {f} (>= {f}); got {height}x{width}")
         x = to_tensor(image, height, width, normalize=False)
         if ad.config.in_channels == 1 and x.shape[1] == 3:  # a grey image read as RGB: its one channel
             if not (torch.equal(x[:, :1], x[:, 1:2]) and torch.equal(x[:, :1], x[:, 2:])):
@@ -1054,6 +1149,9 @@ def _per_call(fn):
                 f"cross_attention_kwargs {extra} are not supported: SDXL's attention takes 'scale' (the LoRA "
                 "scale) and 'ip_adapter_masks'; custom attention processors are not part of minsdxl"
             )
+        scale = (cross_attention_kwargs or {}).get("scale")
+        if scale is not None and not (_is_number(scale) and math.isfinite(scale)):
+            raise ValueError(f"cross_attention_kwargs['scale'] (the LoRA scale) must be a finite number, got {scale!r}")
         with lora.scaled(model, (cross_attention_kwargs or {}).get("scale")), circular(model, tiling):
             return fn(model, *args, cross_attention_kwargs=cross_attention_kwargs, tiling=tiling, **kw)
 
@@ -1138,6 +1236,8 @@ def text2img(
     seed=None,
     variation_seed=None,
     variation_strength=0.0,
+    seed_resize_from_h=0,
+    seed_resize_from_w=0,
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
@@ -1150,7 +1250,9 @@ def text2img(
     prompt_weighting="a1111" (A1111's "(word:1.3)" syntax and prompts of any length; encode_prompt's),
     tiling=True (A1111's "Tiling": circular padding, a seamless image to tile side by side; every function),
     variation_seed= and variation_strength= (every function: A1111's variation seeds, the starting noise turned
-    toward variation_seed's by that fraction; rng.slerp), guider= (text2img, img2img, inpaint): a
+    toward variation_seed's by that fraction; rng.slerp), seed_resize_from_h= / _w= (every function: A1111's
+    "Seed resize from": that size's noise of the same seed in the middle of this one's), guider= (text2img,
+    img2img, inpaint): a
     minsdxl.guidance rule instead of CFG (APG, CFG-Zero*, TCFG, ...:
     = diffusers' guiders in its Modular pipelines)
     With controlnet= (minsdxl.load_controlnet; a list for several) = StableDiffusionXLControlNetPipeline:
@@ -1176,7 +1278,7 @@ def text2img(
         latents = _noise(shape, st.generator, device, dtype, a)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape} (batch, 4, H/8, W/8)")
-    latents = latents.to(device) * st.scheduler.init_noise_sigma
+    latents = latents.to(device, dtype) * st.scheduler.init_noise_sigma
 
     original_size, target_size = original_size or (height, width), target_size or (height, width)
     ids = tuple(original_size) + tuple(crops_coords_top_left) + tuple(target_size)
@@ -1264,6 +1366,8 @@ def img2img(
     seed=None,
     variation_seed=None,
     variation_strength=0.0,
+    seed_resize_from_h=0,
+    seed_resize_from_w=0,
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
@@ -1296,6 +1400,11 @@ def img2img(
             latents = st.scheduler.add_noise(init, _noise(init.shape, generator, device, dtype, a), st.timesteps[:1])
         else:
             latents = init
+    else:  # (diffusers starts from them as given; the image then only sets their size)
+        want = (batch, 4, *(x.shape[-2:] if x.shape[1] == 4 else (x.shape[-2] // 8, x.shape[-1] // 8)))
+        if tuple(latents.shape) != want:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; this image needs {want} (batch, 4, H/8, W/8)")
+        latents = latents.to(device, dtype)
     height, width = (s * 8 for s in latents.shape[-2:])
     time_ids = _refine_ids(model, a, height, width, st.pooled_dim, dtype, batch, st)
     run = st.run(a, latents, time_ids)
@@ -1360,6 +1469,8 @@ def inpaint(
     seed=None,
     variation_seed=None,
     variation_strength=0.0,
+    seed_resize_from_h=0,
+    seed_resize_from_w=0,
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
@@ -1391,10 +1502,19 @@ def inpaint(
     crop = _crop_box(a, height, width)
     init_image = to_tensor(image, height, width, crop=crop).float()
     mask_px = to_tensor(mask_image, height, width, mask=True, crop=crop)
+    if mask_px.shape[0] not in (1, init_image.shape[0]):
+        raise ValueError(f"{mask_px.shape[0]} masks for {init_image.shape[0]} images: pass one mask, or one per image")
+    if masked_image_latents is not None and not (
+        isinstance(masked_image_latents, torch.Tensor)
+        and masked_image_latents.ndim == 4
+        and tuple(masked_image_latents.shape[1:]) == (4, height // 8, width // 8)
+    ):
+        got = tuple(masked_image_latents.shape) if isinstance(masked_image_latents, torch.Tensor) else "not a tensor"
+        raise ValueError(f"masked_image_latents must be [batch, 4, {height // 8}, {width // 8}] latents, got {got}")
     if ctl is not None:
         _control_pixels(ctl, height, width, crop)
     if not (mask_px > 0.5).any():
-        warnings.warn("mask_image has no white pixels: nothing will be repainted", stacklevel=2)
+        warnings.warn("mask_image has no white pixels: nothing will be repainted", stacklevel=3)  # (over call())
     nine = model.unet.config.in_channels == 9
     if nine and init_image.shape[1] == 4 and masked_image_latents is None:
         raise ValueError("the 9-channel inpainting UNet needs a pixel image (or masked_image_latents=), not latents")
@@ -1402,6 +1522,9 @@ def inpaint(
     batch, device, dtype, generator, sched = st.batch, _device(model), st.dtype, st.generator, st.scheduler
     shape = (batch, 4, height // 8, width // 8)
     strength_max = strength == 1.0
+    for what, x in (("images", init_image), ("masks", mask_px), ("masked_image_latents", masked_image_latents)):
+        if x is not None and (batch % x.shape[0] or x.shape[0] > batch):
+            raise ValueError(f"cannot spread {x.shape[0]} {what} over {batch} images; pass 1 or {batch}")
 
     # = prepare_latents: the image latents (a VAE draw) come before the noise draw
     image_latents = None
@@ -1419,7 +1542,7 @@ def inpaint(
             noise * sched.init_noise_sigma if strength_max else sched.add_noise(image_latents, noise, st.timesteps[:1])
         )
     elif denoising_start is None:
-        noise = latents.to(device)
+        noise = latents.to(device, dtype)
         latents = noise * sched.init_noise_sigma
     else:
         noise = _noise(shape, generator, device, dtype, a)
@@ -1507,6 +1630,8 @@ def instruct_pix2pix(
     seed=None,
     variation_seed=None,
     variation_strength=0.0,
+    seed_resize_from_h=0,
+    seed_resize_from_w=0,
     scheduler=None,
     cross_attention_kwargs=None,
     progress=True,
@@ -1550,7 +1675,7 @@ def instruct_pix2pix(
         latents = _noise(shape, st.generator, device, dtype, a)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape} (batch, 4, H/8, W/8)")
-    latents = latents.to(device) * st.scheduler.init_noise_sigma
+    latents = latents.to(device, dtype) * st.scheduler.init_noise_sigma
 
     ids = tuple(original_size or (height, width)) + tuple(crops_coords_top_left) + tuple(target_size or (height, width))
     ids, _ = _time_ids(model, ids, ids, st.pooled_dim, dtype)

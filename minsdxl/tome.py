@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .unet import unet_of
+
 
 def _nothing(x):
     return x
@@ -114,13 +116,20 @@ class ToMe:
 
 
 def _unet(model):
-    return getattr(model, "unet", None) or model
+    return unet_of(model, "Token Merging")
 
 
 def apply_patch(model, ratio: float = 0.5, max_downsample: int = 1, sx: int = 2, sy: int = 2, use_rand: bool = True,
                 merge_attn: bool = True, merge_crossattn: bool = False, merge_mlp: bool = False):  # fmt: skip
     """= tomesd.apply_patch(pipe, ...): ToMe on the model's (or this) UNet until remove_patch; the same arguments
     and defaults (on SDXL pass max_downsample >= 2: see the module's note)."""
+    for name, v in (("sx", sx), ("sy", sy)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(
+                f"{name} must be a whole number >= 1 (the merge cells' side; tomesd's default 2), got {v!r}"
+            )
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise ValueError(f"ratio must be a number (the share of tokens merged), got {ratio!r}")
     if not 0 <= ratio < 1 - 1 / (sx * sy) + 1e-9:
         raise ValueError(
             f"ratio must be in [0, {1 - 1 / (sx * sy)}] for sx={sx}, sy={sy} (tomesd's bound), got {ratio}"

@@ -310,18 +310,20 @@ class DownBlock(nn.Module):
         self.attentions = level_transformers(cout, depths, cfg)
         self.downsamplers = nn.ModuleList([Downsample2D(cout)]) if downsample else None
 
-    def forward(self, x, emb, contexts, skips: list, residual=None):
+    def forward(self, x, emb, contexts, skips: list, residual=None, stop=None):
         """residual: a T2I-Adapter's feature map, added (= diffusers' down_intrablock_additional_residuals) to
         the last resnet + attention's output in a level with attention, else to the level's output; the
-        skip pushed there carries it too."""
+        skip pushed there carries it too. stop: run the first `stop` resnets (+ transformers) alone (DeepCache)."""
         last = len(self.resnets) - 1
-        for j, resnet in enumerate(self.resnets):
+        for j, resnet in enumerate(self.resnets[:stop]):
             x = resnet(x, emb)
             if self.attentions is not None:
                 x = self.attentions[j](x, contexts)
                 if residual is not None and j == last:
                     x = x + residual
             skips.append(x)
+        if stop is not None:
+            return x
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             skips.append(x)
@@ -354,9 +356,10 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if upsample else None
         self.freeu: tuple[float, float] | None = None  # (b, s): UNet2DConditionModel.enable_freeu
 
-    def forward(self, x, emb, contexts, skips: list):
-        for j, resnet in enumerate(self.resnets):
-            skip = skips.pop()
+    def forward(self, x, emb, contexts, skips: list, start=0, stop=None):
+        """start / stop: run resnets (+ transformers) [start, stop) alone, the upsampler only to the end (DeepCache)."""
+        for j in range(start, len(self.resnets) if stop is None else stop):
+            resnet, skip = self.resnets[j], skips.pop()
             if self.freeu is not None:  # = diffusers apply_freeu: backbone half amplified, skip's lows damped
                 b, s = self.freeu
                 half = x.shape[1] // 2
@@ -365,7 +368,7 @@ class UpBlock(nn.Module):
             x = resnet(torch.cat([x, skip], dim=1), emb)
             if self.attentions is not None:
                 x = self.attentions[j](x, contexts)
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and stop is None:
             x = self.upsamplers[0](x, size=skips[-1].shape[-2:])
         return x
 
@@ -383,6 +386,14 @@ class MidBlock(nn.Module):
     def forward(self, x, emb, contexts):
         x = self.resnets[0](x, emb)
         return x if self.attentions is None else self.resnets[1](self.attentions[0](x, contexts), emb)
+
+
+def unet_of(model, what: str) -> "UNet2DConditionModel":
+    """A model's UNet (minsdxl.load's, or the UNet itself), or a clear error naming what takes it."""
+    unet = getattr(model, "unet", model)
+    if not isinstance(unet, UNet2DConditionModel):
+        raise TypeError(f"{what} takes a model from minsdxl.load(path) (or its UNet), got {type(model).__name__}")
+    return unet
 
 
 def level_transformers(ch: int, depths: tuple, cfg: UNetConfig) -> nn.ModuleList | None:
@@ -421,6 +432,7 @@ class UNet2DConditionModel(nn.Module):
         # diffusers' attribute name, so the keys are encoder_hid_proj.image_projection_layers.N.*
         self.encoder_hid_proj = None
         self.tome = None  # minsdxl.tome.apply_patch: Token Merging (its blocks share these settings)
+        self.deepcache = None  # minsdxl.deepcache.enable: the cached deep features and when to reuse them
 
     def encoder_half(self, cfg: UNetConfig) -> None:
         """The layers a UNet and a ControlNet share (the ControlNet is a copy of them): conv_in, the time
@@ -561,6 +573,21 @@ class UNet2DConditionModel(nn.Module):
 
         x = self.conv_in(sample)
         skips = [x]  # pushed by every resnet/downsample on the way down, popped in reverse on the way up
+        dc = self.deepcache
+        if dc is not None and dc.reuse(x):  # DeepCache: the shallow branch alone, the deep features cached
+            (down, stop), (up, start) = dc.branch
+            for block in self.down_blocks[:down]:
+                x = block(x, emb, contexts, skips)
+            self.down_blocks[down](x, emb, contexts, skips, stop=stop)
+            residuals = down_block_additional_residuals  # a ControlNet's, on the skips computed
+            skips = skips if residuals is None else [s + r for s, r in zip(skips, residuals[: len(skips)])]
+            # the prompt contexts left (popped in forward order) are the branch's up transformers', the last ones
+            runs = [b.attentions[start if i == 0 else 0 :] for i, b in enumerate(self.up_blocks[up:]) if b.attentions]
+            del contexts[sum(len(t.transformer_blocks) for ts in runs for t in ts) :]
+            x = self.up_blocks[up](dc.features, emb, contexts, skips, start=start)
+            for block in self.up_blocks[up + 1 :]:
+                x = block(x, emb, contexts, skips)
+            return self.conv_out(F.silu(self.conv_norm_out(x)))
         adapter = list(down_intrablock_additional_residuals or ())
         for block in self.down_blocks:
             x = block(x, emb, contexts, skips, adapter.pop(0) if adapter else None)
@@ -577,6 +604,10 @@ class UNet2DConditionModel(nn.Module):
                 x = x + adapter.pop(0)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual
-        for block in self.up_blocks:
-            x = block(x, emb, contexts, skips)
+        for i, block in enumerate(self.up_blocks):
+            if dc is not None and i == dc.branch[1][0]:  # the features entering the shallow branch, kept
+                x = dc.features = block(x, emb, contexts, skips, stop=dc.branch[1][1])
+                x = block(x, emb, contexts, skips, start=dc.branch[1][1])
+            else:
+                x = block(x, emb, contexts, skips)
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -14,8 +14,12 @@ skips the all-zero negative prompt's cross-attention) and also with the prompt t
 
 With --tome RATIO the interleaved rounds add Token Merging at max_downsample 2 (fixed cells): minsdxl.tome on
 minsdxl's UNet and the tomesd package on diffusers', each a second model on the same mapped weights.
+With --deepcache BRANCH they add DeepCache's cached step (the shallow branch BRANCH on the deep features of a
+full step run once before): minsdxl.deepcache and the DeepCache package's DeepCacheSDHelper on diffusers' UNet,
+again second models on the same weights.
 
     python scripts/bench_cpu.py [--workdir /tmp/minsdxl_bench] [--size 512] [--steps 2] [--reps 5] [--tome 0.5]
+                                [--deepcache 0]
 """
 
 import argparse
@@ -66,7 +70,21 @@ def measure(lib: str, work: Path, size: int, steps: int):
     print(json.dumps(dict(load_s=t1 - t0, generate_s=t2 - t1, s_per_step=step, peak_rss_gib=rss)))
 
 
-def interleaved(work: Path, size: int, reps: int, tome: float = 0.0):
+def _parity(label: str, ref: str, runs: dict):
+    """The last two runs (minsdxl's, the reference's) on the same inputs."""
+    a, b = (f() for f in list(runs.values())[-2:])
+    print(f"{label} parity: max |minsdxl - {ref}| / max |{ref}| = {((a - b).abs().max() / b.abs().max()).item():.1e}")
+
+
+def _second(cfg, sd, make):
+    """Another UNet on the same tensors (assign=True: no copy)."""
+    with torch.device("meta"):
+        m = make(cfg)
+    m.load_state_dict(sd, strict=True, assign=True)
+    return m.eval()
+
+
+def interleaved(work: Path, size: int, reps: int, tome: float = 0.0, deepcache: int | None = None):
     import statistics
 
     import diffusers
@@ -106,10 +124,8 @@ def interleaved(work: Path, size: int, reps: int, tome: float = 0.0):
 
             from minsdxl import tome as mt
 
-            with torch.device("meta"):
-                ours_t = UNet2DConditionModel(cfg)
-            ours_t.load_state_dict(sd, strict=True, assign=True)
-            mt.apply_patch(ours_t.eval(), ratio=tome, max_downsample=2, use_rand=False)
+            ours_t = _second(cfg, sd, UNet2DConditionModel)
+            mt.apply_patch(ours_t, ratio=tome, max_downsample=2, use_rand=False)
             ref_t = tomesd.apply_patch(
                 meta_diffusers(diffusers.UNet2DConditionModel, diffusers_unet_config(cfg), sd),
                 ratio=tome,
@@ -120,9 +136,32 @@ def interleaved(work: Path, size: int, reps: int, tome: float = 0.0):
             runs[f"diffusers + tomesd {tome}"] = lambda: (
                 ref_t(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
             )
-            a, b = runs[f"minsdxl + ToMe {tome} (step)"](), runs[f"diffusers + tomesd {tome}"]()
-            rel = ((a - b).abs().max() / b.abs().max()).item()
-            print(f"ToMe parity: max |minsdxl - diffusers+tomesd| / max |diffusers+tomesd| = {rel:.1e}")
+            _parity("ToMe", "diffusers+tomesd", runs)
+        if deepcache is not None:  # the cached step: the shallow branch on a full step's deep features
+            from types import SimpleNamespace
+
+            from DeepCache import DeepCacheSDHelper
+
+            from minsdxl import deepcache as md
+
+            ours_d = _second(cfg, sd, UNet2DConditionModel)
+            md.enable(SimpleNamespace(unet=ours_d), cache_interval=1000, cache_branch_id=deepcache)
+            ours_d.deepcache.start(0)
+            ours_d(x, t, kv, pooled, ids)  # the full step, cached
+            ours_d.deepcache.start(1)
+            ref_d = meta_diffusers(diffusers.UNet2DConditionModel, diffusers_unet_config(cfg), sd)
+            # the package finds the step by the timestep's place in the scheduler's: 500 full, then 400 cached
+            helper = DeepCacheSDHelper(SimpleNamespace(unet=ref_d, scheduler=SimpleNamespace(timesteps=[500.0, 400.0])))
+            helper.set_params(cache_interval=1000, cache_branch_id=deepcache)
+            helper.enable()
+            cond = {"text_embeds": pooled, "time_ids": ids}
+            ref_d(x, t, ctx, added_cond_kwargs=cond)
+            t2 = torch.tensor(400.0)
+            runs[f"minsdxl + DeepCache {deepcache} (cached step)"] = lambda: ours_d(x, t2, kv, pooled, ids)
+            runs[f"diffusers + DeepCache {deepcache} (cached)"] = lambda: (
+                ref_d(x, t2, ctx, added_cond_kwargs=cond).sample
+            )
+            _parity("DeepCache (cached step)", "diffusers+DeepCache", runs)
         times = {name: [] for name in runs}
         names = list(runs)
         for i in range(reps):
@@ -131,11 +170,12 @@ def interleaved(work: Path, size: int, reps: int, tome: float = 0.0):
                 runs[name]()
                 times[name].append(time.perf_counter() - t0)
     print(f"\nUNet step alone, {size}x{size} CFG batch 2, fp32, {reps} interleaved rounds (s)")
-    print(f"{'':26} {'median':>7} {'min':>7} {'median / diffusers':>18} {'median of round ratios':>22}")
+    w = max(map(len, times))
+    print(f"{'':{w}} {'median':>7} {'min':>7} {'median / diffusers':>18} {'median of round ratios':>22}")
     ref_t = times["diffusers"]
     for name, ts in times.items():
         med, paired = statistics.median(ts), statistics.median(a / b for a, b in zip(ts, ref_t))
-        print(f"{name:26} {med:7.2f} {min(ts):7.2f} {med / statistics.median(ref_t):17.2f}x {paired:21.2f}x")
+        print(f"{name:{w}} {med:7.2f} {min(ts):7.2f} {med / statistics.median(ref_t):17.2f}x {paired:21.2f}x")
     print(json.dumps(times))
 
 
@@ -146,6 +186,7 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5, help="interleaved UNet-step rounds (0: skip)")
     ap.add_argument("--tome", type=float, default=0.0, help="also time Token Merging at this ratio (both libraries)")
+    ap.add_argument("--deepcache", type=int, default=None, help="also time DeepCache's cached step, this branch")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -188,7 +229,7 @@ def main():
             f"generate {m['generate_s'] / d['generate_s']:.2f}x, peak RSS {m['peak_rss_gib'] / d['peak_rss_gib']:.2f}x"
         )
     if args.reps:
-        interleaved(work, args.size, args.reps, args.tome)
+        interleaved(work, args.size, args.reps, args.tome, args.deepcache)
 
 
 if __name__ == "__main__":

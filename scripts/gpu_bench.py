@@ -29,6 +29,10 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
     under CUDA graphs) and unloaded: output changed, no new graphs, compiled vs eager, bit-equal after.
  5. (--controlnet) SDXL base + a ControlNet of controlnet-canny-sdxl-1.0's shapes: latent parity, and ms per
     step / end to end eager and compiled, minsdxl (compile(model, controlnet=net)) vs diffusers.
+ 6. (--deepcache N:BRANCH) DeepCache (the whole UNet every N steps, the shallow branch between; it changes the
+    image, so not a row of 4.): minsdxl.deepcache eager and under minsdxl.compile's defaults vs the DeepCache
+    package on diffusers' eager pipeline (needs its wheel: pip's DeepCache 0.1.1), ms per step (the mean of
+    full and cached steps after the first), end to end, and the image's mean |difference| from the package's.
 """
 
 import argparse
@@ -546,8 +550,7 @@ def run_configs(args, pipe, model):
             if args.lora and which == "minsdxl" and backend == "auto" and options == defaults:
                 lora_check(args, model, kw)
         except Exception as e:  # report and go on to the next config
-            rows.append(dict(config=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
-            log(f"{name:44} FAILED: {rows[-1]['error']}")
+            row_failed(rows, name, e)
             save(args)
         finally:
             if mode is not False:  # back to eager for the next config
@@ -557,6 +560,28 @@ def run_configs(args, pipe, model):
                 model.cuda_graphs = False
                 minsdxl.speed.set_fused_geglu(model, False)
     minsdxl.set_attention("sdpa", model)
+
+
+def row_failed(rows: list, name: str, e: Exception) -> None:
+    rows.append(dict(config=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
+    log(f"{name:44} FAILED: {rows[-1]['error']}")
+
+
+def section_row(name, generate_kw, kw, dev, again_steps=0):
+    """A row of sections 5 and 6: a warm-up call (compiles when compiled; again with `again_steps` steps where
+    CUDA graphs record on a 2nd call), then the timed one. (row, image); row["line"] is its log line so far."""
+    reset_peak(dev)
+    t0 = time.perf_counter()
+    generate_kw(kw)
+    if again_steps:
+        generate_kw({**kw, "num_inference_steps": again_steps})
+    sync(dev)
+    first, graphs = time.perf_counter() - t0, unique_graphs()
+    image, step_ms, end_s, _, _ = timed(functools.partial(generate_kw, kw), dev)
+    row = dict(config=name, first_run_s=first, ms_per_step=step_ms, end_to_end_s=end_s, peak_gib=peak_gib(dev))
+    row["new_graphs_in_timed_run"] = unique_graphs() - graphs
+    row["line"] = f"{name:44} {first:11.1f} {step_ms:8.1f} {end_s:12.3f} {row['peak_gib']:9.2f}"
+    return row, image
 
 
 def controlnet_section(args, pipe, model):
@@ -612,29 +637,69 @@ def controlnet_section(args, pipe, model):
                 else:
                     for m in (cpipe.unet, cpipe.controlnet, cpipe.vae.decoder):
                         m.compile(fullgraph=True)
-            reset_peak(dev)
-            t0 = time.perf_counter()
-            generate_cn(which, kw)  # warm-up (compiles when compiled)
-            if compiled and which == "minsdxl" and model.cuda_graphs:  # graphs record on a 2nd call
-                generate_cn(which, {**kw, "num_inference_steps": 2})
-            sync(dev)
-            first, graphs = time.perf_counter() - t0, unique_graphs()
-            _, step_ms, end_s, _, _ = timed(functools.partial(generate_cn, which, kw), dev)
-            row = dict(config=name, first_run_s=first, ms_per_step=step_ms, end_to_end_s=end_s, peak_gib=peak_gib(dev))
-            row["new_graphs_in_timed_run"] = unique_graphs() - graphs
+            graphs = compiled and which == "minsdxl" and model.cuda_graphs
+            row, _ = section_row(name, functools.partial(generate_cn, which), kw, dev, 2 if graphs else 0)
             out["rows"].append(row)
-            log(
-                f"{name:44} {first:11.1f} {step_ms:8.1f} {end_s:12.3f} {row['peak_gib']:9.2f} "
-                f"{row['new_graphs_in_timed_run']:10d}"
-            )
+            log(f"{row['line']} {row['new_graphs_in_timed_run']:10d}")
         except Exception as e:  # report and go on
-            out["rows"].append(dict(config=name, error=f"{type(e).__name__}: {str(e)[:500]}"))
-            log(f"{name:44} FAILED: {out['rows'][-1]['error']}")
+            row_failed(out["rows"], name, e)
         finally:
             save(args)
             if compiled:
                 torch._dynamo.reset()
                 for m in (*compiled_parts(model), ours, cpipe.unet, cpipe.controlnet, cpipe.vae.decoder):
+                    m._compiled_call_impl = None
+                model.cuda_graphs = False
+
+
+def deepcache_section(args, pipe, model):
+    """6. (--deepcache N:BRANCH) DeepCache in both libraries (see the module's text)."""
+    from DeepCache import DeepCacheSDHelper
+
+    import minsdxl
+
+    dev, (interval, branch) = args.device, [int(v) for v in args.deepcache.split(":")]
+    kw = dict(prompt="a photo of an astronaut riding a horse", height=args.size, width=args.size)
+    kw |= dict(num_inference_steps=args.steps, guidance_scale=5.0)
+    out = RESULTS.setdefault("deepcache", {"interval": interval, "branch": branch, "rows": []})
+    log(f"\n6. DeepCache, a full UNet every {interval} steps, branch {branch} between")
+    log(f"{'config':44} {'first run s':>11} {'ms/step':>8} {'end-to-end s':>12} {'peak GiB':>9} {'levels vs pkg':>13}")
+    reference = None
+    for name, which, compiled in (
+        ("deepcache: diffusers eager + DeepCache package", "diffusers", False),
+        ("deepcache: minsdxl eager", "minsdxl", False),
+        ("deepcache: minsdxl compile defaults", "minsdxl", True),
+    ):
+        if args.skip_compile and compiled:
+            continue
+        helper = DeepCacheSDHelper(pipe=pipe) if which == "diffusers" else None
+        try:
+            if helper is not None:
+                helper.set_params(cache_interval=interval, cache_branch_id=branch)
+                helper.enable()
+            else:
+                minsdxl.deepcache.enable(model, cache_interval=interval, cache_branch_id=branch)
+            if compiled:
+                torch._dynamo.reset()
+                minsdxl.compile(model, text_encoders=True)
+            # CUDA graphs record on a 2nd call: the full and the cached UNet's
+            again = 2 * interval if compiled and model.cuda_graphs else 0
+            row, image = section_row(name, functools.partial(generate, which, pipe, model), kw, dev, again)
+            reference = image if reference is None else reference
+            row["mean_abs_levels_vs_package"] = image_levels(image, reference) if which == "minsdxl" else None
+            out["rows"].append(row)
+            levels = row["mean_abs_levels_vs_package"]
+            log(f"{row['line']} {'-' if levels is None else f'{levels:.2f}':>13}")
+        except Exception as e:  # report and go on
+            row_failed(out["rows"], name, e)
+        finally:
+            save(args)
+            if helper is not None:
+                helper.disable()
+            minsdxl.deepcache.disable(model)
+            if compiled:
+                torch._dynamo.reset()
+                for m in compiled_parts(model):
                     m._compiled_call_impl = None
                 model.cuda_graphs = False
 
@@ -726,6 +791,7 @@ def main():
     ap.add_argument("--offload", action="store_true", help="also measure model offload's peak memory")
     ap.add_argument("--controlnet", action="store_true", help="also time SDXL + a ControlNet (5.), both libraries")
     ap.add_argument("--profile", action="store_true", help="top GPU kernels of each compiled library")
+    ap.add_argument("--deepcache", metavar="N:BRANCH", help="also time DeepCache (6.), both libraries, e.g. 3:0")
     ap.add_argument(
         "--lora",
         action="store_true",
@@ -759,6 +825,8 @@ def main():
     run_configs(args, pipe, model)
     if args.controlnet:
         controlnet_section(args, pipe, model)
+    if args.deepcache:
+        deepcache_section(args, pipe, model)
     log(f"\ndone in {time.perf_counter() - t0:.0f} s")
 
 

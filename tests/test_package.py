@@ -19,7 +19,7 @@ def _modules_after(code: str) -> set:
 def test_import_minsdxl_imports_no_reference_implementations():
     mods = _modules_after("import minsdxl")
     heavies = "diffusers transformers open_clip torchsde scipy spandrel tomesd kornia triton minsdxl.kernels"
-    heavies += " imwatermark cv2"
+    heavies += " imwatermark cv2 DeepCache"
     for heavy in heavies.split():
         assert heavy not in mods, f"`import minsdxl` imported {heavy}"
     assert "minsdxl.unet" in mods and "minsdxl.sampler" in mods

@@ -14,6 +14,7 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_bench.py"), "--tiny", "--device", "cpu", "--skip-attention"]
     cmd += ["--size", "64", "--steps", "3", "--out", str(out), "--all", "--lora", "--controlnet"]  # ablations too
+    cmd += ["--deepcache", "2:4"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -57,3 +58,12 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     ]
     for r in cn["rows"]:
         assert "error" not in r and r["ms_per_step"] > 0 and r["new_graphs_in_timed_run"] == 0, r
+    # DeepCache: both libraries draw the same image (fp32 on the CPU), every row timed
+    dc = res["deepcache"]
+    assert [r["config"] for r in dc["rows"]] == [
+        "deepcache: diffusers eager + DeepCache package",
+        "deepcache: minsdxl eager",
+        "deepcache: minsdxl compile defaults",
+    ]
+    assert all("error" not in r and r["ms_per_step"] > 0 for r in dc["rows"]), dc["rows"]
+    assert all(r["mean_abs_levels_vs_package"] < 0.01 for r in dc["rows"][1:])

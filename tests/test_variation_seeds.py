@@ -1,5 +1,6 @@
 """A1111's variation seeds (variation_seed / variation_strength; --variation-seed / --variation-strength): the
-starting noise turned toward another seed's by spherical interpolation. diffusers has none; the checks are
+starting noise turned toward another seed's by spherical interpolation; and its seed resize (seed_resize_from_h /
+_w; --seed-resize-from): another size's noise pasted in the middle. diffusers has none; the checks are
 against the formula (an independent per-column slerp) and the properties a user relies on."""
 
 import math
@@ -101,3 +102,74 @@ def test_command_line_variation_seeds_infotext_and_replay(tmp_path, capsys):
     assert args["variation_seed"] == 9 and args["variation_strength"] == 0.2
     assert main(["-p", "x", "--variation-strength", "0.5"]) == 1
     assert "give it as --variation-seed N" in capsys.readouterr().err
+
+
+def _a1111_resized(seed_noise, full_noise, small_hw):
+    """A1111's ImageRNG.first for one image, transcribed: the small noise pasted into the full one."""
+    x, noise = full_noise.clone(), seed_noise
+    shape, noise_shape = x.shape, (x.shape[0], *small_hw)
+    dx = (shape[2] - noise_shape[2]) // 2
+    dy = (shape[1] - noise_shape[1]) // 2
+    w = noise_shape[2] if dx >= 0 else noise_shape[2] + 2 * dx
+    h = noise_shape[1] if dy >= 0 else noise_shape[1] + 2 * dy
+    tx = 0 if dx < 0 else dx
+    ty = 0 if dy < 0 else dy
+    dx = max(-dx, 0)
+    dy = max(-dy, 0)
+    x[:, ty : ty + h, tx : tx + w] = noise[:, dy : dy + h, dx : dx + w]
+    return x
+
+
+@pytest.mark.parametrize("small", [(6, 5), (11, 8), (13, 12)])  # smaller; taller by an odd 3; larger both ways
+def test_seed_resize_is_a1111s_paste(small):
+    from minsdxl.sampler import _noise
+
+    shape = (2, 4, 8, 8)
+    a = dict(variation_strength=0.3, variation_seed=7, seed_resize_from_h=8 * small[0], seed_resize_from_w=8 * small[1])
+    got = _noise(shape, torch.Generator().manual_seed(3), "cpu", torch.float32, a)
+    seed_noise = torch.randn((2, 4, *small), generator=torch.Generator().manual_seed(3))
+    other = torch.randn((2, 4, *small), generator=torch.Generator().manual_seed(7))  # A1111: the subseed's, small
+    full = torch.randn(shape, generator=torch.Generator().manual_seed(3))  # the same seed again, full size
+    for i in range(2):
+        expected = _a1111_resized(slerp(0.3, seed_noise[i], other[i]), full[i], small)
+        assert torch.equal(got[i], expected)
+    # one generator per image: each rewound to its own state
+    gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    got = _noise(shape, gens, "cpu", torch.float32, {**a, "variation_strength": 0.0})
+    for i, seed in enumerate((3, 4)):
+        one, full = (torch.randn((4, *hw), generator=torch.Generator().manual_seed(seed)) for hw in (small, (8, 8)))
+        assert torch.equal(got[i], _a1111_resized(one, full, small))
+
+
+def test_seed_resize_in_the_functions(model):
+    plain = minsdxl.text2img(model, **KW, seed=1)
+    same = minsdxl.text2img(model, **KW, seed=1, seed_resize_from_h=64, seed_resize_from_w=64)
+    assert torch.equal(plain, same)  # its own size: nothing to paste
+    resized = minsdxl.text2img(model, **KW, seed=1, seed_resize_from_h=48, seed_resize_from_w=48)
+    assert not torch.equal(plain, resized)
+    kw = dict(prompt="a cat", image=PIL.Image.new("RGB", (64, 64), "red"), strength=0.6, num_inference_steps=2, seed=1)
+    a = minsdxl.img2img(model, **kw, output_type="latent")
+    b = minsdxl.img2img(model, **kw, output_type="latent", seed_resize_from_h=32, seed_resize_from_w=32)
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="go together"):
+        minsdxl.text2img(model, **KW, seed_resize_from_h=48)
+    with pytest.raises(ValueError, match="whole number of pixels"):
+        minsdxl.text2img(model, **KW, seed_resize_from_h=48.0, seed_resize_from_w=48)
+    with pytest.raises(ValueError, match="with latents= none is drawn"):
+        minsdxl.text2img(model, **KW, seed_resize_from_h=48, seed_resize_from_w=48, latents=torch.zeros(1, 4, 8, 8))
+
+
+def test_command_line_seed_resize_infotext_and_replay(tmp_path):
+    from minsdxl.cli import _from_a1111, main, read_png_metadata
+
+    out = tmp_path / "r.png"
+    argv = ["-p", "a green circle", "--steps", "2", "-W", "64", "-H", "64", "-s", "3", "-q", "--no-watermark"]
+    assert main([*argv, "--seed-resize-from", "48x40", "-o", str(out)]) == 0
+    made = minsdxl.text2img(minsdxl.load("tiny"), "a green circle", num_inference_steps=2, width=64, height=64, seed=3,
+                            seed_resize_from_h=40, seed_resize_from_w=48)[0]  # fmt: skip
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(made))
+    assert read_png_metadata(out)["infotext"]["Seed resize from"] == "48x40"
+    assert main(["--from-png", str(out), "-q", "-o", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "again.png")), np.asarray(made))
+    text = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Seed resize from: 512x768"
+    assert _from_a1111("x.png", text)["args"]["seed_resize_from"] == (768, 512)

@@ -246,7 +246,7 @@ def laplacian_pyramid(x, levels: int) -> list:
     stride = 1 << (levels - 1)
     if not (pow2(w) or pow2(h)) or h % stride or w % stride:
         x = F.pad(x, (0, (1 << (w - 1).bit_length()) - w, 0, (1 << (h - 1).bit_length()) - h), mode="reflect")
-    if min(x.shape[-2:]) >> (levels - 1) < 3:  # the blur's reflected border needs 3 pixels a side
+    if levels > 1 and min(x.shape[-2:]) >> (levels - 2) < 3:  # the blurred levels need 3 pixels a side
         raise ValueError(
             f"FrequencyDecoupledGuidance: {levels} levels halve {tuple(x.shape[-2:])} latents below 3 pixels: "
             "give fewer guidance_scales (or make a larger image)"

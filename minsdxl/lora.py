@@ -648,6 +648,8 @@ def scaled(model, scale, components=ENCODERS):
     unscale_lora_layers sets every active adapter's weight to 1, forgetting set_adapters; here they stay."""
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
         raise TypeError(f"a LoRA scale must be a number, got {scale!r}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"a LoRA scale must be a finite number, got {scale!r}")
     if scale is None or scale == 1.0:
         yield
         return

@@ -1149,9 +1149,6 @@ def _per_call(fn):
                 f"cross_attention_kwargs {extra} are not supported: SDXL's attention takes 'scale' (the LoRA "
                 "scale) and 'ip_adapter_masks'; custom attention processors are not part of minsdxl"
             )
-        scale = (cross_attention_kwargs or {}).get("scale")
-        if scale is not None and not (_is_number(scale) and math.isfinite(scale)):
-            raise ValueError(f"cross_attention_kwargs['scale'] (the LoRA scale) must be a finite number, got {scale!r}")
         with lora.scaled(model, (cross_attention_kwargs or {}).get("scale")), circular(model, tiling):
             return fn(model, *args, cross_attention_kwargs=cross_attention_kwargs, tiling=tiling, **kw)
 

@@ -5,7 +5,7 @@ import importlib.util
 import torch
 
 from . import attention
-from .unet import GEGLU
+from .unet import GEGLU, unet_of
 
 
 def compile(
@@ -35,9 +35,7 @@ def compile(
     On an H100, SDXL 1024^2, 30 steps, bf16: 31.1 ms per step and 0.996 s end to end with the defaults
     (diffusers + torch.compile: 33.7 ms, 1.109 s); on an H200 40.1 ms per step without CUDA graphs, 31.5
     with them (docs/performance.md)."""
-    from .checkpoint import require_model  # (checkpoint imports this module)
-
-    require_model(model, "minsdxl.compile")
+    unet_of(model, "minsdxl.compile")
     graphs_ok = model.unet.device.type == "cuda" and not getattr(model, "offload_device", None)
     if mode == "auto":  # offload moves the weights every call, which CUDA graphs cannot replay
         mode = "reduce-overhead" if graphs_ok else None

@@ -51,7 +51,7 @@ TEXT2IMG = [
     (dict(crops_coords_top_left=(0,)), ValueError, r"crops_coords_top_left must be a pair \(top, left\)"),
     (dict(negative_original_size=(64,), negative_target_size=(64, 64)), ValueError, "negative_original_size"),
     (dict(callback_on_step_end_tensor_inputs=None), ValueError, "a list of names such as"),
-    (dict(cross_attention_kwargs={"scale": math.nan}), ValueError, "the LoRA scale"),
+    (dict(cross_attention_kwargs={"scale": math.nan}), ValueError, "a LoRA scale must be a finite number"),
 ]
 
 
@@ -140,7 +140,7 @@ def test_tome_deepcache_and_functions_given_something_else(model):
         (lambda: minsdxl.text2img("tiny", "a"), "text2img takes a model loaded by minsdxl.load"),
         (lambda: minsdxl.encode_prompt(None, "a"), "encode_prompt takes a model"),
         (lambda: minsdxl.load_lora_weights("tiny", {}), "load_lora_weights takes a model"),
-        (lambda: minsdxl.compile("tiny"), "minsdxl.compile takes a model"),
+        (lambda: minsdxl.compile("tiny"), "minsdxl.compile takes a model from minsdxl.load"),
         (lambda: minsdxl.load("tiny", share=5), r"load\(share=\) takes a model"),
         (lambda: tome.apply_patch("tiny"), "Token Merging takes a model"),
         (lambda: deepcache.enable(None), "DeepCache takes a model"),

@@ -164,7 +164,7 @@ def test_bad_inputs(adapters, tiny_refiner):
     cases = [
         (dict(adapter=ad), "needs its control image: pass image="),
         (dict(adapter=[ad, ad], image=_image(1)), "2 T2I-Adapters need a list of 2 images"),
-        (dict(adapter=ad, image=_image(1), height=72, width=64), "multiples of 16; got 72x64"),
+        (dict(adapter=ad, image=_image(1), height=72, width=64), r"multiples of 16 \(>= 16\); got 72x64"),
         (dict(adapter=ad, image=_image(1), adapter_conditioning_factor=1.5), r"must be in \[0, 1\]"),
         (dict(adapter="canny", image=_image(1)), "must be a minsdxl T2IAdapter"),
         (dict(adapter_conditioning_scale=0.5), "is for a T2I-Adapter: pass adapter="),

@@ -25,6 +25,7 @@ import functools
 import inspect
 import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -1138,6 +1139,12 @@ def _check(args, mode):
             )
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.cfg is not None and not math.isfinite(args.cfg):  # (an --xyz cell too: before any image is made)
+        raise ValueError(f"--cfg must be a finite number (1 or less: no CFG), got {args.cfg}")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1] (the share of the schedule run), got {args.strength}")
+    if args.seed is not None and not -(2**63) <= args.seed < 2**64:
+        raise ValueError(f"-s/--seed must be in [0, 2**64), got {args.seed}")
     if args.batch < 1:
         raise ValueError(f"-b/--batch must be at least 1, got {args.batch}")
     if args.tome is not None and not 0 <= args.tome <= 0.75:

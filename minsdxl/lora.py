@@ -403,6 +403,9 @@ def read_lora(model, lora, weight_name: str | None = None) -> dict:
             stacklevel=3,
         )
         sd = {k: v for k, v in sd.items() if not k.endswith(".dora_scale")}
+    bad = [k for k, t in sd.items() if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.isfinite().all()]
+    if bad:  # (merged, one NaN would make every image black)
+        raise CheckpointError(f"{where} holds NaN / Inf in {len(bad)} tensors ({', '.join(bad[:3])}): a damaged LoRA")
     layers = _layers(model)
     kohya = None
     parts, unknown, skipped = {}, [], set()

@@ -172,19 +172,24 @@ def test_command_line(tmp_path, capsys):
     from minsdxl.cli import main
 
     argv = ["-p", "a red circle", "--steps", "2", "-W", "64", "-H", "64", "-s", "3", "-q"]
+    IMG.save(tmp_path / "in.png")
     for extra, message in (
         (["-o", str(tmp_path / "{seed.foo}.png")], "only {seed} and {index} may be used"),
         (["--hires-scale", "2", "--hires-steps", "0", "-o", str(tmp_path / "h.png")], "--hires-steps 0 (>= 1)"),
         (["--xyz", "cfg=1,2", "--xyz", "cfg=3,4", "-o", str(tmp_path / "x.png")], "cfg is on two axes"),
         (["--xyz", "W=64,72", "-o", str(tmp_path / "x.png")], "by its long name"),
-        (["-s", str(2**70), "-o", str(tmp_path / "s.png")], "seed must be a whole number"),
+        (["-s", str(2**70), "-o", str(tmp_path / "s.png")], "-s/--seed must be in [0, 2**64)"),
         (["-o", "/proc/a.png"], "cannot write to /proc"),  # (found before the run, not after it)
+        (["--cfg", "nan", "-o", str(tmp_path / "c.png")], "--cfg must be a finite number"),
+        # an X/Y/Z cell out of range is found before the first cell is made (no partial outputs)
+        (["--xyz", "cfg=4,inf", "-o", str(tmp_path / "x.png")], "--cfg must be a finite number"),
+        (["-i", str(tmp_path / "in.png"), "--xyz", "strength=0.5,2", "-o", str(tmp_path / "x.png")], "in (0, 1]"),
     ):
         assert main([*argv, *extra]) != 0
         assert message in capsys.readouterr().err
     assert main(["convert", "tiny", str(tmp_path / "no" / "x.safetensors")]) != 0
     assert "its folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
-    assert not list(tmp_path.glob("*.png"))
+    assert [p.name for p in tmp_path.glob("*.png")] == ["in.png"]
 
 
 def test_step_callbacks_returning_the_wrong_things(model):
@@ -253,3 +258,17 @@ def test_inpaint_batches_and_masked_latents(no_unet):
     ):
         with pytest.raises(ValueError, match=match):
             minsdxl.inpaint(no_unet, **extra, **kw)
+
+
+def test_a_lora_of_nans_is_refused_unchanged(model):
+    from sdxl_testing import lora_layers, peft_lora, random_lora_pairs
+
+    lora = peft_lora(random_lora_pairs(lora_layers(model, only=lambda n: n.endswith("attn1.to_q"))[:2]))
+    sd = {k: v.clone() for k, v in lora.items()}
+    sd[next(iter(sd))][0, 0] = math.nan
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    with pytest.raises(CheckpointError, match="holds NaN / Inf in 1 tensors"):
+        minsdxl.load_lora_weights(model, sd)
+    with pytest.raises(ValueError, match="an adapter weight must be a finite number"):
+        minsdxl.load_lora_weights(model, lora, weight=math.inf)
+    assert all(torch.equal(v, before[k]) for k, v in model.unet.state_dict().items())

@@ -277,7 +277,7 @@ def make_guider(spec: str):
     if name not in GUIDERS:
         raise argparse.ArgumentTypeError(f"unknown guider {name!r}; one of {', '.join(GUIDERS)} (e.g. apg:eta=0.5)")
     cls = getattr(guidance, GUIDERS[name])
-    layered = name in ("slg", "pag", "seg", "auto")
+    layered = bool(cls._config)  # slg, pag, seg, auto: their layers=
     fields = [f.name for f in dataclasses.fields(cls) if not f.name.endswith(("_layers", "_config"))]
     keys = fields + (["layers"] + list(LAYER_KEYS) * (name != "seg")) * layered
     kw, layer_kw, layers = {}, {}, None
@@ -315,7 +315,7 @@ def make_guider(spec: str):
             configs = [make(indices, fqn, **layer_kw) for fqn, indices in layers.items()]
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"--guider {spec}: {e}") from None
-        kw[cls._config if name != "auto" else "auto_guidance_config"] = configs
+        kw[cls._config] = configs
     try:
         return cls(**kw)
     except ValueError as e:

@@ -27,6 +27,20 @@ def _real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _project(v0, v1, dims, upcast: bool = True):
+    """= diffusers' project() (APG, FDG): v0's parts along and across v1 over `dims`, computed in fp64 (upcast),
+    returned in v0's dtype as (parallel, orthogonal)."""
+    a, b = (v0.double(), v1.double()) if upcast else (v0, v1)
+    b = F.normalize(b, dim=dims)
+    parallel = (a * b).sum(dim=dims, keepdim=True) * b
+    return parallel.to(v0.dtype), (a - parallel).to(v0.dtype)
+
+
+def _steps(start: float, stop: float, steps: int) -> range:
+    """A guidance window's steps, [int(start·n), int(stop·n)) (= diffusers' guiders' is_within_range)."""
+    return range(int(start * steps), int(stop * steps))
+
+
 def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale: float):
     """= diffusers rescale_noise_cfg (arXiv:2305.08891 sec. 3.4): match the text branch's std."""
     dims = list(range(1, noise_cfg.ndim))
@@ -62,6 +76,8 @@ class ClassifierFreeGuidance:
         if not all(0.0 <= r <= 1.0 for r in rescale):
             raise ValueError(f"{what}: guidance_rescale must be in [0, 1], got {self.guidance_rescale!r}")
 
+    _config = ""  # the field of the layers' configs, for the guiders that perturb layers
+
     def with_scale(self, guidance_scale: float, guidance_rescale: float):
         """This guider with the call's values where it leaves them open."""
         if guidance_rescale and self.guidance_rescale and guidance_rescale != self.guidance_rescale:
@@ -75,7 +91,7 @@ class ClassifierFreeGuidance:
         return not math.isclose(self.guidance_scale, 0.0 if self.use_original_formulation else 1.0)
 
     def in_window(self, step: int, steps: int) -> bool:
-        return int(self.start * steps) <= step < int(self.stop * steps)
+        return step in _steps(self.start, self.stop, steps)
 
     def windows(self) -> list:
         """[(start, stop)] fractions of the steps (one pair per frequency level for FDG)."""
@@ -138,10 +154,8 @@ class AdaptiveProjectedGuidance(ClassifierFreeGuidance):
         if self.adaptive_projected_guidance_rescale > 0:
             norm = diff.norm(p=2, dim=dim, keepdim=True)
             diff = diff * torch.minimum(torch.ones_like(diff), self.adaptive_projected_guidance_rescale / norm)
-        v0, v1 = diff.double(), F.normalize(cond.double(), dim=dim)
-        parallel = (v0 * v1).sum(dim=dim, keepdim=True) * v1
-        orthogonal = (v0 - parallel).to(diff.dtype)
-        return self._base(cond, uncond) + scale * (orthogonal + self.eta * parallel.to(diff.dtype))
+        parallel, orthogonal = _project(diff, cond, dim)
+        return self._base(cond, uncond) + scale * (orthogonal + self.eta * parallel)
 
 
 @dataclass(frozen=True)
@@ -309,10 +323,10 @@ class FrequencyDecoupledGuidance(ClassifierFreeGuidance):
     def _level_on(self, level, step, steps):
         start, stop = self._per_level("start")[level], self._per_level("stop")[level]
         off = 0.0 if self.use_original_formulation else 1.0
-        return int(start * steps) <= step < int(stop * steps) and not math.isclose(self.guidance_scales[level], off)
+        return step in _steps(start, stop, steps) and not math.isclose(self.guidance_scales[level], off)
 
     def in_window(self, step, steps):
-        return int(min(self._per_level("start")) * steps) <= step < int(max(self._per_level("stop")) * steps)
+        return step in _steps(min(self._per_level("start")), max(self._per_level("stop")), steps)
 
     def windows(self):
         return list(zip(self._per_level("start"), self._per_level("stop")))
@@ -329,13 +343,9 @@ class FrequencyDecoupledGuidance(ClassifierFreeGuidance):
                 guided.append(c)
                 continue
             shift = c - u
-            if not math.isclose(w, 1.0):  # = project(): the shift's part along c, weighted
-                dims = list(range(1, shift.ndim))
-                v0, v1 = (shift.double(), c.double()) if self.upcast_to_double else (shift, c)
-                v1 = F.normalize(v1, dim=dims)
-                par = (v0 * v1).sum(dim=dims, keepdim=True) * v1
-                orth = v0 - par
-                shift = w * par.to(shift.dtype) + orth.to(shift.dtype)
+            if not math.isclose(w, 1.0):  # the shift's part along c, weighted
+                par, orth = _project(shift, c, list(range(1, shift.ndim)), self.upcast_to_double)
+                shift = w * par + orth
             pred = (c if self.use_original_formulation else u) + scale * shift
             if self.guidance_rescale_space == "freq" and r > 0.0:
                 pred = rescale_noise_cfg(pred, c, r)
@@ -438,7 +448,6 @@ class _LayerGuidance(ClassifierFreeGuidance):
 
     extra_chunk = True
     _prefix = ""
-    _config = ""  # the field of the layers' configs
 
     def _get(self, name):
         return getattr(self, self._config if name == "config" else f"{self._prefix}_{name}")
@@ -452,7 +461,7 @@ class _LayerGuidance(ClassifierFreeGuidance):
             raise ValueError(f"{what}: give one of {self._prefix}_layers and {self._config}")
 
     def _configs(self) -> list:
-        return _configs(self._get("layers"), self._get("config"), LayerSkipConfig, f"{type(self).__name__}")
+        return _configs(self._get("layers"), self._get("config"), LayerSkipConfig, type(self).__name__)
 
     def perturbations(self, unet):
         return [p for c in self._configs() for p in c.perturbations(unet, type(self).__name__)]
@@ -553,6 +562,8 @@ class AutoGuidance(ClassifierFreeGuidance):
     auto_guidance_config: object = None
     dropout: float | None = None
 
+    _config = "auto_guidance_config"
+
     def __post_init__(self):
         super().__post_init__()
         if (self.auto_guidance_layers is None) == (self.auto_guidance_config is None):
@@ -562,7 +573,7 @@ class AutoGuidance(ClassifierFreeGuidance):
 
     def perturbed_steps(self, steps):
         """= _is_ag_enabled: the CFG window, with a scale that guides."""
-        return range(int(self.start * steps), int(self.stop * steps)) if self.active else range(0)
+        return _steps(self.start, self.stop, steps) if self.active else range(0)
 
     def perturbations(self, unet):
         kw = {} if self.dropout is None else {"dropout": self.dropout}

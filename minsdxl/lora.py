@@ -567,10 +567,14 @@ def load_lora_weights(
 def _check_weight(w):
     if isinstance(w, dict):
         raise TypeError("per-component / per-block adapter weights are not supported: pass one number per adapter")
-    if not isinstance(w, (int, float)) or isinstance(w, bool):
-        raise TypeError(f"an adapter weight must be a number, got {w!r}")
-    if not math.isfinite(w):
-        raise ValueError(f"an adapter weight must be a finite number, got {w!r}")
+    _finite_number(w, "an adapter weight")
+
+
+def _finite_number(v, what: str) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise TypeError(f"{what} must be a number, got {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number, got {v!r}")
 
 
 def _names(model, names) -> list[str]:
@@ -649,10 +653,8 @@ def scaled(model, scale, components=ENCODERS):
     lora_scale for the text encoders). Costs two merges of the adapted layers; set_adapters() weights
     are the way to change it for many calls. One deliberate difference: after a call with scale 0, diffusers'
     unscale_lora_layers sets every active adapter's weight to 1, forgetting set_adapters; here they stay."""
-    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
-        raise TypeError(f"a LoRA scale must be a number, got {scale!r}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"a LoRA scale must be a finite number, got {scale!r}")
+    if scale is not None:
+        _finite_number(scale, "a LoRA scale")
     if scale is None or scale == 1.0:
         yield
         return

@@ -317,11 +317,11 @@ def _denoise(model, run: _Run, callback=None, callback_inputs=("latents",), prog
                     "changes, e.g. {'latents': latents} (or {} / None)"
                 )
             out = dict(out or {})
-            new = out.get("latents", x)
+            new = out.pop("latents", x)
             if not (isinstance(new, torch.Tensor) and new.shape == x.shape):
                 got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
                 raise ValueError(f"callback_on_step_end returned latents of {got}; they must keep {tuple(x.shape)}")
-            x = out.pop("latents", x)
+            x = new
             state.update({k: v for k, v in out.items() if k in state})
             if run.copies > copies:
                 raise ValueError(

@@ -17,9 +17,14 @@ from sdxl_testing import tiny_pipeline  # noqa: E402
 torch.set_grad_enabled(False)
 
 
+# a seed per kind: the base's, the refiner's and the inpaint model's VAE and text encoders differ, so a model using
+# another's component (or load(share=) sharing the wrong one) shows in the outputs
+SEEDS = {"base": 0, "refiner": 10, "inpaint": 20}
+
+
 def _tiny(kind, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"tiny_{kind}")
-    pipe = tiny_pipeline(kind, root / "tokenizers")
+    pipe = tiny_pipeline(kind, root / "tokenizers", seed=SEEDS[kind])
     pipe.save_pretrained(root / "model", safe_serialization=True)
     return pipe, root / "model"
 

@@ -146,7 +146,10 @@ def test_single_file_is_genuine_sgm_and_loads(kind, request, tmp_path):
     # the independent judge: diffusers' own single-file loader reads our file bit-identically
     judge = PIPELINES[kind].from_single_file(str(path), config=str(folder), local_files_only=True)
     expected = component_state_dicts(pipe)
-    for comp, sd in component_state_dicts(judge).items():
+    judged = component_state_dicts(judge)
+    assert judged.keys() == expected.keys()
+    assert all(set(sd) == set(expected[comp]) for comp, sd in judged.items())
+    for comp, sd in judged.items():
         for k, v in sd.items():
             assert torch.equal(v, expected[comp][k]), f"diffusers read {comp}.{k} differently"
     # tiny configs need config= for head size / norm groups (the real SDXL values are the defaults)

@@ -242,7 +242,8 @@ def test_inpaint(cn, case):
         ref = cpipe(**kw, generator=torch.Generator().manual_seed(0)).images
         got = minsdxl.inpaint(model, **kw, controlnet=ours, generator=torch.Generator().manual_seed(0), progress=False)
         a, b = (np.stack([np.asarray(i, dtype=np.int16) for i in x]) for x in (ref, got))
-        assert a.shape == b.shape and (np.abs(a - b) <= 1).mean() >= 0.999
+        # test_pipelines' _assert_images_close: 1-level flips at .5, none larger than 2 levels
+        assert a.shape == b.shape and (np.abs(a - b) <= 1).mean() >= 0.999 and np.abs(a - b).max() <= 2
         return
     ref, got = _run(cpipe, lambda m, **k: minsdxl.inpaint(m, **k, controlnet=ours), model, **kw)
     _close(ref, got)
@@ -299,6 +300,7 @@ def test_union_model_matches_diffusers(unions, modes, guess):
             return_dict=False,
         )
         d, m = ours(x, torch.tensor(500), ctx, conds, pooled, ids, kinds, modes, scales, guess)
+    assert len(d) == len(d_ref) == 9
     for a, b in zip(d, d_ref):
         assert rel_err(a, b) <= MODEL_TOL
     assert rel_err(m, m_ref) <= MODEL_TOL

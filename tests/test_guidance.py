@@ -81,6 +81,10 @@ PAIRS = {
         dg.MagnitudeAwareGuidance(guidance_scale=5.0, alpha=2.0, use_original_formulation=True),
         mg.MagnitudeAwareGuidance(5.0, alpha=2.0, use_original_formulation=True),
     ),
+    "mambo_rescale": (  # the default formulation, with guidance_rescale
+        dg.MagnitudeAwareGuidance(guidance_scale=5.0, alpha=2.0, guidance_rescale=0.3),
+        mg.MagnitudeAwareGuidance(5.0, 0.3, alpha=2.0),
+    ),
 }
 
 
@@ -129,7 +133,8 @@ def test_fdg_levels_windows_and_padded_sizes():
 
 
 def test_mambo_guidance_runs_on_latents():
-    cond, uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     got = mg.MagnitudeAwareGuidance(5.0, alpha=2.0)(cond, uncond, 0, 1, {})
     flat = mg.MagnitudeAwareGuidance(5.0, alpha=2.0)(cond.flatten(2), uncond.flatten(2), 0, 1, {})
     assert torch.allclose(got.flatten(2), flat, atol=1e-6)  # the norm is over all non-batch dims either way

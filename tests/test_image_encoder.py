@@ -2,6 +2,7 @@
 CPU, random weights; tiny and real width), its loading from transformers folders, and of `preprocess`
 with the CLIPImageProcessor diffusers' load_ip_adapter builds."""
 
+import copy
 from dataclasses import asdict
 
 import numpy as np
@@ -154,8 +155,10 @@ def test_load_saved_transformers_folder(tiny_folder):
         assert rel_err(ours(x), embeds) <= TOL and rel_err(ours.penultimate(x), hs[-2]) <= TOL
     assert isinstance(load_component(folder), CLIPVisionModelWithProjection)
     half = load_image_encoder(folder, dtype=torch.bfloat16)
-    with torch.no_grad():
-        assert half.dtype == torch.bfloat16 and rel_err(half(x).float(), embeds) < 0.05  # fp32 pixels are cast
+    ref_half = copy.deepcopy(ref).to(torch.bfloat16)
+    with torch.no_grad():  # fp32 pixels are cast; against transformers in bf16 at test_unet's bf16 bound
+        want = ref_half(x.to(torch.bfloat16)).image_embeds.float()
+        assert half.dtype == torch.bfloat16 and rel_err(half(x).float(), want) < 2e-2
 
 
 def test_load_pytorch_model_bin_with_position_ids(tiny_folder, tmp_path):

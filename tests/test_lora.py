@@ -199,16 +199,30 @@ def test_half_precision_merges_in_fp32_without_drift(tiny_base):
     model = minsdxl.load(tiny_base[1], dtype=torch.bfloat16)
     before = {k: v.clone() for k, v in _weights(model).items()}
     pairs = random_lora_pairs(lora_layers(model))
+    pairs_y = random_lora_pairs(lora_layers(model), seed=5)
     minsdxl.load_lora_weights(model, kohya_lora(model, pairs, alpha=2.0), adapter_name="x")
-    minsdxl.load_lora_weights(model, kohya_lora(model, random_lora_pairs(lora_layers(model), seed=5)), adapter_name="y")
+    minsdxl.load_lora_weights(model, kohya_lora(model, pairs_y), adapter_name="y")
     minsdxl.set_adapters(model, ["x", "y"], [0.8, 0.6])
     once = {k: v.clone() for k, v in _weights(model).items()}
     (comp, name), (down, up) = next(iter(pairs.items()))
-    w0 = before[(comp, f"{name}.weight")].float()
-    # one rounding: bf16(W0 + 0.8 * 2/r * up @ down + 0.6 * delta_y), not a rounding per adapter
     assert once[(comp, f"{name}.weight")].dtype == torch.bfloat16
     x = model.lora.adapters["x"].pairs[(comp, name)]
-    assert x.alpha == 2.0 and not torch.equal(once[(comp, f"{name}.weight")], w0.to(torch.bfloat16))
+    assert x.alpha == 2.0
+
+    def delta(pair, shape):
+        down, up = pair
+        return (up.reshape(up.shape[0], -1) @ down.flatten(1)).reshape(shape)
+
+    # one rounding: bf16(W0 + 0.8 * 2/r * up @ down + 0.6 * delta_y) (y has no alpha: scale 1), not a rounding per
+    # adapter. Up to fp32 summation order at rounding ties: <= 2.4e-4 of a layer's elements measured, where rounding
+    # after each adapter changes ~28 %
+    worst = 0.0
+    for key in [k for k in pairs if k[0] == "unet"]:
+        w = before[("unet", f"{key[1]}.weight")].float()
+        r = pairs[key][0].shape[0]
+        want = (w + 0.8 * 2.0 / r * delta(pairs[key], w.shape) + 0.6 * delta(pairs_y[key], w.shape)).bfloat16()
+        worst = max(worst, (once[("unet", f"{key[1]}.weight")] != want).float().mean().item())
+    assert worst <= 1e-3
     for i in range(10):  # diffusers' fuse/unfuse would add and subtract in bf16 ten times
         minsdxl.set_adapters(model, ["x"], [0.1 * i])
         minsdxl.set_adapters(model, ["x", "y"], [0.8, 0.6])

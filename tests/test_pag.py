@@ -74,7 +74,7 @@ def test_matches_diffusers(models, case):
         output_type="latent",
         progress=False,
     )
-    assert rel_err(plain, ref) > 1e-4
+    assert rel_err(plain, ref) > 1e-3  # 10x LATENT_TOL: the parity bound sees PAG (2.7e-3 to 1.2e-2 measured)
     assert all(getattr(m, "perturb", None) is None for m in model.unet.modules())
 
 

@@ -23,7 +23,9 @@ def models(tiny_base, tiny_refiner, tiny_inpaint):
     base = minsdxl.load(tiny_base[1])
     return {
         "base": (tiny_base[0], base),
-        "refiner": (tiny_refiner[0], minsdxl.load(tiny_refiner[1], share=base)),
+        # the refiner sharing the base's text_encoder_2 and VAE, in both libraries (the fixtures' differ)
+        "refiner": (_refiner_sharing_base(tiny_refiner[0], tiny_base[0]), minsdxl.load(tiny_refiner[1], share=base)),
+        "refiner_own": (tiny_refiner[0], minsdxl.load(tiny_refiner[1])),
         "inpaint": (tiny_inpaint[0], minsdxl.load(tiny_inpaint[1])),
     }
 
@@ -87,8 +89,8 @@ def _assert_images_close(ref_pil, got_pil):
     b = np.stack([np.asarray(i, dtype=np.int16) for i in got_pil])
     assert a.shape == b.shape
     diff = np.abs(a - b)
-    assert diff.max() <= 1 or (diff > 1).mean() <= 0.001
-    assert (diff <= 1).mean() >= 0.999
+    # 1e-6 latent noise flips a value sitting at .5 by one level, on at most 0.1 % of them; never more than 2
+    assert diff.max() <= 2 and (diff > 1).mean() <= 0.001
 
 
 def _image(seed=0, size=(64, 64)):
@@ -356,8 +358,7 @@ def _refiner_sharing_base(rpipe, bpipe):
 
 def test_base_to_refiner_ensemble(models):
     """denoising_end=0.8 on the base, denoising_start=0.8 on the refiner sharing text_encoder_2 and vae."""
-    (bpipe, base), (rpipe, refiner) = models["base"], models["refiner"]
-    rpipe = _refiner_sharing_base(rpipe, bpipe)
+    (bpipe, base), (rpipe, refiner) = models["base"], models["refiner"]  # sharing the base's, both libraries
     kw = dict(prompt="a cat", num_inference_steps=10)
     ref_lat, got_lat = _run_both(bpipe, base, minsdxl.text2img, denoising_end=0.8, **kw, **SIZE)
     _assert_close(ref_lat, got_lat)
@@ -367,8 +368,7 @@ def test_base_to_refiner_ensemble(models):
 
 def test_base_then_refiner_img2img(models):
     """The second SDXL workflow: a finished base image, refined by img2img at strength 0.3."""
-    (bpipe, base), (rpipe, refiner) = models["base"], models["refiner"]
-    rpipe = _refiner_sharing_base(rpipe, bpipe)
+    (bpipe, base), (rpipe, refiner) = models["base"], models["refiner"]  # sharing the base's, both libraries
     bpipe.set_progress_bar_config(disable=True)
     kw = dict(prompt="a cat", num_inference_steps=4)
     image = bpipe(**kw, **SIZE, generator=torch.Generator().manual_seed(8)).images
@@ -378,20 +378,17 @@ def test_base_then_refiner_img2img(models):
 
 
 def test_refiner_img2img_and_aesthetic_score(models):
-    rpipe, refiner = models["refiner"]
-    for kw in (dict(), dict(aesthetic_score=7.0, negative_aesthetic_score=2.0)):
-        _assert_close(
-            *_run_both(
-                rpipe,
-                refiner,
-                minsdxl.img2img,
-                prompt="a cat",
-                image=_image(3),
-                strength=0.5,
-                num_inference_steps=4,
-                **kw,
-            )
-        )
+    """Shared with the base (load(share=)) and with its own text_encoder_2 and VAE: each equals diffusers' refiner
+    with those components, and the two differ (the fixtures' components do)."""
+    outs = []
+    for which in ("refiner", "refiner_own"):
+        rpipe, refiner = models[which]
+        for kw in (dict(), dict(aesthetic_score=7.0, negative_aesthetic_score=2.0)):
+            kw |= dict(prompt="a cat", image=_image(3), strength=0.5, num_inference_steps=4)
+            ref, got = _run_both(rpipe, refiner, minsdxl.img2img, **kw)
+            _assert_close(ref, got)
+        outs.append(got)
+    assert rel_err(outs[0], outs[1]) > 1e-2
 
 
 def test_refiner_inpaint(models):

@@ -57,7 +57,7 @@ def test_text2img_errors(base, monkeypatch, kwargs, match):
         minsdxl.text2img(base, **kw)
 
 
-def test_eta_only_matters_to_ddim(base):
+def test_eta_is_ignored_by_schedulers_whose_step_takes_none(base):
     # = diffusers' prepare_extra_step_kwargs: eta reaches only schedulers whose step takes it; LCM's does not
     kw = dict(prompt="a cat", height=64, width=64, num_inference_steps=2, scheduler="lcm", output_type="latent")
     with_eta = minsdxl.text2img(base, **kw, eta=0.5, seed=0, progress=False)

@@ -1,6 +1,6 @@
 """minsdxl: Stable Diffusion XL in plain PyTorch, numerically equal to diffusers."""
 
-from . import deepcache, guidance, tome  # guider= rules, Token Merging, DeepCache (enable / disable)
+from . import deepcache, guidance, layerwise, tome  # guider= rules, float8 storage, Token Merging, DeepCache
 from .checkpoint import SDXL, CheckpointError, load, load_component
 from .controlnet import ControlNetModel, load_controlnet
 from .ip_adapter import load_ip_adapter, set_ip_adapter_scale, unload_ip_adapter
@@ -51,5 +51,6 @@ __all__ = [
     "guidance",
     "tome",
     "deepcache",
+    "layerwise",
     "__version__",
 ]

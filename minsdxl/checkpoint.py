@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
-from . import speed
+from . import layerwise, speed
 from . import text_encoder as te
 from .config import (
+    TAESDConfig,
     UNetConfig,
     VAEConfig,
     VisionConfig,
+    taesd_config_from_state_dict,
     text_config_from_state_dict,
     unet_config_from_state_dict,
     vae_config_from_state_dict,
@@ -29,6 +31,7 @@ from .config import (
 )
 from .image_encoder import CLIPVisionModelWithProjection
 from .schedulers import SDXL_SCHEDULER_CONFIG
+from .taesd import AutoencoderTiny
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
@@ -559,9 +562,10 @@ def check_placement(dtype, device, what: str) -> None:
         raise ValueError(f"{what}: device {device!r}, but torch finds no CUDA GPU here; use device='cpu'")
 
 
-def _build(cls, cfg, sd: dict, name: str, dtype, device):
+def _build(cls, cfg, sd: dict, name: str, dtype, device, storage_dtype=None):
     """Build `cls(cfg)` on the meta device and load `sd` into it with assign=True, after checking
-    names and shapes (errors name every missing/unexpected key and both shapes of a mismatch)."""
+    names and shapes (errors name every missing/unexpected key and both shapes of a mismatch).
+    storage_dtype: the layers layerwise.enable casts are stored in it (computed in `dtype`)."""
     try:
         with torch.device("meta"):
             model = cls(cfg)
@@ -587,18 +591,33 @@ def _build(cls, cfg, sd: dict, name: str, dtype, device):
                 f"{name} weight {k} has shape {tuple(sd[k].shape)} in the checkpoint but the model built from "
                 f"its config expects {tuple(v.shape)}; the checkpoint is not an SDXL {name} or is damaged"
             )
-    sd = {k: (t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)) for k, t in sd.items()}
+    narrow = set()
+    # tensor by tensor (a whole model in `dtype` never exists); each via `dtype` first, as diffusers rounds it
+    # (loaded in the compute dtype, then cast)
+    if storage_dtype is not None:
+        layerwise.check(storage_dtype, dtype, f"the {name}'s storage_dtype")
+        narrow = {f"{n}.{p}" for n in layerwise.targets(model) for p in ("weight", "bias")}
+    sd = {k: _placed(t, device, dtype, storage_dtype if k in narrow else None) for k, t in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
+    if storage_dtype is not None:
+        layerwise.enable(model, storage_dtype, dtype)
     return model.eval().requires_grad_(False)
+
+
+def _placed(t, device, dtype, storage_dtype=None):
+    if not t.is_floating_point():
+        return t.to(device)
+    t = t.to(device=device, dtype=dtype)
+    return t if storage_dtype is None else t.to(storage_dtype)
 
 
 def _few(keys, n=6):
     return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
-def build_unet(sd, dtype=torch.float32, device="cpu", config_json=None) -> UNet2DConditionModel:
+def build_unet(sd, dtype=torch.float32, device="cpu", config_json=None, storage_dtype=None) -> UNet2DConditionModel:
     cfg = unet_config_from_state_dict(sd, _unet_base(config_json))
-    return _build(UNet2DConditionModel, cfg, sd, "UNet", dtype, device)
+    return _build(UNet2DConditionModel, cfg, sd, "UNet", dtype, device, storage_dtype)
 
 
 def build_vae(sd, dtype=torch.float32, device="cpu", config_json=None) -> AutoencoderKL:
@@ -606,6 +625,68 @@ def build_vae(sd, dtype=torch.float32, device="cpu", config_json=None) -> Autoen
     cfg = vae_config_from_state_dict(sd, _vae_base(config_json))
     vae_dtype = _vae_dtype(cfg, dtype)
     return _build(AutoencoderKL, cfg, sd, "VAE", vae_dtype, device)
+
+
+def build_taesd(sd, dtype=torch.float32, device="cpu", config_json=None) -> AutoencoderTiny:
+    cfg = taesd_config_from_state_dict(sd, _taesd_base(config_json))
+    return _build(AutoencoderTiny, cfg, sd, "TAESD", dtype, device)
+
+
+def _taesd_base(cj):
+    """An AutoencoderTiny config.json's numbers; what TAESD itself fixes (ReLU, 2x nearest upsampling) checked.
+    Another class's config (the SDXL folder's vae/, for load(vae=TAESD file)) says nothing of it."""
+    cj = cj or {}
+    cj = cj if cj.get("_class_name", "AutoencoderTiny") == "AutoencoderTiny" else {}
+    fixed = {"act_fn": "relu", "upsample_fn": "nearest", "upsampling_scaling_factor": 2}
+    for key, value in fixed.items():
+        if cj.get(key, value) != value:
+            raise CheckpointError(f"this TAESD's config.json says {key}={cj[key]!r}; minsdxl's TAESD has {value!r}")
+    keys = ("latent_magnitude", "latent_shift", "scaling_factor")
+    return TAESDConfig(**{k: float(cj[k]) for k in keys if k in cj})
+
+
+# madebyollin's own TAESD files: one per half (taesdxl_encoder.pth, taesdxl_decoder.safetensors, ...), keys N.*
+_TAESD_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+def _taesd_half(sd) -> str | None:
+    """ "encoder" / "decoder" for an original TAESD half (keys N.weight, N.conv.0.weight, ...), else None: the
+    encoder's first layer is a conv, the decoder's a parameter-free Clamp."""
+    if not sd or not all(k.split(".", 1)[0].isdigit() for k in sd):
+        return None
+    return "encoder" if "0.weight" in sd else "decoder"
+
+
+def _taesd_original(path: Path, sd: dict, half: str) -> dict:
+    """An original TAESD half in diffusers' keys (the decoder's layers one down: DecoderTiny clamps in its forward),
+    with the other half when its file lies beside it (name with encoder <-> decoder, as A1111's VAE-taesd)."""
+    out = {}
+    for name, part in [(path, sd)] + [(q, None) for q in _taesd_sibling(path, half)]:
+        part = read_state_dict(name) if part is None else part
+        which = _taesd_half(part)
+        if which is None or (part is not sd and which == half):
+            other = "decoder" if half == "encoder" else "encoder"
+            raise CheckpointError(f"{name} is not the TAESD {other} its name says")
+        shift = 1 if which == "decoder" else 0
+        out |= {f"{which}.layers.{int(k.split('.', 1)[0]) - shift}.{k.split('.', 1)[1]}": v for k, v in part.items()}
+    return out
+
+
+def _taesd_sibling(path: Path, half: str) -> list:
+    other = "encoder" if half == "decoder" else "decoder"
+    if half not in path.stem:
+        return []
+    found = [path.with_name(path.stem.replace(half, other) + x) for x in _TAESD_SUFFIXES]
+    return [q for q in found if q.is_file()][:1]
+
+
+def _taesd_in_folder(p: Path) -> Path | None:
+    """A folder of original TAESD files (A1111's models/VAE-taesd): its SDXL decoder (or encoder) file."""
+    for name in ("taesdxl_decoder", "taesdxl_encoder"):
+        for x in _TAESD_SUFFIXES:
+            if (p / (name + x)).is_file():
+                return p / (name + x)
+    return None
 
 
 def build_text_encoder(sd, with_projection: bool, dtype=torch.float32, device="cpu", config_json=None):
@@ -864,32 +945,39 @@ def read_component(comp, variant=None, dtype=None) -> dict:
     return comp.read(variant, dtype) if isinstance(comp, _Lazy) else comp
 
 
-def load_component(path, dtype=torch.float32, device="cpu", variant=None, config=None):
+def load_component(path, dtype=torch.float32, device="cpu", variant=None, config=None, storage_dtype=None):
     """One component from a file or a component folder (e.g. a standalone VAE): detected from keys.
-    config: a component folder whose config.json fills in what shapes cannot tell (for a file)."""
+    config: a component folder whose config.json fills in what shapes cannot tell (for a file).
+    storage_dtype: a UNet's layers stored in it, computed in `dtype` (see load)."""
     p = Path(path)
     if not p.exists():
         raise _missing_path_error(str(path))
     config_dir = p if p.is_dir() else Path(config) if config else None
     cj = _json(config_dir / "config.json") if config_dir else {}
+    if p.is_dir() and not (p / "config.json").is_file() and _taesd_in_folder(p):
+        p = _taesd_in_folder(p)
     if p.is_dir():  # transformers names its weights model.*, diffusers diffusion_pytorch_model.*
         stem = "model" if any(f.name.startswith("model.") for f in p.iterdir()) else "diffusion_pytorch_model"
         sd = _Lazy(p, stem).read(variant, dtype)
     else:
         sd = read_state_dict(p)
+        half = _taesd_half(sd)
+        sd = _taesd_original(p, sd, half) if half else sd
     if any(k.startswith(("encoder.down.", _VAE)) for k in sd):  # an sgm-layout VAE file
         sd = sgm_to_diffusers({k if k.startswith(_VAE) else _VAE + k: v for k, v in sd.items()})[0].get("vae", {})
     elif any(k.startswith(_UNET) for k in sd):  # an sgm UNet (or a whole single file: take its UNet)
         sd = sgm_to_diffusers(sd)[0].get("unet", {})
     if "encoder.conv_in.weight" in sd:
         return build_vae(sd, dtype, device, cj)
+    if "encoder.layers.0.weight" in sd or "decoder.layers.0.weight" in sd:
+        return build_taesd(sd, dtype, device, cj)
     if "conv_in.weight" in sd:
-        return build_unet(sd, dtype, device, cj)
+        return build_unet(sd, dtype, device, cj, storage_dtype)
     if any(k.endswith("embeddings.token_embedding.weight") for k in sd):
         return build_text_encoder(sd, "text_projection.weight" in sd, dtype, device, cj)
     if "vision_model.embeddings.patch_embedding.weight" in sd:
         return build_image_encoder(sd, dtype, device, cj)
-    raise CheckpointError(f"{p}: cannot tell which SDXL component these weights are (no VAE, UNet or CLIP keys)")
+    raise CheckpointError(f"{p}: cannot tell which SDXL component these weights are (no VAE, TAESD, UNet or CLIP keys)")
 
 
 def load_image_encoder(folder, dtype=torch.float32, device="cpu") -> CLIPVisionModelWithProjection:
@@ -937,12 +1025,15 @@ def load(
     attention=None,
     compile=False,
     unet=None,
+    storage_dtype=None,
 ) -> SDXL:
     """Load an SDXL base, refiner or inpaint model from a diffusers folder or a single file; the name
     "tiny" loads the small SDXL-topology model bundled with minsdxl (see minsdxl.tiny).
 
     share: another loaded SDXL (the base) whose text_encoder_2, tokenizer_2 and VAE are reused (a
-    refiner then costs only its UNet). vae: a path to a VAE (file or folder) overriding the model's; unet: the
+    refiner then costs only its UNet). vae: a path to a VAE (file or folder) overriding the model's, or to a TAESD
+    (minsdxl.taesd: a diffusers AutoencoderTiny folder, madebyollin's taesdxl_decoder / _encoder files, or
+    A1111's folder of them) to decode in a fraction of the time; unet: the
     same for the UNet (e.g. an SDXL-Lightning or Hyper-SD UNet file, either layout, over its base model).
     variant: "fp16" to pick diffusers' *.fp16.safetensors (default: the file matching `dtype`).
     config: for a single file, a diffusers folder whose config files fill in what shapes cannot tell
@@ -956,12 +1047,17 @@ def load(
     compile: torch.compile the UNet, VAE decoder and text encoders (minsdxl.compile(model): fullgraph,
     compiled once per image size on the first call; on CUDA with CUDA graphs and, unless `attention`
     names another backend, Triton attention).
+    storage_dtype: the UNet's layers stored in this dtype (torch.float8_e4m3fn: 2.6 GB of weights) and each
+    computed in `dtype` (= diffusers' unet.enable_layerwise_casting(storage_dtype, compute_dtype=dtype); see
+    minsdxl.layerwise, which also casts other modules); None: stored in `dtype`.
     A module reused through `share` is the base's own object: attention= and compile= then apply to
     it in both models.
     """
     if attention is not None:  # before any weights are read
         speed.attention.check_backend(attention, "load(attention=...) got")
     check_placement(dtype, device, "load")
+    if storage_dtype is not None:
+        layerwise.check(storage_dtype, dtype, "load(storage_dtype=, dtype=)")
     offload_device, device = (str(device), "cpu") if offload else (None, device)
     path = resolve(path)
     comps, configs = read_checkpoint(path, config)
@@ -969,11 +1065,12 @@ def load(
     folder = path if layout == "diffusers" else config  # configs / tokenizers for what the weights cannot tell
     index = configs.get("model_index", {})
     if unet is not None:  # the checkpoint's own UNet is not read
-        unet = _override(unet, UNet2DConditionModel, "unet", dtype, device, folder)
+        unet = _override(unet, UNet2DConditionModel, "unet", dtype, device, folder, storage_dtype)
     elif "unet" not in comps:
         raise CheckpointError(f"{path} has no UNet; is it an SDXL checkpoint?")
     else:
-        unet = build_unet(read_component(comps["unet"], variant, dtype), dtype, device, configs.get("unet"))
+        unet = read_component(comps["unet"], variant, dtype)
+        unet = build_unet(unet, dtype, device, configs.get("unet"), storage_dtype)
     refiner = "text_encoder" not in comps
     kind = _KINDS.get(unet.config.in_channels, "refiner" if refiner else "base")
     model = SDXL(
@@ -999,7 +1096,10 @@ def load(
     else:
         model.text_encoder_2 = component("text_encoder_2", build_text_encoder, True)
         model.tokenizer_2 = _tokenizer(folder, "tokenizer_2", pad="!")
-        model.vae = _override(vae, AutoencoderKL, "vae", dtype, device, folder) if vae else component("vae", build_vae)
+        if vae:  # an SDXL VAE or a TAESD
+            model.vae = _override(vae, (AutoencoderKL, AutoencoderTiny), "vae", dtype, device, folder)
+        else:
+            model.vae = component("vae", build_vae)
     if not refiner:
         model.text_encoder = component("text_encoder", build_text_encoder, False)
         model.tokenizer = _tokenizer(folder, "tokenizer", pad="<|endoftext|>")
@@ -1010,15 +1110,15 @@ def load(
     return model
 
 
-def _override(path, cls, name, dtype, device, folder=None):
+def _override(path, cls, name, dtype, device, folder=None, storage_dtype=None):
     """load(vae=... / unet=...): that component from its own file or folder, checked to be one; what its shapes
     cannot tell (head size, VAE scaling factor, ...) from the model folder's `name`/config.json where there is one."""
     own = folder is not None and (Path(folder) / name / "config.json").is_file() and not Path(path).is_dir()
-    module = load_component(path, dtype, device, config=Path(folder) / name if own else None)
+    config = Path(folder) / name if own else None
+    module = load_component(path, dtype, device, config=config, storage_dtype=storage_dtype)
     if not isinstance(module, cls):
-        raise CheckpointError(
-            f"{name}={path} holds {type(module).__name__} weights, not a {cls.__name__}: pass the {name}"
-        )
+        kinds = " or ".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
+        raise CheckpointError(f"{name}={path} holds {type(module).__name__} weights, not a {kinds}: pass the {name}")
     return module
 
 
@@ -1210,6 +1310,11 @@ def _check_saving(model: SDXL, path: Path, what: str) -> None:
         raise ValueError(
             f"an IP-Adapter is loaded; an SDXL {what} has no place for its weights: minsdxl.unload_ip_adapter(model) "
             "first (and load it again after saving)"
+        )
+    if not isinstance(model.vae, AutoencoderKL):
+        raise ValueError(
+            f"this model decodes with TAESD ({type(model.vae).__name__}); an SDXL {what} holds the full VAE: load "
+            "the model without vae= to save it"
         )
 
 

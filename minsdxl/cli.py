@@ -56,6 +56,7 @@ MODES = {
     "instruct_pix2pix": minsdxl.instruct_pix2pix,
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STORAGE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # A1111's hires-fix upscalers that need no upscaler model: latent ones (F.interpolate's mode, antialias) and
 # image ones (PIL's resampling); A1111's names
 HIRES_UPSCALERS = {
@@ -555,7 +556,9 @@ def build_parser():
                                                                            "draws coloured shapes)")
     add("--model-config",                          default=None,      help="diffusers folder with the configs of "
                                                                            "a non-SDXL single-file --model")
-    add("--vae",                                   default=None,      help="VAE file or folder to use instead")
+    add("--vae",                                   default=None,      help="VAE file or folder to use instead, or "
+                                                                           "TAESDXL (taesdxl_decoder.pth, its folder): "
+                                                                           "fast, lower-quality decoding")
     add("--unet",                                  default=None,      help="UNet file or folder to use instead "
                                                                            "(e.g. SDXL-Lightning's or Hyper-SD's "
                                                                            "UNet over its base --model)")
@@ -643,6 +646,10 @@ def build_parser():
                                                                            "(word:1.3), (word), [word], BREAK, "
                                                                            "no 77-token limit (off: diffusers')")
     add("--dtype",           choices=("auto", *DTYPES), default="auto", help="auto: fp16 on CUDA, else fp32")
+    add("--storage-dtype",     choices=STORAGE_DTYPES, default=None, help="store the UNet's layers in float8 "
+                                                                           "(fp8: e4m3fn), each computed in --dtype: "
+                                                                           "a quarter of fp32's memory, the image "
+                                                                           "changed by the rounding (layerwise.py)")
     add("--device",                                default="auto",    help="cpu, cuda, cuda:N (auto: cuda if any)")
     add("--offload",                   action="store_true",           help="model offload: idle parts wait on the CPU")
     add("--compile",                   action="store_true",           help="torch.compile the UNet, VAE decoder and "
@@ -658,9 +665,9 @@ def build_parser():
                                                                            "mid; e.g. mid,up_blocks.0.attentions.1)")
     add("--guider", metavar="NAME[:K=V,...]", type=_guider, default=None,
                                                                       help="another guidance rule than CFG "
-                                                                           "(diffusers' guiders): apg, "
-                                                                           "cfg_zero_star, tcfg, mambo, or cfg with "
-                                                                           "start / stop; e.g. apg:momentum=-0.5,"
+                                                                           "(diffusers' guiders): apg, apg_mix, "
+                                                                           "cfg_zero_star, tcfg, mambo, fdg, or cfg "
+                                                                           "with start / stop; e.g. apg:momentum=-0.5,"
                                                                            "norm_threshold=15,eta=1; with layers="
                                                                            "BLOCKS.I[+...] perturbed: slg, pag, seg, "
                                                                            "auto. Its scale is --cfg")
@@ -1085,6 +1092,8 @@ class _Job:
 def _jobs(args, lines) -> list:
     """The run's jobs, each checked, its images read and its seed drawn before anything loads: the
     command line, or one per prompts-file line."""
+    if getattr(args, "xyz", None) and (args.seed is None or args.seed < 0):
+        args.seed = secrets.randbelow(2**32)  # = A1111's X/Y/Z plot (fix_seed): one seed for the grid, not per cell
     if not lines:
         jobs = [_Job(args)]
     else:
@@ -1391,6 +1400,7 @@ def _load(args, auto_dtype=False):
         add_watermarker=watermark,
         offload=args.offload,
         compile=args.compile,
+        storage_dtype=STORAGE_DTYPES.get(args.storage_dtype),
     )
     _log(args, f"loaded {args.model} (SDXL {base.kind}) in {time.perf_counter() - t:.1f} s")
     _log(args, f"device {args.device}; " + _dtype_note(base, auto_dtype))
@@ -1429,6 +1439,7 @@ def _load(args, auto_dtype=False):
             add_watermarker=watermark,
             offload=args.offload,
             compile=args.compile,
+            storage_dtype=STORAGE_DTYPES.get(args.storage_dtype),
         )
         if refiner.kind != "refiner":
             raise ValueError(
@@ -1671,7 +1682,7 @@ def _describe_run(args, mode, base, refiner, sched, source, loras=None) -> dict:
     about = {
         "mode": mode,
         "model": model,
-        "vae": _file_info(args.vae) if args.vae else None,
+        "vae": _file_info(args.vae, hashed=_vae_file(args.vae, args.dtype)) if args.vae else None,
         "unet": _file_info(args.unet) if args.unet else None,
         "loras": [{**_file_info(path), "name": name, "scale": w} for path, w, name in loras],
         "embeddings": [{**_file_info(path), "token": token} for path, token in _embeddings(args)],
@@ -1729,10 +1740,11 @@ def _describe_run(args, mode, base, refiner, sched, source, loras=None) -> dict:
     return about
 
 
-def _file_info(path, model=None, dtype=None) -> dict:
-    """Path, SHA-256 and A1111's short hash of a file; for a diffusers folder, of its UNet weights file."""
+def _file_info(path, model=None, dtype=None, hashed=None) -> dict:
+    """Path, SHA-256 and A1111's short hash of a file; for a diffusers folder, of its UNet weights file (or of
+    `hashed`, the file in it that counts)."""
     p = Path(path)
-    hashed = _unet_file(p, dtype) if p.is_dir() else p
+    hashed = hashed or (_unet_file(p, dtype) if p.is_dir() else p)
     digest = sha256(hashed)
     info = {"path": str(p), "sha256": digest, "hash": short_hash(digest)}
     if hashed != p:
@@ -1745,6 +1757,14 @@ def _file_info(path, model=None, dtype=None) -> dict:
 def _weights(path, dtype) -> Path:
     """The weights file load_controlnet / load_t2i_adapter reads for this dtype."""
     return checkpoint.component_file(path, dtype=DTYPES.get(dtype))[0]
+
+
+def _vae_file(path, dtype) -> Path:
+    """The weights file --vae names: the file, a VAE / TAESD folder's weights, or A1111's VAE-taesd decoder."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    return checkpoint._taesd_in_folder(p) or _weights(p, dtype)
 
 
 def _unet_file(folder: Path, dtype) -> Path:
@@ -1865,6 +1885,15 @@ A1111_PARAMS = {
 }
 # what A1111 writes that changes the picture and minsdxl does not do
 A1111_NOT_DONE = ("ADetailer model", "Face restoration", "Schedule rho")
+# A1111's schedule types read as a timestep spacing of SDXL's σ table, and how they differ from it (A1111's
+# sd_schedulers.py: k-diffusion interpolates σ between table entries in log σ, diffusers in σ)
+A1111_SPACINGS = {
+    "SGM Uniform": ("trailing", "linspace(999, 0, n + 1)[:-1] in continuous t: its timesteps rounded"),
+    "Uniform": ("linspace", "linspace(999, 0, n): σ interpolated in σ, not log σ"),
+    "Normal": ("linspace", "linspace(999, 0, n): σ interpolated in σ, not log σ"),
+    "Simple": ("trailing", "every 1000 / n-th table σ from the top: rounded, not truncated"),
+    "DDIM": ("leading", "every 1000 // n-th table σ from t = 1: n steps, where A1111 may run one more"),
+}
 
 
 def _from_a1111(path, text: str) -> dict:
@@ -1886,15 +1915,20 @@ def _from_a1111(path, text: str) -> dict:
             args["clip_skip"] = int(p["Clip skip"]) - 2
     except ValueError as e:
         raise ValueError(f"{path}: cannot read its A1111 parameters ({e})") from None
+    not_done = [k for k in A1111_NOT_DONE if k in p]
     if "Sampler" in p:  # A1111 >= 1.9 writes the schedule apart: "DPM++ 2M" + "Karras" = "DPM++ 2M Karras"
         schedule = p.get("Schedule type", "Automatic")
-        if schedule == "SGM Uniform":  # linspace(999, 0, n + 1)[:-1] in continuous t: diffusers' trailing rounds it
-            args["timestep_spacing"], schedule = "trailing", "Automatic"
-            _warn(
-                f"{path}: A1111's SGM Uniform schedule is read as --timestep-spacing trailing (its timesteps rounded)"
-            )
+        if schedule in A1111_SPACINGS:
+            spacing, how = A1111_SPACINGS[schedule]
+            args["timestep_spacing"] = spacing
+            _warn(f"{path}: A1111's {schedule} schedule is read as --timestep-spacing {spacing} ({how})")
+            schedule = "Automatic"
+        elif schedule == "Polyexponential" and "Schedule rho" not in p:  # at its default ρ = 1: the exponential one
+            schedule = "Exponential"
+        elif schedule not in ("Automatic", "Karras", "Exponential", "Beta"):  # KL Optimal, Align Your Steps
+            not_done.append(f"Schedule type: {schedule} (the sampler's own schedule used)")
+            schedule = "Automatic"
         args["sampler"] = p["Sampler"] + ("" if schedule == "Automatic" else f" {schedule}")
-    not_done = [k for k in A1111_NOT_DONE if k in p]
     emphasis = p.get("Emphasis", "Original")  # A1111's default; "No norm": the weights without the rescaling
     if emphasis in ("Original", "No norm"):
         args["prompt_weighting"] = "a1111" if emphasis == "Original" else "a1111_no_norm"
@@ -1985,6 +2019,10 @@ def info(args) -> int:
     if report is not None:
         print(json.dumps(report, indent=2) if args.json else _format_control(report))
         return 1 if "problem" in report else 0
+    report = describe_taesd(path)
+    if report is not None:
+        print(json.dumps(report, indent=2) if args.json else _format_control(report))
+        return 1 if "problem" in report else 0
     report = describe_upscaler(path)
     if report is not None:
         print(json.dumps(report, indent=2) if args.json else _format_upscaler(report))
@@ -2028,6 +2066,35 @@ def describe_control(path) -> dict | None:
             report["kind"] = report["kind"] if control_lora else module.kind
         report |= _module_info(module)
     except checkpoint.CheckpointError as e:
+        report["problem"] = str(e)
+    return report
+
+
+def describe_taesd(path) -> dict | None:
+    """A TAESD (a diffusers AutoencoderTiny folder or file, madebyollin's taesdxl_encoder / _decoder files, A1111's
+    VAE-taesd folder): which halves it has and its sizes, or why it does not load; None for anything else."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            config = p / "config.json"
+            kind = checkpoint._json(config).get("_class_name") if config.is_file() else None
+            if kind != "AutoencoderTiny" and not checkpoint._taesd_in_folder(p):
+                return None
+        elif p.suffix not in (".safetensors", ".pth", ".pt"):
+            return None
+        else:
+            keys = checkpoint.read_state_dict(p)
+            if not checkpoint._taesd_half(keys) and "decoder.layers.0.weight" not in keys:
+                return None
+    except (checkpoint.CheckpointError, OSError):
+        return None
+    report = {"path": str(path), "kind": "TAESD"}
+    try:
+        module = checkpoint.load_component(p, dtype=None, device="meta")
+        report["tensors"] = len(module.state_dict())
+        halves = [h for h in ("encoder", "decoder") if getattr(module, h) is not None]
+        report |= {"kind": f"TAESD ({' and '.join(halves)})"} | _module_info(module)
+    except (checkpoint.CheckpointError, ValueError) as e:
         report["problem"] = str(e)
     return report
 

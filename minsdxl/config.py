@@ -109,6 +109,21 @@ class VAEConfig:
 
 
 @dataclass(frozen=True)
+class TAESDConfig:
+    """TAESD / TAESDXL (madebyollin's tiny autoencoder, diffusers' AutoencoderTiny): per stage, its width and its
+    residual blocks; encoder or decoder None where only the other half was loaded (A1111 ships the two apart)."""
+
+    latent_channels: int = 4
+    encoder_block_out_channels: tuple | None = (64, 64, 64, 64)
+    num_encoder_blocks: tuple | None = (1, 3, 3, 3)
+    decoder_block_out_channels: tuple | None = (64, 64, 64, 64)
+    num_decoder_blocks: tuple | None = (3, 3, 3, 1)
+    latent_magnitude: float = 3.0
+    latent_shift: float = 0.5
+    scaling_factor: float = 1.0  # TAESD reads and writes the UNet's latents as they are
+
+
+@dataclass(frozen=True)
 class TextConfig:
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -293,6 +308,43 @@ def vae_config_from_state_dict(sd, base: VAEConfig | None = None) -> VAEConfig:
     )
 
 
+def _tiny_stages(sd, prefix: str, first: int) -> tuple:
+    """(widths, blocks per stage) of a TAESD half: its Sequential holds convs and residual blocks (a block has
+    `conv.0`), every stage opening (encoder) or closing (decoder) with a conv; `first`: the index of the first
+    stage's first layer after the stem."""
+    layers = sorted({int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)})
+    blocks = [i for i in layers if f"{prefix}{i}.conv.0.weight" in sd]
+    convs = [i for i in layers if i not in blocks and i >= first]
+    widths, counts, start = [], [], first
+    for c in convs:  # the blocks before each conv (decoder) / after each conv (encoder) form a stage
+        inside = [b for b in blocks if start <= b < c]
+        if inside:
+            widths.append(sd[f"{prefix}{inside[0]}.conv.0.weight"].shape[0])
+            counts.append(len(inside))
+        start = c
+    return tuple(widths), tuple(counts)
+
+
+def taesd_config_from_state_dict(sd, base: TAESDConfig | None = None) -> TAESDConfig:
+    """A TAESDConfig from an AutoencoderTiny state dict in diffusers' keys (encoder.layers.N / decoder.layers.N)."""
+    base = base or TAESDConfig()
+    enc, dec = "encoder.layers.0.weight" in sd, "decoder.layers.0.weight" in sd
+    if not enc and not dec:
+        raise ValueError("not a TAESD: encoder.layers.0.weight and decoder.layers.0.weight are both missing")
+    cfg = dict(encoder_block_out_channels=None, num_encoder_blocks=None)
+    cfg |= dict(decoder_block_out_channels=None, num_decoder_blocks=None)
+    if enc:  # conv, then per stage: (a stride-2 conv but for the first,) its blocks; a last conv to the latents
+        n = max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+        widths, counts = _tiny_stages(sd, "encoder.layers.", 1)
+        cfg |= dict(encoder_block_out_channels=widths, num_encoder_blocks=counts)
+        latent = sd[f"encoder.layers.{n}.weight"].shape[0]
+    if dec:  # conv, ReLU, then per stage: its blocks, (Upsample,) a conv
+        widths, counts = _tiny_stages(sd, "decoder.layers.", 2)
+        cfg |= dict(decoder_block_out_channels=widths, num_decoder_blocks=counts)
+        latent = sd["decoder.layers.0.weight"].shape[1]
+    return replace(base, latent_channels=latent, **cfg)
+
+
 def text_config_from_state_dict(sd, base: TextConfig | None = None) -> TextConfig:
     """Infer a TextConfig from a CLIPTextModel(WithProjection) state dict (with or without the
     `text_model.` prefix). Head count and activation are not in the shapes: they come from `base`
@@ -352,6 +404,7 @@ __all__ = [
     "ControlNetUnionConfig",
     "T2IAdapterConfig",
     "VAEConfig",
+    "TAESDConfig",
     "TextConfig",
     "VisionConfig",
     "UNET_PRESETS",
@@ -363,6 +416,7 @@ __all__ = [
     "controlnet_union_config_from_state_dict",
     "t2i_adapter_config_from_state_dict",
     "vae_config_from_state_dict",
+    "taesd_config_from_state_dict",
     "text_config_from_state_dict",
     "vision_config_from_state_dict",
 ]

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import layerwise
 from .checkpoint import (
     CheckpointError,
     _build,
@@ -372,7 +373,9 @@ def _control_lora(sd: dict, unet, base: ControlNetConfig, dtype, device) -> tupl
     return cfg, out
 
 
-def load_controlnet(path, dtype=torch.float32, device="cpu", variant=None, config=None, unet=None) -> ControlNetModel:
+def load_controlnet(
+    path, dtype=torch.float32, device="cpu", variant=None, config=None, unet=None, storage_dtype=None
+) -> ControlNetModel:
     """An SDXL ControlNet, or a ControlNet-Union / ProMax (a ControlNetUnionModel, e.g.
     xinsir/controlnet-union-sdxl-1.0), from a diffusers folder (config.json + diffusion_pytorch_model[.fp16]
     .safetensors, e.g. diffusers/controlnet-canny-sdxl-1.0; a pipeline folder's controlnet/ is found too)
@@ -383,14 +386,18 @@ def load_controlnet(path, dtype=torch.float32, device="cpu", variant=None, confi
     A Control-LoRA (stabilityai/control-lora, marked by its lora_controlnet key) needs unet=, the UNet it
     was made for (model.unet, SDXL base): the ControlNet starts as a copy of its encoder half, with its
     current weights (a LoRA merged into it comes along, as with diffusers' ControlNetModel.from_unet), and
-    the file's LoRA pairs merged in. unet= is not used for other ControlNets."""
+    the file's LoRA pairs merged in. unet= is not used for other ControlNets.
+    storage_dtype: its layers stored in this dtype (torch.float8_e4m3fn), each computed in `dtype` (see
+    minsdxl.load; = diffusers' controlnet.enable_layerwise_casting)."""
     check_placement(dtype, device, "load_controlnet")
+    if storage_dtype is not None:
+        layerwise.check(storage_dtype, dtype, "load_controlnet(storage_dtype=, dtype=)")
     file, cj = component_file(path, variant, dtype, config)
     sd = read_state_dict(file)
     if sd.pop(CONTROL_LORA_MARK, None) is not None:
         try:
             cfg, sd = _control_lora(ldm_controlnet_to_diffusers(sd), unet, _config_base(cj, False), dtype, device)
-            return _build(ControlNetModel, cfg, sd, "Control-LoRA", dtype, device)
+            return _build(ControlNetModel, cfg, sd, "Control-LoRA", dtype, device, storage_dtype)
         except (CheckpointError, ValueError) as e:
             raise CheckpointError(f"{file}: {e}") from None
     sd = ldm_controlnet_to_diffusers(sd)
@@ -409,7 +416,8 @@ def load_controlnet(path, dtype=torch.float32, device="cpu", variant=None, confi
         base = _config_base(cj, union)
         if union:
             cfg = controlnet_union_config_from_state_dict(sd, base)
-            return _build(ControlNetUnionModel, cfg, sd, "ControlNet-Union", dtype, device)
-        return _build(ControlNetModel, controlnet_config_from_state_dict(sd, base), sd, "ControlNet", dtype, device)
+            return _build(ControlNetUnionModel, cfg, sd, "ControlNet-Union", dtype, device, storage_dtype)
+        cfg = controlnet_config_from_state_dict(sd, base)
+        return _build(ControlNetModel, cfg, sd, "ControlNet", dtype, device, storage_dtype)
     except (CheckpointError, ValueError) as e:
         raise CheckpointError(f"{file}: {e}") from None

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import VisionConfig
+from .layerwise import compute_dtype
 from .text_encoder import CLIPEncoder
 
 
@@ -37,7 +38,7 @@ class CLIPVisionEmbeddings(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [B, grid * grid, d], row by row
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         # the whole position table (one row per token), no `position_ids` buffer: nothing to go stale or meta
-        return torch.cat([cls, x], dim=1) + self.position_embedding.weight
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight.to(x.dtype)  # (float8: layerwise)
 
 
 class CLIPVisionModel(nn.Module):
@@ -86,7 +87,7 @@ class CLIPVisionModelWithProjection(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.visual_projection.weight.dtype
+        return compute_dtype(self.visual_projection)
 
     @property
     def device(self) -> torch.device:

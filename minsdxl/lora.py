@@ -604,6 +604,7 @@ def set_adapters(model, adapter_names, adapter_weights=None) -> None:
 
 
 def get_active_adapters(model) -> list[str]:
+    """= diffusers' get_active_adapters: the names of the adapters that apply now."""
     return [a.name for a in _state(model).adapters.values() if a.active]
 
 
@@ -613,6 +614,7 @@ def disable_lora(model) -> None:
 
 
 def enable_lora(model) -> None:
+    """= diffusers' enable_lora: undo disable_lora, the active adapters apply again."""
     _enable(model, True)
 
 

@@ -48,7 +48,7 @@ def compile(
         for net in nets:
             _set_backend(net, attention_backend)
     set_fused_geglu(model, fused_geglu)
-    parts = [model.unet, model.vae.decoder, *nets]
+    parts = [model.unet, *[m for m in (model.vae.decoder,) if m is not None], *nets]  # (a TAESD may have none)
     # eager, the text encoders launch ~15 small kernels per layer (43 layers for SDXL base) for one
     # [1, 77] prompt: host-bound on a GPU, where compiled and replayed as a CUDA graph they are not
     if text_encoders:

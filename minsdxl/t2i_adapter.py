@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, _build, component_file, read_state_dict
 from .config import T2IAdapterConfig, t2i_adapter_config_from_state_dict
+from .layerwise import compute_dtype
 
 
 class AdapterResnetBlock(nn.Module):
@@ -69,7 +70,7 @@ class T2IAdapter(nn.Module):
 
     @property
     def dtype(self):
-        return self.adapter.conv_in.weight.dtype
+        return compute_dtype(self.adapter.conv_in)
 
     @property
     def device(self):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .attention import attention
 from .config import TextConfig, VisionConfig
+from .layerwise import compute_dtype
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,8 @@ class CLIPTextEmbeddings(nn.Module):
         if n > positions:
             raise ValueError(f"{n} token ids but CLIP has {positions} positions: tokenize with max_length={positions}")
         # a plain slice of the position table, no `position_ids` buffer: nothing to go stale or meta
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:n]
+        x = self.token_embedding(input_ids)
+        return x + self.position_embedding.weight[:n].to(x.dtype)  # (.to: a float8-stored table, minsdxl.layerwise)
 
 
 # The transformer layers below also make the vision tower (image_encoder.py): any config with
@@ -116,7 +118,7 @@ class CLIPTextModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embeddings.token_embedding.weight.dtype
+        return compute_dtype(self.embeddings.token_embedding)
 
     @property
     def device(self) -> torch.device:

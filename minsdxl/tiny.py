@@ -1,6 +1,7 @@
 """The bundled tiny SDXL (`minsdxl.load("tiny")`) and the little world it was trained on.
 
-The model has SDXL's exact topology at a tiny width and was trained here on 64x64 pictures of one
+The model has SDXL's layout (three levels, its block types, two text encoders, micro-conditioning) at a tiny width
+and depth and was trained here on 64x64 pictures of one
 coloured shape at a named position on a plain background, captioned like
 "a red circle at the top left on a white background" (scripts/train_tiny.py). This module holds that
 world: the words it knows, their colours and places, the caption template and the renderer, so the

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .attention import attention
 from .config import UNetConfig
+from .layerwise import compute_dtype
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -177,7 +178,7 @@ class Attention(nn.Module):
             context = x if context is None else context
             k, v, zeros = self.to_k(context), self.to_v(context), 0
         if zeros:  # the all-zero prompts' rows: k = v = 0 (no bias), attention gives 0, this layer to_out's bias
-            bias = self.to_out[0].bias.expand(zeros, *x.shape[1:])
+            bias = self.to_out[0].bias.to(x.dtype).expand(zeros, *x.shape[1:])  # (.to: a float8-stored bias)
             if zeros == len(x):
                 return bias.clone()
         q = self.to_q(x[zeros:])
@@ -203,8 +204,9 @@ class GEGLU(nn.Module):
         if self.fused and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):  # no backward
             from minsdxl.kernels import geglu_gemm
 
+            w, b = w.to(x.dtype), self.proj.bias.to(x.dtype)  # (a float8-stored proj: see minsdxl.layerwise)
             if geglu_gemm.fits(x, w):
-                return geglu_gemm.geglu(x, w, self.proj.bias)
+                return geglu_gemm.geglu(x, w, b)
         h, gate = self.proj(x).chunk(2, dim=-1)
         return h * F.gelu(gate)
 
@@ -447,7 +449,7 @@ class UNet2DConditionModel(nn.Module):
 
     @property
     def dtype(self):
-        return self.conv_in.weight.dtype
+        return compute_dtype(self.conv_in)
 
     @property
     def device(self):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .attention import attention
 from .config import VAEConfig
+from .layerwise import compute_dtype
 from .rng import randn
 from .unet import ResnetBlock2D
 
@@ -123,7 +124,7 @@ class Decoder(nn.Module):
 
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
-        x = x.to(self.up_blocks[0].resnets[0].conv1.weight.dtype)  # = diffusers' upscale_dtype
+        x = x.to(self.up_blocks[0].resnets[0].norm1.weight.dtype)  # = diffusers' upscale_dtype (its first parameter)
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
@@ -146,23 +147,15 @@ class DiagonalGaussian:
         return self.mean
 
 
-class AutoencoderKL(nn.Module):
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
-        # diffusers' switches and tile sizes, same names (AutoencoderKL.__init__): tiles of sample_size px
-        self.use_slicing = self.use_tiling = False
-        self.tile_sample_min_size = config.sample_size
-        self.tile_latent_min_size = int(config.sample_size / 2 ** (len(config.block_out_channels) - 1))
-        self.tile_overlap_factor = 0.25
+class Codec(nn.Module):
+    """What the sampler meets in model.vae beside encode / decode (AutoencoderKL, taesd.AutoencoderTiny): diffusers'
+    tiling and slicing switches and the scaling factor of the UNet's latents."""
+
+    use_slicing = use_tiling = False
 
     def enable_tiling(self, use_tiling: bool = True):
-        """Encode / decode images larger than `tile_sample_min_size` (1024 px for SDXL) in overlapping
-        tiles: memory stays that of one tile, the output changes a little (= diffusers' enable_tiling)."""
+        """Encode / decode large images in overlapping tiles: memory stays that of one tile, the output changes a
+        little (= diffusers' enable_tiling; the tiles and their blending are each class's own)."""
         self.use_tiling = use_tiling
 
     def disable_tiling(self):
@@ -178,6 +171,20 @@ class AutoencoderKL(nn.Module):
     @property
     def scaling_factor(self) -> float:
         return self.config.scaling_factor
+
+
+class AutoencoderKL(Codec):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        # diffusers' tile sizes, same names (AutoencoderKL.__init__): images over sample_size px in tiles of it
+        self.tile_sample_min_size = config.sample_size
+        self.tile_latent_min_size = int(config.sample_size / 2 ** (len(config.block_out_channels) - 1))
+        self.tile_overlap_factor = 0.25
 
     def _stats(self, like: torch.Tensor):
         """The per-channel latent mean and std as [1, C, 1, 1] in `like`'s dtype, or None without them."""
@@ -208,7 +215,7 @@ class AutoencoderKL(nn.Module):
 
     @property
     def dtype(self):
-        return self.quant_conv.weight.dtype
+        return compute_dtype(self.quant_conv)
 
     @property
     def device(self):

@@ -17,9 +17,12 @@ minsdxl's UNet and the tomesd package on diffusers', each a second model on the 
 With --deepcache BRANCH they add DeepCache's cached step (the shallow branch BRANCH on the deep features of a
 full step run once before): minsdxl.deepcache and the DeepCache package's DeepCacheSDHelper on diffusers' UNet,
 again second models on the same weights.
+With --storage-dtype fp8 both libraries also run with the UNet's layers stored in float8 and computed in fp32:
+minsdxl.load(storage_dtype=) and diffusers' unet.enable_layerwise_casting, in the end-to-end table (peak RSS) and
+in the interleaved rounds (second models holding float8 copies of the mapped weights).
 
     python scripts/bench_cpu.py [--workdir /tmp/minsdxl_bench] [--size 512] [--steps 2] [--reps 5] [--tome 0.5]
-                                [--deepcache 0]
+                                [--deepcache 0] [--storage-dtype fp8]
 """
 
 import argparse
@@ -37,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import ROOT, write_model  # noqa: E402
 
 KW = dict(prompt="a photo of an astronaut riding a horse", guidance_scale=5.0)
+STORAGE = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
-def measure(lib: str, work: Path, size: int, steps: int):
+def measure(lib: str, work: Path, size: int, steps: int, storage: str | None = None):
     folder = work / "sdxl-base"
     stamps = []
 
@@ -52,7 +56,7 @@ def measure(lib: str, work: Path, size: int, steps: int):
     if lib == "minsdxl":
         import minsdxl
 
-        model = minsdxl.load(folder, dtype=torch.float32)
+        model = minsdxl.load(folder, dtype=torch.float32, storage_dtype=STORAGE.get(storage))
         t1 = time.perf_counter()
         minsdxl.text2img(model, **kw, seed=0, progress=False)
     else:
@@ -62,6 +66,8 @@ def measure(lib: str, work: Path, size: int, steps: int):
             folder, variant="fp16", torch_dtype=torch.float32, local_files_only=True, add_watermarker=False
         )
         pipe.set_progress_bar_config(disable=True)
+        if storage:
+            pipe.unet.enable_layerwise_casting(storage_dtype=STORAGE[storage], compute_dtype=torch.float32)
         t1 = time.perf_counter()
         pipe(**kw, generator=torch.Generator().manual_seed(0))
     t2 = time.perf_counter()
@@ -84,7 +90,9 @@ def _second(cfg, sd, make):
     return m.eval()
 
 
-def interleaved(work: Path, size: int, reps: int, tome: float = 0.0, deepcache: int | None = None):
+def interleaved(
+    work: Path, size: int, reps: int, tome: float = 0.0, deepcache: int | None = None, storage: str | None = None
+):
     import statistics
 
     import diffusers
@@ -162,6 +170,18 @@ def interleaved(work: Path, size: int, reps: int, tome: float = 0.0, deepcache: 
                 ref_d(x, t2, ctx, added_cond_kwargs=cond).sample
             )
             _parity("DeepCache (cached step)", "diffusers+DeepCache", runs)
+        if storage:  # second models holding float8 copies of the mapped weights
+            from minsdxl import layerwise
+
+            ours_s = layerwise.enable(_second(cfg, sd, UNet2DConditionModel), STORAGE[storage], torch.float32)
+            ref_s = meta_diffusers(diffusers.UNet2DConditionModel, diffusers_unet_config(cfg), sd)
+            ref_s.enable_layerwise_casting(storage_dtype=STORAGE[storage], compute_dtype=torch.float32)
+            kv_s = ours_s.project_context(ctx)  # by its own float8 to_k / to_v
+            runs[f"minsdxl, {storage} storage (step)"] = lambda: ours_s(x, t, kv_s, pooled, ids)
+            runs[f"diffusers, {storage} layerwise casting"] = lambda: (
+                ref_s(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+            )
+            _parity(f"{storage} storage", "diffusers (layerwise casting)", runs)
         times = {name: [] for name in runs}
         names = list(runs)
         for i in range(reps):
@@ -187,20 +207,25 @@ def main():
     ap.add_argument("--reps", type=int, default=5, help="interleaved UNet-step rounds (0: skip)")
     ap.add_argument("--tome", type=float, default=0.0, help="also time Token Merging at this ratio (both libraries)")
     ap.add_argument("--deepcache", type=int, default=None, help="also time DeepCache's cached step, this branch")
+    ap.add_argument("--storage-dtype", choices=STORAGE, help="also run both with the UNet stored in float8")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir)
     if args.measure:
-        return measure(args.measure, work, args.size, args.steps)
+        lib, _, storage = args.measure.partition(":")
+        return measure(lib, work, args.size, args.steps, storage or None)
     work.mkdir(parents=True, exist_ok=True)
     write_model(work)
     print(
         f"\nSDXL base (random weights), fp32, {args.size}x{args.size}, {args.steps} steps, CFG; "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    print(f"{'library':9} {'load s':>7} {'s/UNet step':>11} {'generate s':>10} {'peak RSS GiB':>13}")
+    print(f"{'library':13} {'load s':>7} {'s/UNet step':>11} {'generate s':>10} {'peak RSS GiB':>13}")
     res = {}
-    for lib in ("diffusers", "minsdxl"):
+    libs = ["diffusers", "minsdxl"]
+    if args.storage_dtype:
+        libs += [f"{lib}:{args.storage_dtype}" for lib in libs]
+    for lib in libs:
         cmd = [
             sys.executable,
             __file__,
@@ -219,17 +244,18 @@ def main():
             continue
         res[lib] = r = json.loads(out.stdout.strip().splitlines()[-1])
         print(
-            f"{lib:9} {r['load_s']:7.1f} {r['s_per_step']:11.2f} {r['generate_s']:10.1f} {r['peak_rss_gib']:13.2f}",
+            f"{lib:13} {r['load_s']:7.1f} {r['s_per_step']:11.2f} {r['generate_s']:10.1f} {r['peak_rss_gib']:13.2f}",
             flush=True,
         )
-    if len(res) == 2:
-        d, m = res["diffusers"], res["minsdxl"]
-        print(
-            f"ratio minsdxl/diffusers: step {m['s_per_step'] / d['s_per_step']:.2f}x, "
-            f"generate {m['generate_s'] / d['generate_s']:.2f}x, peak RSS {m['peak_rss_gib'] / d['peak_rss_gib']:.2f}x"
-        )
+    for suffix in ["", f":{args.storage_dtype}"] if args.storage_dtype else [""]:
+        if f"diffusers{suffix}" in res and f"minsdxl{suffix}" in res:
+            d, m = res[f"diffusers{suffix}"], res[f"minsdxl{suffix}"]
+            print(
+                f"ratio minsdxl/diffusers{suffix}: step {m['s_per_step'] / d['s_per_step']:.2f}x, generate "
+                f"{m['generate_s'] / d['generate_s']:.2f}x, peak RSS {m['peak_rss_gib'] / d['peak_rss_gib']:.2f}x"
+            )
     if args.reps:
-        interleaved(work, args.size, args.reps, args.tome, args.deepcache)
+        interleaved(work, args.size, args.reps, args.tome, args.deepcache, args.storage_dtype)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,10 @@ Prints a table as it goes (a time-out still leaves numbers) and writes JSON afte
     image, so not a row of 4.): minsdxl.deepcache eager and under minsdxl.compile's defaults vs the DeepCache
     package on diffusers' eager pipeline (needs its wheel: pip's DeepCache 0.1.1), ms per step (the mean of
     full and cached steps after the first), end to end, and the image's mean |difference| from the package's.
+ 7. (--storage-dtype fp8) the UNet's layers stored in float8 e4m3fn, computed in bf16 (it changes the image):
+    diffusers' unet.enable_layerwise_casting on its eager pipeline, minsdxl.layerwise eager and under
+    minsdxl.compile's defaults, each on a float8 copy of the UNet: the UNet's weight GiB, ms per step, end to
+    end, peak GPU memory (the bf16 models stay resident) and the image's mean |difference| from diffusers'.
 """
 
 import argparse
@@ -554,10 +558,7 @@ def run_configs(args, pipe, model):
             save(args)
         finally:
             if mode is not False:  # back to eager for the next config
-                torch._dynamo.reset()
-                for m in (*compiled_parts(model), pipe.unet, pipe.vae.decoder):
-                    m._compiled_call_impl = None
-                model.cuda_graphs = False
+                uncompile(model, pipe.unet, pipe.vae.decoder)
                 minsdxl.speed.set_fused_geglu(model, False)
     minsdxl.set_attention("sdpa", model)
 
@@ -646,10 +647,7 @@ def controlnet_section(args, pipe, model):
         finally:
             save(args)
             if compiled:
-                torch._dynamo.reset()
-                for m in (*compiled_parts(model), ours, cpipe.unet, cpipe.controlnet, cpipe.vae.decoder):
-                    m._compiled_call_impl = None
-                model.cuda_graphs = False
+                uncompile(model, ours, cpipe.unet, cpipe.controlnet, cpipe.vae.decoder)
 
 
 def deepcache_section(args, pipe, model):
@@ -698,15 +696,73 @@ def deepcache_section(args, pipe, model):
                 helper.disable()
             minsdxl.deepcache.disable(model)
             if compiled:
+                uncompile(model)
+
+
+def storage_section(args, pipe, model):
+    """7. (--storage-dtype fp8) float8 weight storage in both libraries (see the module's text)."""
+    import copy
+
+    import diffusers
+
+    import minsdxl
+
+    dev, dtype = args.device, next(pipe.unet.parameters()).dtype
+    storage = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[args.storage_dtype]
+    kw = dict(prompt="a photo of an astronaut riding a horse", height=args.size, width=args.size)
+    kw |= dict(num_inference_steps=args.steps, guidance_scale=5.0)
+    out = RESULTS.setdefault("storage", {"storage_dtype": str(storage), "rows": []})
+    log(f"\n7. UNet stored in {storage}, computed in {dtype}")
+    log(
+        f"{'config':44} {'first run s':>11} {'ms/step':>8} {'end-to-end s':>12} {'peak GiB':>9} {'UNet GiB':>8} "
+        f"{'levels vs diffusers':>19}"
+    )
+    unet = copy.deepcopy(pipe.unet)
+    unet.enable_layerwise_casting(storage_dtype=storage, compute_dtype=dtype)
+    narrow_pipe = diffusers.StableDiffusionXLPipeline(**{**pipe.components, "unet": unet})
+    narrow_pipe.set_progress_bar_config(disable=True)
+    narrow = copy.copy(model)  # the same encoders and VAE, a float8 copy of the UNet
+    narrow.unet = minsdxl.layerwise.enable(copy.deepcopy(model.unet), storage, dtype)
+    reference = None
+    for name, which, compiled in (
+        ("storage: diffusers eager, layerwise casting", "diffusers", False),
+        ("storage: minsdxl eager", "minsdxl", False),
+        ("storage: minsdxl compile defaults", "minsdxl", True),
+    ):
+        if args.skip_compile and compiled:
+            continue
+        try:
+            if compiled:
                 torch._dynamo.reset()
-                for m in compiled_parts(model):
-                    m._compiled_call_impl = None
-                model.cuda_graphs = False
+                minsdxl.compile(narrow, text_encoders=True)
+            again = 2 if compiled and narrow.cuda_graphs else 0  # CUDA graphs record on a 2nd call
+            row, image = section_row(name, functools.partial(generate, which, narrow_pipe, narrow), kw, dev, again)
+            held = (narrow_pipe if which == "diffusers" else narrow).unet.parameters()
+            row["unet_gib"] = sum(p.numel() * p.element_size() for p in held) / 2**30
+            reference = image if reference is None else reference
+            row["mean_abs_levels_vs_diffusers"] = image_levels(image, reference) if which == "minsdxl" else None
+            out["rows"].append(row)
+            levels = row["mean_abs_levels_vs_diffusers"]
+            log(f"{row['line']} {row['unet_gib']:8.2f} {'-' if levels is None else f'{levels:.2f}':>19}")
+        except Exception as e:  # report and go on
+            row_failed(out["rows"], name, e)
+        finally:
+            save(args)
+            if compiled:
+                uncompile(narrow)
 
 
 def compiled_parts(model) -> list:
     """What minsdxl.compile compiles (its defaults)."""
     return [model.unet, model.vae.decoder, model.text_encoder, model.text_encoder_2]
+
+
+def uncompile(model, *others) -> None:
+    """Back to eager for the next row: the model's compiled parts and `others` (diffusers' modules) as built."""
+    torch._dynamo.reset()
+    for m in (*compiled_parts(model), *others):
+        m._compiled_call_impl = None
+    model.cuda_graphs = False
 
 
 def lora_check(args, model, kw):
@@ -792,6 +848,7 @@ def main():
     ap.add_argument("--controlnet", action="store_true", help="also time SDXL + a ControlNet (5.), both libraries")
     ap.add_argument("--profile", action="store_true", help="top GPU kernels of each compiled library")
     ap.add_argument("--deepcache", metavar="N:BRANCH", help="also time DeepCache (6.), both libraries, e.g. 3:0")
+    ap.add_argument("--storage-dtype", choices=("fp8", "fp8_e5m2"), help="also time float8 weight storage (7.)")
     ap.add_argument(
         "--lora",
         action="store_true",
@@ -827,6 +884,8 @@ def main():
         controlnet_section(args, pipe, model)
     if args.deepcache:
         deepcache_section(args, pipe, model)
+    if args.storage_dtype:
+        storage_section(args, pipe, model)
     log(f"\ndone in {time.perf_counter() - t0:.0f} s")
 
 

@@ -290,6 +290,11 @@ def runs(paths, tmp_path_factory):
                 + ["--vae-tiling", "--sampler", "tcd", "--eta", "0.3", "-o", "tiled.png", "-q"],
                 dirs["lora"],
             ),
+            "fp8": (
+                ["minsdxl", "-p", "a cat", "--model", p["base"], "--steps", "2", "-s", "9", "--storage-dtype", "fp8"]
+                + ["-o", "fp8.png", "-q"],
+                dirs["lora"],
+            ),
         },
         paths["cache"],
     )
@@ -318,6 +323,7 @@ def runs(paths, tmp_path_factory):
                 dirs["lora"],
             ),
             "cn_again": (["minsdxl", "--from-png", str(dirs["lora"] / "cn.png"), "-o", "cn_again.png"], dirs["lora"]),
+            "fp8_again": (["minsdxl", "--from-png", str(dirs["lora"] / "fp8.png"), "-o", "fp8.2.png"], dirs["lora"]),
             "cn_multi_again": (
                 ["minsdxl", "--from-png", str(dirs["lora"] / "cn_multi.png"), "-o", "cn_multi_again.png"],
                 dirs["lora"],
@@ -784,6 +790,19 @@ def test_vae_tiling_and_eta_flags(runs, paths):
     meta = read_png_metadata(runs["dirs"]["lora"] / "tiled.png")
     assert meta["minsdxl"]["args"]["vae_tiling"] is True
     assert {"Sampler": "TCD", "Eta": "0.3"}.items() <= meta["infotext"].items()
+
+
+def test_storage_dtype_flag_and_from_png(runs, api, paths):
+    """--storage-dtype fp8: the UNet's layers stored in float8 (minsdxl.load(storage_dtype=)), replayed."""
+    _ok(runs["fp8"])
+    folder = runs["dirs"]["lora"]
+    model = minsdxl.load(paths["base"], storage_dtype=torch.float8_e4m3fn)
+    kw = dict(prompt="a cat", num_inference_steps=2, seed=9, progress=False)
+    _same(folder / "fp8.png", minsdxl.text2img(model, **kw)[0])
+    assert not np.array_equal(_pixels(folder / "fp8.png"), np.asarray(minsdxl.text2img(api["base"], **kw)[0]))
+    assert read_png_metadata(folder / "fp8.png")["minsdxl"]["args"]["storage_dtype"] == "fp8"
+    _ok(runs["fp8_again"])
+    assert np.array_equal(_pixels(folder / "fp8.2.png"), _pixels(folder / "fp8.png"))
 
 
 def test_img2img_then_img2img_refiner(runs, api, paths):

@@ -60,6 +60,19 @@ def test_prompt_search_and_replace_and_a_z_axis(tmp_path):
     assert np.array_equal(_pixels(meta["cells"][3]["image"]), _pixels(single))
 
 
+def test_without_a_seed_the_grid_draws_one(tmp_path):
+    """= A1111's X/Y/Z plot (fix_seed): no -s, one random seed for every cell, so the axes alone differ; an axis
+    that sets the seed still sets it."""
+    base = [a for a in BASE if a not in ("-s", "3")]
+    assert main([*base, "--xyz", "cfg=4,7.5", "--xyz", "steps=1,2", "-o", str(tmp_path / "x.png")]) == 0
+    meta = json.loads(PIL.Image.open(tmp_path / "x-grid.png").text["minsdxl_grid"])
+    seeds = {read_png_metadata(c["image"])["minsdxl"]["seed"] for c in meta["cells"]}
+    assert len(meta["cells"]) == 4 and len(seeds) == 1
+    assert main([*base, "--xyz", "seed=5,6", "-o", str(tmp_path / "y.png")]) == 0
+    meta = json.loads(PIL.Image.open(tmp_path / "y-grid.png").text["minsdxl_grid"])
+    assert [read_png_metadata(c["image"])["minsdxl"]["seed"] for c in meta["cells"]] == [5, 6]
+
+
 @pytest.mark.parametrize(
     "axes,message",
     [

@@ -941,10 +941,41 @@ def test_command_line_timestep_spacing(tmp_path):
     assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "again.png")), np.asarray(made))
 
 
-def test_a1111_sgm_uniform_reads_as_trailing(capsys):
+@pytest.mark.parametrize(
+    "schedule, spacing",
+    [
+        ("SGM Uniform", "trailing"),
+        ("Uniform", "linspace"),
+        ("Normal", "linspace"),
+        ("Simple", "trailing"),
+        ("DDIM", "leading"),
+    ],
+)
+def test_a1111_spaced_schedules_read_as_a_timestep_spacing(schedule, spacing, capsys):
+    """A1111's schedule types that pick table σ at spaced timesteps: the nearest diffusers spacing, said so."""
     from minsdxl.cli import _from_a1111
 
-    text = "a cat\nSteps: 4, Sampler: Euler, Schedule type: SGM Uniform, CFG scale: 1, Seed: 1, Size: 64x64"
+    text = f"a cat\nSteps: 4, Sampler: Euler, Schedule type: {schedule}, CFG scale: 1, Seed: 1, Size: 64x64"
     args = _from_a1111("x.png", text)["args"]
-    assert args["sampler"] == "Euler" and args["timestep_spacing"] == "trailing"
-    assert "SGM Uniform schedule is read as --timestep-spacing trailing" in capsys.readouterr().err
+    assert args["sampler"] == "Euler" and args["timestep_spacing"] == spacing
+    assert f"{schedule} schedule is read as --timestep-spacing {spacing}" in capsys.readouterr().err
+
+
+def test_a1111_polyexponential_is_exponential_and_others_are_left_out(capsys):
+    """Polyexponential at its default ρ = 1 is k-diffusion's exponential schedule (its formula, rearranged); KL
+    Optimal and Align Your Steps (no diffusers σ schedule) are named as left out, the sampler's own schedule used,
+    not an error."""
+    from minsdxl.cli import _from_a1111
+    from minsdxl.schedulers import make_scheduler
+
+    line = "a cat\nSteps: 4, Sampler: DPM++ 2M, Schedule type: {}, CFG scale: 1, Seed: 1, Size: 64x64"
+    args = _from_a1111("x.png", line.format("Polyexponential"))["args"]
+    assert make_scheduler(args["sampler"]).name == "dpmpp_2m_exponential"
+    assert "left out" not in capsys.readouterr().err
+    for schedule in ("KL Optimal", "Align Your Steps"):
+        args = _from_a1111("x.png", line.format(schedule))["args"]
+        assert make_scheduler(args["sampler"]).name == "dpmpp_2m"
+        assert f"left out: Schedule type: {schedule}" in capsys.readouterr().err
+    args = _from_a1111("x.png", line.format("Polyexponential") + ", Schedule rho: 2")["args"]
+    assert args["sampler"] == "DPM++ 2M"
+    assert "left out: Schedule rho, Schedule type: Polyexponential" in capsys.readouterr().err

@@ -14,7 +14,7 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_bench.py"), "--tiny", "--device", "cpu", "--skip-attention"]
     cmd += ["--size", "64", "--steps", "3", "--out", str(out), "--all", "--lora", "--controlnet"]  # ablations too
-    cmd += ["--deepcache", "2:4"]
+    cmd += ["--deepcache", "2:4", "--storage-dtype", "fp8"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -67,3 +67,13 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     ]
     assert all("error" not in r and r["ms_per_step"] > 0 for r in dc["rows"]), dc["rows"]
     assert all(r["mean_abs_levels_vs_package"] < 0.01 for r in dc["rows"][1:])
+    # float8 storage: minsdxl draws diffusers' image (the same rounded weights), the UNet a quarter of fp32
+    st = res["storage"]
+    assert [r["config"] for r in st["rows"]] == [
+        "storage: diffusers eager, layerwise casting",
+        "storage: minsdxl eager",
+        "storage: minsdxl compile defaults",
+    ]
+    assert all("error" not in r and r["ms_per_step"] > 0 for r in st["rows"]), st["rows"]
+    assert all(r["mean_abs_levels_vs_diffusers"] < 0.01 for r in st["rows"][1:])
+    assert abs(st["rows"][0]["unet_gib"] - st["rows"][1]["unet_gib"]) < 1e-3

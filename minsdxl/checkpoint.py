@@ -170,10 +170,12 @@ def _numel(shape):
 
 
 def save_safetensors(sd: dict, path, dtype=None) -> None:
-    """Write a .safetensors file one tensor at a time (cast to `dtype` on the way if given), so
-    saving needs no second copy of the weights in memory. Written to a temporary name, then renamed."""
+    """Write a .safetensors file one tensor at a time (cast to `dtype` on the way if given; float8 tensors, a
+    layer stored narrow (minsdxl.layerwise), stay float8), so saving needs no second copy of the weights in
+    memory. Written to a temporary name, then renamed."""
     names = {v: k for k, v in _ST_DTYPES.items()}
-    stored = lambda t: dtype if dtype is not None and t.is_floating_point() else t.dtype  # noqa: E731
+    recast = lambda t: dtype is not None and t.is_floating_point() and t.dtype.itemsize > 1  # noqa: E731
+    stored = lambda t: dtype if recast(t) else t.dtype  # noqa: E731
     cast = lambda t: t.to(stored(t))  # noqa: E731
     header, offset = {}, 0
     for k, t in sd.items():
@@ -553,6 +555,11 @@ def check_placement(dtype, device, what: str) -> None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(
             f"{what}: dtype must be a floating torch dtype (torch.float32, float16, bfloat16), got {dtype!r}"
+        )
+    if dtype is not None and dtype.itemsize == 1:  # no kernel computes in float8: it is a storage format here
+        raise ValueError(
+            f"{what}: dtype={dtype} is the dtype the model computes in (torch.float32, float16, bfloat16); to store "
+            f"the UNet's weights in float8 pass dtype=torch.bfloat16 (or float32) and storage_dtype={dtype}"
         )
     try:
         dev = torch.device(device)
@@ -1254,7 +1261,8 @@ _PIPELINES = {
 def save(model: SDXL, folder, dtype=None, variant: str | None = None) -> Path:
     """Write `model` as a diffusers SDXL folder (model_index.json, scheduler/, unet/, vae/,
     text_encoder*/, tokenizer*/) that minsdxl.load and diffusers' from_pretrained both read.
-    dtype: cast the weights on the way (e.g. torch.float16); variant: "fp16" names the weight files
+    dtype: cast the weights on the way (e.g. torch.float16; a UNet loaded with storage_dtype keeps its float8
+    layers, as `minsdxl convert --storage-dtype fp8` writes them); variant: "fp16" names the weight files
     *.fp16.safetensors. The folder must not exist yet: it is written under a temporary name and
     renamed when complete, so a failure never leaves a half-written model."""
     import shutil

@@ -719,6 +719,9 @@ def build_parser():
                                                                            "file) or a new folder (diffusers)")
     c.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="cast the weights (default: "
                                                                            "as stored)")
+    c.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=None, help="the UNet's layers in float8 "
+                                                                           "(the rest in --dtype, default fp16), "
+                                                                           "as ComfyUI's fp8 checkpoints")
     c.add_argument("--config",                     default=None,      help="configs of a non-SDXL single file")
     # fmt: on
     return top, {"generate": g, "info": i, "convert": c}
@@ -2145,8 +2148,12 @@ def convert(args) -> int:
     if not dest.parent.is_dir():
         raise ValueError(f"{dest}: its folder {dest.parent} does not exist (create it first)")
     t = time.perf_counter()
-    model = minsdxl.load(checkpoint.resolve(args.source), dtype=None, config=args.config)  # memory-mapped
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    storage = STORAGE_DTYPES.get(args.storage_dtype)
+    dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if storage else None
+    # memory-mapped as stored; float8 storage is rounded as load(storage_dtype=) rounds it, through `dtype`
+    model = minsdxl.load(
+        checkpoint.resolve(args.source), dtype=dtype if storage else None, config=args.config, storage_dtype=storage
+    )
     if dest.suffix == ".safetensors":
         checkpoint.save_single_file(model, dest, dtype)
     else:

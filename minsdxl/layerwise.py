@@ -72,7 +72,8 @@ def targets(module: nn.Module, skip_modules_pattern=DEFAULT_SKIP) -> list[str]:
 
 def check(storage_dtype, compute, what="layerwise casting") -> None:
     for name, d in (("storage_dtype", storage_dtype), ("the compute dtype", compute)):
-        if not (isinstance(d, torch.dtype) and d.is_floating_point):
+        wide = name == "storage_dtype" or (isinstance(d, torch.dtype) and d.itemsize > 1)  # nothing computes in fp8
+        if not (isinstance(d, torch.dtype) and d.is_floating_point and wide):
             raise ValueError(
                 f"{what}: {name} must be a floating torch dtype (storage: torch.float8_e4m3fn or float8_e5m2; "
                 f"compute: float32, bfloat16 or float16), got {d!r}"
@@ -86,9 +87,6 @@ def enable(
     names, diffusers' argument) in `storage_dtype`, computed in `compute_dtype` (default: the dtype of the module's
     first parameter, as diffusers' model.dtype), in place; returns the module. Casting back would not restore the
     rounded weights: as in diffusers, a module is cast once (load it again to change its storage)."""
-    if compute_dtype is None:  # = diffusers' self.dtype
-        compute_dtype = next(module.parameters(), torch.empty(0)).dtype
-    check(storage_dtype, compute_dtype)
     done = [n for n, m in module.named_modules() if type(m) in CAST.values()]
     if done:
         was = module.get_submodule(done[0]).weight.dtype
@@ -96,6 +94,9 @@ def enable(
             f"layerwise casting is already on for this module ({len(done)} layers stored in {was}, e.g. {done[0]}); "
             "casting again would not restore the rounded weights: load the model again to change it"
         )
+    if compute_dtype is None:  # = diffusers' self.dtype
+        compute_dtype = next(module.parameters(), torch.empty(0)).dtype
+    check(storage_dtype, compute_dtype)
     for name in targets(module, skip_modules_pattern):
         layer = module.get_submodule(name)
         for p in layer.parameters(recurse=False):

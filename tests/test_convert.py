@@ -87,3 +87,22 @@ def test_diffusers_judge_is_strict(tiny_base):
     expected["unet"] = {**expected["unet"], "conv_in.bias": expected["unet"]["conv_in.bias"] + 1}
     with pytest.raises(AssertionError, match="conv_in.bias"):
         _same_weights(pipe, expected, torch.float32)
+
+
+def test_float8_storage_checkpoint(tiny_base, tmp_path):
+    """convert --storage-dtype fp8 (a ComfyUI-style fp8 checkpoint): the UNet's layerwise-cast layers in float8, the
+    rest in fp16; diffusers' from_single_file reads it as those numbers, and load(storage_dtype=) of it holds the
+    very float8 weights load(storage_dtype=) of the original makes."""
+    pipe, folder = tiny_base
+    single = tmp_path / "fp8.safetensors"
+    assert main(["convert", str(folder), str(single), "--storage-dtype", "fp8"]) == 0
+    keys = read_safetensors(single)
+    narrow = {k for k, t in keys.items() if t.dtype == torch.float8_e4m3fn}
+    assert narrow and all(k.startswith("model.diffusion_model.") for k in narrow)
+    assert {str(t.dtype) for k, t in keys.items() if k not in narrow and t.is_floating_point()} == {"torch.float16"}
+    want = minsdxl.load(folder, dtype=torch.float16, storage_dtype=torch.float8_e4m3fn).unet.state_dict()
+    judge = type(pipe).from_single_file(str(single), config=str(folder), local_files_only=True, dtype=torch.float32)
+    got = judge.unet.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].float()) for k in want)
+    again = minsdxl.load(single, config=folder, dtype=torch.float16, storage_dtype=torch.float8_e4m3fn)
+    assert all(torch.equal(v, want[k]) and v.dtype == want[k].dtype for k, v in again.unet.state_dict().items())

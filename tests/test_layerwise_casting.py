@@ -179,6 +179,10 @@ def test_bad_storage_is_refused(tiny_base):
         minsdxl.load(folder, storage_dtype=torch.int8)
     with pytest.raises(ValueError, match=r"compute dtype must be a floating torch dtype .*None"):
         minsdxl.load(folder, dtype=None, storage_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"dtype=torch.float8_e4m3fn is the dtype the model computes in"):
+        minsdxl.load(folder, dtype=torch.float8_e4m3fn)  # not a stack trace from the first float8 addition
+    with pytest.raises(ValueError, match=r"compute dtype must be a floating torch dtype .*float8_e5m2"):
+        layerwise.enable(torch.nn.Linear(2, 2), torch.float8_e4m3fn, torch.float8_e5m2)
     with torch.device("meta"):
         vae = AutoencoderKL(TINY_VAE)
     layerwise.enable(vae, torch.float8_e5m2)

@@ -1105,6 +1105,11 @@ def load(
         model.tokenizer_2 = _tokenizer(folder, "tokenizer_2", pad="!")
         if vae:  # an SDXL VAE or a TAESD
             model.vae = _override(vae, (AutoencoderKL, AutoencoderTiny), "vae", dtype, device, folder)
+            if model.vae.decoder is None:  # found now, not after the last denoising step
+                raise CheckpointError(
+                    f"vae={vae} is a TAESD encoder alone; the model decodes with it: pass taesdxl_decoder (its encoder "
+                    "file beside it is found)"
+                )
         else:
             model.vae = component("vae", build_vae)
     if not refiner:

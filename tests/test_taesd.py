@@ -126,6 +126,9 @@ def test_save_refuses_and_load_checks_the_kind(tiny_base, taesd, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError, match="holds AutoencoderTiny weights, not a UNet2DConditionModel"):
         minsdxl.load(tiny_base[1], unet=taesd[1])
+    save_safetensors(_original(taesd[0])["encoder"], tmp_path / "taesdxl_encoder.safetensors")
+    with pytest.raises(CheckpointError, match="is a TAESD encoder alone; the model decodes with it"):
+        minsdxl.load(tiny_base[1], vae=tmp_path / "taesdxl_encoder.safetensors")
 
 
 @pytest.mark.parametrize("which", ["taesd", "vae folder"])

@@ -648,8 +648,7 @@ def _taesd_base(cj):
     for key, value in fixed.items():
         if cj.get(key, value) != value:
             raise CheckpointError(f"this TAESD's config.json says {key}={cj[key]!r}; minsdxl's TAESD has {value!r}")
-    keys = ("latent_magnitude", "latent_shift", "scaling_factor")
-    return TAESDConfig(**{k: float(cj[k]) for k in keys if k in cj})
+    return TAESDConfig(**({"scaling_factor": float(cj["scaling_factor"])} if "scaling_factor" in cj else {}))
 
 
 # madebyollin's own TAESD files: one per half (taesdxl_encoder.pth, taesdxl_decoder.safetensors, ...), keys N.*

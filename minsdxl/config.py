@@ -118,8 +118,6 @@ class TAESDConfig:
     num_encoder_blocks: tuple | None = (1, 3, 3, 3)
     decoder_block_out_channels: tuple | None = (64, 64, 64, 64)
     num_decoder_blocks: tuple | None = (3, 3, 3, 1)
-    latent_magnitude: float = 3.0
-    latent_shift: float = 0.5
     scaling_factor: float = 1.0  # TAESD reads and writes the UNet's latents as they are
 
 

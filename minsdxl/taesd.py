@@ -85,6 +85,8 @@ class Latents:
 
 
 class AutoencoderTiny(Codec):
+    force_upcast = False  # TAESD runs in fp16 as it is (diffusers' config says so too)
+
     def __init__(self, config: TAESDConfig):
         super().__init__()
         self.config = config
@@ -100,8 +102,6 @@ class AutoencoderTiny(Codec):
 
     def unscale_latents(self, latents):
         return latents / self.scaling_factor
-
-    force_upcast = False
 
     @property
     def dtype(self):
@@ -146,8 +146,8 @@ class AutoencoderTiny(Codec):
                 tile = run(x[..., i : i + size, j : j + size])
                 h, w = tile.shape[-2:]
                 oi, oj = int(i * scale), int(j * scale)
-                mask = (ramp[:, None] if i else torch.ones_like(ramp)[:, None]) * (ramp if j else torch.ones_like(ramp))
-                mask = mask[:h, :w]
+                rows, cols = (ramp if i else torch.ones_like(ramp)), (ramp if j else torch.ones_like(ramp))
+                mask = (rows[:, None] * cols)[:h, :w]
                 dest = out[..., oi : oi + h, oj : oj + w]
                 dest.copy_(mask * tile + (1 - mask) * dest)
         return out

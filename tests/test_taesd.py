@@ -60,6 +60,18 @@ def test_module_equals_diffusers_with_both_tilings(taesd):
         ref.disable_tiling(), ref.disable_slicing()
 
 
+def test_config_read_off_other_shapes(tmp_path):
+    """Stage widths and block counts come from the keys (diffusers' AutoencoderTiny takes them as config)."""
+    shapes = dict(encoder_block_out_channels=(16, 16, 16, 16), num_encoder_blocks=(2, 1, 2, 1))
+    shapes |= dict(decoder_block_out_channels=(24, 24, 24, 24), num_decoder_blocks=(1, 2, 1, 2))
+    ref = randomize_(diffusers.AutoencoderTiny(**shapes), 9).eval()
+    ref.save_pretrained(tmp_path)
+    ours = load_component(tmp_path)
+    assert ours.config == TAESDConfig(**shapes)
+    x = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert torch.equal(ours.decode(ours.encode(x).mode()), ref.decode(ref.encode(x).latents).sample)
+
+
 def test_original_files_in_either_format(taesd, tmp_path, capsys):
     """madebyollin's taesdxl_encoder / taesdxl_decoder files: a decoder file finds its encoder beside it (A1111's
     models/VAE-taesd), a folder of them loads, and one half alone decodes (or encodes) only."""

@@ -960,8 +960,8 @@ def load_component(path, dtype=torch.float32, device="cpu", variant=None, config
         raise _missing_path_error(str(path))
     config_dir = p if p.is_dir() else Path(config) if config else None
     cj = _json(config_dir / "config.json") if config_dir else {}
-    if p.is_dir() and not (p / "config.json").is_file() and _taesd_in_folder(p):
-        p = _taesd_in_folder(p)
+    if p.is_dir() and not (p / "config.json").is_file() and (original := _taesd_in_folder(p)):
+        p = original
     if p.is_dir():  # transformers names its weights model.*, diffusers diffusion_pytorch_model.*
         stem = "model" if any(f.name.startswith("model.") for f in p.iterdir()) else "diffusion_pytorch_model"
         sd = _Lazy(p, stem).read(variant, dtype)

@@ -585,6 +585,16 @@ def section_row(name, generate_kw, kw, dev, again_steps=0):
     return row, image
 
 
+def versus(out, row, image, reference, which, key, width, extra="") -> object:
+    """A row of sections 6 and 7 recorded and logged with its image's mean |difference| (`key`) from the section's
+    first image (the reference library's; None for that library's own rows). Returns the reference image."""
+    reference = image if reference is None else reference
+    levels = row[key] = image_levels(image, reference) if which == "minsdxl" else None
+    out["rows"].append(row)
+    log(f"{row['line']}{extra} {'-' if levels is None else f'{levels:.2f}':>{width}}")
+    return reference
+
+
 def controlnet_section(args, pipe, model):
     """5. (--controlnet) SDXL base + one ControlNet of controlnet-canny-sdxl-1.0's shapes (diffusers' from_unet,
     random control convs so its residuals count): final-latent parity in eager mode, then ms per step and end to
@@ -683,11 +693,7 @@ def deepcache_section(args, pipe, model):
             # CUDA graphs record on a 2nd call: the full and the cached UNet's
             again = 2 * interval if compiled and model.cuda_graphs else 0
             row, image = section_row(name, functools.partial(generate, which, pipe, model), kw, dev, again)
-            reference = image if reference is None else reference
-            row["mean_abs_levels_vs_package"] = image_levels(image, reference) if which == "minsdxl" else None
-            out["rows"].append(row)
-            levels = row["mean_abs_levels_vs_package"]
-            log(f"{row['line']} {'-' if levels is None else f'{levels:.2f}':>13}")
+            reference = versus(out, row, image, reference, which, "mean_abs_levels_vs_package", 13)
         except Exception as e:  # report and go on
             row_failed(out["rows"], name, e)
         finally:
@@ -739,11 +745,8 @@ def storage_section(args, pipe, model):
             row, image = section_row(name, functools.partial(generate, which, narrow_pipe, narrow), kw, dev, again)
             held = (narrow_pipe if which == "diffusers" else narrow).unet.parameters()
             row["unet_gib"] = sum(p.numel() * p.element_size() for p in held) / 2**30
-            reference = image if reference is None else reference
-            row["mean_abs_levels_vs_diffusers"] = image_levels(image, reference) if which == "minsdxl" else None
-            out["rows"].append(row)
-            levels = row["mean_abs_levels_vs_diffusers"]
-            log(f"{row['line']} {row['unet_gib']:8.2f} {'-' if levels is None else f'{levels:.2f}':>19}")
+            line = f" {row['unet_gib']:8.2f}"
+            reference = versus(out, row, image, reference, which, "mean_abs_levels_vs_diffusers", 19, line)
         except Exception as e:  # report and go on
             row_failed(out["rows"], name, e)
         finally:
